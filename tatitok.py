@@ -1,0 +1,527 @@
+"""
+TA-TiTok: the text-aware 1D image tokenizer, all of it in this single file.
+
+An image becomes N = 32, 64 or 128 tokens, discrete (VQ, 8192 codes) or continuous (KL, 16 channels); a ViT
+decoder that also reads the caption's CLIP features turns the tokens back into pixels. The file also holds the
+frozen CLIP text encoder with the three views of it that TA-TiTok and MaskGen use, and the loading code for the
+official releases, shared with maskgen.py.
+
+    from tatitok import TATiTok, TextEncoder
+    tok = TATiTok.from_pretrained('vq128')              # or a repo id, a local .bin/.safetensors, a ckpt of ours
+    clip = TextEncoder.from_open_clip()                 # ViT-L-14-336, 'openai' weights
+    ids = tok.encode(images)                            # (B, 128) codes, images in [0, 1]
+    recon = tok.decode_tokens(ids, clip(captions)['guidance'])
+
+References:
+1) the paper: https://arxiv.org/abs/2501.07730
+2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py, modeling/titok.py,
+   modeling/modules/blocks.py, modeling/quantizer/quantizer.py), facts in ../shared/docs/official-implementation.md
+3) TiTok, the 1D tokenizer it extends: https://arxiv.org/abs/2406.07550
+4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
+"""
+import os
+import math
+import socket
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# loading official weights (shared with maskgen.py)
+
+class CheckpointError(Exception):
+    """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
+
+def load_state_dict_file(path):
+    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file  # arrives with open_clip_torch
+            return load_file(path)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
+
+def _hub_reachable(timeout=3.0):
+    # huggingface_hub retries a dead network for ~25 s; a 3 s socket probe lets us fail fast with a clear message
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = constants.ENDPOINT.split('://')[-1].split('/')[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+def hf_download(repo_id, filenames):
+    """Path of the first of `filenames` in the Hugging Face repo, from the local cache or downloaded into it."""
+    from huggingface_hub import hf_hub_download  # imported here: only loading official weights needs it
+    filenames = [filenames] if isinstance(filenames, str) else list(filenames)
+    for name in filenames:
+        try:
+            return hf_hub_download(repo_id, name, local_files_only=True)
+        except Exception:
+            pass
+    if _hub_reachable():
+        for name in filenames:
+            try:
+                return hf_hub_download(repo_id, name)
+            except Exception:
+                pass
+    raise CheckpointError(
+        f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id}: not in the local cache and the "
+        f"download failed (offline?). Download it on a machine with internet, or pass a local file instead "
+        f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
+
+def load_official(model, sd, source, ignore=(), optional=(), rename=()):
+    """Copy state dict `sd` (official key layout) into `model`, checking every key and shape; strict, never silent.
+    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (tied weights);
+    rename: (official_prefix, our_prefix) rules."""
+    sd = {k: v for k, v in sd.items() if k not in ignore}
+    for old, new in rename:
+        sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in sd and k not in optional]
+    unexpected = [k for k in sd if k not in ours]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys do not match the {type(model).__name__} architecture "
+                              f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
+    sd = {**{k: ours[k] for k in optional if k not in sd}, **sd}  # a tied weight stays tied to its twin
+    model.load_state_dict(sd, strict=True)
+    return model
+
+# -----------------------------------------------------------------------------
+# the ViT of the encoder and the decoder (open_clip style, as in the official modeling/modules/blocks.py)
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention's math and parameter names (packed q,k,v rows), batch first, through SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's own init, kept by the official code
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), flash/memory-efficient kernels on GPU
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+class MLP(nn.Module):
+
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as nn.GELU() in the release
+
+class Block(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+class Encoder(nn.Module):
+    """Image patches + N learned latent tokens in, the latent tokens' outputs projected to token channels out."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W, n_patches = cfg.enc_width, (cfg.image_size // cfg.patch_size) ** 2
+        out_channels = cfg.token_size * (2 if cfg.quantize == 'kl' else 1)  # KL: mean and logvar
+        self.patch_embed = nn.Conv2d(3, W, cfg.patch_size, stride=cfg.patch_size)
+        self.class_embedding = nn.Parameter(torch.zeros(1, W))
+        self.positional_embedding = nn.Parameter(torch.zeros(n_patches + 1, W))
+        self.latent_token_positional_embedding = nn.Parameter(torch.zeros(cfg.num_latent_tokens, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.transformer = nn.ModuleList([Block(W, cfg.enc_heads) for _ in range(cfg.enc_layers)])
+        self.ln_post = nn.LayerNorm(W)
+        self.conv_out = nn.Conv2d(W, out_channels, 1)  # a 1x1 conv in the release; a per-token linear in effect
+
+    def forward(self, img, latent_tokens):
+        B = img.shape[0]
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W) with P = (H/p)*(W/p) patches
+        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1) + self.positional_embedding  # (B, 1+P, W)
+        z = (latent_tokens + self.latent_token_positional_embedding).expand(B, -1, -1)  # (B, N, W)
+        x = self.ln_pre(torch.cat([x, z], dim=1))  # (B, 1+P+N, W): [cls, patches, latents]
+        for block in self.transformer:
+            x = block(x)
+        x = self.ln_post(x[:, -z.shape[1]:])  # (B, N, W), the latent positions only
+        return F.linear(x, self.conv_out.weight.flatten(1), self.conv_out.bias)  # (B, N, C_out), token-major
+
+class Unpatchify(nn.Module):
+    """(B, p*p*3, h, w) -> (B, 3, h*p, w*p) with channels ordered (p1, p2, c): einops' 'b (p1 p2 c) h w ->
+    b c (h p1) (w p2)' of the release. nn.PixelShuffle orders them (c, p1, p2), so it would scramble the weights."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        B, _, h, w = x.shape
+        x = x.view(B, self.p, self.p, 3, h, w)  # (B, p1, p2, c, h, w)
+        return x.permute(0, 3, 4, 1, 5, 2).reshape(B, 3, h * self.p, w * self.p)  # (B, c, h, p1, w, p2) -> image
+
+class Decoder(nn.Module):
+    """Text-aware decoder: [cls, image queries, N latents, 77 text tokens] in, pixels in [0, 1] out."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W, self.grid = cfg.dec_width, cfg.image_size // cfg.patch_size
+        self.decoder_embed = nn.Linear(cfg.token_size, W)
+        self.class_embedding = nn.Parameter(torch.zeros(1, W))
+        self.positional_embedding = nn.Parameter(torch.zeros(self.grid ** 2 + 1, W))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))  # the image query, one per patch
+        self.latent_token_positional_embedding = nn.Parameter(torch.zeros(cfg.num_latent_tokens, W))
+        self.text_guidance_proj = nn.Linear(cfg.text_embed_dim, W)
+        self.text_guidance_positional_embedding = nn.Parameter(torch.zeros(cfg.text_context_length, W))
+        self.ln_pre = nn.LayerNorm(W)
+        self.transformer = nn.ModuleList([Block(W, cfg.dec_heads) for _ in range(cfg.dec_layers)])
+        self.ln_post = nn.LayerNorm(W)
+        self.ffn = nn.Sequential(nn.Conv2d(W, cfg.patch_size ** 2 * 3, 1), Unpatchify(cfg.patch_size))
+        self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, z, text_guidance):
+        B, N, _ = z.shape
+        z = self.decoder_embed(z) + self.latent_token_positional_embedding[:N]  # (B, N, W)
+        q = self.mask_token.expand(B, self.grid ** 2, -1)  # (B, P, W)
+        q = torch.cat([self.class_embedding.expand(B, 1, -1), q], dim=1) + self.positional_embedding  # (B, 1+P, W)
+        t = self.text_guidance_proj(text_guidance) + self.text_guidance_positional_embedding  # (B, 77, W)
+        x = self.ln_pre(torch.cat([q, z, t], dim=1))  # (B, 1+P+N+77, W)
+        for block in self.transformer:
+            x = block(x)
+        x = self.ln_post(x[:, 1:1 + self.grid ** 2])  # (B, P, W), the image queries
+        x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, W, h, w)
+        return self.conv_out(self.ffn(x))  # (B, 3, H, W), [0, 1] domain, not clamped
+
+# -----------------------------------------------------------------------------
+# the two bottlenecks
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
+
+    def __init__(self, codebook_size, token_size, commitment_cost=0.25):
+        super().__init__()
+        self.commitment_cost = commitment_cost
+        self.embedding = nn.Embedding(codebook_size, token_size)
+        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+
+    @torch.autocast('cuda', enabled=False)
+    def forward(self, z):
+        z = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
+        e = self.embedding.weight  # (K, C)
+        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K) squared L2
+        ids = d.argmin(-1)  # (B, N)
+        z_q = self.embedding(ids)  # (B, N, C)
+        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
+        codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
+        z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
+        counts = torch.bincount(ids.flatten(), minlength=e.shape[0]).float()  # code usage in this batch
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
+        aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
+                   ids=ids, perplexity=perplexity, usage=(counts > 0).float().mean())
+        return z_q, aux
+
+class DiagonalGaussian:
+    """The KL ('vae') bottleneck: the encoder's 2C channels are a mean and a log-variance per token channel."""
+
+    def __init__(self, params):
+        self.mean, logvar = params.float().chunk(2, dim=-1)  # (B, N, C) each; the first C channels are the mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        # KL(q || N(0, I)) summed over tokens and channels, one value per image (the loss averages it over the batch)
+        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))  # (B,)
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+@dataclass
+class TATiTokConfig:
+    image_size: int = 256
+    patch_size: int = 16
+    num_latent_tokens: int = 32   # N, the length of the 1D token sequence
+    quantize: str = 'vq'          # 'vq' (discrete codes) or 'kl' (continuous Gaussian tokens, 'vae' in the release)
+    token_size: int = 64          # C, channels per token: 64 for VQ, 16 for KL
+    codebook_size: int = 8192     # VQ only
+    enc_width: int = 768          # ViT-B encoder ('bl' releases); 512 for ViT-S ('sl')
+    enc_layers: int = 12
+    enc_heads: int = 12
+    dec_width: int = 1024         # ViT-L decoder in every release
+    dec_layers: int = 24
+    dec_heads: int = 16
+    text_embed_dim: int = 768     # width of the CLIP text tower (ViT-L-14-336: 768)
+    text_context_length: int = 77
+    commitment_cost: float = 0.25
+
+class TATiTok(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.quantize in ('vq', 'kl'), config.quantize
+        assert config.image_size % config.patch_size == 0
+        self.config = config
+        self.latent_tokens = nn.Parameter(torch.zeros(config.num_latent_tokens, config.enc_width))
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        if config.quantize == 'vq':
+            self.quantize = VectorQuantizer(config.codebook_size, config.token_size, config.commitment_cost)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Training init, as the official TiTok._init_weights:
+        | parameter                                     | init                          |
+        | cls / position / latent embeddings           | randn * width^-0.5            |
+        | Linear and Conv weights                       | trunc_normal(std 0.02), bias 0|
+        | LayerNorm                                     | weight 1, bias 0              |
+        | attention in_proj (packed q, k, v)            | xavier_uniform (torch default)|
+        | codebook                                      | uniform(+-1/K)                |
+        The release builds its decoder after that init, keeping torch defaults there; we init both the same way."""
+        if self.latent_tokens.device.type == 'meta':
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith(('class_embedding', 'positional_embedding', 'latent_tokens', 'mask_token')):
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, img, text_guidance, sample=True):
+        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (reconstruction, aux dict of loss terms)."""
+        z = self.encoder(img, self.latent_tokens)  # (B, N, C) or (B, N, 2C)
+        if self.config.quantize == 'vq':
+            z, aux = self.quantize(z)
+        else:
+            posterior = DiagonalGaussian(z)
+            z = posterior.sample() if sample else posterior.mode()
+            aux = dict(kl_loss=posterior.kl().mean(), posterior=posterior)
+        return self.decoder(z, text_guidance), aux
+
+    @torch.no_grad()
+    def encode(self, img, sample=True, generator=None):
+        """Tokens of img: VQ code ids (B, N); KL latents (B, N, C), a posterior sample as in the release, or
+        its mean with sample=False."""
+        z = self.encoder(img, self.latent_tokens)
+        if self.config.quantize == 'vq':
+            return self.quantize(z)[1]['ids']
+        posterior = DiagonalGaussian(z)
+        return posterior.sample(generator) if sample else posterior.mode()
+
+    @torch.no_grad()
+    def encode_posterior(self, img):
+        """KL only: the posterior's (mean, logvar), each (B, N, C), e.g. for pretokenizing a data set."""
+        assert self.config.quantize == 'kl'
+        posterior = DiagonalGaussian(self.encoder(img, self.latent_tokens))
+        return posterior.mean, posterior.logvar
+
+    def decode_tokens(self, tokens, text_guidance):
+        """VQ ids (B, N) or KL latents (B, N, C), with text guidance (B, 77, T) -> images (B, 3, H, W), unclamped."""
+        if self.config.quantize == 'vq':
+            tokens = self.quantize.embedding(tokens.reshape(tokens.shape[0], -1))  # (B, N, C); the release has (B, 1, N)
+        return self.decoder(tokens, text_guidance)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a local .bin /
+        .safetensors file in the official key layout (its preset read off the file's shapes), or a checkpoint (or
+        its folder) written by train_tokenizer.py. Returns the model in eval mode."""
+        if os.path.isdir(name_or_path):
+            name_or_path = os.path.join(name_or_path, 'ckpt.pt')
+        by_repo = {p['repo']: name for name, p in TATITOK_PRESETS.items() if 'repo' in p}
+        name = by_repo.get(name_or_path, name_or_path)
+        if name in TATITOK_PRESETS and 'repo' in TATITOK_PRESETS[name]:
+            path = hf_download(TATITOK_PRESETS[name]['repo'], 'model.safetensors')
+        elif os.path.exists(name_or_path):
+            path = name_or_path
+        else:
+            raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
+                                  f"releases {sorted(n for n, p in TATITOK_PRESETS.items() if 'repo' in p)}")
+        sd = load_state_dict_file(path)
+        if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
+            config = TATiTokConfig(**{**sd['model_args'], **overrides})
+            sd = sd['ema'] if sd.get('ema') is not None else sd['model']
+        else:  # a bare state dict in the official layout carries no config: read it off the shapes
+            config = TATiTokConfig(**{**_config_from_state_dict(sd, path), **overrides})
+        model = cls(config)
+        print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
+        # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
+        return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+
+def _config_from_state_dict(sd, path):
+    """TATiTokConfig fields of an official state dict, from its shapes. Heads are not in the shapes: every release
+    uses 64 channels per head, so width // 64 (pass enc_heads / dec_heads to override)."""
+    try:
+        N, enc_width = sd['latent_tokens'].shape
+        dec_width, text_embed_dim = sd['decoder.text_guidance_proj.weight'].shape
+        patch_size = sd['encoder.patch_embed.weight'].shape[-1]
+        grid = math.isqrt(sd['encoder.positional_embedding'].shape[0] - 1)
+        vq = 'quantize.embedding.weight' in sd
+        depth = lambda prefix: len({k.split('.')[2] for k in sd if k.startswith(prefix + '.transformer.')})
+        return dict(image_size=grid * patch_size, patch_size=patch_size, num_latent_tokens=N,
+                    quantize='vq' if vq else 'kl', token_size=sd['decoder.decoder_embed.weight'].shape[1],
+                    codebook_size=sd['quantize.embedding.weight'].shape[0] if vq else 8192,
+                    enc_width=enc_width, enc_layers=depth('encoder'), enc_heads=enc_width // 64,
+                    dec_width=dec_width, dec_layers=depth('decoder'), dec_heads=dec_width // 64,
+                    text_embed_dim=text_embed_dim,
+                    text_context_length=sd['decoder.text_guidance_positional_embedding'].shape[0])
+    except (KeyError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
+                              f"'encoder.patch_embed.weight', 'decoder.text_guidance_proj.weight')")
+
+# -----------------------------------------------------------------------------
+# the frozen CLIP text encoder and its three views
+
+class TextEncoder(nn.Module):
+    """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
+    guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
+    tokens:   the output of the penultimate block, no ln_final (the MaskGen context stream)
+    pooled:   ln_final at the end-of-text token @ text_projection (the MaskGen pooled condition)"""
+
+    def __init__(self, clip, tokenizer, spec):
+        super().__init__()
+        self.clip, self.tokenizer, self.spec = clip, tokenizer, spec  # spec: how to rebuild it (kept in checkpoints)
+        self.width = clip.token_embedding.weight.shape[1]
+        self.embed_dim = clip.text_projection.shape[-1]
+        self.context_length = clip.positional_embedding.shape[0]
+        self.requires_grad_(False).eval()
+
+    @classmethod
+    def from_spec(cls, spec):
+        """Rebuild from self.spec (kept in checkpoints): an open_clip model and tag, or a text_cfg."""
+        return cls.from_text_cfg(**spec) if 'text_cfg' in spec else cls.from_open_clip(**spec)
+
+    @classmethod
+    def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai'):
+        """Any open_clip CLIP model; pretrained is an open_clip tag (downloaded and cached) or a local file."""
+        import open_clip  # imported here: only building the text encoder needs it
+        path, quick_gelu = pretrained, False
+        if not os.path.isfile(pretrained):
+            cfg = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
+            if not cfg.get('hf_hub'):
+                raise CheckpointError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
+            repo, filename = os.path.split(cfg['hf_hub'])
+            path = hf_download(repo, [filename] if filename else
+                               ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin'])
+            quick_gelu = cfg.get('quick_gelu', False)  # the OpenAI weights were trained with QuickGELU
+        try:
+            clip = open_clip.create_model(model, pretrained=path, force_quick_gelu=quick_gelu)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: not open_clip {model} weights ({str(e)[:200]})")
+        del clip.visual  # the text tower is all we need
+        return cls(clip, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
+
+    @classmethod
+    def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336'):
+        """A CLIP text tower of any size (open_clip's text_cfg): random weights drawn from `seed`, or loaded from
+        `weights`, a file with the keys of an open_clip text tower."""
+        import open_clip
+        from open_clip.model import CLIP
+        rng = torch.get_rng_state()
+        torch.manual_seed(seed)  # the same seed always gives the same tower, so a checkpoint can rebuild it
+        clip = CLIP(embed_dim, vision_cfg=dict(layers=1, width=64, patch_size=8, image_size=16), text_cfg=text_cfg)
+        torch.set_rng_state(rng)
+        del clip.visual
+        if weights:
+            load_official(clip, load_state_dict_file(weights), weights)
+        spec = dict(text_cfg=text_cfg, embed_dim=embed_dim, weights=weights, seed=seed, tokenizer=tokenizer)
+        return cls(clip, open_clip.get_tokenizer(tokenizer), spec)
+
+    @classmethod
+    def tiny(cls, seed=0):
+        """A small text tower with random weights, built locally: for tests and the offline quickstart.
+        Random features still tell captions apart, which is all a model trained on them needs."""
+        return cls.from_text_cfg(dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=4), 64, seed=seed)
+
+    def tokenize(self, captions):
+        """(B, 77) token ids. Captions longer than the context are truncated (with a warning), never an error."""
+        long = [c for c in captions if len(self.tokenizer.encode(c)) > self.context_length - 2]  # minus SOT, EOT
+        if long:
+            warnings.warn(f"{len(long)} caption(s) longer than {self.context_length} CLIP tokens were truncated, "
+                          f"e.g. {long[0][:60]!r}...")
+        return self.tokenizer(list(captions), context_length=self.context_length)
+
+    @torch.no_grad()
+    def forward(self, captions):
+        """captions: list of str, or (B, 77) token ids -> dict(guidance, tokens, pooled)."""
+        device = self.clip.token_embedding.weight.device
+        ids = captions if torch.is_tensor(captions) else self.tokenize(captions)
+        ids = ids.to(device)  # (B, 77)
+        x = self.clip.token_embedding(ids) + self.clip.positional_embedding  # (B, 77, W)
+        batch_first = getattr(self.clip.transformer, 'batch_first', True)  # open_clip < 2.23 runs blocks (L, B, W)
+        x = x if batch_first else x.transpose(0, 1)
+        blocks = self.clip.transformer.resblocks
+        for block in blocks[:-1]:
+            x = block(x, attn_mask=self.clip.attn_mask)  # causal, as CLIP was trained
+        penultimate = x
+        x = blocks[-1](x, attn_mask=self.clip.attn_mask)
+        if not batch_first:
+            x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
+        guidance = self.clip.ln_final(x)  # (B, 77, W)
+        eot = guidance[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)]  # (B, W) EOT has the top id
+        pooled = eot @ self.clip.text_projection  # (B, E), not normalised
+        return dict(guidance=guidance, tokens=penultimate, pooled=pooled)
+
+# -----------------------------------------------------------------------------
+# presets: the six official releases (repo ids from the official README), plus small ones for CPU
+
+_B, _S, _L = dict(enc_width=768, enc_layers=12, enc_heads=12), dict(enc_width=512, enc_layers=8, enc_heads=8), \
+    dict(dec_width=1024, dec_layers=24, dec_heads=16)
+_TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2, enc_heads=4,
+             dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)  # text_embed_dim = TextEncoder.tiny() width
+_SHAPES = dict(image_size=64, patch_size=8, num_latent_tokens=32, enc_width=128, enc_layers=4, enc_heads=4,
+               dec_width=128, dec_layers=4, dec_heads=4, text_embed_dim=64)
+TATITOK_PRESETS = {
+    'vq32':  dict(quantize='vq', token_size=64, num_latent_tokens=32, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl32_vq'),    # 390.8M
+    'vq64':  dict(quantize='vq', token_size=64, num_latent_tokens=64, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl64_vq'),    # 390.9M
+    'vq128': dict(quantize='vq', token_size=64, num_latent_tokens=128, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl128_vq'),  # 391.1M
+    'kl32':  dict(quantize='kl', token_size=16, num_latent_tokens=32, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl32_vae'),   # 390.2M
+    'kl64':  dict(quantize='kl', token_size=16, num_latent_tokens=64, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl64_vae'),   # 390.3M
+    'kl128': dict(quantize='kl', token_size=16, num_latent_tokens=128, **_S, **_L, repo='turkeyju/tokenizer_tatitok_sl128_vae'), # 330.3M
+    'tiny-vq':   dict(quantize='vq', token_size=12, codebook_size=96, **_TINY),
+    'tiny-kl':   dict(quantize='kl', token_size=5, **_TINY),
+    'shapes-vq': dict(quantize='vq', token_size=16, codebook_size=1024, **_SHAPES),
+    'shapes-kl': dict(quantize='kl', token_size=16, **_SHAPES),
+}
+
+def tatitok_config(name, **overrides):
+    """TATiTokConfig of a preset, with any field overridden."""
+    if name not in TATITOK_PRESETS:
+        raise CheckpointError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TATITOK_PRESETS)}")
+    known = {f.name for f in fields(TATiTokConfig)}
+    return TATiTokConfig(**{k: v for k, v in {**TATITOK_PRESETS[name], **overrides}.items() if k in known})
