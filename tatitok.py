@@ -359,20 +359,14 @@ class TATiTok(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
         """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a local .bin /
-        .safetensors file in the official key layout (its preset read off the file's shapes), or a checkpoint (or
-        its folder) written by train_tokenizer.py. Returns the model in eval mode."""
-        if os.path.isdir(name_or_path):
-            name_or_path = os.path.join(name_or_path, 'ckpt.pt')
-        by_repo = {p['repo']: name for name, p in TATITOK_PRESETS.items() if 'repo' in p}
-        name = by_repo.get(name_or_path, name_or_path)
-        if name in TATITOK_PRESETS and 'repo' in TATITOK_PRESETS[name]:
-            path = hf_download(TATITOK_PRESETS[name]['repo'], 'model.safetensors')
-        elif os.path.exists(name_or_path):
-            path = name_or_path
+        .safetensors file in the official key layout (its sizes read off the tensors), a checkpoint (or its folder)
+        written by train_tokenizer.py, or such a checkpoint's dict already in memory (a generator checkpoint embeds
+        its tokenizer that way). Returns the model in eval mode."""
+        if isinstance(name_or_path, dict):
+            sd, path = name_or_path, 'the embedded tokenizer'
         else:
-            raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
-                                  f"releases {sorted(n for n, p in TATITOK_PRESETS.items() if 'repo' in p)}")
-        sd = load_state_dict_file(path)
+            path = _resolve(name_or_path)
+            sd = load_state_dict_file(path)
         if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
             config = TATiTokConfig(**{**sd['model_args'], **overrides})
             sd = sd['ema'] if sd.get('ema') is not None else sd['model']
@@ -382,6 +376,19 @@ class TATiTok(nn.Module):
         print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
         # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
         return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+
+def _resolve(name_or_path):
+    """The local file behind a preset name, a release's repo id, a file, or a training run's folder."""
+    if os.path.isdir(name_or_path):
+        name_or_path = os.path.join(name_or_path, 'ckpt.pt')
+    by_repo = {p['repo']: name for name, p in TATITOK_PRESETS.items() if 'repo' in p}
+    name = by_repo.get(name_or_path, name_or_path)
+    if name in TATITOK_PRESETS and 'repo' in TATITOK_PRESETS[name]:
+        return hf_download(TATITOK_PRESETS[name]['repo'], 'model.safetensors')
+    if os.path.exists(name_or_path):
+        return name_or_path
+    raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official releases "
+                          f"{sorted(n for n, p in TATITOK_PRESETS.items() if 'repo' in p)}")
 
 def _config_from_state_dict(sd, path):
     """TATiTokConfig fields of an official state dict, from its shapes. Heads are not in the shapes: every release
