@@ -3,6 +3,7 @@ All the tests, in one file, on CPU, offline. Run: python -m pytest test_all.py
 The parity tests compare against the official numerics in the fixture folder named by PARITY_DIR
 (default ../shared/parity); see that folder's README.md for the contract they follow.
 """
+import dataclasses
 import functools
 import glob
 import importlib.util
@@ -11,6 +12,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import fields
@@ -1035,3 +1038,143 @@ def test_fid_reconstruction_features_with_a_tiny_tokenizer(tmp_path, monkeypatch
     assert seen == ["A photo of a tench.", "A photo of a goldfish."]
     assert recon.shape == orig.shape == (2, 2048) and recon.dtype == np.float64
     assert np.allclose(orig[0], orig[1]) and not np.allclose(recon, orig)  # same crops, imperfect random tokenizer
+
+# -----------------------------------------------------------------------------
+# sample.py: tiny VQ and KL checkpoints drawn in-process through sample.main(argv) and, for what only a
+# fresh process shows (the CLI, exit codes, no network), as subprocesses
+
+_SAMPLE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SAMPLE_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # 1 thread: tiny ops, 2 busy cores
+
+@pytest.fixture(scope='module')
+def sample_ckpts(tmp_path_factory):
+    """{'vq': path, 'kl': path}: tiny random generators saved as train_maskgen.py saves them (api.md), with the
+    tokenizer embedded as a dict and the text encoder as its spec."""
+    from tatitok import TATiTok, TextEncoder, tatitok_config
+    from maskgen import MaskGen, maskgen_config
+    d, out = tmp_path_factory.mktemp('sample_ckpts'), {}
+    for kind in ('vq', 'kl'):
+        torch.manual_seed(0)
+        gen, tok = MaskGen.from_config(maskgen_config(f'tiny-{kind}')), TATiTok(tatitok_config(f'tiny-{kind}'))
+        os.makedirs(d / kind)
+        torch.save({'model_args': dataclasses.asdict(gen.config), 'model': gen.state_dict(), 'ema': gen.state_dict(),
+                    'tokenizer': {'model_args': dataclasses.asdict(tok.config), 'model': tok.state_dict()},
+                    'text_encoder': TextEncoder.tiny().spec, 'step': 2, 'config': {},
+                    'sampling': dict(num_steps=3, guidance_scale=2.0, **({'diffusion_steps': 20} if kind == 'kl' else
+                                                                         {}))},
+                   d / kind / 'ckpt.pt')
+        out[kind] = str(d / kind)
+    return out
+
+def _sample_main(argv, capsys):
+    """sample.main(argv) in-process, on 1 thread like the subprocesses -> (exit code, stdout, stderr)"""
+    import sample
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: 2 threads on 2 busy cores are several times slower
+    try:
+        sample.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+def _sample_pngs(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith('.png') and f != 'grid.png')
+
+def test_sample_cli_subprocesses(sample_ckpts, tmp_path):
+    """Two real runs of the command line, side by side, with no network (HF_HUB_OFFLINE, empty Hugging Face cache):
+    1) a checkpoint of ours: one PNG per image named by prompt index, sample and seed, a grid, the paths printed, a
+       progress bar, and no download attempted; 2) `python sample.py "a red fox"`, the official default: exit code 2
+    at once, naming the missing releases and the way out, no traceback."""
+    env = {**_SAMPLE_ENV, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf'), 'HF_HUB_CACHE': str(tmp_path / 'hf')}
+    out = tmp_path / 'vq'
+    run = lambda *argv: subprocess.Popen([sys.executable, 'sample.py', *argv], cwd=_SAMPLE_DIR, env=env, text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ours = run('--ckpt', sample_ckpts['vq'], 'a red circle', '', '-n', '3', '--out', str(out))
+    official = run('a red fox', '--out', str(tmp_path / 'official'))
+    (o_out, o_err), (_, f_err) = ours.communicate(timeout=300), official.communicate(timeout=300)
+    assert ours.returncode == 0, o_err[-2000:]
+    names = _sample_pngs(out)
+    assert names == [f"{p:05d}_{j:02d}_s0.png" for p in range(2) for j in range(3)]
+    assert all(Image.open(out / f).size == (32, 32) for f in names)
+    assert Image.open(out / 'grid.png').size == (3 * 34 + 2, 2 * 34 + 2)  # 3 per row, 2 px padding
+    assert str(out / names[0]) in o_out and str(out / 'grid.png') in o_out
+    assert 'decoding steps' in o_err and 'Traceback' not in o_err
+    assert official.returncode == 2, f_err[-2000:]
+    assert 'turkeyju/generator_maskgen_vq_xl' in f_err and 'turkeyju/tokenizer_tatitok_bl128_vq' in f_err
+    assert '--ckpt' in f_err and '--model FILE' in f_err and 'Traceback' not in f_err
+
+@pytest.mark.parametrize('kind', ['vq', 'kl'])
+def test_sample_seed_determinism(sample_ckpts, tmp_path, capsys, monkeypatch, kind):
+    """Same seed -> the same PNG bytes and tokens; another seed -> other tokens. (The tokens are compared too: a
+    random tiny decoder barely reacts to them, so its PNGs could agree by accident.)"""
+    import maskgen
+    cls = {'vq': maskgen.MaskGenVQ, 'kl': maskgen.MaskGenKL}[kind]
+    tokens, generate = [], cls.generate
+    record = lambda self, *a, **k: tokens.append(generate(self, *a, **k)) or tokens[-1]
+    monkeypatch.setattr(cls, 'generate', functools.wraps(generate)(record))  # sample.py reads its signature
+    runs = {}
+    for name, extra in [('a', []), ('b', []), ('c', ['--seed', '1'])]:
+        code, _, err = _sample_main(['--ckpt', sample_ckpts[kind], 'a red circle', 'a blue square', '--n', '2',
+                              '--batch-size', '3', '--out', str(tmp_path / name), *extra], capsys)
+        assert code in (0, None), err
+        runs[name] = [(tmp_path / name / f).read_bytes() for f in _sample_pngs(tmp_path / name)]
+    assert len(runs['a']) == 4 and Image.open(tmp_path / 'a' / _sample_pngs(tmp_path / 'a')[0]).size == (32, 32)
+    assert runs['a'] == runs['b']
+    assert len(tokens) == 6  # 2 batches (3 + 1 images) per run
+    assert all(torch.equal(x, y) for x, y in zip(tokens[0:2], tokens[2:4]))
+    assert not torch.equal(tokens[0], tokens[4]) and not torch.equal(tokens[1], tokens[5])
+
+def test_sample_eval_shapes(sample_ckpts, tmp_path, capsys):
+    """--eval shapes draws the 24 shapes prompts, classifies each image and ends with a JSON line."""
+    code, out, err = _sample_main(['--ckpt', sample_ckpts['vq'], '--eval', 'shapes', '-n', '1', '--out',
+                                   str(tmp_path)], capsys)
+    assert code in (0, None), err
+    assert len(_sample_pngs(tmp_path)) == 24 and 'a red circle' in out
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats['n'] == 24 and 0 <= stats['colour_acc'] <= 1 and 0 <= stats['shape_acc'] <= 1
+
+def test_sample_prompts_file_and_long_prompt(sample_ckpts, tmp_path, capsys):
+    """--prompts FILE keeps one prompt per line (a blank line is unconditional); over 77 CLIP tokens: a warning."""
+    f = tmp_path / 'prompts.txt'
+    f.write_text('a red circle\n\n' + 'a very long prompt ' * 30 + '\n')
+    code, out, err = _sample_main(['--ckpt', sample_ckpts['kl'], '--prompts', str(f), '--n', '1',
+                                   '--out', str(tmp_path / 'o')], capsys)
+    assert code in (0, None), err
+    assert _sample_pngs(tmp_path / 'o') == ['00000_00_s0.png', '00001_00_s0.png', '00002_00_s0.png']
+    assert 'warning:' in err and 'truncated' in err
+
+def test_sample_bad_inputs(sample_ckpts, tmp_path, capsys):
+    """Each bad input: exit code 2, a short message, no traceback, before any model is built where possible."""
+    from tatitok import TATiTok, TextEncoder, tatitok_config
+    tok = TATiTok(tatitok_config('tiny-vq'))
+    torch.save({'model_args': dataclasses.asdict(tok.config), 'model': tok.state_dict(), 'ema': None,
+                'text_encoder': TextEncoder.tiny().spec}, tmp_path / 'tok.pt')  # a tokenizer's checkpoint
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    ck = ['--ckpt', sample_ckpts['vq'], 'a red circle']
+    cases = [(['--model', 'vq-xxl', 'a fox'], 'vq-xl'), ([*ck, '--steps', '0'], '--steps'),
+             ([*ck, '--n', '-1'], '--n'), ([*ck, '--cfg', '-1'], '--cfg'),
+             (['--ckpt', sample_ckpts['vq'], '--prompts', str(tmp_path / 'missing.txt')], 'prompts file'),
+             (['--ckpt', str(tmp_path / 'tok.pt'), 'a fox'], 'not a MaskGen checkpoint'),
+             (['--ckpt', str(tmp_path / 'junk.pt'), 'a fox'], 'not a readable checkpoint'),
+             (['--ckpt', str(tmp_path / 'nowhere'), 'a fox'], 'no such file')]
+    for argv, needle in cases:
+        code, out, err = _sample_main([*argv, '--out', str(tmp_path / 'o')], capsys)
+        assert code == 2, (argv, out, err)
+        assert needle in err and 'Traceback' not in err and len(err.splitlines()) <= 4, (argv, err)
+    code, _, err = _sample_main(['--model', 'vq-xxl', 'a fox'], capsys)
+    assert code == 2 and all(name in err for name in ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'))  # lists the valid names
+    assert len(err.strip().splitlines()) == 1  # and nothing about downloads
+
+def test_sample_flags_pass_through_torchrun():
+    """torchrun's own parser reads the flags after the script too, and rejects an abbreviation of its options
+    (--n is one: --nnodes, --nproc_per_node, ...). Every sample.py flag but --n must reach sample.py untouched."""
+    import sample
+    from torch.distributed.run import get_args_parser
+    flags = [s for a in sample.p._actions for s in a.option_strings if s not in ('--n', '-h', '--help')]
+    for flag in flags:
+        args = get_args_parser().parse_args(['--standalone', 'sample.py', flag, '1'])
+        assert args.training_script_args == [flag, '1'], flag
