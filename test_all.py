@@ -12,11 +12,13 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
 import warnings
-from dataclasses import fields
+from contextlib import contextmanager
+from dataclasses import asdict, fields
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, TATIT
                      load_official)
 import data
 import fid
+import train_maskgen as tm
 from maskgen import (MaskGen, MaskGenConfig, MASKGEN_PRESETS, GaussianDiffusion, maskgen_config, mask_schedule,
                      encode_prompts)
 
@@ -1178,3 +1181,151 @@ def test_sample_flags_pass_through_torchrun():
     for flag in flags:
         args = get_args_parser().parse_args(['--standalone', 'sample.py', flag, '1'])
         assert args.training_script_args == [flag, '1'], flag
+
+# -----------------------------------------------------------------------------
+# train_maskgen.py: the title command, user errors, 1 vs 2 processes, micro batching, SIGKILL + resume
+
+TM_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # subprocesses: 1 thread, like _tm_one_thread
+
+@contextmanager
+def _tm_one_thread():
+    """In-process runs use 1 thread, as the subprocesses do: bitwise comparisons need the same kernels."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+@pytest.fixture(scope='module')
+def tm_tokenizers(tmp_path_factory):
+    """Random tiny tm_tokenizers (VQ and KL) in train_tokenizer.py's checkpoint format, with the tiny text tower."""
+    root, out = tmp_path_factory.mktemp('tok'), {}
+    for q in ('vq', 'kl'):
+        torch.manual_seed(0)
+        cfg = tatitok_config(f'tiny-{q}')
+        os.makedirs(root / q)
+        torch.save(dict(model_args=asdict(cfg), model=TATiTok(cfg).state_dict(), ema=None,
+                        text_encoder=TextEncoder.tiny().spec, step=0), root / q / 'ckpt.pt')
+        out[q] = str(root / q)
+    return out
+
+def _tm_args(tok, q, out, *extra):
+    return ['--preset', 'tiny', '--tokens', q, '--tokenizer', tok[q], '--out_dir', str(out), '--log_every', '1',
+            *map(str, extra)]
+
+def _tm_train(tok, q, out, *extra):
+    with _tm_one_thread():
+        tm.main(tm.get_args(_tm_args(tok, q, out, *extra)))
+
+def _tm_metrics(out):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+def _tm_ckpt(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+def test_title_command_parses_and_fails_cleanly_offline(tmp_path):
+    """`train_maskgen.py --size xl --tokens kl32` takes the KL recipe and MaskGen-XL's config; offline with an empty
+    cache it stops with exit 2 and a message naming the missing release, no traceback."""
+    a = tm.get_args(['--size', 'xl', '--tokens', 'kl32'])
+    assert (a.lr, a.schedule, a.betas, a.weight_decay, a.warmup_steps, a.data) == \
+        (1e-4, 'constant', [0.9, 0.95], 0.02, 50_000, 'tokens/kl32')
+    assert tm.generator_config('xl', tatitok_config('kl32'), 768) == maskgen_config('kl-xl')
+    assert tm.generator_config('l', tatitok_config('vq128'), 768) == maskgen_config('vq-l')
+    a = tm.get_args(['--size', 'xl', '--tokens', 'vq128', '--stage', '2'])
+    assert (a.lr, a.schedule, a.betas, a.max_steps, a.out_dir) == (1e-4, 'cosine', [0.9, 0.96], 250_000,
+                                                                  'out/maskgen-vq128-xl-stage2')
+    env = {**TM_ENV, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
+    r = subprocess.run([sys.executable, 'train_maskgen.py', '--size', 'xl', '--tokens', 'kl32', '--out_dir',
+                        str(tmp_path / 'o')], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'turkeyju/tokenizer_tatitok_bl32_vae' in r.stderr, r.stderr[-2000:]
+    assert 'Traceback' not in r.stderr
+
+def test_user_errors_exit_2(tmp_path, monkeypatch, capsys):
+    for argv in ([], ['--preset', 'shapes', '--tokens', 'vq128'], ['--tokens', 'kl32'], ['--preset', 'tiny',
+                                                                                          '--batch_size', '0']):
+        with pytest.raises(SystemExit) as e:
+            tm.get_args(argv)
+        assert e.value.code == 2
+    monkeypatch.chdir(tmp_path)  # no out/shapes-tokenizer here: say how to make it
+    with pytest.raises(SystemExit) as e:
+        tm.main(tm.get_args(['--preset', 'shapes']))
+    assert e.value.code == 2 and 'python train_tokenizer.py --preset shapes' in capsys.readouterr().err
+    (tmp_path / 'o').mkdir()
+    (tmp_path / 'o' / 'ckpt.pt').write_bytes(b'')
+    with pytest.raises(SystemExit) as e:  # a run exists there: refuse to overwrite it without --resume
+        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', 'o']))
+    assert e.value.code == 2
+
+def test_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path):
+    """The loss falls; ckpt.pt loads with MaskGen.from_pretrained (EMA weights) and carries the tokenizer (embedded),
+    the text encoder and the sampling settings: enough to draw and decode with no other input."""
+    _tm_train(tm_tokenizers, 'kl', tmp_path, '--max_steps', 8, '--sample_every', 8, '--sample_steps', 2)
+    m = _tm_metrics(tmp_path)
+    assert len(m) == 8 and len(m[0]['buckets']) == 4
+    assert sum(r['loss'] for r in m[-3:]) < 0.8 * sum(r['loss'] for r in m[:3])
+    ck = _tm_ckpt(tmp_path)
+    assert ck['step'] == 8 and {'model', 'ema', 'optimizer', 'data', 'config', 'model_args', 'tokenizer',
+                                 'text_encoder', 'sampling'} <= set(ck)
+    gen = MaskGen.from_pretrained(str(tmp_path))
+    assert all(torch.equal(v, ck['ema'][k]) for k, v in gen.state_dict().items())
+    tok, te = TATiTok.from_pretrained(ck['tokenizer']), TextEncoder.from_spec(ck['text_encoder'])
+    caps = ['a red circle', 'a blue square']
+    from maskgen import encode_prompts
+    z = gen.generate(**encode_prompts(te, caps), **ck['sampling'], seed=0)
+    assert tok.decode_tokens(z, te(caps)['guidance']).shape == (2, 3, 32, 32)
+    log = open(tmp_path / 'log.txt').read()
+    assert 'loss by timestep' in log and 'colour accuracy' in log and os.path.exists(tmp_path / 'samples_0000008.png')
+
+def test_two_processes_match_one(tm_tokenizers, tmp_path):
+    """torchrun with 2 gloo processes (micro batch 2, no accumulation) gives the losses and weights of 1 process
+    (micro batch 2 x 2 accumulation steps) for the same global batch (KL on images: masks, caption dropout, diffusion
+    timesteps and noise, and the posterior noise are drawn per global sample)."""
+    common = ['--max_steps', 3, '--batch_size', 4, '--micro_batch_size', 2]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_maskgen.py',
+           *_tm_args(tm_tokenizers, 'kl', tmp_path / 'two', *common)]
+    r = subprocess.run(cmd, cwd=HERE, env=TM_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _tm_train(tm_tokenizers, 'kl', tmp_path / 'one', *common)
+    one, two = _tm_metrics(tmp_path / 'one'), _tm_metrics(tmp_path / 'two')
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a['loss'] - b['loss']) <= 1e-5 * max(1.0, abs(a['loss'])), (a, b)
+    w1, w2 = _tm_ckpt(tmp_path / 'one')['model'], _tm_ckpt(tmp_path / 'two')['model']
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+def test_vq_loss_does_not_depend_on_micro_batching(tm_tokenizers, tmp_path):
+    """VQ: one micro batch of 4 or 2 accumulated micro batches of 2 train the same model: the weighted CE is
+    normalised by the weights' sum over the global batch, not per micro batch (in-process, cheap; through --pool,
+    the quickstart's pre-encoded samples)."""
+    common = ['--max_steps', 3, '--batch_size', 4, '--pool', 64]
+    _tm_train(tm_tokenizers, 'vq', tmp_path / 'a', *common, '--micro_batch_size', 4)
+    _tm_train(tm_tokenizers, 'vq', tmp_path / 'b', *common, '--micro_batch_size', 2)
+    for a, b in zip(_tm_metrics(tmp_path / 'a'), _tm_metrics(tmp_path / 'b')):
+        assert abs(a['loss'] - b['loss']) <= 1e-5 * max(1.0, abs(a['loss'])), (a, b)
+    w1, w2 = _tm_ckpt(tmp_path / 'a')['model'], _tm_ckpt(tmp_path / 'b')['model']
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+def test_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
+    """A VQ run killed with SIGKILL mid-training and resumed ends with exactly the weights of a run never stopped
+    (data position, optimizer, EMA, per-step masks restored)."""
+    extra = ['--max_steps', 10, '--ckpt_every', 3]
+    _tm_train(tm_tokenizers, 'vq', tmp_path / 'full', *extra)
+    p = subprocess.Popen([sys.executable, 'train_maskgen.py', *_tm_args(tm_tokenizers, 'vq', tmp_path / 'cut', *extra)],
+                         cwd=HERE, env=TM_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:  # kill it right after the step-6 checkpoint, somewhere inside steps 6..9
+        if line.startswith('saved') and '(step 6)' in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=120)
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _tm_ckpt(tmp_path / 'cut')['step'] in (6, 9)
+    _tm_train(tm_tokenizers, 'vq', tmp_path / 'cut', *extra, '--resume')
+    a, b = _tm_ckpt(tmp_path / 'full'), _tm_ckpt(tmp_path / 'cut')
+    assert a['step'] == b['step'] == 10
+    for part in ('model', 'ema'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
