@@ -274,11 +274,11 @@ class GaussianDiffusion:
         x0 = self._at(self.sqrt_recip_ac, t) * x_t - self._at(self.sqrt_recipm1_ac, t) * eps
         return self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t, logvar
 
-    def training_losses(self, net, x0, z, generator=None):
+    def training_losses(self, net, x0, z, generator=None, t=None, noise=None):
         """IDDPM's hybrid loss per token: MSE on eps + the variational bound (in bits), which trains the variance
-        only. -> (loss (M,), timesteps (M,))."""
-        t = torch.randint(0, len(self.betas), (x0.shape[0],), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        only. Timesteps t (M,) and noise (M, C) are drawn unless given. -> (loss (M,), timesteps (M,))."""
+        t = torch.randint(0, len(self.betas), (x0.shape[0],), generator=generator, device=x0.device) if t is None else t
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise
         x_t = self._at(self.sqrt_ac, t) * x0 + self._at(self.sqrt_one_minus_ac, t) * noise  # (M, C)
         eps, v = net(x_t, t, z).float().chunk(2, dim=1)  # (M, C) each, fp32 from here on
         mean, logvar = self.p_mean_logvar(x_t, t, eps.detach(), v)  # the mean frozen for the bound
@@ -410,6 +410,15 @@ class MaskGen(nn.Module):
         return torch.where(drop[:, None, None], null_text[0], text_tokens), \
             torch.where(drop[:, None], null_text[1], text_pooled)
 
+    def draw_mask(self, B, N, generator=None, device=None):
+        """Training's masking, (B, N) True = masked, at random positions: the arccos schedule with a ratio per sample
+        (VQ; rounded, at least one) or one per batch (KL; rounded up), as the releases draw it."""
+        vq = self.config.quantize == 'vq'
+        r = torch.rand(B if vq else 1, generator=generator, device=device)  # (B,) or (1,)
+        n_masked = N * (torch.acos(r) / (math.pi * 0.5)).clamp(1e-6, 1.0)
+        n_masked = n_masked.round().clamp(min=1) if vq else n_masked.ceil()
+        return torch.rand(B, N, generator=generator, device=device).argsort(-1) < n_masked[:, None]  # (B, N)
+
     def _prepare_sampling(self, text_tokens, text_pooled, null_tokens, null_pooled, aes, guidance_scale, seed,
                           generator):
         guided = guidance_scale != 1.0  # 1: the conditional model alone, no unconditional pass at all
@@ -533,18 +542,18 @@ class MaskGenVQ(MaskGen):
         """ids (B, N) with mask_id at the masked positions -> logits (B, N, codebook_size)."""
         return self._logits(ids, *self._conditioning(text_tokens, text_pooled, aes))
 
-    def forward(self, ids, text_tokens, text_pooled, aes, null_text=None, generator=None):
-        """The training loss of clean codes ids (B, N); the masking (arccos schedule) is drawn here. null_text = the
-        "" encoding (tokens (1, 77, T), pooled (1, T)) turns on caption dropout. -> (loss, stats)."""
+    def forward(self, ids, text_tokens, text_pooled, aes, null_text=None, generator=None, mask=None, reduction='mean'):
+        """The training loss of clean codes ids (B, N), the mask (B, N) drawn unless given. null_text = the "" encoding
+        (1, 77, T), (1, T) turns on caption dropout. -> (loss, stats), or with reduction='none' (ce, correct) (B, N)."""
         B, N = ids.shape
         if null_text is not None:
             text_tokens, text_pooled = self._drop_text(text_tokens, text_pooled, null_text, generator)
-        t = torch.rand(B, generator=generator, device=ids.device)
-        n_masked = (N * (torch.acos(t) / (math.pi * 0.5)).clamp(1e-6, 1.0)).round().clamp(min=1)  # (B,) arccos
-        mask = torch.rand(B, N, generator=generator, device=ids.device).argsort(-1) < n_masked[:, None]  # (B, N)
+        mask = self.draw_mask(B, N, generator, ids.device) if mask is None else mask  # (B, N)
         logits = self.logits(ids.masked_fill(mask, self.mask_id), text_tokens, text_pooled, aes).float()  # fp32 loss
         loss = F.cross_entropy(logits.transpose(1, 2), ids, label_smoothing=self.config.label_smoothing,
                                reduction='none')  # (B, N), over all tokens, not only the masked ones
+        if reduction == 'none':  # every position, for the caller to weigh
+            return loss, logits.argmax(-1) == ids  # (B, N) each
         weight = torch.where(mask, 1.0, self.config.unmasked_weight)  # (B, N)
         loss = (loss * weight).sum() / (weight.sum() + 1e-8)
         acc = ((logits.argmax(-1) == ids) & mask).sum(1) / mask.sum(1)  # (B,) on the masked tokens
@@ -641,24 +650,28 @@ class MaskGenKL(MaskGen):
         (B, N, D) of the denoiser (official forward_mae_decoder)."""
         return self._cond(x, mask.bool(), *self._conditioning(text_tokens, text_pooled, aes))
 
-    def forward(self, latents, text_tokens, text_pooled, aes, null_text=None, generator=None):
-        """The training loss of latents (B, N, C), the tokenizer's (a posterior sample), unscaled. One masking
-        ratio per batch (arccos), positions per sample; the diffusion loss of the masked tokens, each repeated
-        diffusion_batch_mul times. -> (loss, stats) with the per-token losses and timesteps, for bucketing."""
-        B, N, C = latents.shape
+    def forward(self, latents, text_tokens, text_pooled, aes, null_text=None, generator=None, mask=None, t=None,
+                noise=None, reduction='mean'):
+        """The training loss of latents (B, N, C), unscaled: the diffusion loss of the masked tokens, each at k =
+        diffusion_batch_mul timesteps. Drawn unless given: mask (B, N), t (B, k, N), noise (B, k, N, C). -> (loss,
+        stats) with per-token values in the release's (k, B, N) order, or with reduction='none' the losses (B, k, N)."""
+        (B, N, C), k = latents.shape, self.config.diffusion_batch_mul
         if null_text is not None:
             text_tokens, text_pooled = self._drop_text(text_tokens, text_pooled, null_text, generator)
         x = latents * self.config.scale_factor  # (B, N, C)
-        t = torch.rand((), generator=generator, device=x.device)
-        n_masked = torch.ceil(N * (torch.acos(t) / (math.pi * 0.5)).clamp(1e-6, 1.0))  # one count for the batch
-        mask = torch.rand(B, N, generator=generator, device=x.device).argsort(-1) < n_masked  # (B, N)
+        mask = self.draw_mask(B, N, generator, x.device) if mask is None else mask  # (B, N)
+        if t is None:  # drawn in the release's order, for the batch repeated k times
+            t = torch.randint(0, 1000, (k, B, N), generator=generator, device=x.device).transpose(0, 1)  # (B, k, N)
+            noise = torch.randn(k, B, N, C, generator=generator, device=x.device).transpose(0, 1)  # (B, k, N, C)
         z = self.cond(x, mask, text_tokens, text_pooled, aes)  # (B, N, D)
-        k = self.config.diffusion_batch_mul
-        token_loss, t_diff = self.train_diffusion.training_losses(
-            self.diffloss.net, x.reshape(B * N, C).repeat(k, 1), z.reshape(B * N, -1).repeat(k, 1), generator)
-        token_mask = mask.reshape(B * N).repeat(k)  # (k*B*N,)
+        x0, z = (v[:, None].expand(-1, k, -1, -1).reshape(B * k * N, -1) for v in (x, z))  # (B*k*N, C), (B*k*N, D)
+        token_loss = self.train_diffusion.training_losses(self.diffloss.net, x0, z, None, t.flatten(),
+                                                          noise.reshape(-1, C))[0].view(B, k, N)
+        if reduction == 'none':
+            return token_loss
+        token_loss, t, token_mask = (v.transpose(0, 1).flatten() for v in (token_loss, t, mask[:, None].expand_as(t)))
         loss = (token_loss * token_mask).sum() / token_mask.sum()  # the masked tokens only
-        return loss, dict(token_loss=token_loss.detach(), t=t_diff, token_mask=token_mask, mask_ratio=n_masked / N)
+        return loss, dict(token_loss=token_loss.detach(), t=t, token_mask=token_mask, mask_ratio=mask.float().mean())
 
     @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=32,

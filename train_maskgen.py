@@ -35,15 +35,13 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
-from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 
 from tatitok import TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, \
     load_state_dict_file
-from maskgen import MaskGen, MaskGenConfig, maskgen_config, encode_prompts, normal_kl, discretized_gaussian_loglik
+from maskgen import MaskGen, MaskGenConfig, maskgen_config, encode_prompts
 from data import make_loader, DataError, classify_shapes, SHAPES_EVAL_PROMPTS
 
 # -----------------------------------------------------------------------------
@@ -217,35 +215,6 @@ def load_tokenizer(name_or_path):
     ref = dict(model_args=ck['model_args'], model=sd) if small else os.path.abspath(path)
     return TATiTok.from_pretrained(dict(model_args=ck['model_args'], model=sd)), ref, ck.get('text_encoder')
 
-class GeneratorLoss(nn.Module):
-    """What DDP and torch.compile wrap: MaskGen's training loss (maskgen.py forward) with its randomness passed in,
-    drawn per global sample from the step's seed, so 1, 2 or 8 processes and any micro batch train the same model.
-    Returns per-token losses; the caller weighs them and normalises over the global batch."""
-
-    def __init__(self, gen):
-        super().__init__()
-        self.gen = gen
-
-    def forward(self, tokens, text_tokens, text_pooled, aes, mask, t=None, noise=None):
-        g, cfg = self.gen, self.gen.config
-        if cfg.quantize == 'vq':  # tokens (B, N) ids; label-smoothed CE at every position (weighted by the caller)
-            logits = g.logits(tokens.masked_fill(mask, g.mask_id), text_tokens, text_pooled, aes).float()  # (B, N, K)
-            ce = F.cross_entropy(logits.transpose(1, 2), tokens, label_smoothing=cfg.label_smoothing, reduction='none')
-            return ce, logits.argmax(-1) == tokens  # (B, N) each
-        # KL: tokens (B, N, C) latents; the hybrid IDDPM loss of each token at k timesteps t (B, k, N), noise (B, k, N, C)
-        B, N, C = tokens.shape
-        x0 = (tokens * cfg.scale_factor)[:, None].expand(-1, t.shape[1], -1, -1).reshape(-1, C)  # (B*k*N, C)
-        z = g.cond(tokens * cfg.scale_factor, mask, text_tokens, text_pooled, aes)  # (B, N, D)
-        z = z[:, None].expand(-1, t.shape[1], -1, -1).reshape(x0.shape[0], -1)  # (B*k*N, D)
-        D, t, noise = g.train_diffusion, t.reshape(-1), noise.reshape(-1, C)
-        x_t = D._at(D.sqrt_ac, t) * x0 + D._at(D.sqrt_one_minus_ac, t) * noise  # (M, C)
-        eps, v = g.diffloss.net(x_t, t, z).float().chunk(2, dim=1)  # fp32 from here on
-        mean, logvar = D.p_mean_logvar(x_t, t, eps.detach(), v)  # the mean frozen for the bound (trains the variance)
-        true_mean = D._at(D.posterior_coef1, t) * x0 + D._at(D.posterior_coef2, t) * x_t
-        kl = normal_kl(true_mean, D._at(D.posterior_logvar, t), mean, logvar).mean(1) / math.log(2.0)
-        nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(1) / math.log(2.0)
-        return ((noise - eps).pow(2).mean(1) + torch.where(t == 0, nll, kl)).view(B, -1, N)  # (B, k, N)
-
 def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -353,11 +322,13 @@ def main(args):
         update_ema(ema, raw_model, 0.0)  # synced init
     start_step = step
 
-    # compile, then DDP
-    model = GeneratorLoss(raw_model)
+    # compile, then DDP. What they wrap is the model's forward, its randomness passed in (drawn per global sample
+    # from the step's seed, so 1, 2 or 8 processes and any micro batch train the same model) and reduction='none':
+    # per-token losses, which the loop weighs and normalises over the global batch
+    model = raw_model
     if compile_:
         print0("compiling the generator... (takes a minute)")
-        model = torch.compile(model)
+        model = torch.compile(raw_model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
@@ -405,10 +376,7 @@ def main(args):
         the same on every rank and device): caption dropout, masks, KL timesteps and noise, posterior noise."""
         g, G = torch.Generator().manual_seed(args.seed * 1_000_003 + step), args.batch_size
         d = dict(drop=torch.rand(G, generator=g) < cfg.text_drop_prob)
-        r = torch.rand(G if vq else 1, generator=g)  # VQ: a ratio per sample; KL: one per batch, as the release
-        n_masked = (N * (torch.acos(r) / (math.pi * 0.5)).clamp(1e-6, 1.0))  # arccos schedule
-        n_masked = n_masked.round().clamp(min=1) if vq else n_masked.ceil()
-        d['mask'] = torch.rand(G, N, generator=g).argsort(-1) < n_masked[:, None]  # (G, N) random positions
+        d['mask'] = raw_model.draw_mask(G, N, g)  # (G, N): VQ a ratio per sample, KL one per batch, as the release
         if vq:  # the loss weighs masked tokens 1 and visible ones 0.1, normalised by the weights' sum
             d['denom'] = torch.where(d['mask'], 1.0, cfg.unmasked_weight).sum()
         else:  # mean over the masked tokens, each drawn at K timesteps
@@ -527,11 +495,11 @@ def main(args):
             aes, mask = batch['aes'].to(device), d['mask'][idx].to(device)
             with ctx:
                 if vq:
-                    ce, correct = model(x, text_tokens, text_pooled, aes, mask)
+                    ce, correct = model(x, text_tokens, text_pooled, aes, mask=mask, reduction='none')  # (mb, N) each
                     s = (ce * torch.where(mask, 1.0, cfg.unmasked_weight)).sum()
                 else:
-                    token_loss = model(x, text_tokens, text_pooled, aes, mask, d['t'][idx].to(device),
-                                       d['noise'][idx].to(device))
+                    token_loss = model(x, text_tokens, text_pooled, aes, mask=mask, t=d['t'][idx].to(device),
+                                       noise=d['noise'][idx].to(device), reduction='none')  # (mb, K, N)
                     s = (token_loss * mask[:, None]).sum()
             loss = s / d['denom'].to(device)  # this micro batch's share of the global batch's loss
             scaler.scale(loss * world).backward()  # x world: DDP averages the gradients over the ranks
