@@ -301,17 +301,20 @@ class TATiTok(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Training init, as the official TiTok._init_weights:
-        | parameter                                     | init                          |
-        | cls / position / latent embeddings           | randn * width^-0.5            |
-        | Linear and Conv weights                       | trunc_normal(std 0.02), bias 0|
-        | LayerNorm                                     | weight 1, bias 0              |
-        | attention in_proj (packed q, k, v)            | xavier_uniform (torch default)|
-        | codebook                                      | uniform(+-1/K)                |
-        The release builds its decoder after that init, keeping torch defaults there; we init both the same way."""
+        """Training init, as the release:
+        | parameter                                          | init                                   |
+        | cls / position / latent embeddings, mask token     | randn * width^-0.5                     |
+        | encoder Linear and Conv weights                    | trunc_normal(std 0.02), bias 0         |
+        | decoder Linear and Conv weights                    | torch defaults (kaiming uniform)       |
+        | LayerNorm                                          | weight 1, bias 0                       |
+        | attention in_proj (packed q, k, v)                 | xavier_uniform (nn.MultiheadAttention) |
+        | codebook                                           | uniform(+-1/K)                         |
+        The release runs TiTok._init_weights before it swaps in the text-aware decoder, so the decoder keeps torch's
+        default init. That matters: with std 0.02 in the decoder's two output convs as well, their product starves
+        the decoder of gradient and training sits on the mean image for hundreds of steps."""
         if self.latent_tokens.device.type == 'meta':
             return
-        for m in self.modules():
+        for m in self.encoder.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)

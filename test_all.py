@@ -30,6 +30,7 @@ from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, TATIT
 import data
 import fid
 import train_maskgen as tm
+import train_tokenizer as tt
 from maskgen import (MaskGen, MaskGenConfig, MASKGEN_PRESETS, GaussianDiffusion, maskgen_config, mask_schedule,
                      encode_prompts)
 
@@ -37,6 +38,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, '..', 'shared', 'parity'))
 KEYS_DIR = os.path.join(PARITY_DIR, 'official_keys')
 torch.set_num_threads(2)
+ONE_THREAD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # subprocesses: 1 thread, like one_thread
+
+@contextmanager
+def one_thread():
+    """In-process runs use 1 thread, as the subprocesses do: bitwise comparisons need the same kernels."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 # -----------------------------------------------------------------------------
 # parity with the official implementation: one test per case file found in PARITY_DIR
@@ -686,12 +699,10 @@ def test_gaussian_diffusion_with_an_oracle_denoiser():
 # sampler invariants
 
 @pytest.fixture
-def one_thread():
+def single_thread():
     # tiny models are latency-bound: with several threads on a busy CPU, thread handoffs cost more than the math
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread():
+        yield
 
 def _generate(model, prompts_seed=(0, 1), **kw):
     """Sample with the text of the given seeds per row and a fixed "" encoding."""
@@ -701,7 +712,7 @@ def _generate(model, prompts_seed=(0, 1), **kw):
     return model.generate(tt, tp, nt, np_, **kw)
 
 @pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
-def test_maskgen_sampler_schedule(name, one_thread):
+def test_maskgen_sampler_schedule(name, single_thread):
     """A committed token is never re-masked or changed, every step commits exactly the scheduled number, and the
     last step leaves none masked."""
     model = _tiny(name)
@@ -726,7 +737,7 @@ def test_maskgen_sampler_schedule(name, one_thread):
         assert all(a > b or a == 1 == b for a, b in zip(sched, sched[1:])) and sched[-1] == 0
 
 @pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
-def test_maskgen_sampler_guidance_seed_aes_batch(name, one_thread):
+def test_maskgen_sampler_guidance_seed_aes_batch(name, single_thread):
     """Guidance 1 = the conditional model alone; seeds reproduce; aes matters; prompts in a batch don't mix."""
     model, vq = _tiny(name), name.endswith('vq')
     if not vq:  # fewer steps: the properties don't depend on them
@@ -743,7 +754,7 @@ def test_maskgen_sampler_guidance_seed_aes_batch(name, one_thread):
     # rows don't mix: row 0 of [p0, p1] is row 0 of [p0, p0]; row 1 is row 1 of [p1, p1]
     assert same(a[0], _generate(model, (0, 0), seed=3)[0]) and same(a[1], _generate(model, (1, 1), seed=3)[1])
 
-def test_maskgen_sampling_speed_and_prompts(one_thread):
+def test_maskgen_sampling_speed_and_prompts(single_thread):
     """Tiny models sample 16 VQ / 32 KL steps on a CPU in seconds; encode_prompts feeds generate directly."""
     clip = TextEncoder.tiny()
     prompts = encode_prompts(clip, ['a red circle', 'a blue square'], negative_prompt='blurry')
@@ -1185,17 +1196,6 @@ def test_sample_flags_pass_through_torchrun():
 # -----------------------------------------------------------------------------
 # train_maskgen.py: the title command, user errors, 1 vs 2 processes, micro batching, SIGKILL + resume
 
-TM_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # subprocesses: 1 thread, like _tm_one_thread
-
-@contextmanager
-def _tm_one_thread():
-    """In-process runs use 1 thread, as the subprocesses do: bitwise comparisons need the same kernels."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 @pytest.fixture(scope='module')
 def tm_tokenizers(tmp_path_factory):
@@ -1215,7 +1215,7 @@ def _tm_args(tok, q, out, *extra):
             *map(str, extra)]
 
 def _tm_train(tok, q, out, *extra):
-    with _tm_one_thread():
+    with one_thread():
         tm.main(tm.get_args(_tm_args(tok, q, out, *extra)))
 
 def _tm_metrics(out):
@@ -1225,7 +1225,7 @@ def _tm_metrics(out):
 def _tm_ckpt(out):
     return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
 
-def test_title_command_parses_and_fails_cleanly_offline(tmp_path):
+def test_train_maskgen_title_command_parses_and_fails_cleanly_offline(tmp_path):
     """`train_maskgen.py --size xl --tokens kl32` takes the KL recipe and MaskGen-XL's config; offline with an empty
     cache it stops with exit 2 and a message naming the missing release, no traceback."""
     a = tm.get_args(['--size', 'xl', '--tokens', 'kl32'])
@@ -1236,13 +1236,13 @@ def test_title_command_parses_and_fails_cleanly_offline(tmp_path):
     a = tm.get_args(['--size', 'xl', '--tokens', 'vq128', '--stage', '2'])
     assert (a.lr, a.schedule, a.betas, a.max_steps, a.out_dir) == (1e-4, 'cosine', [0.9, 0.96], 250_000,
                                                                   'out/maskgen-vq128-xl-stage2')
-    env = {**TM_ENV, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
+    env = {**ONE_THREAD_ENV, 'HF_HUB_OFFLINE': '1', 'HF_HOME': str(tmp_path / 'hf')}
     r = subprocess.run([sys.executable, 'train_maskgen.py', '--size', 'xl', '--tokens', 'kl32', '--out_dir',
                         str(tmp_path / 'o')], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'turkeyju/tokenizer_tatitok_bl32_vae' in r.stderr, r.stderr[-2000:]
     assert 'Traceback' not in r.stderr
 
-def test_user_errors_exit_2(tmp_path, monkeypatch, capsys):
+def test_train_maskgen_user_errors_exit_2(tmp_path, monkeypatch, capsys):
     for argv in ([], ['--preset', 'shapes', '--tokens', 'vq128'], ['--tokens', 'kl32'], ['--preset', 'tiny',
                                                                                           '--batch_size', '0']):
         with pytest.raises(SystemExit) as e:
@@ -1258,7 +1258,7 @@ def test_user_errors_exit_2(tmp_path, monkeypatch, capsys):
         tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', 'o']))
     assert e.value.code == 2
 
-def test_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path):
+def test_train_maskgen_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path):
     """The loss falls; ckpt.pt loads with MaskGen.from_pretrained (EMA weights) and carries the tokenizer (embedded),
     the text encoder and the sampling settings: enough to draw and decode with no other input."""
     _tm_train(tm_tokenizers, 'kl', tmp_path, '--max_steps', 8, '--sample_every', 8, '--sample_steps', 2)
@@ -1278,14 +1278,14 @@ def test_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path):
     log = open(tmp_path / 'log.txt').read()
     assert 'loss by timestep' in log and 'colour accuracy' in log and os.path.exists(tmp_path / 'samples_0000008.png')
 
-def test_two_processes_match_one(tm_tokenizers, tmp_path):
+def test_train_maskgen_two_processes_match_one(tm_tokenizers, tmp_path):
     """torchrun with 2 gloo processes (micro batch 2, no accumulation) gives the losses and weights of 1 process
     (micro batch 2 x 2 accumulation steps) for the same global batch (KL on images: masks, caption dropout, diffusion
     timesteps and noise, and the posterior noise are drawn per global sample)."""
     common = ['--max_steps', 3, '--batch_size', 4, '--micro_batch_size', 2]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_maskgen.py',
            *_tm_args(tm_tokenizers, 'kl', tmp_path / 'two', *common)]
-    r = subprocess.run(cmd, cwd=HERE, env=TM_ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     _tm_train(tm_tokenizers, 'kl', tmp_path / 'one', *common)
     one, two = _tm_metrics(tmp_path / 'one'), _tm_metrics(tmp_path / 'two')
@@ -1296,7 +1296,7 @@ def test_two_processes_match_one(tm_tokenizers, tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
 
-def test_vq_loss_does_not_depend_on_micro_batching(tm_tokenizers, tmp_path):
+def test_train_maskgen_vq_loss_does_not_depend_on_micro_batching(tm_tokenizers, tmp_path):
     """VQ: one micro batch of 4 or 2 accumulated micro batches of 2 train the same model: the weighted CE is
     normalised by the weights' sum over the global batch, not per micro batch (in-process, cheap; through --pool,
     the quickstart's pre-encoded samples)."""
@@ -1309,13 +1309,13 @@ def test_vq_loss_does_not_depend_on_micro_batching(tm_tokenizers, tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
 
-def test_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
+def test_train_maskgen_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
     """A VQ run killed with SIGKILL mid-training and resumed ends with exactly the weights of a run never stopped
     (data position, optimizer, EMA, per-step masks restored)."""
     extra = ['--max_steps', 10, '--ckpt_every', 3]
     _tm_train(tm_tokenizers, 'vq', tmp_path / 'full', *extra)
     p = subprocess.Popen([sys.executable, 'train_maskgen.py', *_tm_args(tm_tokenizers, 'vq', tmp_path / 'cut', *extra)],
-                         cwd=HERE, env=TM_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         cwd=HERE, env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in p.stdout:  # kill it right after the step-6 checkpoint, somewhere inside steps 6..9
         if line.startswith('saved') and '(step 6)' in line:
             p.send_signal(signal.SIGKILL)
@@ -1329,3 +1329,154 @@ def test_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
     for part in ('model', 'ema'):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+# -----------------------------------------------------------------------------
+# train_tokenizer.py: perceptual nets, GAN, user errors, 1 vs 2 processes, SIGKILL + resume, non-finite steps
+
+TT_TINY = ['--preset', 'tiny', '--eval_data', 'none', '--log_every', '1']
+
+def _tt_train(out, *extra):
+    with one_thread():
+        tt.main(tt.get_args(TT_TINY + ['--out_dir', str(out), *map(str, extra)]))
+
+def _tt_metrics(out):
+    with open(os.path.join(out, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+def _tt_ckpt(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), map_location='cpu', weights_only=True)
+
+def test_perceptual_nets_match_torchvision_layout():
+    """Our hand-written VGG16 / ConvNeXt-S carry torchvision's key names and shapes and compute the same function,
+    so the standard IMAGENET1K_V1 files load strictly (torchvision is imported here, in the test, only)."""
+    tv = pytest.importorskip('torchvision')
+    from torchvision.models.convnext import CNBlock, LayerNorm2d
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+    with torch.device('meta'):  # full-size layouts without allocating 200M parameters
+        ours_meta, ref_vgg, ref_cn = tt.PerceptualLoss('lpips-convnext', False), tv.models.vgg16(), tv.models.convnext_small()
+    assert shapes(ours_meta.features) == shapes(ref_vgg.features[:30])
+    assert shapes(ours_meta.convnext) == shapes(ref_cn)
+    torch.manual_seed(0)
+    ours = tt.PerceptualLoss('lpips', pretrained=False)  # real weights, VGG only (14.7M)
+    for lin in ours.lins:
+        lin.weight.data.abs_()  # LPIPS' learned channel weights are non-negative
+    ref = ref_vgg.features[:30].to_empty(device='cpu')
+    ref.load_state_dict(ours.features.state_dict())
+    blk, ref_blk = tt.CNBlock(96), CNBlock(96, 1e-6, 0.0).eval()  # one ConvNeXt block and its norm, same math
+    blk.load_state_dict(ref_blk.state_dict())
+    x, h = torch.rand(2, 3, 32, 32), torch.randn(2, 96, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.features(x), ref(x))
+        torch.testing.assert_close(blk(h), ref_blk(h))
+        torch.testing.assert_close(tt.LayerNorm2d(96, eps=1e-6)(h), LayerNorm2d(96, eps=1e-6)(h))
+        assert ours(x, x).abs().item() < 1e-6 and ours(x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1)).item() > 0
+
+def test_perceptual_offline_exits_2(tmp_path):
+    """Asking for the perceptual loss without cached weights and no internet: a short message, exit 2."""
+    env = {**ONE_THREAD_ENV, 'TORCH_HOME': str(tmp_path / 'hub')}
+    r = subprocess.run([sys.executable, 'train_tokenizer.py', *TT_TINY, '--perceptual', 'lpips', '--out_dir',
+                        str(tmp_path / 'o')], cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    if r.returncode == 0:
+        pytest.skip("the weights could be downloaded: not offline")
+    assert r.returncode == 2 and '--perceptual none' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+
+def test_discriminator_and_schedule():
+    """The PatchGAN gives 16x16 logits at any size; warmup + cosine hits its ends; the release's no-decay groups."""
+    D = tt.Discriminator(32)
+    for s in (32, 64):
+        assert D(torch.rand(2, 3, s, s)).shape == (2, 1, 16, 16)
+    lr = lambda it: tt.get_lr(it, 1.0, 10, 110, 0.1)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(110) == pytest.approx(0.1)
+    assert lr(60) == pytest.approx(0.55)
+    tok = TATiTok(tt.tatitok_config('tiny-vq'))
+    decay, rest = tt.param_groups(tok, 0.1)
+    names = {id(p): n for n, p in tok.named_parameters()}
+    assert {names[id(p)] for p in decay['params']} == {n for n, p in tok.named_parameters() if p.ndim >= 2 and not any(
+        s in n for s in ('ln', 'bias', 'latent_tokens', 'mask_token', 'embed', 'norm', 'gamma'))}
+    assert 'encoder.patch_embed.weight' in {names[id(p)] for p in rest['params']}  # 'embed' in the name: no decay
+
+def test_train_tokenizer_cli_user_errors_exit_2(tmp_path):
+    for argv in ([], ['--preset', 'shapes', '--tokens', 'vq128'], ['--preset', 'tiny', '--batch_size', '0']):
+        with pytest.raises(SystemExit) as e:
+            tt.get_args(argv)
+        assert e.value.code == 2
+    (tmp_path / 'ckpt.pt').write_bytes(b'')
+    with pytest.raises(SystemExit) as e:  # a run exists there: refuse to overwrite it without --resume
+        _tt_train(tmp_path)
+    assert e.value.code == 2
+
+def test_train_vq_loss_falls_gan_switches_on_checkpoint_loads(tmp_path):
+    """On shapes the loss falls; D, the adversarial term and LeCAM are off before --disc_start and on from it;
+    ckpt.pt is weights_only-safe and loads with TATiTok.from_pretrained and TextEncoder.from_spec."""
+    _tt_train(tmp_path, '--max_steps', 16, '--disc_start', 8, '--eval_data', 'shapes:val', '--eval_every', 100)
+    m = _tt_metrics(tmp_path)
+    assert [r['step'] for r in m] == list(range(16))
+    for r in m:
+        gan_terms = {'d_hinge', 'lecam', 'g_adv', 'logits_real'} & set(r)
+        assert gan_terms == (set() if r['step'] < 8 else {'d_hinge', 'lecam', 'g_adv', 'logits_real'}), r
+    assert all(r['lecam'] > 0 and r['d_hinge'] > 0 for r in m[8:])
+    assert sum(r['recon'] for r in m[-3:]) < 0.8 * sum(r['recon'] for r in m[:3])
+    ck = _tt_ckpt(tmp_path)
+    assert ck['step'] == 16 and {'model', 'ema', 'disc', 'optimizer', 'disc_optimizer', 'data', 'rng', 'config',
+                                 'model_args', 'text_encoder'} <= set(ck)
+    tok = TATiTok.from_pretrained(str(tmp_path))
+    assert all(torch.equal(v, ck['ema'][k]) for k, v in tok.state_dict().items())  # EMA weights preferred
+    te = TextEncoder.from_spec(ck['text_encoder'])
+    img = torch.rand(2, 3, 32, 32)
+    assert tok.decode_tokens(tok.encode(img), te(['a red circle'] * 2)['guidance']).shape == img.shape
+    assert os.path.exists(tmp_path / 'recon_0000016.png') and os.path.exists(tmp_path / 'config.json')
+    log = open(tmp_path / 'log.txt').read()
+    assert 'psnr' in log and 'codebook usage' in log
+
+def test_train_tokenizer_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes and the same global batch gives the losses of 1 process (1e-5), GAN on."""
+    common = ['--max_steps', 4, '--disc_start', 2, '--batch_size', 8]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_tokenizer.py',
+           *TT_TINY, '--out_dir', str(tmp_path / 'two'), '--micro_batch_size', '2', *map(str, common)]
+    r = subprocess.run(cmd, cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    _tt_train(tmp_path / 'one', '--micro_batch_size', 4, *common)  # 1 process x 2 accumulation steps
+    one, two = _tt_metrics(tmp_path / 'one'), _tt_metrics(tmp_path / 'two')
+    assert len(one) == len(two) == 4 and 'd_hinge' in one[-1]
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        for k in a.keys() - {'usage', 'perplexity'}:  # batch statistics of the codes, not losses: not additive
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a['step'], k, a[k], b[k])
+    w1, w2 = _tt_ckpt(tmp_path / 'one')['model'], _tt_ckpt(tmp_path / 'two')['model']
+    for k in w1.keys() - {'quantize.embedding.weight'}:  # clustering VQ: a dead code's anchor is a near-tie
+        # (the smallest feature norm) that fp32 rounding can flip, so the codebook is only statistically the same
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4)
+
+def test_train_tokenizer_sigkill_then_resume_is_bitwise(tmp_path):
+    """A KL run killed with SIGKILL mid-training and resumed ends with exactly the weights of a run never stopped
+    (data position, optimizers, EMA, D, LeCAM, per-sample KL noise all restored)."""
+    args = ['--preset', 'tiny', '--tokens', 'kl', '--eval_data', 'none', '--log_every', '1', '--max_steps', '10',
+            '--disc_start', '4', '--ckpt_every', '3']
+    with one_thread():
+        tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'full')]))
+    p = subprocess.Popen([sys.executable, 'train_tokenizer.py', *args, '--out_dir', str(tmp_path / 'cut')], cwd=HERE,
+                         env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:  # kill it right after the step-6 checkpoint, somewhere inside steps 6..9
+        if line.startswith('saved') and '(step 6)' in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=120)
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _tt_ckpt(tmp_path / 'cut')['step'] in (6, 9)
+    with one_thread():
+        tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'cut'), '--resume']))
+    a, b = _tt_ckpt(tmp_path / 'full'), _tt_ckpt(tmp_path / 'cut')
+    assert a['step'] == b['step'] == 10
+    for part in ('model', 'ema', 'disc'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert torch.equal(a['lecam_ema'], b['lecam_ema'])
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    """A non-finite loss skips the step (counted, logged); many in a row stop the run, the checkpoint kept."""
+    with pytest.raises(SystemExit) as e:
+        _tt_train(tmp_path, '--lr', 1e30, '--warmup_steps', 1, '--max_nonfinite', 3, '--ckpt_every', 1, '--max_steps', 10)
+    assert e.value.code == 1
+    log = open(tmp_path / 'log.txt').read()
+    assert 'non-finite' in log and 'stopping: 3 non-finite steps in a row' in log
+    assert _tt_ckpt(tmp_path)['nonfinite'] >= 2  # the kept checkpoint loads
