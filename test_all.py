@@ -24,9 +24,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from torch.utils.flop_counter import FlopCounterMode
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, TATITOK_PRESETS, tatitok_config,
                      load_official)
+import bench
 import data
 import fid
 import train_maskgen as tm
@@ -1480,3 +1482,100 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
     log = open(tmp_path / 'log.txt').read()
     assert 'non-finite' in log and 'stopping: 3 non-finite steps in a row' in log
     assert _tt_ckpt(tmp_path)['nonfinite'] >= 2  # the kept checkpoint loads
+
+# -----------------------------------------------------------------------------
+# bench.py: every mode runs on CPU and ends with its JSON line; FLOPs match torch's FlopCounterMode
+
+def _bench(capsys, *argv):
+    # one thread: the numbers don't matter here, and 2 threads on a loaded 2-core machine run 50x slower
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(list(argv) + ['--warmup', '1', '--iters', '1', '--threads', '1'])
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result)), "the last stdout line must be the JSON result"
+    for key in ('images_per_s', 'ms_per_step', 'peak_mem_gb', 'flops_per_image', 'mfu', 'device', 'dtype', 'date'):
+        assert key in result, key
+    assert result['images_per_s'] > 0 and result['ms_per_step'] > 0 and result['flops_per_image'] > 0
+    assert result['mfu'] == 0 and result['peak_flops'] is None  # CPU: no peak in the table, so no made-up MFU
+    return result
+
+@pytest.mark.parametrize('tokens', ['vq', 'kl'])
+def test_bench_sample(capsys, tokens):
+    """`bench.py --what sample` runs end to end on CPU and reports the time split into CLIP, the MM-DiT passes, the
+    KL diffusion MLP, the rest of the sampler and the decoder, nested consistently."""
+    r = _bench(capsys, '--what', 'sample', '--size', 'tiny', '--tokens', tokens, '--batch', '2', '--steps', '3',
+               '--diffusion_steps', '4')
+    ms = r['breakdown_ms']
+    parts = {'clip', 'generator', 'mmdit', 'decode', 'sampling_other'}
+    assert set(ms) == (parts | {'diffusion_mlp'} if tokens == 'kl' else parts)
+    assert all(v >= 0 for v in ms.values()), ms  # the generator's time contains the MM-DiT's and the MLP's
+    assert r['steps'] == 3 and r['syncs_in_decoding_loop'] is None  # sync counting is CUDA-only
+
+
+@pytest.mark.parametrize('what,tokens', [('train-maskgen', 'vq'), ('train-maskgen', 'kl'), ('train-tokenizer', 'vq'),
+                                         ('train-tokenizer', 'kl')])
+def test_bench_train(capsys, what, tokens):
+    """Both training benchmarks run a full optimizer step on CPU; the generator's FLOPs are MaskGen's own estimate."""
+    r = _bench(capsys, '--what', what, '--size', 'tiny', '--tokens', tokens, '--batch', '2')
+    if what == 'train-maskgen':
+        gen = MaskGen.from_config(maskgen_config(f"tiny-{tokens}"))
+        assert r['flops_per_image'] == gen.estimate_flops_per_image()
+    else:
+        assert r['flops_per_image'] == 6 * bench.tokenizer_macs(tatitok_config(f"tiny-{tokens}"))
+
+def _flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+@pytest.mark.parametrize('gname,tname', [('vq-l', 'vq128'), ('kl-l', 'kl32')])
+def test_bench_flops_match_flop_counter(gname, tname):
+    """The analytical FLOPs (MFU's numerator) equal torch's FlopCounterMode on the full-size models, run on the meta
+    device (shapes only): one generator pass, the diffusion MLP, the tokenizer's encoder and decoder, the CLIP tower."""
+    tcfg = tatitok_config(tname)
+    gcfg = maskgen_config(gname, num_tokens=tcfg.num_latent_tokens)
+    with torch.device('meta'):
+        gen, tok, te = MaskGen.from_config(gcfg), TATiTok(tcfg), TextEncoder.from_text_cfg(bench.CLIP_L14_TEXT, 768)
+        B, N = 2, gcfg.num_tokens
+        text = (torch.randn(B, 77, 768), torch.randn(B, 768), torch.full((B,), 6.5))
+        if gcfg.quantize == 'vq':
+            f = _flops(lambda: gen.logits(torch.zeros(B, N, dtype=torch.long), *text))
+        else:
+            f = _flops(lambda: gen.cond(torch.randn(B, N, 16), torch.ones(B, N, dtype=torch.bool), *text))
+            f_mlp = _flops(lambda: gen.diffloss.net(torch.randn(3, 16), torch.zeros(3, dtype=torch.long),
+                                                    torch.randn(3, gcfg.width)))
+            assert f_mlp == 3 * 2 * bench.diffloss_macs(gcfg)
+        assert f == B * 2 * (bench.mmdit_macs(gcfg) + bench.cond_macs(gcfg))
+        assert gen.estimate_flops_per_image() == bench.train_maskgen_flops(gcfg)
+        f_enc = _flops(lambda: tok.encoder(torch.rand(B, 3, 256, 256), tok.latent_tokens))
+        f_dec = _flops(lambda: tok.decoder(torch.randn(B, N, tcfg.token_size), torch.randn(B, 77, 768)))
+        # the VQ distances by hand: the quantizer's bincount has no meta kernel
+        f_vq = 2 * N * tcfg.codebook_size * tcfg.token_size if tcfg.quantize == 'vq' else 0
+        assert f_dec == B * 2 * bench.tokenizer_macs(tcfg, encode=False)
+        assert f_enc + f_dec + B * f_vq == B * 2 * bench.tokenizer_macs(tcfg)
+        assert _flops(lambda: te(['a cat', 'a dog'])) == B * 2 * bench.clip_macs(te)
+
+def test_bench_peak_table():
+    """MFU's denominator: bf16 dense peaks for the GPUs we name, inf (so MFU 0) for anything else."""
+    assert bench.peak_flops('NVIDIA A100-SXM4-80GB') == 312e12
+    assert bench.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
+    assert bench.peak_flops('NVIDIA H100 PCIe') == 756e12
+    assert bench.peak_flops('NVIDIA H200') == 989e12
+    assert bench.peak_flops('Tesla T4') == float('inf')
+
+@pytest.mark.parametrize('argv', [['--batch', '0'], ['--size', 'tiny', '--tokens', 'vq128'], ['--device', 'nosuch'],
+                                  ['--what', 'train'], ['--dtype', 'float16', '--device', 'cpu'], ['--steps', '0'],
+                                  ['--warmup', '-1']] + ([] if torch.cuda.is_available() else [['--device', 'cuda']]))
+def test_bench_user_errors(capsys, argv):
+    """Wrong flags stop with a short message and exit status 2, before anything is built."""
+    with pytest.raises(SystemExit) as e:
+        bench.get_args(argv)
+    assert e.value.code == 2
+    assert 'error' in capsys.readouterr().err
+
+def test_bench_every_flag_has_help():
+    """Every flag says what it does in --help."""
+    actions = [a for a in bench.make_parser()._actions if a.option_strings and a.dest != 'help']
+    assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
