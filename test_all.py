@@ -123,7 +123,7 @@ def test_parity(case_path):
                 with pytest.raises(AssertionError):
                     assert_parity(name, ours[name], ref * 1.001)
 
-def test_parity_folder_found():
+def test_fixture_folder_is_found():
     """The parity tests above must not pass vacuously because PARITY_DIR points nowhere."""
     assert PARITY_CASES, f"no parity cases (*.pt) in PARITY_DIR={PARITY_DIR}"
 
