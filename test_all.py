@@ -52,6 +52,18 @@ def one_thread():
     finally:
         torch.set_num_threads(n)
 
+def kill_after_checkpoint(argv, step):
+    """Run a training script in a subprocess and SIGKILL it right after it saves the checkpoint of `step`, i.e.
+    somewhere inside the steps that follow (the resume tests)."""
+    p = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=ONE_THREAD_ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith('saved') and f'(step {step})' in line:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait(timeout=120)
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
 
 # -----------------------------------------------------------------------------
 # parity with the official implementation: one test per case file found in PARITY_DIR
@@ -1316,14 +1328,7 @@ def test_train_maskgen_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
     (data position, optimizer, EMA, per-step masks restored)."""
     extra = ['--max_steps', 10, '--ckpt_every', 3]
     _tm_train(tm_tokenizers, 'vq', tmp_path / 'full', *extra)
-    p = subprocess.Popen([sys.executable, 'train_maskgen.py', *_tm_args(tm_tokenizers, 'vq', tmp_path / 'cut', *extra)],
-                         cwd=HERE, env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:  # kill it right after the step-6 checkpoint, somewhere inside steps 6..9
-        if line.startswith('saved') and '(step 6)' in line:
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait(timeout=120)
-    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(['train_maskgen.py', *_tm_args(tm_tokenizers, 'vq', tmp_path / 'cut', *extra)], step=6)
     assert _tm_ckpt(tmp_path / 'cut')['step'] in (6, 9)
     _tm_train(tm_tokenizers, 'vq', tmp_path / 'cut', *extra, '--resume')
     a, b = _tm_ckpt(tmp_path / 'full'), _tm_ckpt(tmp_path / 'cut')
@@ -1456,14 +1461,7 @@ def test_train_tokenizer_sigkill_then_resume_is_bitwise(tmp_path):
             '--disc_start', '4', '--ckpt_every', '3']
     with one_thread():
         tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'full')]))
-    p = subprocess.Popen([sys.executable, 'train_tokenizer.py', *args, '--out_dir', str(tmp_path / 'cut')], cwd=HERE,
-                         env=ONE_THREAD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in p.stdout:  # kill it right after the step-6 checkpoint, somewhere inside steps 6..9
-        if line.startswith('saved') and '(step 6)' in line:
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait(timeout=120)
-    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_after_checkpoint(['train_tokenizer.py', *args, '--out_dir', str(tmp_path / 'cut')], step=6)
     assert _tt_ckpt(tmp_path / 'cut')['step'] in (6, 9)
     with one_thread():
         tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'cut'), '--resume']))

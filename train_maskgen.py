@@ -41,7 +41,7 @@ from PIL import Image
 
 from tatitok import TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, \
     load_state_dict_file
-from maskgen import MaskGen, MaskGenConfig, maskgen_config, encode_prompts
+from maskgen import MaskGen, MaskGenConfig, maskgen_config
 from data import make_loader, DataError, classify_shapes, SHAPES_EVAL_PROMPTS
 
 # -----------------------------------------------------------------------------
@@ -430,9 +430,10 @@ def main(args):
         for i in range(0, len(prompts) * per_prompt, 96):
             caps = [prompts[j % len(prompts)] for j in range(i, min(i + 96, len(prompts) * per_prompt))]
             with ctx:
-                text = encode_prompts(text_encoder, caps)
-                tokens = ema.generate(**text, **sampling, seed=args.seed + i)
-                images.append(tok.decode_tokens(tokens, text_encoder(caps)['guidance']).float().clamp(0, 1))
+                feats = text_encoder(caps)  # one CLIP pass: the generator's views and the decoder's guidance
+                tokens = ema.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
+                                      seed=args.seed + i)
+                images.append(tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1))
         images, path = torch.cat(images), os.path.join(args.out_dir, f"samples_{step:07d}.png")
         Image.fromarray(make_grid(images[:len(prompts)], ncol=6 if args.preset else 4)).save(path)
         msg = f"samples step {step} | grid {path}"
