@@ -222,19 +222,25 @@ class Decoder(nn.Module):
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
 
-    def __init__(self, codebook_size, token_size, commitment_cost=0.25):
+    def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False):
         super().__init__()
         self.commitment_cost = commitment_cost
+        self.use_l2_norm = use_l2_norm  # the release's option, off in TA-TiTok: features and codes on the unit sphere
         self.embedding = nn.Embedding(codebook_size, token_size)
         self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+
+    def codes(self):
+        """(K, C) the code vectors the decoder reads."""
+        return F.normalize(self.embedding.weight, dim=-1) if self.use_l2_norm else self.embedding.weight
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
         z = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
-        e = self.embedding.weight  # (K, C)
+        z = F.normalize(z, dim=-1) if self.use_l2_norm else z
+        e = self.codes()  # (K, C)
         d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K) squared L2
         ids = d.argmin(-1)  # (B, N)
-        z_q = self.embedding(ids)  # (B, N, C)
+        z_q = F.embedding(ids, e)  # (B, N, C)
         commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
         codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
@@ -284,6 +290,7 @@ class TATiTokConfig:
     text_embed_dim: int = 768     # width of the CLIP text tower (ViT-L-14-336: 768)
     text_context_length: int = 77
     commitment_cost: float = 0.25
+    use_l2_norm: bool = False     # VQ: quantize on the unit sphere (the release's option, off in every release)
 
 class TATiTok(nn.Module):
 
@@ -296,7 +303,8 @@ class TATiTok(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         if config.quantize == 'vq':
-            self.quantize = VectorQuantizer(config.codebook_size, config.token_size, config.commitment_cost)
+            self.quantize = VectorQuantizer(config.codebook_size, config.token_size, config.commitment_cost,
+                                            config.use_l2_norm)
         self.init_weights()
 
     @torch.no_grad()
@@ -356,7 +364,7 @@ class TATiTok(nn.Module):
     def decode_tokens(self, tokens, text_guidance):
         """VQ ids (B, N) or KL latents (B, N, C), with text guidance (B, 77, T) -> images (B, 3, H, W), unclamped."""
         if self.config.quantize == 'vq':
-            tokens = self.quantize.embedding(tokens.reshape(tokens.shape[0], -1))  # (B, N, C); the release has (B, 1, N)
+            tokens = F.embedding(tokens.reshape(tokens.shape[0], -1), self.quantize.codes())  # (B, N, C); release: (B, 1, N)
         return self.decoder(tokens, text_guidance)
 
     @classmethod
@@ -473,10 +481,13 @@ class TextEncoder(nn.Module):
         return cls(clip, open_clip.get_tokenizer(tokenizer), spec)
 
     @classmethod
-    def tiny(cls, seed=0):
+    def tiny(cls, seed=0, context_length=77):
         """A small text tower with random weights, built locally: for tests and the offline quickstart.
-        Random features still tell captions apart, which is all a model trained on them needs."""
-        return cls.from_text_cfg(dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=4), 64, seed=seed)
+        Random features still tell captions apart, which is all a model trained on them needs. The shapes presets
+        use context_length 16 (their longest caption is 14 CLIP tokens): 77 text tokens would be most of the
+        decoder's sequence, and of its CPU time."""
+        return cls.from_text_cfg(dict(context_length=context_length, vocab_size=49408, width=64, heads=4, layers=4),
+                                 64, seed=seed)
 
     def tokenize(self, captions):
         """(B, 77) token ids. Captions longer than the context are truncated (with a warning), never an error."""
@@ -514,8 +525,8 @@ _B, _S, _L = dict(enc_width=768, enc_layers=12, enc_heads=12), dict(enc_width=51
     dict(dec_width=1024, dec_layers=24, dec_heads=16)
 _TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2, enc_heads=4,
              dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)  # text_embed_dim = TextEncoder.tiny() width
-_SHAPES = dict(image_size=64, patch_size=8, num_latent_tokens=32, enc_width=128, enc_layers=4, enc_heads=4,
-               dec_width=128, dec_layers=4, dec_heads=4, text_embed_dim=64)
+_SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=32, enc_width=128, enc_layers=2, enc_heads=4,
+               dec_width=128, dec_layers=2, dec_heads=4, text_embed_dim=64, text_context_length=16)
 TATITOK_PRESETS = {
     'vq32':  dict(quantize='vq', token_size=64, num_latent_tokens=32, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl32_vq'),    # 390.8M
     'vq64':  dict(quantize='vq', token_size=64, num_latent_tokens=64, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl64_vq'),    # 390.9M
@@ -525,7 +536,7 @@ TATITOK_PRESETS = {
     'kl128': dict(quantize='kl', token_size=16, num_latent_tokens=128, **_S, **_L, repo='turkeyju/tokenizer_tatitok_sl128_vae'), # 330.3M
     'tiny-vq':   dict(quantize='vq', token_size=12, codebook_size=96, **_TINY),
     'tiny-kl':   dict(quantize='kl', token_size=5, **_TINY),
-    'shapes-vq': dict(quantize='vq', token_size=16, codebook_size=1024, **_SHAPES),
+    'shapes-vq': dict(quantize='vq', token_size=16, codebook_size=1024, use_l2_norm=True, **_SHAPES),
     'shapes-kl': dict(quantize='kl', token_size=16, **_SHAPES),
 }
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -237,6 +238,20 @@ def test_straight_through_gradient():
     assert tok.quantize.embedding.weight.grad.abs().sum() > 0
     assert 1 <= aux['perplexity'] <= 16 and 0 < aux['usage'] <= 1
 
+def test_l2_norm_quantizer():
+    """use_l2_norm (the release's option, on in the shapes-vq preset): tokens are unit code vectors, the nearest by
+    angle, and decode_tokens(encode(x)) is the forward pass, so a generator's ids decode as the tokenizer trained."""
+    torch.manual_seed(0)
+    tok = TATiTok(tatitok_config('tiny-vq', use_l2_norm=True)).eval()
+    img, guidance = torch.rand(2, 3, 32, 32), torch.randn(2, 77, 64)
+    z = tok.encoder(img, tok.latent_tokens)  # (2, N, C)
+    z_q, aux = tok.quantize(z)
+    assert torch.allclose(z_q.norm(dim=-1), torch.ones(2, z.shape[1]), atol=1e-5)
+    cos = F.normalize(z, dim=-1) @ F.normalize(tok.quantize.embedding.weight, dim=-1).t()  # (2, N, K)
+    assert torch.equal(aux['ids'], cos.argmax(-1))  # on the sphere, nearest = largest cosine
+    recon, _ = tok(img, guidance)
+    torch.testing.assert_close(tok.decode_tokens(tok.encode(img), guidance), recon)
+
 def test_kl_posterior_statistics():
     """DiagonalGaussian samples have the posterior's mean and std; logvar is clamped; the KL is the closed form."""
     from tatitok import DiagonalGaussian
@@ -276,6 +291,9 @@ def test_text_encoder_views_and_truncation():
     assert not torch.allclose(out['pooled'][0], out['pooled'][1])
     again = TextEncoder.from_spec(te.spec)(['a red circle'])  # a checkpoint's spec rebuilds the same tower
     assert torch.allclose(again['pooled'][0], out['pooled'][0], atol=1e-5)  # batch size may change the fp order
+    short = TextEncoder.tiny(context_length=16)  # the shapes presets' tower: 16 positions, the same weights otherwise
+    assert short(['a red circle'])['guidance'].shape == (1, 16, 64) and short.spec['text_cfg']['context_length'] == 16
+    assert TextEncoder.from_spec(short.spec).context_length == 16
 
 # -----------------------------------------------------------------------------
 # data.py: shards, folders, the shapes set, filters, exact resume, the pretokenizer

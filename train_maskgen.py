@@ -2,7 +2,7 @@
 Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked token modeling over code ids
 (VQ) or a per-token diffusion loss over continuous tokens (KL), the official recipe per token type. CPU to many GPUs.
 
-CPU quickstart (64 px shapes, the tokenizer trained by train_tokenizer.py --preset shapes, no downloads):
+CPU quickstart (32 px shapes, the tokenizer trained by train_tokenizer.py --preset shapes, no downloads):
 $ python train_maskgen.py --preset shapes                   # reads out/shapes-tokenizer, writes out/shapes-maskgen
 $ python train_maskgen.py --preset shapes --tokens kl       # reads out/shapes-tokenizer-kl, writes out/shapes-maskgen-kl
 $ python train_maskgen.py --preset shapes --max_steps 20    # CI smoke run
@@ -58,10 +58,10 @@ RECIPES = {
                              schedule='constant', weight_decay=0.02, betas=[0.9, 0.95], log_every=100,
                              sample_every=10_000, ckpt_every=5_000, num_workers=8, pool=0, sample_aes=6.0, guidance_scale=3.0,
                              sample_steps=32, temperature=1.0),
-    # CPU quickstart: 64 px shapes (every sample has aesthetic score 6.0), sampled on the 24 "a {colour} {shape}";
+    # CPU quickstart: 32 px shapes (every sample has aesthetic score 6.0), sampled on the 24 "a {colour} {shape}";
     # sized by CPU time (~1.3 s VQ / ~1.9 s KL per step on one core) to fit 8 minutes on 2 cores, accuracy UNTUNED
-    ('shapes', 'vq'): dict(batch_size=64, max_steps=400, lr=1e-3, end_lr=1e-4, warmup_steps=40, schedule='cosine',
-                           weight_decay=0.03, betas=[0.9, 0.96], log_every=25, sample_every=200, ckpt_every=200,
+    ('shapes', 'vq'): dict(batch_size=64, max_steps=1000, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
+                           weight_decay=0.03, betas=[0.9, 0.96], log_every=50, sample_every=500, ckpt_every=500,
                            num_workers=0, pool=4096, sample_aes=6.0, guidance_scale=3.0, sample_steps=8, temperature=1.0),
     ('shapes', 'kl'): dict(batch_size=64, max_steps=300, lr=1e-3, end_lr=1e-4, warmup_steps=30, schedule='cosine',
                            weight_decay=0.02, betas=[0.9, 0.95], log_every=25, sample_every=150, ckpt_every=150,
@@ -90,7 +90,7 @@ def get_args(argv=None):
     g.add_argument('--tokenizer', default=None, help="the frozen tokenizer: a checkpoint of train_tokenizer.py (file or "
                    "folder), an official name or repo id. Default: the --tokens release; presets: out/<preset>-tokenizer")
     g.add_argument('--preset', default=None, choices=['shapes', 'tiny'], help="small recipe instead of the official "
-                   "one: shapes (CPU quickstart, 64 px), tiny (tests, 32 px); reads the tokenizer of the same preset")
+                   "one: shapes (CPU quickstart, 32 px), tiny (tests, 32 px); reads the tokenizer of the same preset")
     g.add_argument('--clip', default=None, help="text encoder: 'tiny' or MODEL:PRETRAINED of open_clip; default: the "
                    "tokenizer's own (its checkpoint's, ViT-L-14-336:openai for official releases)")
     g.add_argument('--stage', type=int, default=1, choices=[1, 2], help="official recipe stage (2: lower VQ lr, "
@@ -281,15 +281,17 @@ def main(args):
         die(f"--tokenizer {args.tokenizer} makes {tok_cfg.quantize.upper()} tokens, not {args.tokens.upper()}")
     if args.clip and not ckpt:  # the tokenizer's decoder was trained on its own encoder's features: change it knowingly
         name, _, tag = args.clip.partition(':')
-        text_encoder = TextEncoder.tiny() if args.clip == 'tiny' else TextEncoder.from_open_clip(name, tag or 'openai')
+        text_encoder = TextEncoder.tiny(context_length=tok_cfg.text_context_length) if args.clip == 'tiny' else \
+            TextEncoder.from_open_clip(name, tag or 'openai')
     else:
         text_encoder = TextEncoder.from_spec(te_spec or dict(model='ViT-L-14-336', pretrained='openai'))
     text_encoder.to(device)
     if text_encoder.width != text_encoder.embed_dim:
         die(f"MaskGen reads text tokens and pooled features of one width; this text encoder has {text_encoder.width} "
             f"and {text_encoder.embed_dim}")
-    if text_encoder.width != tok_cfg.text_embed_dim:
-        die(f"the tokenizer's decoder reads {tok_cfg.text_embed_dim}-wide text, this text encoder gives {text_encoder.width}")
+    if (text_encoder.width, text_encoder.context_length) != (tok_cfg.text_embed_dim, tok_cfg.text_context_length):
+        die(f"the tokenizer's decoder reads {tok_cfg.text_context_length} x {tok_cfg.text_embed_dim} text features, "
+            f"this text encoder gives {text_encoder.context_length} x {text_encoder.width}")
     if ddp and local_rank == 0:
         dist.barrier()
     null = text_encoder([''])  # the "" encoding: caption dropout in training, the unconditional branch in sampling

@@ -2,7 +2,7 @@
 Train TA-TiTok with the official one-stage recipe: L2 + perceptual (LPIPS + 0.1 ConvNeXt-S) + VQ or KL terms, a
 blur-pool PatchGAN with hinge loss and LeCAM, AdamW, cosine schedule, EMA. From one CPU to many GPUs.
 
-CPU quickstart (64 px shapes, tiny random text tower, no downloads):
+CPU quickstart (32 px shapes, tiny random text tower, no downloads):
 $ python train_tokenizer.py --preset shapes                 # VQ tokens, outputs in out/shapes-tokenizer
 $ python train_tokenizer.py --preset shapes --tokens kl     # continuous tokens, outputs in out/shapes-tokenizer-kl
 $ python train_tokenizer.py --preset shapes --max_steps 20  # CI smoke run
@@ -226,16 +226,19 @@ class Reconstructor(nn.Module):
         return reconstruct(self.tok, img, guidance, noise)
 
 @torch.no_grad()
-def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99):
+def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99, l2=False):
     """The release's clustering_vq (CVQ-VAE, https://arxiv.org/abs/2307.15139), training only: each code moves toward
     its closest encoder feature in the batch, by exp(-10 K usage / (1 - decay)): rarely used codes all the way.
-    features (n, C) and ids (n,) of the whole global batch, so the update is the same for any world size."""
+    features (n, C) and ids (n,) of the whole global batch, so the update is the same for any world size.
+    l2: the quantizer's use_l2_norm; closeness is then measured on the sphere, and the raw feature is the anchor."""
     K = codebook.shape[0]
     counts = torch.bincount(ids, minlength=K).float()
     embed_prob.mul_(decay).add_(counts / counts.sum(), alpha=1 - decay)  # EMA of each code's share of the tokens
     best_d, anchor = torch.full((K,), float('inf'), device=codebook.device), torch.zeros_like(codebook)
+    e = F.normalize(codebook, dim=-1) if l2 else codebook
     for f in features.split(8192):  # the closest feature to each code, a chunk of features at a time
-        d = f.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * f @ codebook.t()  # (n, K)
+        fn = F.normalize(f, dim=-1) if l2 else f
+        d = fn.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * fn @ e.t()  # (n, K)
         d_min, i = d.min(0)
         better = d_min < best_d
         best_d, anchor[better] = torch.where(better, d_min, best_d), f[i[better]]
@@ -252,12 +255,13 @@ RECIPES = {
                      weight_decay=1e-4, beta2=0.999, disc_start=200_000, disc_lr=1e-4, disc_width=128,
                      perceptual='lpips-convnext', clip='ViT-L-14-336:openai', data=None, eval_data=None,
                      eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000, num_workers=8),
-    # CPU quickstart: 64 px shapes, random tiny text tower, no perceptual loss (no downloads). The GAN starts at
-    # max_steps, i.e. never: from step 500 it cost 1.8 dB and 3x the step time (--disc_start 500 to see it)
-    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=600, lr=1e-3, end_lr=1e-4, warmup_steps=50,
-                   weight_decay=1e-4, beta2=0.99, disc_start=600, disc_lr=1e-4, disc_width=32,
+    # CPU quickstart: 32 px shapes, random tiny text tower, no perceptual loss (no downloads). The GAN starts at
+    # max_steps, i.e. never (at an earlier 64 px preset, switching it on at step 500 cost 1.8 dB and 3x the step
+    # time)
+    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=1400, lr=1e-3, end_lr=1e-4, warmup_steps=50,
+                   weight_decay=1e-4, beta2=0.99, disc_start=1400, disc_lr=1e-4, disc_width=32,
                    perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
-                   eval_images=256, log_every=50, eval_every=200, ckpt_every=200, num_workers=0),
+                   eval_images=256, log_every=100, eval_every=350, ckpt_every=700, num_workers=0),
     # tests: 32 px, a few steps
     'tiny': dict(batch_size=8, micro_batch_size=None, max_steps=10, lr=1e-3, end_lr=1e-4, warmup_steps=2,
                  weight_decay=1e-4, beta2=0.999, disc_start=4, disc_lr=1e-4, disc_width=32,
@@ -276,7 +280,7 @@ def get_args(argv=None):
     g.add_argument('--tokens', default=None, help="official release to train: vq32|vq64|vq128|kl32|kl64|kl128 "
                    "(its architecture and recipe); with --preset: vq or kl (default vq)")
     g.add_argument('--preset', default=None, choices=list(RECIPES)[1:],
-                   help="small recipe instead of an official one: shapes (CPU quickstart, 64 px), tiny (tests, 32 px)")
+                   help="small recipe instead of an official one: shapes (CPU quickstart, 32 px), tiny (tests, 32 px)")
     g.add_argument('--clip', default=None, help="text encoder: 'tiny' (random, no download) or MODEL:PRETRAINED of "
                    "open_clip, e.g. ViT-L-14-336:openai (the release's); default from the recipe")
     g = p.add_argument_group('data')
@@ -445,13 +449,14 @@ def main(args):
     if ckpt:
         text_encoder = TextEncoder.from_spec(ckpt['text_encoder'])
     elif args.clip == 'tiny':
-        text_encoder = TextEncoder.tiny()
+        text_encoder = TextEncoder.tiny(context_length=tatitok_config(args.model).text_context_length)
     else:
         name, _, tag = args.clip.partition(':')
         text_encoder = TextEncoder.from_open_clip(name, tag or 'openai')
     text_encoder.to(device)
     cfg = TATiTokConfig(**ckpt['model_args']) if ckpt else \
-        tatitok_config(args.model, text_embed_dim=text_encoder.width)  # the decoder reads this text width
+        tatitok_config(args.model, text_embed_dim=text_encoder.width,  # the decoder reads this text width and length
+                       text_context_length=text_encoder.context_length)
     raw_model = TATiTok(cfg).to(device)
     vq = cfg.quantize == 'vq'
     disc_raw = Discriminator(args.disc_width).to(device)
@@ -685,7 +690,7 @@ def main(args):
                     f, i, slot = (torch.cat(gather_tensors(x)) for x in (f, i, slot))
                 order = slot.argsort()  # in global sample order, so ties break the same way for any world size
                 cluster_codebook(raw_model.quantize.embedding.weight.data, embed_prob, f[order].flatten(0, 1),
-                                 i[order].flatten())
+                                 i[order].flatten(), l2=cfg.use_l2_norm)
             update_ema(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))  # the release's EMA warm-up
             if gan:
                 scaler_d.step(opt_d)
