@@ -341,10 +341,10 @@ MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the gen
                       tokenizer='tiny-vq'),
     'tiny-kl':   dict(quantize='kl', num_tokens=8, token_size=5, width=64, depth=2, heads=4, text_embed_dim=64,
                       diffloss_width=64, diffloss_depth=2, tokenizer='tiny-kl'),
-    # CPU quickstart (train_maskgen.py --preset shapes): measured ~1.3 s (VQ) / ~1.9 s (KL) of CPU time per batch of 64
-    'shapes-vq': dict(quantize='vq', num_tokens=32, codebook_size=1024, width=128, depth=4, heads=4,
+    # CPU quickstart (train_maskgen.py --preset shapes): 16 tokens of a 32 px tokenizer, 16 text positions
+    'shapes-vq': dict(quantize='vq', num_tokens=16, codebook_size=1024, width=128, depth=4, heads=4,
                       text_embed_dim=64, tokenizer='shapes-vq'),
-    'shapes-kl': dict(quantize='kl', num_tokens=32, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
+    'shapes-kl': dict(quantize='kl', num_tokens=16, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
                       diffloss_width=128, diffloss_depth=2, tokenizer='shapes-kl'),
 }
 

@@ -60,11 +60,11 @@ RECIPES = {
                              sample_steps=32, temperature=1.0),
     # CPU quickstart: 32 px shapes (every sample has aesthetic score 6.0), sampled on the 24 "a {colour} {shape}";
     # sized by CPU time (~1.3 s VQ / ~1.9 s KL per step on one core) to fit 8 minutes on 2 cores, accuracy UNTUNED
-    ('shapes', 'vq'): dict(batch_size=64, max_steps=1000, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
-                           weight_decay=0.03, betas=[0.9, 0.96], log_every=50, sample_every=500, ckpt_every=500,
+    ('shapes', 'vq'): dict(batch_size=64, max_steps=1400, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
+                           weight_decay=0.03, betas=[0.9, 0.96], log_every=100, sample_every=700, ckpt_every=700,
                            num_workers=0, pool=4096, sample_aes=6.0, guidance_scale=3.0, sample_steps=8, temperature=1.0),
-    ('shapes', 'kl'): dict(batch_size=64, max_steps=300, lr=1e-3, end_lr=1e-4, warmup_steps=30, schedule='cosine',
-                           weight_decay=0.02, betas=[0.9, 0.95], log_every=25, sample_every=150, ckpt_every=150,
+    ('shapes', 'kl'): dict(batch_size=64, max_steps=1000, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
+                           weight_decay=0.02, betas=[0.9, 0.95], log_every=100, sample_every=500, ckpt_every=500,
                            num_workers=0, pool=4096, sample_aes=6.0, guidance_scale=2.0, sample_steps=8, temperature=1.0),
     # tests: 32 px, a few steps
     ('tiny', 'vq'): dict(batch_size=8, max_steps=10, lr=1e-3, end_lr=1e-4, warmup_steps=2, schedule='cosine',

@@ -258,10 +258,10 @@ RECIPES = {
     # CPU quickstart: 32 px shapes, random tiny text tower, no perceptual loss (no downloads). The GAN starts at
     # max_steps, i.e. never (at an earlier 64 px preset, switching it on at step 500 cost 1.8 dB and 3x the step
     # time)
-    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=1400, lr=1e-3, end_lr=1e-4, warmup_steps=50,
-                   weight_decay=1e-4, beta2=0.99, disc_start=1400, disc_lr=1e-4, disc_width=32,
+    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=1600, lr=1e-3, end_lr=1e-4, warmup_steps=50,
+                   weight_decay=1e-4, beta2=0.99, disc_start=1600, disc_lr=1e-4, disc_width=32,
                    perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
-                   eval_images=256, log_every=100, eval_every=350, ckpt_every=700, num_workers=0),
+                   eval_images=256, log_every=100, eval_every=400, ckpt_every=800, num_workers=0),
     # tests: 32 px, a few steps
     'tiny': dict(batch_size=8, micro_batch_size=None, max_steps=10, lr=1e-3, end_lr=1e-4, warmup_steps=2,
                  weight_decay=1e-4, beta2=0.999, disc_start=4, disc_lr=1e-4, disc_width=32,
