@@ -81,16 +81,17 @@ def diffloss_macs(cfg):
     W, C = cfg.diffloss_width, cfg.token_size
     return 256 * W + W * W + cfg.width * W + C * W + cfg.diffloss_depth * 5 * W * W + 2 * W * W + 2 * C * W
 
-def train_maskgen_flops(cfg):
+def train_maskgen_flops(cfg, T=77):
     extra = cfg.num_tokens * cfg.diffusion_batch_mul * diffloss_macs(cfg) if cfg.quantize == 'kl' else 0
-    return 6 * (mmdit_macs(cfg) + cond_macs(cfg) + extra)
+    return 6 * (mmdit_macs(cfg, T) + cond_macs(cfg, T) + extra)
 
 def sample_flops(gcfg, tcfg, te, batch, steps, diffusion_steps, guided):
     """Per image: CLIP on the prompt (and on "" once per batch), the generator's passes, the decoder."""
     reps, N = (2 if guided else 1), gcfg.num_tokens
     schedule = mask_schedule(N, steps, 'arccos' if gcfg.quantize == 'vq' else 'cosine')
     passes = steps if gcfg.quantize == 'vq' else sum(a > b for a, b in zip([N] + schedule, schedule))  # KL: k > 0
-    macs = clip_macs(te) * (batch + 1) / batch + reps * (cond_macs(gcfg) + passes * mmdit_macs(gcfg))
+    T = te.context_length
+    macs = clip_macs(te) * (batch + 1) / batch + reps * (cond_macs(gcfg, T) + passes * mmdit_macs(gcfg, T))
     if gcfg.quantize == 'kl':  # every token is denoised once, over all diffusion steps, both halves in one batch
         macs += reps * N * len(GaussianDiffusion(1000, diffusion_steps).timestep_map) * diffloss_macs(gcfg)
     return 2 * (macs + tokenizer_macs(tcfg, encode=False))
@@ -154,8 +155,8 @@ def presets(args):
     return f"{q}-{args.size}", tok
 
 def build_text_encoder(args):
-    if args.size in ('tiny', 'shapes'):
-        return TextEncoder.tiny()
+    if args.size in ('tiny', 'shapes'):  # as long as the small tokenizer's decoder reads (shapes: 16 positions)
+        return TextEncoder.tiny(context_length=tatitok_config(presets(args)[1]).text_context_length)
     return TextEncoder.from_text_cfg(CLIP_L14_TEXT, 768)  # random weights, ViT-L-14-336's text sizes
 
 def bench_train_tokenizer(args, device, ctx):
@@ -180,7 +181,8 @@ def bench_train_tokenizer(args, device, ctx):
     return step, 6 * tokenizer_macs(tcfg), dict(tokenizer=presets(args)[1], params=tok.get_num_params())
 
 def bench_train_maskgen(args, device, ctx):
-    gcfg = maskgen_config(presets(args)[0], num_tokens=tatitok_config(presets(args)[1]).num_latent_tokens)
+    tcfg = tatitok_config(presets(args)[1])
+    gcfg = maskgen_config(presets(args)[0], num_tokens=tcfg.num_latent_tokens)
     gen = MaskGen.from_config(gcfg).to(device).train()
     opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), device.type)
     model = torch.compile(gen, mode=args.compile_mode) if args.compile_on else gen
@@ -188,8 +190,9 @@ def bench_train_maskgen(args, device, ctx):
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device)
     x = torch.randint(0, gcfg.codebook_size, (B, gcfg.num_tokens), generator=g, device=device) \
         if gcfg.quantize == 'vq' else randn(B, gcfg.num_tokens, gcfg.token_size)
-    text_tokens, text_pooled, aes = randn(B, 77, T), randn(B, T), 5 + torch.rand(B, generator=g, device=device)
-    null_text = (randn(1, 77, T), randn(1, T))  # caption dropout on, as in training
+    L = tcfg.text_context_length  # text positions: 77 for CLIP, 16 for the shapes presets
+    text_tokens, text_pooled, aes = randn(B, L, T), randn(B, T), 5 + torch.rand(B, generator=g, device=device)
+    null_text = (randn(1, L, T), randn(1, T))  # caption dropout on, as in training
     scaler = torch.amp.GradScaler(device.type, enabled=args.ptdtype == torch.float16)
 
     def step():
@@ -199,7 +202,7 @@ def bench_train_maskgen(args, device, ctx):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-    return step, train_maskgen_flops(gcfg), dict(generator=presets(args)[0], tokenizer=presets(args)[1],
+    return step, train_maskgen_flops(gcfg, L), dict(generator=presets(args)[0], tokenizer=presets(args)[1],
                                                  params=gen.get_num_params())
 
 def bench_sample(args, device, ctx):

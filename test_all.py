@@ -1530,6 +1530,13 @@ def test_bench_sample(capsys, tokens):
     assert r['steps'] == 3 and r['syncs_in_decoding_loop'] is None  # sync counting is CUDA-only
 
 
+def test_bench_shapes_presets(capsys):
+    """The quickstart's models in bench.py: their 16-position text tower feeds the decoder and the MM-DiT."""
+    r = _bench(capsys, '--what', 'sample', '--size', 'shapes', '--tokens', 'vq', '--batch', '1', '--steps', '2')
+    assert r['tokenizer'] == 'shapes-vq' and r['steps'] == 2
+    r = _bench(capsys, '--what', 'train-maskgen', '--size', 'shapes', '--tokens', 'kl', '--batch', '2')
+    assert r['flops_per_image'] == bench.train_maskgen_flops(maskgen_config('shapes-kl'), T=16)
+
 @pytest.mark.parametrize('what,tokens', [('train-maskgen', 'vq'), ('train-maskgen', 'kl'), ('train-tokenizer', 'vq'),
                                          ('train-tokenizer', 'kl')])
 def test_bench_train(capsys, what, tokens):
