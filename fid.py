@@ -393,7 +393,8 @@ def reconstruction_features(inception, args):
         tokenizer = TATiTok.from_pretrained(args.tokenizer).to(args.device).eval()
         if args.text_encoder:
             name, _, pretrained = args.text_encoder.partition('/')
-            text_encoder = TextEncoder.tiny() if name == 'tiny' else TextEncoder.from_open_clip(name, pretrained)
+            text_encoder = TextEncoder.tiny(context_length=tokenizer.config.text_context_length) if name == 'tiny' \
+                else TextEncoder.from_open_clip(name, pretrained)
         elif ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its text encoder
             spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)['text_encoder']
             text_encoder = TextEncoder.from_spec(spec)
