@@ -55,7 +55,10 @@ SHAPES_KINDS = ('circle', 'square', 'triangle')
 SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]  # the 24 evaluation prompts
 SHAPES_RADIUS = {'small': 0.14, 'large': 0.22}  # half-extent / image size; two large ones still fit side by side
 
+SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges, as a camera would see them
+
 def _draw(draw, kind, cx, cy, r, rgb):
+    cx, cy, r = cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE
     box = [cx - r, cy - r, cx + r, cy + r]
     if kind == 'circle': draw.ellipse(box, fill=rgb)
     elif kind == 'square': draw.rectangle(box, fill=rgb)
@@ -64,8 +67,8 @@ def _draw(draw, kind, cx, cy, r, rgb):
 def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
     """Sample `index` of the infinite shapes stream -> (PIL RGB image, caption). Deterministic; 'val' is held out."""
     rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds hash with sha512: same in every process
-    img = Image.new('RGB', (size, size), SHAPES_BG)
-    draw, m = ImageDraw.Draw(img), 1 + size // 32  # m: margin in pixels
+    img = Image.new('RGB', (size * SUPERSAMPLE, size * SUPERSAMPLE), SHAPES_BG)
+    draw, m = ImageDraw.Draw(img), 1 + size // 32  # m: margin in pixels (of the final image, as all lengths here)
     objs = []
     for _ in range(1 if max_objects == 1 or rng.random() < 0.5 else 2):  # half the samples show one object
         while True:
@@ -80,7 +83,7 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
         cx = rng.uniform(lo, min(hi, size * 0.4)) if side == 'left' else \
             rng.uniform(max(lo, size * 0.6), hi) if side == 'right' else rng.uniform(lo, hi)
         _draw(draw, kind, cx, rng.uniform(lo, hi), r, SHAPES_COLOURS[colour])
-        return img, f"a {name(objs[0], rng.random() < 0.5)}" + (f" on the {side}" if side else '')
+        return img.resize((size, size), Image.BOX), f"a {name(objs[0], rng.random() < 0.5)}" + (f" on the {side}" if side else '')
     # two objects: one per half along a random axis, never touching at >= 48 px (classify_shapes relies on that;
     # at 32 px two large ones may touch). The margin is 1 px here, as two large ones just fit side by side
     horizontal, first_low = rng.random() < 0.5, rng.random() < 0.5  # first_low: first object left / on top
@@ -91,7 +94,7 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
         _draw(draw, o[1], *((a, b) if horizontal else (b, a)), r, SHAPES_COLOURS[o[0]])
     rel = ('to the left of' if first_low else 'to the right of') if horizontal else ('above' if first_low else 'below')
     sized = rng.random() < 0.5
-    return img, f"a {name(objs[0], sized)} {rel} a {name(objs[1], sized)}"
+    return img.resize((size, size), Image.BOX), f"a {name(objs[0], sized)} {rel} a {name(objs[1], sized)}"
 
 def _largest_component(mask):
     """Largest 4-connected component of a bool mask, by repeated dilation (no scipy needed at 64 px)."""
@@ -115,7 +118,10 @@ def classify_shapes(img):
     half of its bounding box (circle, square 1/2), and a square fills its box (a circle pi/4). A median filter and
     an opening of the mask (stray pixels would stretch the box) make it survive the blur and noise of a generated
     64 px image."""
-    x = np.asarray(Image.fromarray(np.asarray(img, dtype=np.uint8)).filter(ImageFilter.MedianFilter(3)), np.float32)
+    img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    if img.width < 64:  # the 3x3 filters below would erase a 32 px image's small triangle tip: work at 64 px
+        img = img.resize((64, 64), Image.BILINEAR)
+    x = np.asarray(img.filter(ImageFilter.MedianFilter(3)), np.float32)
     fg = Image.fromarray(((np.linalg.norm(x - SHAPES_BG, axis=-1) > 40) * 255).astype(np.uint8))  # (H, W)
     comp = _largest_component(np.asarray(fg.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0)
     if comp.sum() < 4: return None, None
