@@ -226,6 +226,26 @@ class Reconstructor(nn.Module):
         return reconstruct(self.tok, img, guidance, noise)
 
 @torch.no_grad()
+def small_run_init(tok):
+    """--init small, the shapes recipe's: two changes to the release's init that take a 1M-parameter tokenizer off
+    the mean-image plateau within its 5-minute budget (the architecture, and so the checkpoint layout, is unchanged).
+    1. The encoder's Linear and Conv weights get torch's default init, as the release's decoder already does: at
+       std 0.02 the image reaches the latent tokens only as a ~5% part of their residual stream.
+    2. The image grids' position embeddings (encoder patches, decoder queries) start as a 2D sin-cos table (MAE's),
+       so where a patch sits is readable from step 0 instead of learned from random vectors.
+    Measured with an unquantized bottleneck, 600 steps of 16 (a stripped-down loop): release 17.35 dB, 1. alone
+    17.64, 2. alone 18.08, both 20.16."""
+    for m in tok.encoder.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.reset_parameters()
+    for pe in (tok.encoder.positional_embedding, tok.decoder.positional_embedding):
+        grid, W = int((pe.shape[0] - 1) ** 0.5), pe.shape[1]  # row 0 is the class token's, kept random
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')  # (grid, grid) each
+        freqs = 100.0 ** (-torch.arange(W // 4) / (W // 4))  # (W/4,) from 1 down to ~1/100 cycles per patch
+        x, y = xs.flatten()[:, None] * freqs, ys.flatten()[:, None] * freqs  # (P, W/4) each
+        pe[1:] = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(pe)  # (P, W)
+
+@torch.no_grad()
 def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99, l2=False):
     """The release's clustering_vq (CVQ-VAE, https://arxiv.org/abs/2307.15139), training only: each code moves toward
     its closest encoder feature in the batch, by exp(-10 K usage / (1 - decay)): rarely used codes all the way.
@@ -254,19 +274,20 @@ RECIPES = {
     'official': dict(batch_size=256, micro_batch_size=32, max_steps=650_000, lr=1e-4, end_lr=1e-5, warmup_steps=10_000,
                      weight_decay=1e-4, beta2=0.999, disc_start=200_000, disc_lr=1e-4, disc_width=128,
                      perceptual='lpips-convnext', clip='ViT-L-14-336:openai', data=None, eval_data=None,
-                     eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000, num_workers=8),
+                     eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000, num_workers=8,
+                     init='release'),
     # CPU quickstart: 32 px shapes, random tiny text tower, no perceptual loss (no downloads). The GAN starts at
     # max_steps, i.e. never (at an earlier 64 px preset, switching it on at step 500 cost 1.8 dB and 3x the step
     # time)
     'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=1600, lr=1e-3, end_lr=1e-4, warmup_steps=50,
                    weight_decay=1e-4, beta2=0.99, disc_start=1600, disc_lr=1e-4, disc_width=32,
                    perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
-                   eval_images=256, log_every=100, eval_every=400, ckpt_every=800, num_workers=0),
+                   eval_images=256, log_every=100, eval_every=400, ckpt_every=800, num_workers=0, init='small'),
     # tests: 32 px, a few steps
     'tiny': dict(batch_size=8, micro_batch_size=None, max_steps=10, lr=1e-3, end_lr=1e-4, warmup_steps=2,
                  weight_decay=1e-4, beta2=0.999, disc_start=4, disc_lr=1e-4, disc_width=32,
                  perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
-                 eval_images=16, log_every=1, eval_every=1000, ckpt_every=5, num_workers=0),
+                 eval_images=16, log_every=1, eval_every=1000, ckpt_every=5, num_workers=0, init='release'),
 }
 
 def get_args(argv=None):
@@ -283,6 +304,8 @@ def get_args(argv=None):
                    help="small recipe instead of an official one: shapes (CPU quickstart, 32 px), tiny (tests, 32 px)")
     g.add_argument('--clip', default=None, help="text encoder: 'tiny' (random, no download) or MODEL:PRETRAINED of "
                    "open_clip, e.g. ViT-L-14-336:openai (the release's); default from the recipe")
+    g.add_argument('--init', default=None, choices=['release', 'small'], help="weight init: the release's, or "
+                   "'small' (torch default encoder weights, 2D sin-cos grid positions) for tiny fast runs")
     g = p.add_argument_group('data')
     g.add_argument('--data', default=None, help="training images: tar shards ('d/{00000..00099}.tar'), a glob, a "
                    "folder of images + .txt captions, or 'shapes'")
@@ -457,7 +480,10 @@ def main(args):
     cfg = TATiTokConfig(**ckpt['model_args']) if ckpt else \
         tatitok_config(args.model, text_embed_dim=text_encoder.width,  # the decoder reads this text width and length
                        text_context_length=text_encoder.context_length)
-    raw_model = TATiTok(cfg).to(device)
+    raw_model = TATiTok(cfg)
+    if args.init == 'small':
+        small_run_init(raw_model)
+    raw_model.to(device)
     vq = cfg.quantize == 'vq'
     disc_raw = Discriminator(args.disc_width).to(device)
     if ddp and local_rank != 0:
