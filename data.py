@@ -83,7 +83,8 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
         cx = rng.uniform(lo, min(hi, size * 0.4)) if side == 'left' else \
             rng.uniform(max(lo, size * 0.6), hi) if side == 'right' else rng.uniform(lo, hi)
         _draw(draw, kind, cx, rng.uniform(lo, hi), r, SHAPES_COLOURS[colour])
-        return img.resize((size, size), Image.BOX), f"a {name(objs[0], rng.random() < 0.5)}" + (f" on the {side}" if side else '')
+        caption = f"a {name(objs[0], rng.random() < 0.5)}" + (f" on the {side}" if side else '')
+        return img.resize((size, size), Image.BOX), caption
     # two objects: one per half along a random axis, never touching at >= 48 px (classify_shapes relies on that;
     # at 32 px two large ones may touch). The margin is 1 px here, as two large ones just fit side by side
     horizontal, first_low = rng.random() < 0.5, rng.random() < 0.5  # first_low: first object left / on top

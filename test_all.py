@@ -329,7 +329,8 @@ def _keys(loader):
     return [k for b in loader for k in b['key']]
 
 def test_shapes_set():
-    """shapes: exact palette on grey with anti-aliased edges, deterministic, held-out split differs, single-object mode, 24 eval prompts."""
+    """shapes: exact palette on grey with anti-aliased edges, deterministic, held-out split differs, single-object
+    mode, 24 eval prompts."""
     assert len(data.SHAPES_EVAL_PROMPTS) == 24 and 'a red circle' in data.SHAPES_EVAL_PROMPTS
     img, cap = data.shapes_sample(3, size=64)
     img2, cap2 = data.shapes_sample(3, size=64)
