@@ -235,7 +235,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
-        z = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
+        z = features = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
         z = F.normalize(z, dim=-1) if self.use_l2_norm else z
         e = self.codes()  # (K, C)
         d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K) squared L2
@@ -248,7 +248,8 @@ class VectorQuantizer(nn.Module):
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
         aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
-                   ids=ids, perplexity=perplexity, usage=(counts > 0).float().mean())
+                   ids=ids, perplexity=perplexity, usage=(counts > 0).float().mean(),
+                   features=features.detach())  # the encoder's output, for train_tokenizer's codebook clustering
         return z_q, aux
 
 class DiagonalGaussian:
@@ -333,15 +334,18 @@ class TATiTok(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, img, text_guidance, sample=True):
-        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (reconstruction, aux dict of loss terms)."""
+    def forward(self, img, text_guidance, sample=True, noise=None):
+        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (reconstruction, aux dict of loss terms).
+        KL: the posterior is sampled (sample=True), or its mean taken; noise (B, N, C) replaces the drawn noise, so
+        that train_tokenizer can draw it per global sample and any number of processes trains the same model."""
         z = self.encoder(img, self.latent_tokens)  # (B, N, C) or (B, N, 2C)
         if self.config.quantize == 'vq':
             z, aux = self.quantize(z)
         else:
             posterior = DiagonalGaussian(z)
-            z = posterior.sample() if sample else posterior.mode()
-            aux = dict(kl_loss=posterior.kl().mean(), posterior=posterior)
+            z = posterior.mean + posterior.std * noise if noise is not None else \
+                posterior.sample() if sample else posterior.mode()
+            aux = dict(kl_loss=posterior.kl().mean())
         return self.decoder(z, text_guidance), aux
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 
-from tatitok import (TATiTok, TATiTokConfig, TextEncoder, DiagonalGaussian, CheckpointError, tatitok_config,
+from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config,
                      load_official, load_state_dict_file)
 from data import make_loader, DataError
 
@@ -200,30 +200,7 @@ class Discriminator(nn.Module):
         return self.to_logits(self.pool(x))
 
 # -----------------------------------------------------------------------------
-# the tokenizer's forward, with the KL posterior noise passed in: drawn per global sample index, so 1, 2 or 8
-# processes draw the same noise for the same image (TATiTok.forward draws it from each process's own RNG)
-
-def reconstruct(tok, img, guidance, noise=None):
-    z = tok.encoder(img, tok.latent_tokens)  # (B, N, C) or (B, N, 2C)
-    if tok.config.quantize == 'vq':
-        features = z.detach().float()
-        z, aux = tok.quantize(z)  # fp32 inside, straight-through
-        aux['features'] = features  # for the codebook clustering below
-    else:
-        posterior = DiagonalGaussian(z)  # fp32
-        z = posterior.mean + posterior.std * noise if noise is not None else posterior.mode()
-        aux = dict(kl_loss=posterior.kl().mean())
-    return tok.decoder(z, guidance), aux
-
-class Reconstructor(nn.Module):
-    """What DDP and torch.compile wrap: the tokenizer's forward as a module."""
-
-    def __init__(self, tok):
-        super().__init__()
-        self.tok = tok
-
-    def forward(self, img, guidance, noise=None):
-        return reconstruct(self.tok, img, guidance, noise)
+# small runs and the codebook
 
 @torch.no_grad()
 def small_run_init(tok):
@@ -527,7 +504,7 @@ def main(args):
     start_step = step
 
     # compile, then DDP
-    model = Reconstructor(raw_model)
+    model = raw_model
     if compile_:
         print0("compiling the tokenizer... (takes a minute)")
         model = torch.compile(model)
@@ -593,7 +570,7 @@ def main(args):
             with ctx:
                 guidance = text_encoder(batch['caption'][:len(img)])['guidance']
                 noise = None if vq else kl_noise(n, len(img), args.seed + 1)
-                recon, aux = reconstruct(ema, img, guidance, noise)
+                recon, aux = ema(img, guidance, sample=False, noise=noise)  # VQ: no noise; KL: drawn per sample
             recon = (recon.float().clamp(0, 1) * 255).round() / 255
             psnr.append(-10 * torch.log10((recon - img).pow(2).mean((1, 2, 3)).clamp_min(1e-10)))
             if vq:
@@ -656,7 +633,7 @@ def main(args):
             with torch.no_grad(), ctx:
                 guidance = text_encoder(batch['caption'])['guidance']  # (B, 77, W) frozen CLIP, on the fly
             with ctx:
-                recon, aux = model(img, guidance, None if vq else noise[idx.to(device)])
+                recon, aux = model(img, guidance, noise=None if vq else noise[idx.to(device)])
             recon = recon.float()  # every loss in fp32
             t = dict(recon=F.mse_loss(recon, img))
             loss = t['recon']
