@@ -267,11 +267,13 @@ class GaussianDiffusion:
         # schedule values in fp32: one per row for a tensor of timesteps (training), a scalar for an int (sampling)
         return float(arr[t]) if isinstance(t, int) else torch.from_numpy(arr).float().to(t.device)[t].unsqueeze(-1)
 
-    def p_mean_logvar(self, x_t, t, eps, v):
+    def p_mean_logvar(self, x_t, t, eps, v, x0_clip=None):
         # the mean of p(x_{t-1} | x_t) through the predicted x_0; the log-variance between posterior's and beta_t's
         frac = (v + 1) / 2  # v in [-1, 1]
         logvar = frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.posterior_logvar, t)
         x0 = self._at(self.sqrt_recip_ac, t) * x_t - self._at(self.sqrt_recipm1_ac, t) * eps
+        if x0_clip is not None:  # IDDPM's clip_denoised with a bound of our choice; off in the release (MAR's too)
+            x0 = x0.clamp(-x0_clip, x0_clip)
         return self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t, logvar
 
     def training_losses(self, net, x0, z, generator=None, t=None, noise=None):
@@ -288,9 +290,12 @@ class GaussianDiffusion:
         return (noise - eps).pow(2).mean(1) + torch.where(t == 0, nll, kl), t
 
     @torch.no_grad()
-    def sample(self, net, z, z_null=None, guidance=1.0, temperature=1.0, generator=None):
+    def sample(self, net, z, z_null=None, guidance=1.0, temperature=1.0, generator=None, x0_clip=None):
         """Ancestral sampling of M tokens conditioned on z (M, D). With z_null, guidance acts on eps only and the
-        variance comes from the conditional half (official forward_with_cfg). Temperature scales the noise (MAR)."""
+        variance comes from the conditional half (official forward_with_cfg). Temperature scales the noise (MAR).
+        x0_clip: clamp each step's predicted x_0 to [-x0_clip, x0_clip]. At t = 999 that prediction is eps's error
+        times 1 / sqrt(alpha_bar) = 2e4: a well-trained head predicts eps there almost exactly, a small or young one
+        does not, and its samples blow up to ~1e3 (measured on the shapes quickstart) unless clamped."""
         M, C = z.shape[0], net.input_proj.in_features
         x = torch.randn(M, C, generator=generator, device=z.device)  # (M, C), shared by both halves
         for i in reversed(range(len(self.betas))):
@@ -301,7 +306,7 @@ class GaussianDiffusion:
                 out = net(x.repeat(2, 1), t.repeat(2), torch.cat([z, z_null])).float()  # (2M, 2C) in one batch
                 (eps, v), eps_null = out[:M].chunk(2, dim=1), out[M:, :C]
                 eps = eps_null + guidance * (eps - eps_null)
-            mean, logvar = self.p_mean_logvar(x, i, eps, v)
+            mean, logvar = self.p_mean_logvar(x, i, eps, v, x0_clip)
             noise = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0.0
             x = mean + torch.exp(0.5 * logvar) * temperature * noise
         return x  # (M, C)
@@ -675,11 +680,12 @@ class MaskGenKL(MaskGen):
 
     @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=32,
-                 guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, diffusion_steps=100,
+                 guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, diffusion_steps=100, x0_clip=None,
                  seed=None, generator=None, progress=False, callback=None):
         """MAR decoding (official MaskGen_KL.sample_tokens) -> latents (B, N, C), already divided by scale_factor,
         ready for TATiTok.decode_tokens. Arguments as MaskGenVQ.generate; guidance acts on the diffusion eps,
-        eps_u + w (eps_c - eps_u), w ramping to guidance_scale; temperature scales the diffusion noise.
+        eps_u + w (eps_c - eps_u), w ramping to guidance_scale; temperature scales the diffusion noise; x0_clip
+        bounds the denoiser's x_0 (scaled latent units; None, as released: see GaussianDiffusion.sample).
         callback(step, tokens, mask) runs after each step."""
         B, N, C, device = text_tokens.shape[0], self.config.num_tokens, self.config.token_size, text_tokens.device
         guided, ctx, c, generator = self._prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
@@ -696,7 +702,7 @@ class MaskGenKL(MaskGen):
                 z, z_null = z[:B].flatten(0, 1), (z[B:].flatten(0, 1) if guided else None)  # (B*k, D) each
                 # the release ramps with the next mask length clamped to >= 1: the last step stays below the scale
                 w = guidance_ramp(guidance_scale, (N - max(n_next, 1)) / N, guidance_schedule)
-                x = diffusion.sample(self.diffloss.net, z, z_null, w, temperature, generator)  # (B*k, C)
+                x = diffusion.sample(self.diffloss.net, z, z_null, w, temperature, generator, x0_clip)  # (B*k, C)
                 tokens = tokens.scatter(1, idx[..., None].expand(-1, -1, C), x.view(B, -1, C).to(tokens.dtype))
                 mask = mask.scatter(1, idx, False)
             n_masked = n_next

@@ -33,7 +33,7 @@ from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
 SAMPLING = {  # the official infer configs (official-implementation.md section 5); a checkpoint's 'sampling' wins
     'vq': dict(num_steps=16, guidance_scale=12.0, guidance_schedule='cosine', temperature=2.0, aes=6.5),
-    'kl': dict(num_steps=32, guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, aes=6.5)}
+    'kl': dict(num_steps=32, guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, aes=6.5, x0_clip=None)}
 OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # for an official-layout generator file passed as --model
 DEFAULT_PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff at sunset"]  # feel free to change
 
@@ -57,6 +57,8 @@ p.add_argument('--cfg-schedule', '--cfg_schedule', choices=['cosine', 'linear', 
                help='how guidance ramps up over the steps (default: cosine VQ, linear KL)')
 p.add_argument('--temperature', type=float, help='VQ: Gumbel noise (default 2); KL: diffusion noise (default 1)')
 p.add_argument('--aes', type=float, help='aesthetic score to condition on (default 6.5)')
+p.add_argument('--x0-clip', '--x0_clip', type=float, help="KL: clamp the diffusion's predicted x0 to +-this "
+               "(0: off; default off, as released, or the checkpoint's: 3.0 for the shapes quickstart)")
 p.add_argument('--negative', default='', help='negative prompt, the unconditional branch of guidance (default "")')
 p.add_argument('--batch-size', '--batch_size', type=int, default=16,
                help='images per forward pass, per process (default 16)')
@@ -112,7 +114,8 @@ def load_models(args, device):
 def main(argv=None):
     args = p.parse_args(argv)
     for flag, value, low in [('--n', args.n, 1), ('--steps', args.steps, 1), ('--batch-size', args.batch_size, 1),
-                             ('--cfg', args.cfg, 0), ('--temperature', args.temperature, 0), ('--seed', args.seed, 0)]:
+                             ('--cfg', args.cfg, 0), ('--temperature', args.temperature, 0), ('--seed', args.seed, 0),
+                             ('--x0-clip', args.x0_clip, 0)]:
         if value is not None and value < low:
             p.error(f"{flag} must be >= {low}, got {value}")
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # torchrun, or one process
@@ -151,8 +154,9 @@ def main(argv=None):
         print(f"error: {e}" + (f"\n{hint}" if 'from the Hugging Face repo' in str(e) else ''), file=sys.stderr)
         sys.exit(2)
     for key, value in [('num_steps', args.steps), ('guidance_scale', args.cfg), ('temperature', args.temperature),
-                       ('guidance_schedule', args.cfg_schedule), ('aes', args.aes)]:
-        sampling[key] = value if value is not None else sampling[key]
+                       ('guidance_schedule', args.cfg_schedule), ('aes', args.aes), ('x0_clip', args.x0_clip)]:
+        if value is not None:
+            sampling[key] = value or None if key == 'x0_clip' else value  # --x0-clip 0: off
     sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ or KL's
     if args.compile:  # the blocks only: generate() itself is a Python loop with changing shapes
         for m in list(gen.modules()) + list(tok.decoder.modules()):

@@ -729,6 +729,24 @@ def test_gaussian_diffusion_with_an_oracle_denoiser():
     x = d.sample(Oracle(d), torch.zeros(4, 1), temperature=2.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x, x0.expand(4, -1), atol=1e-4, rtol=0)
 
+def test_gaussian_diffusion_x0_clip():
+    """A denoiser that predicts eps = 0 everywhere (a young head is far from eps = x_t at t = 999): its x_0 there is
+    x_t / sqrt(alpha_bar) ~ 2e4 x_t and the sample blows up; x0_clip bounds every x_0, and so the sample, at t = 0
+    (where the posterior mean is x_0 itself, up to 1e-4 of x_t)."""
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_proj = torch.nn.Linear(3, 1)
+
+        def forward(self, x, t, z):
+            return torch.cat([torch.zeros_like(x), -torch.ones_like(x)], dim=1)
+
+    d = GaussianDiffusion(1000, 50)
+    assert 1e4 < d.sqrt_recip_ac[-1] < 1e5  # the amplification at t = 999
+    run = lambda clip: d.sample(Zero(), torch.zeros(16, 1), generator=torch.Generator().manual_seed(0), x0_clip=clip)
+    assert run(None).abs().max() > 100
+    assert run(3.0).abs().max() <= 3.0 + 1e-3
+
 # -----------------------------------------------------------------------------
 # sampler invariants
 
@@ -1204,7 +1222,7 @@ def test_sample_bad_inputs(sample_ckpts, tmp_path, capsys):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     ck = ['--ckpt', sample_ckpts['vq'], 'a red circle']
     cases = [(['--model', 'vq-xxl', 'a fox'], 'vq-xl'), ([*ck, '--steps', '0'], '--steps'),
-             ([*ck, '--n', '-1'], '--n'), ([*ck, '--cfg', '-1'], '--cfg'),
+             ([*ck, '--n', '-1'], '--n'), ([*ck, '--cfg', '-1'], '--cfg'), ([*ck, '--x0-clip', '-1'], '--x0-clip'),
              (['--ckpt', sample_ckpts['vq'], '--prompts', str(tmp_path / 'missing.txt')], 'prompts file'),
              (['--ckpt', str(tmp_path / 'tok.pt'), 'a fox'], 'not a MaskGen checkpoint'),
              (['--ckpt', str(tmp_path / 'junk.pt'), 'a fox'], 'not a readable checkpoint'),

@@ -59,13 +59,14 @@ RECIPES = {
                              sample_every=10_000, ckpt_every=5_000, num_workers=8, pool=0, sample_aes=6.0, guidance_scale=3.0,
                              sample_steps=32, temperature=1.0),
     # CPU quickstart: 32 px shapes (every sample has aesthetic score 6.0), sampled on the 24 "a {colour} {shape}";
-    # sized to fit 8 minutes on 2 cores (measured 313 s VQ / 336 s KL); accuracy in README's quickstart section
+    # sized to fit 8 minutes on 2 cores (measured 313 s VQ / 366 s KL); accuracy in README's quickstart section
     ('shapes', 'vq'): dict(batch_size=64, max_steps=1400, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
                            weight_decay=0.03, betas=[0.9, 0.96], log_every=100, sample_every=700, ckpt_every=700,
                            num_workers=0, pool=4096, sample_aes=6.0, guidance_scale=3.0, sample_steps=8, temperature=1.0),
     ('shapes', 'kl'): dict(batch_size=64, max_steps=1000, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
                            weight_decay=0.02, betas=[0.9, 0.95], log_every=100, sample_every=500, ckpt_every=500,
-                           num_workers=0, pool=4096, sample_aes=6.0, guidance_scale=2.0, sample_steps=8, temperature=1.0),
+                           num_workers=0, pool=4096, sample_aes=6.0, guidance_scale=8.0, sample_steps=8, temperature=1.0,
+                           x0_clip=3.0),
     # tests: 32 px, a few steps
     ('tiny', 'vq'): dict(batch_size=8, max_steps=10, lr=1e-3, end_lr=1e-4, warmup_steps=2, schedule='cosine',
                          weight_decay=0.03, betas=[0.9, 0.96], log_every=1, sample_every=1000, ckpt_every=5,
@@ -129,6 +130,9 @@ def get_args(argv=None):
     g.add_argument('--guidance_scale', type=float, default=None, help="classifier-free guidance of the samples")
     g.add_argument('--sample_steps', type=int, default=None, help="decoding steps of the samples (MaskGIT / MAR)")
     g.add_argument('--temperature', type=float, default=None, help="sampling temperature (VQ Gumbel, KL noise)")
+    g.add_argument('--x0_clip', type=float, default=None, help="KL samples: clamp the diffusion's predicted x0 to "
+                   "+-this (scaled latents; 0: off, as released). The shapes recipe's 3.0 keeps a young diffusion head's "
+                   "samples from blowing up; see GaussianDiffusion.sample")
     g = p.add_argument_group('system')
     g.add_argument('--resume', action='store_true', help="continue from OUT_DIR/ckpt.pt (starts fresh if there is none)")
     g.add_argument('--device', default='auto', help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...")
@@ -337,7 +341,8 @@ def main(args):
     # the resolved config, printed and saved
     sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale, num_steps=args.sample_steps,
                     temperature=args.temperature, guidance_schedule='cosine' if vq else 'linear',
-                    **({} if vq else dict(diffusion_steps=100 if args.recipe == 'official' else 50)))
+                    **({} if vq else dict(diffusion_steps=100 if args.recipe == 'official' else 50,
+                                          x0_clip=args.x0_clip or None)))
     derived = dict(world_size=world, grad_accum=grad_accum, device_used=device, dtype_used=dtype, compile_used=compile_,
                    params=raw_model.get_num_params(), tokenizer_args=asdict(tok_cfg), sampling=sampling)
     print0(json.dumps(dict(**vars(args), model_args=asdict(cfg), **derived), indent=1))
