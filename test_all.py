@@ -1329,6 +1329,7 @@ def test_train_maskgen_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path):
     assert tok.decode_tokens(z, te(caps)['guidance']).shape == (2, 3, 32, 32)
     log = open(tmp_path / 'log.txt').read()
     assert 'loss by timestep' in log and 'colour accuracy' in log and os.path.exists(tmp_path / 'samples_0000008.png')
+    assert 'token rms' in log  # the drawn tokens' scale against the training tokens'
 
 def test_train_maskgen_two_processes_match_one(tm_tokenizers, tmp_path):
     """torchrun with 2 gloo processes (micro batch 2, no accumulation) gives the losses and weights of 1 process

@@ -431,9 +431,11 @@ def main(args):
             return mean + torch.exp(0.5 * logvar) * d['posterior'][idx].to(device)  # (B, N, C) fp32
 
     @torch.no_grad()
-    def sample_grid(step, prompts, per_prompt=1):
-        """Draws of the EMA model for the prompts with its own sampler -> images; for shapes, colour/shape accuracy."""
-        images = []
+    def sample_grid(step, prompts, per_prompt=1, data_rms=None):
+        """Draws of the EMA model for the prompts with its own sampler -> images; for shapes, colour/shape accuracy.
+        KL: the RMS of the drawn tokens against data_rms, the training tokens' (a diffusion head that blows up shows
+        here first)."""
+        images, sq = [], []
         for i in range(0, len(prompts) * per_prompt, 96):
             caps = [prompts[j % len(prompts)] for j in range(i, min(i + 96, len(prompts) * per_prompt))]
             with ctx:
@@ -441,9 +443,14 @@ def main(args):
                 tokens = ema.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
                                       seed=args.seed + i)
                 images.append(tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1))
+            sq.append(tokens.float().pow(2).mean() * len(caps))
         images, path = torch.cat(images), os.path.join(args.out_dir, f"samples_{step:07d}.png")
         Image.fromarray(make_grid(images[:len(prompts)], ncol=6 if args.preset else 4)).save(path)
         msg = f"samples step {step} | grid {path}"
+        if not vq:
+            rms = (sum(sq) / len(images)).sqrt().item()
+            msg += f" | token rms {rms:.3g} (training tokens {data_rms:.3g})" + \
+                   (" far off: try --x0_clip" if not 0.2 < rms / data_rms < 5 else '')
         if args.preset:  # prompts "a {colour} {shape}": classify what was drawn
             u8 = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             pred = [classify_shapes(x) for x in u8]
@@ -469,7 +476,8 @@ def main(args):
         # once in a while: a sample grid of the fixed prompts (rank 0, EMA weights)
         # (shapes, at the end: eval_samples per prompt, the colour / shape accuracy of the quickstart's target)
         if master and step > start_step and (last or step % args.sample_every == 0):
-            sample_grid(step, prompts, max(1, args.eval_samples) if last and args.preset == 'shapes' else 1)
+            sample_grid(step, prompts, max(1, args.eval_samples) if last and args.preset == 'shapes' else 1,
+                        None if vq else token_rms.item())
         if ddp:
             dist.barrier()
         # once in a while: checkpoint (never at the start step: nothing new to save)
@@ -494,6 +502,7 @@ def main(args):
             if ddp:  # all-reduce the gradients only on the last micro step (nanoGPT's flag; no_sync() does the same)
                 model.require_backward_grad_sync = micro == grad_accum - 1
             x = to_tokens(batch, d, idx)
+            token_rms = None if vq else x.float().pow(2).mean().sqrt()  # KL: compared with the samples' in sample_grid
             if not pool:
                 with torch.no_grad(), ctx:
                     text = text_encoder(batch['caption'])  # frozen CLIP, on the fly
