@@ -443,7 +443,8 @@ def main(args):
                 tokens = ema.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
                                       seed=args.seed + i)
                 images.append(tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1))
-            sq.append(tokens.float().pow(2).mean() * len(caps))
+            if not vq:
+                sq.append(tokens.float().pow(2).mean() * len(caps))  # sum of squares / C
         images, path = torch.cat(images), os.path.join(args.out_dir, f"samples_{step:07d}.png")
         Image.fromarray(make_grid(images[:len(prompts)], ncol=6 if args.preset else 4)).save(path)
         msg = f"samples step {step} | grid {path}"
