@@ -1488,6 +1488,14 @@ def test_train_vq_loss_falls_gan_switches_on_checkpoint_loads(tmp_path):
     log = open(tmp_path / 'log.txt').read()
     assert 'psnr' in log and 'codebook usage' in log
 
+def test_train_tokenizer_disc_start_never(tmp_path):
+    """--disc_start -1 (the shapes recipe's): no GAN term at any step, however long the run (a fixed start step
+    once switched the GAN on in runs longer than the recipe, and it collapsed the codebook)."""
+    assert tt.get_args(['--preset', 'shapes']).disc_start == -1
+    _tt_train(tmp_path, '--max_steps', 6, '--disc_start', -1, '--eval_data', 'none')
+    m = _tt_metrics(tmp_path)
+    assert len(m) == 6 and not any({'d_hinge', 'lecam', 'g_adv'} & set(r) for r in m)
+
 def test_train_tokenizer_two_processes_match_one(tmp_path):
     """torchrun with 2 gloo processes and the same global batch gives the losses of 1 process (1e-5), GAN on."""
     common = ['--max_steps', 4, '--disc_start', 2, '--batch_size', 8]
