@@ -495,7 +495,8 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, captions):
         """(B, 77) token ids. Captions longer than the context are truncated (with a warning), never an error."""
-        ids = self.tokenizer(list(captions), context_length=self.context_length)  # (B, 77)
+        with torch.device('cpu'):  # ids are built on the CPU, whatever the default device (e.g. meta for counting)
+            ids = self.tokenizer(list(captions), context_length=self.context_length)  # (B, 77)
         long = [c for c, full in zip(captions, ids[:, -1] != 0)  # only a full row may be truncated: encode it again
                 if full and len(self.tokenizer.encode(c)) > self.context_length - 2]  # minus SOT, EOT
         if long:
