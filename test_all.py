@@ -354,17 +354,17 @@ def test_shapes_set():
     assert caps != [data.shapes_sample(i, split='val')[1] for i in range(200)]
     assert not any(' of ' in c or 'above' in c or 'below' in c for c in (data.shapes_sample(i, max_objects=1)[1]
                                                                       for i in range(100)))
-    widths = {}  # (1, size word) -> widths at 64 px of lone objects, drawn larger than a pair's (SHAPES_RADIUS)
+    widths = {}  # size word -> widths at 64 px of lone objects, drawn larger than a pair's (SHAPES_RADIUS[1])
     for i in range(300):
         img, cap = data.shapes_sample(i)
-        n, size = 1 if cap.count(' a ') == 0 else 2, 'large' if 'large' in cap else 'small' if 'small' in cap else None
+        size = 'large' if 'large' in cap else 'small' if 'small' in cap else None
         fg = np.abs(np.asarray(img, np.int64) - data.SHAPES_BG).max(-1) > 0
-        if size and n == 1:
-            widths.setdefault((n, size), []).append(np.ptp(np.nonzero(fg.any(0))[0]) + 1)
-        assert n == 1 or 'on the' not in cap
-        assert n == 2 or size != 'large' or 'on the' not in cap  # a large lone object has no room to move
-    for (n, size), w in widths.items():  # anti-aliasing may add a partly covered pixel on either side
-        assert all(abs(v - 2 * data.SHAPES_RADIUS[n][size] * 64) <= 2 for v in w), (n, size, w)
+        if size and ' a ' not in cap:  # one object
+            widths.setdefault(size, []).append(np.ptp(np.nonzero(fg.any(0))[0]) + 1)
+            assert size == 'small' or 'on the' not in cap  # a large lone object has no room to move
+    assert set(widths) == {'small', 'large'}
+    for size, w in widths.items():  # anti-aliasing may add a partly covered pixel on either side
+        assert all(abs(v - 2 * data.SHAPES_RADIUS[1][size] * 64) <= 2 for v in w), (size, w)
 
 def test_classify_shapes_clean_and_noisy():
     """classify_shapes: 100% on clean single objects, >= 95% after blur and noise, the largest of two objects."""
