@@ -156,7 +156,7 @@ def main(argv=None):
     for key, value in [('num_steps', args.steps), ('guidance_scale', args.cfg), ('temperature', args.temperature),
                        ('guidance_schedule', args.cfg_schedule), ('aes', args.aes), ('x0_clip', args.x0_clip)]:
         if value is not None:
-            sampling[key] = value or None if key == 'x0_clip' else value  # --x0-clip 0: off
+            sampling[key] = (value or None) if key == 'x0_clip' else value  # --x0-clip 0: off
     sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ or KL's
     if args.compile:  # the blocks only: generate() itself is a Python loop with changing shapes
         for m in list(gen.modules()) + list(tok.decoder.modules()):

@@ -479,7 +479,7 @@ def main(args):
         # (shapes, at the end: eval_samples per prompt, the colour / shape accuracy of the quickstart's target)
         if master and step > start_step and (last or step % args.sample_every == 0):
             sample_grid(step, prompts, max(1, args.eval_samples) if last and args.preset == 'shapes' else 1,
-                        None if vq else token_rms.item())
+                        None if vq else x.float().pow(2).mean().sqrt().item())  # KL: the last training batch's RMS
         if ddp:
             dist.barrier()
         # once in a while: checkpoint (never at the start step: nothing new to save)
@@ -504,7 +504,6 @@ def main(args):
             if ddp:  # all-reduce the gradients only on the last micro step (nanoGPT's flag; no_sync() does the same)
                 model.require_backward_grad_sync = micro == grad_accum - 1
             x = to_tokens(batch, d, idx)
-            token_rms = None if vq else x.float().pow(2).mean().sqrt()  # KL: compared with the samples' in sample_grid
             if not pool:
                 with torch.no_grad(), ctx:
                     text = text_encoder(batch['caption'])  # frozen CLIP, on the fly
