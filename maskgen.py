@@ -349,8 +349,9 @@ MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the gen
     # CPU quickstart (train_maskgen.py --preset shapes): 16 tokens of a 32 px tokenizer, 16 text positions
     'shapes-vq': dict(quantize='vq', num_tokens=16, codebook_size=1024, width=128, depth=4, heads=4,
                       text_embed_dim=64, tokenizer='shapes-vq'),
+    # KL: a denoiser twice the transformer's width, as its width is what drew shapes (see README "Quickstart")
     'shapes-kl': dict(quantize='kl', num_tokens=16, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
-                      diffloss_width=128, diffloss_depth=2, tokenizer='shapes-kl'),
+                      diffloss_width=256, diffloss_depth=3, tokenizer='shapes-kl'),
 }
 
 def maskgen_config(name, **overrides):
