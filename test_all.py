@@ -720,6 +720,20 @@ def test_maskgen_kl_loss():
     torch.testing.assert_close(loss, stats['token_loss'][stats['token_mask']].mean())
     loss.backward()
     assert model.diffloss.net.input_proj.weight.grad.abs().sum() > 0 and model.z_proj.weight.grad.abs().sum() > 0
+    # the denoiser runs on the masked tokens only; the release runs it on every token: same losses where masked
+    x, k, aes = torch.randn(B, N, C), model.config.diffusion_batch_mul, torch.full((B,), 6.0)
+    g = torch.Generator().manual_seed(1)
+    mask, t = torch.rand(B, N, generator=g) < 0.5, torch.randint(0, 1000, (B, k, N), generator=g)
+    noise = torch.randn(B, k, N, C, generator=g)
+    with torch.no_grad():
+        ours = model(x, tt, tp, aes, mask=mask, t=t, noise=noise, reduction='none')  # (B, k, N)
+        z = model.cond(x * model.config.scale_factor, mask, tt, tp, aes)[:, None].expand(-1, k, -1, -1)  # (B, k, N, D)
+        x0 = (x * model.config.scale_factor)[:, None].expand(-1, k, -1, -1)
+        every = model.train_diffusion.training_losses(model.diffloss.net, x0.reshape(-1, C), z.reshape(B * k * N, -1),
+                                                      None, t.flatten(), noise.reshape(-1, C))[0].view(B, k, N)
+    m = mask[:, None].expand_as(ours)
+    assert 0 < m.sum() < m.numel() and (ours[~m] == 0).all()
+    torch.testing.assert_close(ours[m], every[m], rtol=1e-5, atol=1e-6)  # fp32; only the matmul row count differs
 
 def test_gaussian_diffusion_with_an_oracle_denoiser():
     """With the true eps of a point mass and the posterior variance (v = -1): the hybrid loss is 0 (t > 0) and the
