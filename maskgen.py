@@ -474,7 +474,8 @@ class MaskGen(nn.Module):
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [dict(params=[p for n, p in params if not no_decay(n, p)], weight_decay=weight_decay),
                   dict(params=[p for n, p in params if no_decay(n, p)], weight_decay=0.0)]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                                 fused=device_type in ('cuda', 'cpu'))  # one kernel for all the tensors
 
     def estimate_flops_per_image(self, text_len=77):
         """Training FLOPs (forward + backward) per image: 6 x each weight matrix x the vectors passing through it,
