@@ -78,8 +78,16 @@ def guidance_ramp(scale, r, schedule, power=1.0):
     assert schedule in ('linear', 'constant'), schedule
     return (scale - 1) * r + 1 if schedule == 'linear' else scale
 
+def draw(fn, shape, generator, device):
+    """fn (torch.rand or torch.randn) of `shape` from `generator`. A list of generators, one per image, splits the
+    rows among them in order: each image's draws then depend on its own generator only, not on its batch."""
+    if not isinstance(generator, (list, tuple)):
+        return fn(shape, generator=generator, device=device)
+    rows = (shape[0] // len(generator), *shape[1:])  # (rows per image, ...)
+    return torch.cat([fn(rows, generator=g, device=device) for g in generator])
+
 def gumbel_noise(shape, generator, device):
-    u = torch.rand(shape, generator=generator, device=device)  # fp32: bf16 noise would make ties
+    u = draw(torch.rand, shape, generator, device)  # fp32: bf16 noise would make ties
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 # -----------------------------------------------------------------------------
@@ -295,9 +303,10 @@ class GaussianDiffusion:
         variance comes from the conditional half (official forward_with_cfg). Temperature scales the noise (MAR).
         x0_clip: clamp each step's predicted x_0 to [-x0_clip, x0_clip]. At t = 999 that prediction is eps's error
         times 1 / sqrt(alpha_bar) = 2e4: a well-trained head predicts eps there almost exactly, a small or young one
-        does not, and its samples blow up to ~1e3 (measured on the shapes quickstart) unless clamped."""
+        does not, and its samples blow up to ~1e3 (measured on the shapes quickstart) unless clamped.
+        generator: one, or a list of one per image, the M tokens being image-major (see draw)."""
         M, C = z.shape[0], net.input_proj.in_features
-        x = torch.randn(M, C, generator=generator, device=z.device)  # (M, C), shared by both halves
+        x = draw(torch.randn, (M, C), generator, z.device)  # (M, C), shared by both halves
         for i in reversed(range(len(self.betas))):
             t = torch.full((M,), int(self.timestep_map[i]), device=z.device)  # the original timestep index
             if z_null is None:
@@ -307,7 +316,7 @@ class GaussianDiffusion:
                 (eps, v), eps_null = out[:M].chunk(2, dim=1), out[M:, :C]
                 eps = eps_null + guidance * (eps - eps_null)
             mean, logvar = self.p_mean_logvar(x, i, eps, v, x0_clip)
-            noise = torch.randn(x.shape, generator=generator, device=x.device) if i > 0 else 0.0
+            noise = draw(torch.randn, x.shape, generator, x.device) if i > 0 else 0.0
             x = mean + torch.exp(0.5 * logvar) * temperature * noise
         return x  # (M, C)
 
@@ -574,7 +583,8 @@ class MaskGenVQ(MaskGen):
         text_tokens (B, 77, T), text_pooled (B, T): the prompts; null_tokens / null_pooled (1 or B, ...): the
         encoding of "" or of a negative prompt. Guidance as released, logits = cond + w (cond - uncond) with w
         ramping to guidance_scale, except that guidance_scale = 1 is the conditional model alone. temperature: of
-        the Gumbel noise, annealed to 0. callback(step, ids) runs after each step."""
+        the Gumbel noise, annealed to 0. Randomness: seed, a generator, or a list of B generators, one per image,
+        which makes each image independent of the batch it is drawn in. callback(step, ids) runs after each step."""
         B, N, device = text_tokens.shape[0], self.config.num_tokens, text_tokens.device
         guided, ctx, c, generator = self._prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
                                                            guidance_scale, seed, generator)
@@ -698,7 +708,7 @@ class MaskGenKL(MaskGen):
                                                            guidance_scale, seed, generator)
         diffusion, reps = GaussianDiffusion(1000, diffusion_steps), 2 if guided else 1  # [cond; uncond] batches
         tokens, mask = torch.zeros(B, N, C, device=device), torch.ones(B, N, dtype=torch.bool, device=device)
-        order = torch.rand(B, N, generator=generator, device=device).argsort(-1)  # a random order per image
+        order = draw(torch.rand, (B, N), generator, device).argsort(-1)  # a random order per image
         schedule, n_masked = mask_schedule(N, num_steps, 'cosine'), N
         for step, n_next in tqdm(enumerate(schedule), total=num_steps, disable=not progress):
             idx = order[:, n_next:n_masked]  # (B, k) the positions committed at this step

@@ -7,12 +7,11 @@ $ python sample.py --ckpt out/shapes-maskgen "a red circle" "a blue square above
 $ python sample.py --ckpt out/shapes-maskgen --eval shapes   # colour / shape accuracy on the 24 shapes prompts
 $ torchrun --standalone --nproc_per_node=8 sample.py --prompts mjhq_people.txt -n 1 --out samples/mjhq/people
 
-Writes OUT/{prompt index:05d}_{sample:02d}_s{seed}.png and OUT/grid.png. Randomness: the images are drawn in batches of
---batch-size in global order (prompt 0's samples, then prompt 1's, ...) and batch b draws from its own generator,
-seeded by (seed, b). So the same command (seed, n, batch size, device) gives the same images under any number of
-torchrun processes, which get whole batches round-robin. (Per-image generators would make images independent of
-the batch size too; generate() takes one generator per batch.) The sampling algorithms live on the model, in
-maskgen.py; this file wires CLI -> models -> PNGs.
+Writes OUT/{prompt index:05d}_{sample:02d}_s{seed}.png and OUT/grid.png. Randomness: every image draws from its own
+generator, seeded by (seed, prompt index, sample index). So an image depends on those and the device only, not on
+--batch-size, -n or the number of torchrun processes (which get whole batches round-robin), up to float rounding
+that differs between batch shapes. The sampling algorithms live on the model, in maskgen.py; this file wires
+CLI -> models -> PNGs.
 References: 1) https://arxiv.org/abs/2501.07730  2) https://github.com/bytedance/1d-tokenizer (README sampling calls)
 3) DiT's sample.py / sample_ddp.py: https://github.com/facebookresearch/DiT
 """
@@ -182,9 +181,10 @@ def main(argv=None):
         for b in mine:
             g = list(range(b * bs, min(total, (b + 1) * bs)))
             feats = te(ids[[i // n for i in g]])  # CLIP features once per image, not per step
-            seed = int(np.random.SeedSequence([args.seed, b]).generate_state(1)[0])
+            seeds = [int(np.random.SeedSequence([args.seed, i // n, i % n]).generate_state(1)[0]) for i in g]
             tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                  generator=torch.Generator(device).manual_seed(seed), callback=lambda *a: bar.update())
+                                  generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                                  callback=lambda *a: bar.update())
             images = tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1)  # (B, 3, H, W)
             images = (images * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # as the release: truncated
             for i, img in zip(g, images):

@@ -820,7 +820,8 @@ def test_maskgen_sampler_schedule(name, single_thread):
 
 @pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
 def test_maskgen_sampler_guidance_seed_aes_batch(name, single_thread):
-    """Guidance 1 = the conditional model alone; seeds reproduce; aes matters; prompts in a batch don't mix."""
+    """Guidance 1 = the conditional model alone; seeds reproduce; aes matters; prompts in a batch don't mix; with a
+    generator per image, an image does not depend on its batch."""
     model, vq = _tiny(name), name.endswith('vq')
     if not vq:  # fewer steps: the properties don't depend on them
         model.generate = functools.partial(model.generate, num_steps=8, diffusion_steps=10)
@@ -835,6 +836,13 @@ def test_maskgen_sampler_guidance_seed_aes_batch(name, single_thread):
     assert same(g1, model.generate(tt, tp, tt, tp, seed=5)) and not same(g1, _generate(model, seed=5))
     # rows don't mix: row 0 of [p0, p1] is row 0 of [p0, p0]; row 1 is row 1 of [p1, p1]
     assert same(a[0], _generate(model, (0, 0), seed=3)[0]) and same(a[1], _generate(model, (1, 1), seed=3)[1])
+    # one generator per image: each image is what it is drawn alone (in another batch, the same); one generator for
+    # the batch would draw row 1 from where row 0's draws ended. Tolerance as above: float rounding of batch shapes
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    pair = _generate(model, (0, 1), generator=gens(7, 8))
+    assert same(pair[0], _generate(model, (0,), generator=gens(7))[0])
+    assert same(pair[1], _generate(model, (1,), generator=gens(8))[0])
+    assert not same(pair[1], _generate(model, (1,), generator=gens(7))[0])
 
 def test_maskgen_sampling_speed_and_prompts(single_thread):
     """Tiny models sample 16 VQ / 32 KL steps on a CPU in seconds; encode_prompts feeds generate directly."""
@@ -1205,24 +1213,29 @@ def test_sample_cli_subprocesses(sample_ckpts, tmp_path):
 
 @pytest.mark.parametrize('kind', ['vq', 'kl'])
 def test_sample_seed_determinism(sample_ckpts, tmp_path, capsys, monkeypatch, kind):
-    """Same seed -> the same PNG bytes and tokens; another seed -> other tokens. (The tokens are compared too: a
-    random tiny decoder barely reacts to them, so its PNGs could agree by accident.)"""
+    """Same seed -> the same PNG bytes and tokens; another seed -> other tokens; another batch size -> the same
+    tokens (each image has its own generator). (The tokens are compared too: a random tiny decoder barely reacts
+    to them, so its PNGs could agree by accident.)"""
     import maskgen
     cls = {'vq': maskgen.MaskGenVQ, 'kl': maskgen.MaskGenKL}[kind]
     tokens, generate = [], cls.generate
     record = lambda self, *a, **k: tokens.append(generate(self, *a, **k)) or tokens[-1]
     monkeypatch.setattr(cls, 'generate', functools.wraps(generate)(record))  # sample.py reads its signature
     runs = {}
-    for name, extra in [('a', []), ('b', []), ('c', ['--seed', '1'])]:
+    for name, extra in [('a', []), ('b', []), ('c', ['--seed', '1']), ('d', ['--batch-size', '1'])]:
         code, _, err = _sample_main(['--ckpt', sample_ckpts[kind], 'a red circle', 'a blue square', '--n', '2',
                               '--batch-size', '3', '--out', str(tmp_path / name), *extra], capsys)
         assert code in (0, None), err
         runs[name] = [(tmp_path / name / f).read_bytes() for f in _sample_pngs(tmp_path / name)]
     assert len(runs['a']) == 4 and Image.open(tmp_path / 'a' / _sample_pngs(tmp_path / 'a')[0]).size == (32, 32)
     assert runs['a'] == runs['b']
-    assert len(tokens) == 6  # 2 batches (3 + 1 images) per run
+    assert len(tokens) == 10  # 2 batches (3 + 1 images) per run, then 4 of 1
     assert all(torch.equal(x, y) for x, y in zip(tokens[0:2], tokens[2:4]))
     assert not torch.equal(tokens[0], tokens[4]) and not torch.equal(tokens[1], tokens[5])
+    # float rounding differs between batch shapes; this untrained KL head's samples blow up to ~1e5 (see x0_clip),
+    # so its rounding is measured against the largest token: ~1e-6 of it here
+    a, d = torch.cat(tokens[0:2]), torch.cat(tokens[6:10])
+    assert torch.equal(a, d) if kind == 'vq' else (a - d).abs().max() <= 1e-4 * a.abs().max()
 
 def test_sample_eval_shapes(sample_ckpts, tmp_path, capsys):
     """--eval shapes draws the 24 shapes prompts, classifies each image and ends with a JSON line."""

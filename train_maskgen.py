@@ -440,11 +440,15 @@ def main(args):
         here first)."""
         images, sq = [], []
         for i in range(0, len(prompts) * per_prompt, 96):
-            caps = [prompts[j % len(prompts)] for j in range(i, min(i + 96, len(prompts) * per_prompt))]
+            js = range(i, min(i + 96, len(prompts) * per_prompt))  # image j: prompt j % P, its (j // P)-th sample
+            caps = [prompts[j % len(prompts)] for j in js]
+            # one generator per image, seeded as sample.py seeds (prompt, sample) at its default --seed 0: the same
+            # draws as `sample.py --ckpt OUT_DIR --eval shapes`, up to float rounding between batch shapes
+            seeds = [np.random.SeedSequence([0, j % len(prompts), j // len(prompts)]).generate_state(1)[0] for j in js]
             with ctx:
                 feats = text_encoder(caps)  # one CLIP pass: the generator's views and the decoder's guidance
                 tokens = ema.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                      seed=args.seed + i)
+                                      generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds])
                 images.append(tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1))
             if not vq:
                 sq.append(tokens.float().pow(2).mean() * len(caps))  # sum of squares / C
