@@ -443,6 +443,8 @@ class MaskGen(nn.Module):
         ctx, c = self._conditioning(text_tokens, text_pooled, aes, (null_tokens, null_pooled) if guided else None)
         if generator is None and seed is not None:  # neither: torch's global RNG
             generator = torch.Generator(device=text_tokens.device).manual_seed(seed)
+        if isinstance(generator, (list, tuple)) and len(generator) != text_tokens.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {text_tokens.shape[0]} prompts: pass one per image")
         return guided, ctx, c, generator
 
     @classmethod

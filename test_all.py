@@ -843,6 +843,8 @@ def test_maskgen_sampler_guidance_seed_aes_batch(name, single_thread):
     assert same(pair[0], _generate(model, (0,), generator=gens(7))[0])
     assert same(pair[1], _generate(model, (1,), generator=gens(8))[0])
     assert not same(pair[1], _generate(model, (1,), generator=gens(7))[0])
+    with pytest.raises(ValueError, match='one per image'):
+        _generate(model, (0, 1), generator=gens(7))
 
 def test_maskgen_sampling_speed_and_prompts(single_thread):
     """Tiny models sample 16 VQ / 32 KL steps on a CPU in seconds; encode_prompts feeds generate directly."""
