@@ -267,7 +267,7 @@ RECIPES = {
                  eval_images=16, log_every=1, eval_every=1000, ckpt_every=5, num_workers=0, init='release'),
 }
 # the shapes quickstart with KL tokens: its steps cost ~80% of VQ's (no codebook search and update), so more fit in
-# the 5 minutes. 28.11 dB after 4200 steps in 261 s on 2 cores (3300: 27.31 dB, 194 s; 4500: 28.23 dB, 286 s)
+# the 5 minutes. 28.11 dB after 4200 steps in 261-268 s on 2 cores (3300: 27.31 dB, 194 s; 4500: 28.23 dB, 286 s)
 RECIPES['shapes-kl'] = {**RECIPES['shapes'], 'max_steps': 4200, 'eval_every': 1050, 'ckpt_every': 2100}
 
 def get_args(argv=None):
