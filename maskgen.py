@@ -86,6 +86,12 @@ def draw(fn, shape, generator, device):
     rows = (shape[0] // len(generator), *shape[1:])  # (rows per image, ...)
     return torch.cat([fn(rows, generator=g, device=device) for g in generator])
 
+def image_generators(seed, images, device):
+    """One generator per image for generate(), image (prompt p, sample j) seeded by (seed, p, j): an image then
+    depends on those only, not on its batch, its batch size or the number of samples per prompt."""
+    return [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, p, j]).generate_state(1)[0]))
+            for p, j in images]
+
 def gumbel_noise(shape, generator, device):
     u = draw(torch.rand, shape, generator, device)  # fp32: bf16 noise would make ties
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 from tatitok import CheckpointError, TATiTok, TextEncoder, load_state_dict_file, load_official, TATITOK_PRESETS
-from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS
+from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
 SAMPLING = {  # the official infer configs (official-implementation.md section 5); a checkpoint's 'sampling' wins
@@ -181,9 +181,8 @@ def main(argv=None):
         for b in mine:
             g = list(range(b * bs, min(total, (b + 1) * bs)))
             feats = te(ids[[i // n for i in g]])  # CLIP features once per image, not per step
-            seeds = [int(np.random.SeedSequence([args.seed, i // n, i % n]).generate_state(1)[0]) for i in g]
             tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                  generator=[torch.Generator(device).manual_seed(s) for s in seeds],
+                                  generator=image_generators(args.seed, [(i // n, i % n) for i in g], device),
                                   callback=lambda *a: bar.update())
             images = tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1)  # (B, 3, H, W)
             images = (images * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # as the release: truncated

@@ -41,7 +41,7 @@ from PIL import Image
 
 from tatitok import TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, \
     load_state_dict_file
-from maskgen import MaskGen, MaskGenConfig, maskgen_config
+from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators
 from data import make_loader, DataError, classify_shapes, SHAPES_EVAL_PROMPTS
 
 # -----------------------------------------------------------------------------
@@ -442,13 +442,13 @@ def main(args):
         for i in range(0, len(prompts) * per_prompt, 96):
             js = range(i, min(i + 96, len(prompts) * per_prompt))  # image j: prompt j % P, its (j // P)-th sample
             caps = [prompts[j % len(prompts)] for j in js]
-            # one generator per image, seeded as sample.py seeds (prompt, sample) at its default --seed 0: the same
-            # draws as `sample.py --ckpt OUT_DIR --eval shapes`, up to float rounding between batch shapes
-            seeds = [np.random.SeedSequence([0, j % len(prompts), j // len(prompts)]).generate_state(1)[0] for j in js]
+            # seed 0 and (prompt, sample), as sample.py at its default --seed: the same draws as `sample.py --ckpt
+            # OUT_DIR --eval shapes`, up to float rounding between batch shapes
+            gens = image_generators(0, [(j % len(prompts), j // len(prompts)) for j in js], device)
             with ctx:
                 feats = text_encoder(caps)  # one CLIP pass: the generator's views and the decoder's guidance
                 tokens = ema.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                      generator=[torch.Generator(device).manual_seed(int(s)) for s in seeds])
+                                      generator=gens)
                 images.append(tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1))
             if not vq:
                 sq.append(tokens.float().pow(2).mean() * len(caps))  # sum of squares / C
