@@ -1501,11 +1501,11 @@ def test_small_run_init():
     torch.testing.assert_close(tok.decoder.positional_embedding[0], cls_row)
 
 def test_train_tokenizer_shapes_recipes():
-    """--preset shapes takes its VQ or KL recipe (KL runs more, cheaper steps); a flag still beats the recipe."""
+    """--preset shapes takes its VQ or KL recipe (KL: more, cheaper steps at its own lr); a flag beats the recipe."""
     vq, kl = (tt.get_args(['--preset', 'shapes', '--tokens', t]) for t in ('vq', 'kl'))
     assert (vq.max_steps, kl.max_steps) == (tt.RECIPES['shapes']['max_steps'], tt.RECIPES['shapes-kl']['max_steps'])
-    assert kl.max_steps > vq.max_steps and (vq.lr, vq.out_dir, kl.out_dir) == (1e-3, 'out/shapes-tokenizer',
-                                                                               'out/shapes-tokenizer-kl')
+    assert kl.max_steps > vq.max_steps and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (2e-3, 1e-3, 300, 50)
+    assert (vq.out_dir, kl.out_dir) == ('out/shapes-tokenizer', 'out/shapes-tokenizer-kl')
     assert tt.get_args(['--preset', 'shapes', '--tokens', 'kl', '--max_steps', '20']).max_steps == 20
 
 def test_train_tokenizer_cli_user_errors_exit_2(tmp_path):
