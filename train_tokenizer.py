@@ -256,9 +256,11 @@ RECIPES = {
     # CPU quickstart: 32 px shapes, random tiny text tower, no perceptual loss (no downloads). No GAN, however long
     # the run (switched on at step 800 it collapsed the codebook: 21.36 -> 15.45 dB by step 1200, 2-3x the step time).
     # 3300 steps of the 64-wide preset: 241-247 s on 2 cores, 279 s in a slower session, within the 5 minutes.
-    # Peak lr 2e-3 after 300 warm-up steps: VQ reached 25.84 / 26.80 dB (seeds 42 / 0) against 23.71 at 1e-3 with 50.
+    # Peak lr 2e-3 after 300 warm-up steps: VQ reached 25.84 / 26.80 / 26.88 dB (seeds 42 / 0 / 1), against 23.71 /
+    # 24.94 dB (seeds 42 / 1) at 1e-3 with 50.
     # Higher is a lottery: 3e-3 gave 24.99 / 27.35 dB, 4e-3 (500 warm-up steps) collapsed the codebook at seed 42
-    # (usage 4%, 21.76 dB; 19.6 dB is what the text alone gives), while two other seeds reached 27.4-27.6 dB
+    # (usage 4%, 21.76 dB; 19.6 dB is what the text alone gives), while two other seeds reached 27.4-27.6 dB in a
+    # stripped-down loop
     'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=3300, lr=2e-3, end_lr=2e-4, warmup_steps=300,
                    weight_decay=1e-4, beta2=0.99, disc_start=-1, disc_lr=1e-4, disc_width=32,
                    perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
