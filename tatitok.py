@@ -534,8 +534,9 @@ _TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc
              dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)  # text_embed_dim = TextEncoder.tiny() width
 # shapes: one encoder layer and three decoder layers, as rendering is the slow part (21.84 dB vs 21.17 for 2 + 2 at
 # width 128). Width 64: 2.5x the steps of width 128 in the same time, which beat width: in train_tokenizer.py, KL
-# 27.31 dB after 3300 steps at width 64, 26.84 after 2240 at 96, 26.58 after 1600 at 128; VQ 23.71 vs 23.27 dB at
-# 64 vs 128, in 247 s vs 304. 16 latent tokens, not 32: as good at width 128 (KL: 26.58 vs 26.56 dB), and faster
+# 27.31 dB after 3300 steps at width 64, 26.84 after 2240 at 96, 26.58 after 1600 at 128; VQ (lr 1e-3) 23.71 vs
+# 23.27 dB at 64 vs 128, in 247 s vs 304. 16 latent tokens, not 32: as good at width 128 (KL: 26.58 vs 26.56 dB),
+# and faster
 _SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=16, enc_width=64, enc_layers=1, enc_heads=2,
                dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64, text_context_length=16)
 TATITOK_PRESETS = {
