@@ -1504,7 +1504,8 @@ def test_train_tokenizer_shapes_recipes():
     """--preset shapes takes its VQ or KL recipe (KL: more, cheaper steps at its own lr); a flag beats the recipe."""
     vq, kl = (tt.get_args(['--preset', 'shapes', '--tokens', t]) for t in ('vq', 'kl'))
     assert (vq.max_steps, kl.max_steps) == (tt.RECIPES['shapes']['max_steps'], tt.RECIPES['shapes-kl']['max_steps'])
-    assert kl.max_steps > vq.max_steps and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (2e-3, 1e-3, 300, 50)
+    assert kl.max_steps > vq.max_steps and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (6e-3, 1e-3, 500, 50)
+    assert (vq.encoder_lr_scale, kl.encoder_lr_scale) == (1 / 3, 1.0)
     assert (vq.out_dir, kl.out_dir) == ('out/shapes-tokenizer', 'out/shapes-tokenizer-kl')
     assert tt.get_args(['--preset', 'shapes', '--tokens', 'kl', '--max_steps', '20']).max_steps == 20
 
@@ -1543,11 +1544,18 @@ def test_train_vq_loss_falls_gan_switches_on_checkpoint_loads(tmp_path):
 
 def test_train_tokenizer_disc_start_never(tmp_path):
     """--disc_start -1 (the shapes recipe's): no GAN term at any step, however long the run (a fixed start step
-    once switched the GAN on in runs longer than the recipe, and it collapsed the codebook)."""
+    once switched the GAN on in runs longer than the recipe, and it collapsed the codebook).
+    Also --encoder_lr_scale: the encoder's and latent tokens' groups, and only theirs, train at that share of the lr."""
     assert tt.get_args(['--preset', 'shapes']).disc_start == -1
-    _tt_train(tmp_path, '--max_steps', 6, '--disc_start', -1, '--eval_data', 'none')
+    _tt_train(tmp_path, '--max_steps', 6, '--disc_start', -1, '--eval_data', 'none', '--encoder_lr_scale', 0.5)
     m = _tt_metrics(tmp_path)
     assert len(m) == 6 and not any({'d_hinge', 'lecam', 'g_adv'} & set(r) for r in m)
+    groups = _tt_ckpt(tmp_path)['optimizer']['param_groups']
+    tok = TATiTok(tt.tatitok_config('tiny-vq'))
+    n_enc = sum(1 for n, _ in tok.named_parameters() if n.startswith(('encoder.', 'latent_tokens')))
+    assert sum(len(g['params']) for g in groups if g['lr_scale'] == 0.5) == n_enc
+    assert sum(len(g['params']) for g in groups) == len(list(tok.parameters()))
+    assert all(g['lr'] == pytest.approx(m[-1]['lr'] * g['lr_scale']) for g in groups)
 
 def test_train_tokenizer_two_processes_match_one(tmp_path):
     """torchrun with 2 gloo processes and the same global batch gives the losses of 1 process (1e-5), GAN on."""

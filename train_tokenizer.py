@@ -248,26 +248,27 @@ def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99, l2=False):
 OFFICIAL_TOKENS = ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128')
 RECIPES = {
     # the release's configs/training/TA-TiTok/*.yaml; the global batch is UNCONFIRMED (32 per GPU x 8 assumed)
-    'official': dict(batch_size=256, micro_batch_size=32, max_steps=650_000, lr=1e-4, end_lr=1e-5, warmup_steps=10_000,
-                     weight_decay=1e-4, beta2=0.999, disc_start=200_000, disc_lr=1e-4, disc_width=128,
-                     perceptual='lpips-convnext', clip='ViT-L-14-336:openai', data=None, eval_data=None,
-                     eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000, num_workers=8,
-                     init='release'),
+    'official': dict(batch_size=256, micro_batch_size=32, max_steps=650_000, lr=1e-4, encoder_lr_scale=1.0,
+                     end_lr=1e-5, warmup_steps=10_000, weight_decay=1e-4, beta2=0.999, disc_start=200_000,
+                     disc_lr=1e-4, disc_width=128, perceptual='lpips-convnext', clip='ViT-L-14-336:openai', data=None,
+                     eval_data=None, eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000,
+                     num_workers=8, init='release'),
     # CPU quickstart: 32 px shapes, random tiny text tower, no perceptual loss (no downloads). No GAN, however long
     # the run (switched on at step 800 it collapsed the codebook: 21.36 -> 15.45 dB by step 1200, 2-3x the step time).
-    # 3300 steps of the 64-wide preset: 241-247 s on 2 cores, 279 s in a slower session, within the 5 minutes.
-    # Peak lr 2e-3 after 300 warm-up steps: VQ reached 25.84 / 26.80 / 26.88 dB (seeds 42 / 0 / 1), against 23.71 /
-    # 24.94 dB (seeds 42 / 1) at 1e-3 with 50.
-    # Higher is a lottery: 3e-3 gave 24.99 / 27.35 dB, 4e-3 (500 warm-up steps) collapsed the codebook at seed 42
-    # (usage 4%, 21.76 dB; 19.6 dB is what the text alone gives), while two other seeds reached 27.4-27.6 dB in a
-    # stripped-down loop
-    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=3300, lr=2e-3, end_lr=2e-4, warmup_steps=300,
-                   weight_decay=1e-4, beta2=0.99, disc_start=-1, disc_lr=1e-4, disc_width=32,
+    # 3300 steps of the 64-wide preset: 241-247 s on 2 cores, 279-295 s in slower sessions, within the 5 minutes.
+    # Peak lr 6e-3 after 500 warm-up steps, the encoder's (and latent tokens') at a third of it, 2e-3. A high lr for the
+    # decoder and codebook is what moves VQ; at 4e-3 for the encoder too, its features fell onto one code per token
+    # position (seed 42: usage 4%, 19.35 dB at step 825, 21.76 at the end; the text alone gives 19.6).
+    # Measured, 1 thread, seed 42 / 1: 2e-3 for all (the previous recipe) 25.43 / 26.88 dB; 4e-3, encoder 2e-3:
+    # 27.00 / 27.74; 6e-3, encoder 2e-3: 27.36 / 28.24; 8e-3, encoder 2e-3: 25.58 (seed 42). With 2 threads, seed 42
+    # (the README's run): 27.48 dB
+    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=3300, lr=6e-3, encoder_lr_scale=1/3, end_lr=6e-4,
+                   warmup_steps=500, weight_decay=1e-4, beta2=0.99, disc_start=-1, disc_lr=1e-4, disc_width=32,
                    perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
                    eval_images=256, log_every=100, eval_every=825, ckpt_every=1650, num_workers=0, init='small'),
     # tests: 32 px, a few steps
-    'tiny': dict(batch_size=8, micro_batch_size=None, max_steps=10, lr=1e-3, end_lr=1e-4, warmup_steps=2,
-                 weight_decay=1e-4, beta2=0.999, disc_start=4, disc_lr=1e-4, disc_width=32,
+    'tiny': dict(batch_size=8, micro_batch_size=None, max_steps=10, lr=1e-3, encoder_lr_scale=1.0, end_lr=1e-4,
+                 warmup_steps=2, weight_decay=1e-4, beta2=0.999, disc_start=4, disc_lr=1e-4, disc_width=32,
                  perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
                  eval_images=16, log_every=1, eval_every=1000, ckpt_every=5, num_workers=0, init='release'),
 }
@@ -277,7 +278,7 @@ RECIPES = {
 # KL keeps lr 1e-3: at 2e-3, 3600 steps reached 28.38 dB in 290 s, but the KL generator trained on those tokens drew
 # the right shape only 75.0-82.3% of the time (four seeds), against 87.5-91.7%
 RECIPES['shapes-kl'] = {**RECIPES['shapes'], 'max_steps': 4200, 'eval_every': 1050, 'ckpt_every': 2100,
-                        'lr': 1e-3, 'end_lr': 1e-4, 'warmup_steps': 50}
+                        'lr': 1e-3, 'encoder_lr_scale': 1.0, 'end_lr': 1e-4, 'warmup_steps': 50}
 
 def get_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" for recipe-filled flags
@@ -289,7 +290,7 @@ def get_args(argv=None):
     g = p.add_argument_group('model')
     g.add_argument('--tokens', default=None, help="official release to train: vq32|vq64|vq128|kl32|kl64|kl128 "
                    "(its architecture and recipe); with --preset: vq or kl (default vq)")
-    g.add_argument('--preset', default=None, choices=list(RECIPES)[1:],
+    g.add_argument('--preset', default=None, choices=['shapes', 'tiny'],
                    help="small recipe instead of an official one: shapes (CPU quickstart, 32 px), tiny (tests, 32 px)")
     g.add_argument('--clip', default=None, help="text encoder: 'tiny' (random, no download) or MODEL:PRETRAINED of "
                    "open_clip, e.g. ViT-L-14-336:openai (the release's); default from the recipe")
@@ -307,6 +308,9 @@ def get_args(argv=None):
                    "accumulation = batch_size / (micro_batch_size x processes). Default: no accumulation")
     g.add_argument('--max_steps', type=int, default=None, help="optimizer steps (also the length of the cosine schedule)")
     g.add_argument('--lr', type=float, default=None, help="peak learning rate of the tokenizer")
+    g.add_argument('--encoder_lr_scale', type=float, default=None, help="the encoder's (and latent tokens') lr is "
+                   "this times the tokenizer's; 1 in the release. Shapes: below 1, so a high decoder lr does not "
+                   "collapse the codebook")
     g.add_argument('--end_lr', type=float, default=None, help="learning rate at the end of the cosine decay")
     g.add_argument('--warmup_steps', type=int, default=None, help="linear warmup steps (tokenizer and discriminator)")
     g.add_argument('--weight_decay', type=float, default=None, help="AdamW weight decay (not on norms, biases, embeddings)")
@@ -362,7 +366,7 @@ def get_args(argv=None):
                         'tiny': 'out/tiny-tokenizer'}[recipe] + ('-kl' if args.tokens == 'kl' else '')
     if args.data is None:
         p.error("--data is required with an official recipe (tar shards, a glob, or a folder of images)")
-    for k in ('batch_size', 'max_steps', 'log_every', 'eval_every', 'ckpt_every', 'eval_images'):
+    for k in ('batch_size', 'max_steps', 'log_every', 'eval_every', 'ckpt_every', 'eval_images', 'encoder_lr_scale'):
         if getattr(args, k) <= 0:
             p.error(f"--{k} must be positive")
     return args
@@ -491,7 +495,11 @@ def main(args):
     # optimizers, schedules, scalers
     fused = dict(fused=device_type in ('cuda', 'cpu'))  # one kernel for all tensors: on 2 CPU cores 1.5 ms vs 7.6
     betas = (args.beta1, args.beta2)
-    opt = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=betas, **fused)
+    encoder = {id(p) for n, p in raw_model.named_parameters() if n.startswith(('encoder.', 'latent_tokens'))}
+    groups = [dict(g, params=[p for p in g['params'] if (id(p) in encoder) == enc],  # (decay, no decay) x (enc, rest)
+                   lr_scale=args.encoder_lr_scale if enc else 1.0)
+              for g in param_groups(raw_model, args.weight_decay) for enc in (True, False)]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=betas, **fused)
     opt_d = torch.optim.AdamW(param_groups(disc_raw, args.weight_decay), lr=args.disc_lr, betas=betas, **fused)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     scaler_d = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
@@ -626,7 +634,7 @@ def main(args):
 
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr)
         for group in opt.param_groups:
-            group['lr'] = lr
+            group['lr'] = lr * group['lr_scale']
         gan = 0 <= args.disc_start <= step  # the GAN phase: D trains, G gets the adversarial term, LeCAM is on
         if gan:
             lr_d = get_lr(step - args.disc_start, args.disc_lr, args.warmup_steps, args.max_steps - args.disc_start,
