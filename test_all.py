@@ -1501,11 +1501,11 @@ def test_small_run_init():
     torch.testing.assert_close(tok.decoder.positional_embedding[0], cls_row)
 
 def test_train_tokenizer_shapes_recipes():
-    """--preset shapes takes its VQ or KL recipe (KL: more, cheaper steps at its own lr); a flag beats the recipe."""
+    """--preset shapes takes its VQ or KL recipe (KL: fewer steps, its own lr); a flag beats the recipe."""
     vq, kl = (tt.get_args(['--preset', 'shapes', '--tokens', t]) for t in ('vq', 'kl'))
-    assert (vq.max_steps, kl.max_steps) == (tt.RECIPES['shapes']['max_steps'], tt.RECIPES['shapes-kl']['max_steps'])
-    assert kl.max_steps > vq.max_steps and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (6e-3, 1e-3, 500, 50)
-    assert (vq.encoder_lr_scale, kl.encoder_lr_scale) == (1 / 3, 1.0)
+    assert (vq.max_steps, kl.max_steps) == (3300, 3000) and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (
+        6e-3, 3e-3, 500, 500)
+    assert vq.lr * vq.encoder_lr_scale == pytest.approx(2e-3) and kl.lr * kl.encoder_lr_scale == pytest.approx(1e-3)
     assert (vq.out_dir, kl.out_dir) == ('out/shapes-tokenizer', 'out/shapes-tokenizer-kl')
     assert tt.get_args(['--preset', 'shapes', '--tokens', 'kl', '--max_steps', '20']).max_steps == 20
 
