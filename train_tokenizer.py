@@ -275,9 +275,9 @@ RECIPES = {
 }
 # the shapes quickstart with KL tokens: the same split of learning rates, the encoder at the 1e-3 it had before.
 # 1 thread, seed 42: 28.98 dB after 3300 steps (1e-3 for all, the previous recipe: 27.31; 28.11 after 4200 steps,
-# which took 329 s in a slow session), so 3000 steps: 28.63 dB in 262 s. 2e-3 for the encoder too reached 28.38 dB in 3600
-# steps, but the KL generator trained on those tokens drew the right shape only 75.0-82.3% of the time (four seeds);
-# on these, 80.2-87.5%
+# which took 329 s in a slow session), so 3000 steps: 28.63 dB in 262 s. 2e-3 for the encoder too reached 28.38 dB
+# in 3600 steps, but the KL generator trained on those tokens drew the right shape only 75.0-82.3% of the time (four
+# seeds); on these, 80.2-87.5%
 RECIPES['shapes-kl'] = {**RECIPES['shapes'], 'max_steps': 3000, 'eval_every': 750, 'ckpt_every': 1500,
                         'lr': 3e-3, 'encoder_lr_scale': 1/3, 'end_lr': 3e-4, 'warmup_steps': 500}
 
