@@ -59,7 +59,7 @@ RECIPES = {
                              sample_every=10_000, ckpt_every=5_000, num_workers=8, pool=0, sample_aes=6.0, guidance_scale=3.0,
                              sample_steps=32, temperature=1.0),
     # CPU quickstart: 32 px shapes (every sample has aesthetic score 6.0), sampled on the 24 "a {colour} {shape}";
-    # sized to fit 8 minutes on 2 cores (measured 133-180 s VQ / 326 s KL on the 64-wide tokenizers; 176 s / 410-452 s
+    # sized to fit 8 minutes on 2 cores (measured 133-183 s VQ / 326-453 s KL on the 64-wide tokenizers; 176 s / 410-452 s
     # on the 128-wide ones; VQ: 700 steps drew shapes better than 1400); accuracy in README's quickstart section
     ('shapes', 'vq'): dict(batch_size=64, max_steps=700, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
                            weight_decay=0.03, betas=[0.9, 0.96], log_every=100, sample_every=700, ckpt_every=700,
