@@ -1507,6 +1507,7 @@ def test_train_tokenizer_shapes_recipes():
         6e-3, 3e-3, 500, 500)
     assert vq.lr * vq.encoder_lr_scale == pytest.approx(2e-3) and kl.lr * kl.encoder_lr_scale == pytest.approx(1e-3)
     assert (vq.out_dir, kl.out_dir) == ('out/shapes-tokenizer', 'out/shapes-tokenizer-kl')
+    assert tatitok_config('shapes-vq').commitment_cost == 0.0 and tatitok_config('vq32').commitment_cost == 0.25
     assert tt.get_args(['--preset', 'shapes', '--tokens', 'kl', '--max_steps', '20']).max_steps == 20
 
 def test_train_tokenizer_cli_user_errors_exit_2(tmp_path):
