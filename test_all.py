@@ -1503,7 +1503,7 @@ def test_small_run_init():
 def test_train_tokenizer_shapes_recipes():
     """--preset shapes takes its VQ or KL recipe (KL: fewer steps, its own lr); a flag beats the recipe."""
     vq, kl = (tt.get_args(['--preset', 'shapes', '--tokens', t]) for t in ('vq', 'kl'))
-    assert (vq.max_steps, kl.max_steps) == (3300, 3000) and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (
+    assert (vq.max_steps, kl.max_steps) == (2700, 3000) and (vq.lr, kl.lr, vq.warmup_steps, kl.warmup_steps) == (
         6e-3, 3e-3, 500, 500)
     assert vq.lr * vq.encoder_lr_scale == pytest.approx(2e-3) and kl.lr * kl.encoder_lr_scale == pytest.approx(1e-3)
     assert (vq.out_dir, kl.out_dir) == ('out/shapes-tokenizer', 'out/shapes-tokenizer-kl')

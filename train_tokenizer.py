@@ -255,18 +255,19 @@ RECIPES = {
                      num_workers=8, init='release'),
     # CPU quickstart: 32 px shapes, random tiny text tower, no perceptual loss (no downloads). No GAN, however long
     # the run (switched on at step 800 it collapsed the codebook: 21.36 -> 15.45 dB by step 1200, 2-3x the step time).
-    # 3300 steps of the 64-wide preset: 241-247 s on 2 cores, 279-295 s in slower sessions, within the 5 minutes.
+    # 2700 steps: 259 s on 2 cores on a slow day (~174 img/s; 3300 steps took 316 s that day, 241-295 s on others).
     # Peak lr 6e-3 after 500 warm-up steps, the encoder's (and latent tokens') at a third of it, 2e-3. A high lr for the
     # decoder and codebook is what moves VQ; at 4e-3 for the encoder too, its features fell onto one code per token
     # position (seed 42: usage 4%, 19.35 dB at step 825, 21.76 at the end; the text alone gives 19.6).
-    # Measured, 1 thread, seed 42 / 1: 2e-3 for all (the previous recipe) 25.43 / 26.88 dB; 4e-3, encoder 2e-3:
-    # 27.00 / 27.74; 6e-3, encoder 2e-3: 27.36 / 28.24 (seeds 0 / 2: 28.10 / 28.42); 8e-3, encoder 2e-3: 25.58
-    # (seed 42). With 2 threads, seed 42 (the README's run): 27.48 dB. The 500 warm-up steps matter: with 300 the
-    # codebook collapsed as above, and so it did with the codebook at the encoder's lr
-    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=3300, lr=6e-3, encoder_lr_scale=1/3, end_lr=6e-4,
+    # Measured with the release's commitment weight (0.25), 3300 steps, 1 thread, seed 42 / 1: 2e-3 for all 25.43 /
+    # 26.88 dB; 4e-3, encoder 2e-3: 27.00 / 27.74; 6e-3, encoder 2e-3: 27.36 / 28.24 (seeds 0 / 2: 28.10 / 28.42);
+    # 8e-3, encoder 2e-3: 25.58 (seed 42). The 500 warm-up steps matter: with 300 the codebook collapsed as above, and
+    # so it did with the codebook at the encoder's lr. Without the commitment loss (the shapes-vq preset in tatitok.py
+    # now): 29.77 dB (seed 42, 1 thread); with 2 threads 30.17 dB after 3300 steps, 29.39 dB after these 2700
+    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=2700, lr=6e-3, encoder_lr_scale=1/3, end_lr=6e-4,
                    warmup_steps=500, weight_decay=1e-4, beta2=0.99, disc_start=-1, disc_lr=1e-4, disc_width=32,
                    perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
-                   eval_images=256, log_every=100, eval_every=825, ckpt_every=1650, num_workers=0, init='small'),
+                   eval_images=256, log_every=100, eval_every=675, ckpt_every=1350, num_workers=0, init='small'),
     # tests: 32 px, a few steps
     'tiny': dict(batch_size=8, micro_batch_size=None, max_steps=10, lr=1e-3, encoder_lr_scale=1.0, end_lr=1e-4,
                  warmup_steps=2, weight_decay=1e-4, beta2=0.999, disc_start=4, disc_lr=1e-4, disc_width=32,
