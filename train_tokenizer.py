@@ -280,7 +280,7 @@ RECIPES = {
 # in 3600 steps, but the KL generator trained on those tokens drew the right shape only 75.0-82.3% of the time (four
 # seeds); on these, 80.2-87.5%
 RECIPES['shapes-kl'] = {**RECIPES['shapes'], 'max_steps': 3000, 'eval_every': 750, 'ckpt_every': 1500,
-                        'lr': 3e-3, 'encoder_lr_scale': 1/3, 'end_lr': 3e-4, 'warmup_steps': 500}
+                        'lr': 3e-3, 'end_lr': 3e-4, 'warmup_steps': 500}
 
 def get_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" for recipe-filled flags
