@@ -16,7 +16,7 @@ Both read CLIP features as tensors, text_tokens (B, 77, T) and text_pooled (B, T
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/maskgen.py, modeling/modules/blocks.py,
-   modeling/modules/losses.py, modeling/diffusion/), facts in ../shared/docs/official-implementation.md
+   modeling/modules/losses.py, modeling/diffusion/)
 3) MM-DiT (SD3): https://arxiv.org/abs/2403.03206, as diffusers' JointTransformerBlock
 4) MaskGIT: https://arxiv.org/abs/2202.04200, and MUSE-Pytorch (baaivision), the VQ sampler's template
 5) MAR and its diffusion loss: https://arxiv.org/abs/2406.11838, https://github.com/LTH14/mar

@@ -15,7 +15,7 @@ official releases, shared with maskgen.py.
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py, modeling/titok.py,
-   modeling/modules/blocks.py, modeling/quantizer/quantizer.py), facts in ../shared/docs/official-implementation.md
+   modeling/modules/blocks.py, modeling/quantizer/quantizer.py)
 3) TiTok, the 1D tokenizer it extends: https://arxiv.org/abs/2406.07550
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """

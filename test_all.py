@@ -1,7 +1,7 @@
 """
 All the tests, in one file, on CPU, offline. Run: python -m pytest test_all.py
 The parity tests compare against the official numerics in the fixture folder named by PARITY_DIR
-(default ../shared/parity); see that folder's README.md for the contract they follow.
+(default: the repository's parity/); see parity/README.md for the contract they follow.
 """
 import dataclasses
 import functools
@@ -38,7 +38,7 @@ from maskgen import (MaskGen, MaskGenConfig, MASKGEN_PRESETS, GaussianDiffusion,
                      encode_prompts)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, '..', 'shared', 'parity'))
+PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, 'parity'))
 KEYS_DIR = os.path.join(PARITY_DIR, 'official_keys')
 torch.set_num_threads(2)
 ONE_THREAD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # subprocesses: 1 thread, like one_thread

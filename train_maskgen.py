@@ -19,7 +19,7 @@ Continue a run that was killed, bitwise the same as never stopping (on CPU): the
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (train_maskgen.py, modeling/maskgen.py,
-   modeling/modules/losses.py MLMLoss, configs/training/MaskGen/*.yaml), facts in ../shared/docs/official-implementation.md
+   modeling/modules/losses.py MLMLoss, configs/training/MaskGen/*.yaml)
 3) MAR's diffusion loss: https://github.com/LTH14/mar; IDDPM's hybrid loss: https://arxiv.org/abs/2102.09672
 4) nanoGPT train.py, whose shape this file follows: https://github.com/karpathy/nanoGPT
 """

@@ -17,7 +17,7 @@ Continue a run that was killed, bitwise the same as never stopping (on CPU): the
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/modules/{losses,perceptual_loss,lpips,
-   discriminator,ema_model}.py, utils/{train_utils,lr_schedulers}.py), facts in ../shared/docs/official-implementation.md
+   discriminator,ema_model}.py, utils/{train_utils,lr_schedulers}.py)
 3) LPIPS: https://arxiv.org/abs/1801.03924, weights as in https://github.com/CompVis/taming-transformers
 4) LeCAM: https://arxiv.org/abs/2104.03310
 5) nanoGPT train.py, whose shape this file follows: https://github.com/karpathy/nanoGPT
