@@ -431,6 +431,17 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
                           resample, flip and kind != 'shapes', filters, recap_prob, strip_prefix, max_objects,
                           num_samples, kl_sample, raw))  # never flip shapes: their captions say left and right
 
+def make_grid(images, ncol):
+    """uint8 images (B, H, W, 3) -> one uint8 image, `ncol` per row, 2 px of white around each."""
+    B, H, W, _ = images.shape
+    nrow, pad = -(-B // ncol), 2
+    grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        y = pad + (i // ncol) * (H + pad)
+        x = pad + (i % ncol) * (W + pad)
+        grid[y:y + H, x:x + W] = img
+    return grid
+
 # -----------------------------------------------------------------------------
 # writing shards, the pretokenizer, and the CLI
 

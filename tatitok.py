@@ -446,6 +446,18 @@ class TextEncoder(nn.Module):
         self.requires_grad_(False).eval()
 
     @classmethod
+    def from_name(cls, name, context_length=77):
+        """--clip of every script: 'tiny' (random weights, built here, `context_length` positions), MODEL:PRETRAINED of
+        open_clip (PRETRAINED: a tag, downloaded once, or a local file), MODEL alone ('openai' weights), or a local file
+        of the releases' text encoder, ViT-L-14-336."""
+        if name == 'tiny':
+            return cls.tiny(context_length=context_length)
+        model, _, pretrained = name.partition(':')
+        if not pretrained and os.path.isfile(name):
+            return cls.from_open_clip('ViT-L-14-336', name)
+        return cls.from_open_clip(model, pretrained or 'openai')
+
+    @classmethod
     def from_spec(cls, spec):
         """Rebuild from self.spec (kept in checkpoints): an open_clip model and tag, or a text_cfg."""
         return cls.from_text_cfg(**spec) if 'text_cfg' in spec else cls.from_open_clip(**spec)
@@ -566,3 +578,60 @@ def tatitok_config(name, **overrides):
         raise CheckpointError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TATITOK_PRESETS)}")
     known = {f.name for f in fields(TATiTokConfig)}
     return TATiTokConfig(**{k: v for k, v in {**TATITOK_PRESETS[name], **overrides}.items() if k in known})
+
+# -----------------------------------------------------------------------------
+# what every script shares: the device, the precision, checkpoints, a GPU's peak
+
+def pick_device(name='auto'):
+    """The torch.device of --device. 'auto': this process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else
+    the CPU. A name torch does not know, or a device this machine lacks: ValueError with a one-line message."""
+    if name == 'auto':
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, mps") from None
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here (--device cpu?)")
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine (--device cpu?)")
+    return device
+
+DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
+
+def pick_dtype(name, device):
+    """The autocast dtype of --dtype. 'auto': bfloat16 on a GPU that has it (else float16), float32 elsewhere."""
+    if name == 'auto' and device.type == 'cuda':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == 'auto':
+        return torch.float32
+    if name == 'float16' and device.type != 'cuda':
+        raise ValueError("--dtype float16 needs a CUDA GPU (its loss scaling is CUDA's); use bfloat16 or float32")
+    return DTYPES[name]
+
+def autocast(device, dtype):
+    """The mixed-precision context of the forward passes (none for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+def save_checkpoint(ckpt, path):
+    """torch.save to a temporary file, then a rename: a job killed meanwhile leaves the old file or the new one."""
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+def checkpoint_weights(ckpt):
+    """The weights a checkpoint of ours is used with: the EMA weights when it has them (as DiT), else the model's."""
+    if ckpt.get('ema') is not None:
+        return ckpt['ema']
+    return ckpt['model']
+
+# bf16 dense tensor-core peaks; matched in this order against torch.cuda.get_device_name(), so PCIe and NVL first
+PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
+
+def peak_flops(device):
+    """The bf16 peak FLOP/s of a GPU, for MFU; inf for a CPU or an unknown GPU, so MFU reads 0 rather than a guess."""
+    if device.type != 'cuda':
+        return float('inf')
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), float('inf'))
