@@ -3,13 +3,16 @@ MaskGen: text-to-image generation over TA-TiTok's 1D tokens, all of it in this s
 
 Two generators share one backbone, an MM-DiT that reads the caption's CLIP features as a second stream:
 - MaskGenVQ predicts code ids (masked token modeling) and samples them with MaskGIT;
-- MaskGenKL predicts a per-token condition for a small diffusion MLP over continuous tokens (MAR's diffusion loss)
-  and samples MAR-style, in a random order per image.
+- MaskGenKL predicts a per-token condition for a small diffusion MLP over continuous tokens (MAR's diffusion
+  loss) and samples MAR-style, in a random order per image.
 Both read CLIP features as tensors, text_tokens (B, 77, T) and text_pooled (B, T): see tatitok.TextEncoder.
+forward() is the training loss, the very one train_maskgen.py optimises; generate() samples.
 
     from maskgen import MaskGen, encode_prompts
     from tatitok import TATiTok, TextEncoder
-    gen, tok, clip = MaskGen.from_pretrained('vq-xl'), TATiTok.from_pretrained('vq128'), TextEncoder.from_open_clip()
+    gen = MaskGen.from_pretrained('vq-xl')
+    tok = TATiTok.from_pretrained('vq128')
+    clip = TextEncoder.from_open_clip()
     ids = gen.generate(**encode_prompts(clip, captions), aes=6.5, seed=0)  # (B, 128) code ids
     images = tok.decode_tokens(ids, clip(captions)['guidance']).clamp(0, 1)
 
@@ -33,7 +36,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from tatitok import CheckpointError, load_state_dict_file, hf_download, load_official
+from tatitok import CheckpointError, load_state_dict_file, hf_download, load_official, checkpoint_weights, param_groups
 
 # -----------------------------------------------------------------------------
 # small helpers: modulation, sinusoids, schedules, noise
@@ -42,32 +45,41 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 def sinusoid(x, dim=256, max_period=10000, cos_first=False):
-    # diffusers/DiT sinusoid, fp32: [sin | cos] (or [cos | sin]) at frequencies max_period^(-i / half)
+    # the diffusers / DiT sinusoid, in fp32: [sin | cos] (or [cos | sin]) at frequencies max_period^(-i / half)
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=x.device) / half)
+    i = torch.arange(half, dtype=torch.float32, device=x.device)
+    freqs = torch.exp(-math.log(max_period) * i / half)  # (dim/2,)
     args = x[:, None].float() * freqs[None]  # (B, dim/2)
-    return torch.cat([torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)], -1)
+    if cos_first:
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, dim)
 
 def aes_embedding_vq(aes, dim=256):
-    return sinusoid(aes * 100, dim, max_period=1000)  # official MaskGen_VQ.get_sinusoidal_encoding of 100 * score
+    # the official MaskGen_VQ.get_sinusoidal_encoding of 100 * score
+    return sinusoid(aes * 100, dim, max_period=1000)
 
 def aes_embedding_kl(aes, dim=256):
-    # official MaskGen_KL.get_sinusoidal_encoding of 100 * score: base 10000 and sin/cos *interleaved*, unlike VQ
-    freqs = torch.pow(10000, -torch.arange(0, dim, 2, dtype=torch.float32, device=aes.device) / dim)  # (dim/2,)
+    # the official MaskGen_KL.get_sinusoidal_encoding of 100 * score: base 10000, sin and cos *interleaved*
+    i = torch.arange(0, dim, 2, dtype=torch.float32, device=aes.device)
+    freqs = torch.pow(10000, -i / dim)  # (dim/2,)
     args = (aes * 100)[:, None] * freqs  # (B, dim/2), in the score's own precision, as in the release
     return torch.stack([torch.sin(args), torch.cos(args)], dim=-1).flatten(1).float()  # (B, dim): sin, cos, ...
 
-def mask_schedule(num_tokens, num_steps, kind):
-    """How many tokens are still masked after each decoding step, arccos (MaskGIT, VQ) or cosine (MAR, KL). The
-    last step leaves none; every step commits at least one token while more than one is left."""
-    n, out = num_tokens, []
+def mask_schedule(num_tokens, num_steps, kind, start=None):
+    """How many tokens are still masked after each decoding step: arccos (MaskGIT, VQ) or cosine (MAR, KL). The
+    last step leaves none; every step commits at least one token while more than one is left. start: how many
+    are masked before the first step (all of them by default)."""
+    n = num_tokens if start is None else start
+    out = []
     for step in range(num_steps):
         r = (step + 1) / num_steps
         if kind == 'arccos':  # fp32 like the official torch code, so that floor() rounds the same way
             n_float = num_tokens * (torch.acos(torch.tensor(r)) / (math.pi * 0.5))
         else:  # fp64 like the official numpy code
             n_float = num_tokens * np.cos(math.pi / 2.0 * r)
-        n = 0 if step == num_steps - 1 else max(1, min(n - 1, math.floor(n_float)))
+        n = max(1, min(n - 1, math.floor(n_float)))
+        if step == num_steps - 1:
+            n = 0
         out.append(n)
     return out
 
@@ -75,8 +87,10 @@ def guidance_ramp(scale, r, schedule, power=1.0):
     """The guidance weight at progress r in (0, 1], rising from ~1 to `scale` (cosine from MDT, linear from Muse)."""
     if schedule == 'cosine':
         return (scale - 1) * (1 - math.cos(math.pi * r ** power)) / 2 + 1
-    assert schedule in ('linear', 'constant'), schedule
-    return (scale - 1) * r + 1 if schedule == 'linear' else scale
+    if schedule == 'linear':
+        return (scale - 1) * r + 1
+    assert schedule == 'constant', schedule
+    return scale
 
 def draw(fn, shape, generator, device):
     """fn (torch.rand or torch.randn) of `shape` from `generator`. A list of generators, one per image, splits the
@@ -87,17 +101,20 @@ def draw(fn, shape, generator, device):
     return torch.cat([fn(rows, generator=g, device=device) for g in generator])
 
 def image_generators(seed, images, device):
-    """One generator per image for generate(), image (prompt p, sample j) seeded by (seed, p, j): an image then
+    """One generator per image for generate(): image (prompt p, sample j) seeded by (seed, p, j). An image then
     depends on those only, not on its batch, its batch size or the number of samples per prompt."""
-    return [torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, p, j]).generate_state(1)[0]))
-            for p, j in images]
+    out = []
+    for p, j in images:
+        image_seed = int(np.random.SeedSequence([seed, p, j]).generate_state(1)[0])
+        out.append(torch.Generator(device).manual_seed(image_seed))
+    return out
 
 def gumbel_noise(shape, generator, device):
     u = draw(torch.rand, shape, generator, device)  # fp32: bf16 noise would make ties
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 # -----------------------------------------------------------------------------
-# the MM-DiT block (diffusers JointTransformerBlock; module names = the official keys)
+# the MM-DiT block (diffusers' JointTransformerBlock; module names = the official keys)
 
 class AdaLayerNormZero(nn.Module):
     """LayerNorm modulated by c, handing back the gates and the MLP's modulation too: 6 vectors from one linear."""
@@ -108,8 +125,8 @@ class AdaLayerNormZero(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.linear(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, D)
+        mod = self.linear(F.silu(c)).unsqueeze(1)  # (B, 1, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         return modulate(self.norm(x), shift_msa, scale_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 class AdaLayerNormContinuous(nn.Module):
@@ -121,19 +138,20 @@ class AdaLayerNormContinuous(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x, c):
-        scale, shift = self.linear(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each; (scale, shift) order
+        scale, shift = self.linear(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each, in this order
         return modulate(self.norm(x), shift, scale)
 
 class FeedForward(nn.Module):
-    """diffusers FeedForward: keys net.0.proj and net.2 (net.1 was a dropout with p = 0)."""
+    """diffusers' FeedForward: keys net.0.proj and net.2 (net.1 was a dropout with p = 0)."""
 
     def __init__(self, dim):
         super().__init__()
-        self.net = nn.ModuleList([nn.ModuleDict(dict(proj=nn.Linear(dim, 4 * dim))), nn.Identity(),
-                                  nn.Linear(4 * dim, dim)])
+        proj = nn.ModuleDict(dict(proj=nn.Linear(dim, 4 * dim)))
+        self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(4 * dim, dim)])
 
     def forward(self, x):
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate='tanh'))  # diffusers' "gelu-approximate"
+        h = F.gelu(self.net[0].proj(x), approximate='tanh')  # diffusers' "gelu-approximate"
+        return self.net[2](h)
 
 class JointAttention(nn.Module):
     """One attention over [image tokens, text tokens] with separate q/k/v/out weights per stream. No QK-norm, no
@@ -142,19 +160,28 @@ class JointAttention(nn.Module):
     def __init__(self, dim, heads, last):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.add_q_proj = nn.Linear(dim, dim)
+        self.add_k_proj = nn.Linear(dim, dim)
+        self.add_v_proj = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # key 'to_out.0'
-        self.to_add_out = None if last else nn.Linear(dim, dim)  # the last block has no text output
+        # the last block has no text output (its text query is computed and unused, as released)
+        self.to_add_out = None if last else nn.Linear(dim, dim)
 
     def forward(self, x, ctx):
         B, L, D = x.shape
         q = torch.cat([self.to_q(x), self.add_q_proj(ctx)], dim=1)  # (B, L+77, D): image first, then text
         k = torch.cat([self.to_k(x), self.add_k_proj(ctx)], dim=1)
         v = torch.cat([self.to_v(x), self.add_v_proj(ctx)], dim=1)
-        q, k, v = (t.view(B, -1, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L+77, hs)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, L+77, D)
-        return self.to_out[0](y[:, :L]), (None if self.to_add_out is None else self.to_add_out(y[:, L:]))
+        q, k, v = (t.view(B, -1, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L+77, hs)
+        y = y.transpose(1, 2).reshape(B, -1, D)  # (B, L+77, D)
+        x = self.to_out[0](y[:, :L])
+        if self.to_add_out is None:
+            return x, None
+        return x, self.to_add_out(y[:, L:])
 
 class JointBlock(nn.Module):
     """An MM-DiT block: image stream x (B, L, D) and text stream ctx (B, 77, D), each with its own adaLN-Zero and
@@ -191,6 +218,7 @@ class JointBlock(nn.Module):
 # MaskGen-KL's diffusion loss: a small MLP denoiser per token (MAR) and a hand-written IDDPM
 
 class ResBlock(nn.Module):
+
     def __init__(self, width):
         super().__init__()
         self.in_ln = nn.LayerNorm(width, eps=1e-6)
@@ -202,6 +230,7 @@ class ResBlock(nn.Module):
         return x + gate_mlp * self.mlp(modulate(self.in_ln(x), shift_mlp, scale_mlp))
 
 class FinalLayer(nn.Module):
+
     def __init__(self, width, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -213,12 +242,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 class SimpleMLPAdaLN(nn.Module):
-    """The denoiser: noisy tokens x_t (M, C), timesteps t (M,), conditions z (M, D) -> (M, 2C): eps, variance value."""
+    """The denoiser: noisy tokens x_t (M, C), timesteps t (M,), conditions z (M, D) -> (M, 2C), eps and a variance
+    value per channel."""
 
     def __init__(self, in_channels, width, z_channels, depth):
         super().__init__()
-        self.time_embed = nn.ModuleDict(dict(mlp=nn.Sequential(nn.Linear(256, width), nn.SiLU(),
-                                                                nn.Linear(width, width))))  # DiT's TimestepEmbedder
+        time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.time_embed = nn.ModuleDict(dict(mlp=time_mlp))  # DiT's TimestepEmbedder
         self.cond_embed = nn.Linear(z_channels, width)
         self.input_proj = nn.Linear(in_channels, width)
         self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
@@ -233,13 +263,15 @@ class SimpleMLPAdaLN(nn.Module):
         return self.final_layer(x, y)  # (M, 2C)
 
 def cosine_betas(num_steps, s=0.008, max_beta=0.999):
-    alpha_bar = lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2  # IDDPM eq. 17, float64 like the original
-    return np.array([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-                     for i in range(num_steps)])
+    # IDDPM eq. 17, in float64 like the original
+    alpha_bar = lambda t: math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = [1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps) for i in range(num_steps)]
+    return np.minimum(betas, max_beta)
 
 def space_timesteps(num_steps, count):
-    # IDDPM respace.py with one section: `count` timesteps evenly strided over [0, num_steps - 1], rounded
-    stride, idx, steps = (num_steps - 1) / (count - 1) if count > 1 else 1, 0.0, []
+    # IDDPM's respace.py with one section: `count` timesteps evenly strided over [0, num_steps - 1], rounded
+    stride = (num_steps - 1) / (count - 1) if count > 1 else 1
+    idx, steps = 0.0, []
     for _ in range(count):
         steps.append(round(idx))
         idx += stride  # accumulated, not i * stride: the float rounding must match the release
@@ -252,7 +284,8 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     # IDDPM's decoder likelihood for 8-bit data in [-1, 1]; the release applies it at t = 0 to latents too
     cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
     inv_std = torch.exp(-log_scale)
-    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    cdf_plus = cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = cdf(inv_std * (x - mean - 1 / 255))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
@@ -265,13 +298,17 @@ class GaussianDiffusion:
     def __init__(self, num_steps=1000, sample_steps=None):
         self.timestep_map = np.array(space_timesteps(num_steps, sample_steps or num_steps))
         ac = np.cumprod(1.0 - cosine_betas(num_steps))[self.timestep_map]
-        self.betas = b = 1.0 - ac / np.append(1.0, ac[:-1])  # respacing keeps alpha_bar at the kept steps
+        b = 1.0 - ac / np.append(1.0, ac[:-1])  # respacing keeps alpha_bar at the kept steps
+        self.betas = b
         ac = np.cumprod(1.0 - b)  # recomputed from the betas, as the release does
         ac_prev = np.append(1.0, ac[:-1])
-        self.sqrt_ac, self.sqrt_one_minus_ac = np.sqrt(ac), np.sqrt(1.0 - ac)
-        self.sqrt_recip_ac, self.sqrt_recipm1_ac = np.sqrt(1.0 / ac), np.sqrt(1.0 / ac - 1)
+        self.sqrt_ac = np.sqrt(ac)
+        self.sqrt_one_minus_ac = np.sqrt(1.0 - ac)
+        self.sqrt_recip_ac = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_ac = np.sqrt(1.0 / ac - 1)
         posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)
-        self.posterior_logvar = np.log(np.append(posterior_variance[1], posterior_variance[1:]))  # 0 at t=0: clipped
+        # 0 at t = 0, so its log is clipped to the value at t = 1
+        self.posterior_logvar = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
         self.posterior_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
         self.log_betas = np.log(b)
@@ -279,10 +316,12 @@ class GaussianDiffusion:
     @staticmethod
     def _at(arr, t):
         # schedule values in fp32: one per row for a tensor of timesteps (training), a scalar for an int (sampling)
-        return float(arr[t]) if isinstance(t, int) else torch.from_numpy(arr).float().to(t.device)[t].unsqueeze(-1)
+        if isinstance(t, int):
+            return float(arr[t])
+        return torch.from_numpy(arr).float().to(t.device)[t].unsqueeze(-1)  # (M, 1)
 
     def p_mean_logvar(self, x_t, t, eps, v, x0_clip=None):
-        # the mean of p(x_{t-1} | x_t) through the predicted x_0; the log-variance between posterior's and beta_t's
+        # the mean of p(x_{t-1} | x_t) through the predicted x_0; the log-variance between the posterior's and beta_t's
         frac = (v + 1) / 2  # v in [-1, 1]
         logvar = frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.posterior_logvar, t)
         x0 = self._at(self.sqrt_recip_ac, t) * x_t - self._at(self.sqrt_recipm1_ac, t) * eps
@@ -290,18 +329,16 @@ class GaussianDiffusion:
             x0 = x0.clamp(-x0_clip, x0_clip)
         return self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t, logvar
 
-    def training_losses(self, net, x0, z, generator=None, t=None, noise=None):
-        """IDDPM's hybrid loss per token: MSE on eps + the variational bound (in bits), which trains the variance
-        only. Timesteps t (M,) and noise (M, C) are drawn unless given. -> (loss (M,), timesteps (M,))."""
-        t = torch.randint(0, len(self.betas), (x0.shape[0],), generator=generator, device=x0.device) if t is None else t
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device) if noise is None else noise
+    def training_losses(self, net, x0, z, t, noise):
+        """IDDPM's hybrid loss per token, at timesteps t (M,) with noise (M, C): the MSE of eps plus the variational
+        bound in bits, which trains the variance only (its mean uses eps detached) -> (M,)."""
         x_t = self._at(self.sqrt_ac, t) * x0 + self._at(self.sqrt_one_minus_ac, t) * noise  # (M, C)
         eps, v = net(x_t, t, z).float().chunk(2, dim=1)  # (M, C) each, fp32 from here on
-        mean, logvar = self.p_mean_logvar(x_t, t, eps.detach(), v)  # the mean frozen for the bound
+        mean, logvar = self.p_mean_logvar(x_t, t, eps.detach(), v)
         true_mean = self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t
         kl = normal_kl(true_mean, self._at(self.posterior_logvar, t), mean, logvar).mean(1) / math.log(2.0)
-        nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(1) / math.log(2.0)
-        return (noise - eps).pow(2).mean(1) + torch.where(t == 0, nll, kl), t
+        nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(1) / math.log(2.0)  # the bound at t = 0
+        return (noise - eps).pow(2).mean(1) + torch.where(t == 0, nll, kl)
 
     @torch.no_grad()
     def sample(self, net, z, z_null=None, guidance=1.0, temperature=1.0, generator=None, x0_clip=None):
@@ -309,7 +346,7 @@ class GaussianDiffusion:
         variance comes from the conditional half (official forward_with_cfg). Temperature scales the noise (MAR).
         x0_clip: clamp each step's predicted x_0 to [-x0_clip, x0_clip]. At t = 999 that prediction is eps's error
         times 1 / sqrt(alpha_bar) = 2e4: a well-trained head predicts eps there almost exactly, a small or young one
-        does not, and its samples blow up to ~1e3 (measured on the shapes quickstart) unless clamped.
+        does not, and its samples blow up unless clamped.
         generator: one, or a list of one per image, the M tokens being image-major (see draw)."""
         M, C = z.shape[0], net.input_proj.in_features
         x = draw(torch.randn, (M, C), generator, z.device)  # (M, C), shared by both halves
@@ -318,16 +355,18 @@ class GaussianDiffusion:
             if z_null is None:
                 eps, v = net(x, t, z).float().chunk(2, dim=1)  # (M, C) each
             else:
-                out = net(x.repeat(2, 1), t.repeat(2), torch.cat([z, z_null])).float()  # (2M, 2C) in one batch
-                (eps, v), eps_null = out[:M].chunk(2, dim=1), out[M:, :C]
+                out = net(x.repeat(2, 1), t.repeat(2), torch.cat([z, z_null])).float()  # (2M, 2C), one batch
+                eps, v = out[:M].chunk(2, dim=1)
+                eps_null = out[M:, :C]
                 eps = eps_null + guidance * (eps - eps_null)
             mean, logvar = self.p_mean_logvar(x, i, eps, v, x0_clip)
-            noise = draw(torch.randn, x.shape, generator, x.device) if i > 0 else 0.0
+            if i == 0:
+                return mean  # (M, C)
+            noise = draw(torch.randn, x.shape, generator, x.device)
             x = mean + torch.exp(0.5 * logvar) * temperature * noise
-        return x  # (M, C)
 
 # -----------------------------------------------------------------------------
-# config and presets
+# the config
 
 @dataclass
 class MaskGenConfig:
@@ -345,61 +384,17 @@ class MaskGenConfig:
     diffloss_depth: int = 8
     scale_factor: float = 0.7525    # KL: latents are multiplied by it for the generator (no shift)
     diffusion_batch_mul: int = 4    # KL: each token's condition is trained on 4 noise draws
+    mask_block: int = 32            # KL: one masking ratio per block of this many samples (the release's GPU batch)
     text_drop_prob: float = 0.1     # training: caption replaced by the "" encoding, for classifier-free guidance
     label_smoothing: float = 0.1    # VQ loss
     unmasked_weight: float = 0.1    # VQ loss weight of the visible tokens (masked ones weigh 1)
 
-_L, _XL = dict(width=1024, depth=16, heads=16), dict(width=1280, depth=20, heads=16)
-_VQ, _KL = dict(quantize='vq', num_tokens=128, codebook_size=8192), dict(quantize='kl', num_tokens=32, token_size=16)
-MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the generator models
-    'vq-l':  dict(**_VQ, **_L, repo='turkeyju/generator_maskgen_vq_l', tokenizer='vq128'),     # 604.3M
-    'vq-xl': dict(**_VQ, **_XL, repo='turkeyju/generator_maskgen_vq_xl', tokenizer='vq128'),   # 1176.6M
-    'kl-l':  dict(**_KL, **_L, diffloss_width=1024, repo='turkeyju/generator_maskgen_kl_l', tokenizer='kl32'),     # 641.4M
-    'kl-xl': dict(**_KL, **_XL, diffloss_width=1280, repo='turkeyju/generator_maskgen_kl_xl', tokenizer='kl32'),  # 1237.3M
-    # small ones: text_embed_dim 64 = TextEncoder.tiny(); token shapes = the tokenizer presets of the same name
-    'tiny-vq':   dict(quantize='vq', num_tokens=8, codebook_size=96, width=64, depth=2, heads=4, text_embed_dim=64,
-                      tokenizer='tiny-vq'),
-    'tiny-kl':   dict(quantize='kl', num_tokens=8, token_size=5, width=64, depth=2, heads=4, text_embed_dim=64,
-                      diffloss_width=64, diffloss_depth=2, tokenizer='tiny-kl'),
-    # CPU quickstart (train_maskgen.py --preset shapes): 16 tokens of a 32 px tokenizer, 16 text positions
-    'shapes-vq': dict(quantize='vq', num_tokens=16, codebook_size=1024, width=128, depth=4, heads=4,
-                      text_embed_dim=64, tokenizer='shapes-vq'),
-    # KL: a denoiser twice the transformer's width, as its width is what drew shapes (see README "Quickstart")
-    'shapes-kl': dict(quantize='kl', num_tokens=16, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
-                      diffloss_width=256, diffloss_depth=3, tokenizer='shapes-kl'),
-}
-
-def maskgen_config(name, **overrides):
-    """MaskGenConfig of a preset, with any field overridden."""
-    if name not in MASKGEN_PRESETS:
-        raise CheckpointError(f"unknown MaskGen preset {name!r}; choose one of {sorted(MASKGEN_PRESETS)}")
-    known = {f.name for f in fields(MaskGenConfig)}
-    return MaskGenConfig(**{k: v for k, v in {**MASKGEN_PRESETS[name], **overrides}.items() if k in known})
-
-def _config_from_state_dict(sd, path):
-    """MaskGenConfig fields of an official state dict, read off its shapes (heads are not in them: 16, as released)."""
-    count = lambda prefix: len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
-    try:
-        if 'embeddings.weight' in sd:
-            _, N, D = sd['pos_embed'].shape
-            return dict(quantize='vq', num_tokens=N, width=D, depth=count('blocks.'),
-                        codebook_size=sd['embeddings.weight'].shape[0] - 1002,  # mask, 1000 classes, "none"
-                        text_embed_dim=sd['text_embed_proj.weight'].shape[1])
-        _, N, D = sd['decoder_pos_embed_learned'].shape
-        return dict(quantize='kl', num_tokens=N, width=D, depth=count('decoder_blocks.'),
-                    token_size=sd['z_proj.weight'].shape[1], text_embed_dim=sd['text_emb.weight'].shape[1],
-                    diffloss_width=sd['diffloss.net.input_proj.weight'].shape[0],
-                    diffloss_depth=count('diffloss.net.res_blocks.'))
-    except (KeyError, ValueError, AttributeError):
-        raise CheckpointError(f"{path}: not a MaskGen state dict (expected 'embeddings.weight' and 'pos_embed' for "
-                              f"VQ, or 'decoder_pos_embed_learned' and 'z_proj.weight' for KL)")
-
 # -----------------------------------------------------------------------------
-# what the two generators share
+# what the two generators share: conditioning, training draws, sampling set-up, optimizer, FLOPs
 
 class MaskGen(nn.Module):
-    """Base of MaskGenVQ and MaskGenKL: conditioning, loading, optimizer groups, FLOPs. Each subclass registers its
-    modules under the official key names, which differ between the releases (blocks vs decoder_blocks, ...)."""
+    """Base of MaskGenVQ and MaskGenKL. Each subclass registers its modules under the official key names, which
+    differ between the two releases (blocks vs decoder_blocks, text_embed_proj vs text_emb, ...)."""
 
     def __init__(self, config):
         super().__init__()
@@ -407,104 +402,109 @@ class MaskGen(nn.Module):
 
     @staticmethod
     def from_config(config):
-        return {'vq': MaskGenVQ, 'kl': MaskGenKL}[config.quantize](config)
+        if config.quantize == 'vq':
+            return MaskGenVQ(config)
+        return MaskGenKL(config)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied VQ lm_head counts once
 
-    def _conditioning(self, text_tokens, text_pooled, aes, null=None):
-        """-> context stream (B', 77, D), pooled condition (B', D). With null = (null_tokens, null_pooled) the batch
-        is [cond; uncond], B' = 2B, for one guided pass; both halves get the same aesthetic score."""
+    def conditioning(self, text_tokens, text_pooled, aes):
+        """-> the context stream (B, 77, D) and the pooled condition c (B, D): CLIP's pooled features and the
+        aesthetic score's sinusoid, concatenated, then projected."""
         aes = torch.as_tensor(aes, device=text_tokens.device).expand(text_tokens.shape[0])  # (B,)
-        if null is not None:
-            text_tokens = torch.cat([text_tokens, null[0].expand_as(text_tokens)])  # (2B, 77, T)
-            text_pooled = torch.cat([text_pooled, null[1].expand_as(text_pooled)])  # (2B, T)
-            aes = torch.cat([aes, aes])
-        text_proj, pooled_proj, aes_embedding = self._cond_modules()
-        pooled = torch.cat([text_pooled, aes_embedding(aes, self.config.aes_embed_dim).to(text_pooled.dtype)], -1)
-        return text_proj(text_tokens), pooled_proj(pooled)  # (B', 77, D), (B', D)
+        text_proj, pooled_proj, aes_embedding = self.cond_modules()
+        aes_emb = aes_embedding(aes, self.config.aes_embed_dim).to(text_pooled.dtype)  # (B, 256)
+        pooled = torch.cat([text_pooled, aes_emb], dim=-1)  # (B, T + 256)
+        return text_proj(text_tokens), pooled_proj(pooled)
 
-    def _drop_text(self, text_tokens, text_pooled, null_text, generator):
-        # training: a caption becomes the "" encoding with probability text_drop_prob (the aesthetic score stays)
-        drop = torch.rand(text_tokens.shape[0], generator=generator, device=text_tokens.device)
-        drop = drop < self.config.text_drop_prob  # (B,)
-        return torch.where(drop[:, None, None], null_text[0], text_tokens), \
-            torch.where(drop[:, None], null_text[1], text_pooled)
+    def draw_training(self, B, generator=None, device=None):
+        """Every random draw of a training step for B samples, in sample order (official preprocess_condition,
+        masking, DiffLoss): `drop` (B,) True = the caption becomes the "" encoding; `mask` (B, N) True = the token
+        is masked, by the arccos schedule, with a ratio per sample (VQ; rounded, at least one) or one per block of
+        mask_block samples (KL; rounded up), at random positions; KL also `t` (B, k, N) the diffusion timesteps and
+        `noise` (B, k, N, C) of the k = diffusion_batch_mul draws per token."""
+        cfg = self.config
+        N, vq = cfg.num_tokens, cfg.quantize == 'vq'
+        drop = torch.rand(B, generator=generator, device=device) < cfg.text_drop_prob  # (B,)
+        if vq:
+            r = torch.rand(B, generator=generator, device=device)  # (B,)
+        else:
+            blocks = -(-B // cfg.mask_block)
+            r = torch.rand(blocks, generator=generator, device=device).repeat_interleave(cfg.mask_block)[:B]
+        ratio = (torch.acos(r) / (math.pi * 0.5)).clamp(1e-6, 1.0)  # (B,) arccos schedule of a uniform time
+        if vq:
+            n_masked = (N * ratio).round().clamp(min=1)
+        else:
+            n_masked = (N * ratio).ceil()
+        rank = torch.rand(B, N, generator=generator, device=device).argsort(-1)  # a random permutation per sample
+        out = dict(drop=drop, mask=rank < n_masked[:, None])  # (B, N)
+        if not vq:
+            k, C = cfg.diffusion_batch_mul, cfg.token_size
+            out['t'] = torch.randint(0, 1000, (B, k, N), generator=generator, device=device)
+            out['noise'] = torch.randn(B, k, N, C, generator=generator, device=device)
+        return out
 
-    def draw_mask(self, B, N, generator=None, device=None):
-        """Training's masking, (B, N) True = masked, at random positions: the arccos schedule with a ratio per sample
-        (VQ; rounded, at least one) or one per batch (KL; rounded up), as the releases draw it."""
-        vq = self.config.quantize == 'vq'
-        r = torch.rand(B if vq else 1, generator=generator, device=device)  # (B,) or (1,)
-        n_masked = N * (torch.acos(r) / (math.pi * 0.5)).clamp(1e-6, 1.0)
-        n_masked = n_masked.round().clamp(min=1) if vq else n_masked.ceil()
-        return torch.rand(B, N, generator=generator, device=device).argsort(-1) < n_masked[:, None]  # (B, N)
+    def drop_captions(self, text_tokens, text_pooled, null_tokens, null_pooled, drop):
+        # caption dropout for classifier-free guidance: both text streams become the "" encoding; aes stays
+        text_tokens = torch.where(drop[:, None, None], null_tokens, text_tokens)  # (B, 77, T)
+        text_pooled = torch.where(drop[:, None], null_pooled, text_pooled)  # (B, T)
+        return text_tokens, text_pooled
 
-    def _prepare_sampling(self, text_tokens, text_pooled, null_tokens, null_pooled, aes, guidance_scale, seed,
-                          generator):
-        guided = guidance_scale != 1.0  # 1: the conditional model alone, no unconditional pass at all
+    def prepare_sampling(self, text_tokens, text_pooled, null_tokens, null_pooled, aes, guidance_scale, seed,
+                         generator):
+        """-> guided, context (B' , 77, D), condition (B', D), generator. Guided: B' = 2B, the batch [cond; uncond]
+        in one pass, both halves with the same aesthetic score; guidance_scale 1 runs the conditional model alone."""
+        guided = guidance_scale != 1.0
         if guided and null_tokens is None:
             raise ValueError("guidance_scale != 1 needs null_tokens and null_pooled, the encoding of '' or of a "
                              "negative prompt (see encode_prompts)")
-        ctx, c = self._conditioning(text_tokens, text_pooled, aes, (null_tokens, null_pooled) if guided else None)
+        B = text_tokens.shape[0]
+        if guided:
+            text_tokens = torch.cat([text_tokens, null_tokens.expand_as(text_tokens)])  # (2B, 77, T)
+            text_pooled = torch.cat([text_pooled, null_pooled.expand_as(text_pooled)])  # (2B, T)
+            aes = torch.as_tensor(aes, device=text_tokens.device).expand(B).repeat(2)  # (2B,)
+        ctx, c = self.conditioning(text_tokens, text_pooled, aes)
         if generator is None and seed is not None:  # neither: torch's global RNG
             generator = torch.Generator(device=text_tokens.device).manual_seed(seed)
-        if isinstance(generator, (list, tuple)) and len(generator) != text_tokens.shape[0]:
-            raise ValueError(f"{len(generator)} generators for {text_tokens.shape[0]} prompts: pass one per image")
+        if isinstance(generator, (list, tuple)) and len(generator) != B:
+            raise ValueError(f"{len(generator)} generators for {B} prompts: pass one per image")
         return guided, ctx, c, generator
 
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
         """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official release, a
         local .bin / .safetensors file in the official key layout (sizes read off its shapes), or a checkpoint (or
-        its folder) written by train_maskgen.py. Returns the model in eval mode."""
-        if os.path.isdir(name_or_path):
-            name_or_path = os.path.join(name_or_path, 'ckpt.pt')
-        name = {p['repo']: n for n, p in MASKGEN_PRESETS.items() if 'repo' in p}.get(name_or_path, name_or_path)
-        if 'repo' in MASKGEN_PRESETS.get(name, {}):
-            path = hf_download(MASKGEN_PRESETS[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
-        elif os.path.exists(name_or_path):
-            path = name_or_path
-        else:
-            raise CheckpointError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
-                                  f"releases {sorted(n for n, p in MASKGEN_PRESETS.items() if 'repo' in p)} (a new "
-                                  f"model from a preset: MaskGen.from_config(maskgen_config(name)))")
-        sd = load_state_dict_file(path)
-        if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
-            config = MaskGenConfig(**{**sd['model_args'], **overrides})
-            sd = sd['ema'] if sd.get('ema') is not None else sd['model']
-        else:
-            config = MaskGenConfig(**{**_config_from_state_dict(sd, path), **overrides})
-        tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
-        if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
-            raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
-        model = cls.from_config(config)
-        print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
-        # lm_head.weight: the VQ head, tied to the embedding table; .bin files hold it, safetensors drop the twin
-        return load_official(model, sd, path, optional=('lm_head.weight',) if config.quantize == 'vq' else ()).eval()
+        its folder) written by train_maskgen.py. Returns the model in eval mode. See load_maskgen at the end."""
+        return load_maskgen(name_or_path, **overrides)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
-        # the official name rules (utils/train_utils.py): no decay for vectors, norms (the adaLN linears too: their
-        # names contain 'norm'), embeddings and anything named *embed*; KL's text_emb is "emb", so it decays
-        no_decay = lambda n, p: p.ndim < 2 or any(s in n for s in ('ln', 'bias', 'latent_tokens', 'mask_token',
-                                                                   'embedding', 'norm', 'gamma', 'embed'))
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        groups = [dict(params=[p for n, p in params if not no_decay(n, p)], weight_decay=weight_decay),
-                  dict(params=[p for n, p in params if no_decay(n, p)], weight_decay=0.0)]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                                 fused=device_type in ('cuda', 'cpu'))  # one kernel for all the tensors
+        # the release's no-decay rules; KL's text_emb is "emb", not "embed", so it decays (as released)
+        groups = param_groups(self.named_parameters(), weight_decay)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
 
-    def estimate_flops_per_image(self, text_len=77):
-        """Training FLOPs (forward + backward) per image: 6 x each weight matrix x the vectors passing through it,
-        plus 12 x depth x T^2 x D for the joint attention (nanoGPT; PaLM appendix B)."""
-        cfg, flops = self.config, 12 * self.config.depth * (self.config.num_tokens + text_len) ** 2 * self.config.width
-        for n, p in self.named_parameters():
-            if p.ndim == 2 and 'embeddings' not in n:
-                flops += 6 * p.numel() * (
-                    cfg.num_tokens * cfg.diffusion_batch_mul if n.startswith('diffloss.') else  # 4 noise draws
-                    1 if 'norm' in n or 'pooled' in n else  # modulation and pooled projections: once per image
-                    text_len if 'add_' in n or 'context' in n or n.startswith('text_emb') else cfg.num_tokens)
-        return flops + (6 * cfg.codebook_size * cfg.width * cfg.num_tokens if cfg.quantize == 'vq' else 0)  # LM head
+    def estimate_flops(self, text_len=77):
+        """FLOPs per image (2 per multiply-add of a matmul), counted from the architecture and checked against
+        torch's FlopCounterMode in the tests: `conditioning`, the text and pooled projections (once per image);
+        `backbone`, one MM-DiT pass over N image and text_len text tokens with its head; `denoiser`, the KL
+        diffusion MLP on one token; `train`, a training step's forward and backward (3x forward), whose KL denoiser
+        runs k times on each masked token (2/pi of them on average: E[arccos(u)] / (pi / 2))."""
+        cfg = self.config
+        D, L, N, T = cfg.width, cfg.depth, cfg.num_tokens, text_len
+        cond = cfg.text_embed_dim * D * T + (cfg.text_embed_dim + cfg.aes_embed_dim) * D
+        macs = L * 12 * D * D * N + ((L - 1) * 12 + 3) * D * D * T  # the last block's text stream: q, k, v only
+        macs += L * 2 * (N + T) ** 2 * D  # joint attention: scores and the weighted sum
+        macs += ((L - 1) * 12 + 8 + 2) * D * D  # adaLN modulations and the final norm, once per image
+        denoiser = 0
+        if cfg.quantize == 'vq':
+            macs += cfg.codebook_size * D * N  # the tied LM head
+        else:
+            W, C = cfg.diffloss_width, cfg.token_size
+            macs += C * D * N  # z_proj
+            denoiser = 256 * W + W * W + D * W + C * W + cfg.diffloss_depth * 5 * W * W + 2 * W * W + 2 * C * W
+        masked_share = 2 / math.pi
+        train = 3 * 2 * (cond + macs + cfg.diffusion_batch_mul * N * masked_share * denoiser)
+        return dict(conditioning=2 * cond, backbone=2 * macs, denoiser=2 * denoiser, train=train)
 
 # -----------------------------------------------------------------------------
 # MaskGen-VQ: masked token modeling over code ids, MaskGIT sampling
@@ -514,7 +514,8 @@ class TiedLMHead(nn.Module):
 
     def __init__(self, embeddings, codebook_size):
         super().__init__()
-        self.weight, self.codebook_size = embeddings.weight, codebook_size
+        self.weight = embeddings.weight
+        self.codebook_size = codebook_size
 
     def forward(self, x):
         return x @ self.weight[:self.codebook_size].t()  # (B, N, K): the mask and class rows are never predicted
@@ -523,7 +524,8 @@ class MaskGenVQ(MaskGen):
 
     def __init__(self, config):
         super().__init__(config)
-        D, self.mask_id = config.width, config.codebook_size
+        D = config.width
+        self.mask_id = config.codebook_size
         self.text_embed_proj = nn.Linear(config.text_embed_dim, D)
         self.cond_pooled_proj = nn.Linear(config.text_embed_dim + config.aes_embed_dim, D)
         self.blocks = nn.ModuleList([JointBlock(D, config.heads, d == config.depth - 1) for d in range(config.depth)])
@@ -533,7 +535,6 @@ class MaskGenVQ(MaskGen):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, D))
         self.lm_head = TiedLMHead(self.embeddings, config.codebook_size)
         self.init_weights()
-        print(f"MaskGen-VQ: {self.get_num_params() / 1e6:.2f}M parameters")
 
     @torch.no_grad()
     def init_weights(self):
@@ -553,35 +554,42 @@ class MaskGenVQ(MaskGen):
                 nn.init.zeros_(m.linear.weight)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def _cond_modules(self):
+    def cond_modules(self):
         return self.text_embed_proj, self.cond_pooled_proj, aes_embedding_vq
 
-    def _logits(self, ids, ctx, c):
+    def backbone(self, ids, ctx, c):
+        """ids (B, N) with mask_id at the masked positions -> logits (B, N, codebook_size)."""
         x = self.embeddings(ids) + self.pos_embed  # (B, N, D)
         for block in self.blocks:
             x, ctx = block(x, ctx, c)
         return self.lm_head(self.norm(x, c))  # (B, N, K)
 
     def logits(self, ids, text_tokens, text_pooled, aes):
-        """ids (B, N) with mask_id at the masked positions -> logits (B, N, codebook_size)."""
-        return self._logits(ids, *self._conditioning(text_tokens, text_pooled, aes))
+        """The logits of ids (B, N) for the prompts' CLIP features and aesthetic scores."""
+        return self.backbone(ids, *self.conditioning(text_tokens, text_pooled, aes))
 
-    def forward(self, ids, text_tokens, text_pooled, aes, null_text=None, generator=None, mask=None, reduction='mean'):
-        """The training loss of clean codes ids (B, N), the mask (B, N) drawn unless given. null_text = the "" encoding
-        (1, 77, T), (1, T) turns on caption dropout. -> (loss, stats), or with reduction='none' (ce, correct) (B, N)."""
-        B, N = ids.shape
-        if null_text is not None:
-            text_tokens, text_pooled = self._drop_text(text_tokens, text_pooled, null_text, generator)
-        mask = self.draw_mask(B, N, generator, ids.device) if mask is None else mask  # (B, N)
-        logits = self.logits(ids.masked_fill(mask, self.mask_id), text_tokens, text_pooled, aes).float()  # fp32 loss
-        loss = F.cross_entropy(logits.transpose(1, 2), ids, label_smoothing=self.config.label_smoothing,
-                               reduction='none')  # (B, N), over all tokens, not only the masked ones
-        if reduction == 'none':  # every position, for the caller to weigh
-            return loss, logits.argmax(-1) == ids  # (B, N) each
-        weight = torch.where(mask, 1.0, self.config.unmasked_weight)  # (B, N)
-        loss = (loss * weight).sum() / (weight.sum() + 1e-8)
-        acc = ((logits.argmax(-1) == ids) & mask).sum(1) / mask.sum(1)  # (B,) on the masked tokens
-        return loss, dict(acc=acc, mask_ratio=mask.float().mean(1), mask=mask)
+    def loss_weights(self, mask):
+        # the release's MLMLoss: every token is predicted, masked ones weigh 1, visible ones 0.1
+        return torch.where(mask, 1.0, self.config.unmasked_weight)  # (B, N)
+
+    def forward(self, ids, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=None, normalizer=None,
+                generator=None):
+        """The training loss of clean code ids (B, N): caption dropout to the "" encoding (null_tokens (1, 77, T),
+        null_pooled (1, T)), masking, label-smoothed cross-entropy over every token, weighted by loss_weights and
+        divided by their sum (the release's MLMLoss), or by `normalizer`, the weights' sum over a global batch
+        spread over processes. draws: draw_training's dict, drawn here unless given. -> (loss, stats)."""
+        d = draws if draws is not None else self.draw_training(ids.shape[0], generator, ids.device)
+        text_tokens, text_pooled = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled, d['drop'])
+        x = ids.masked_fill(d['mask'], self.mask_id)  # (B, N)
+        logits = self.logits(x, text_tokens, text_pooled, aes).float()  # (B, N, K), the loss in fp32
+        ce = F.cross_entropy(logits.transpose(1, 2), ids, label_smoothing=self.config.label_smoothing,
+                             reduction='none')  # (B, N)
+        w = self.loss_weights(d['mask'])
+        if normalizer is None:
+            normalizer = w.sum()  # (the release adds 1e-8; at least one token is masked, so the sum is >= 1)
+        loss = (ce * w).sum() / normalizer
+        correct = logits.detach().argmax(-1) == ids  # (B, N)
+        return loss, dict(logits=logits.detach(), correct=correct, mask=d['mask'])
 
     @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=16,
@@ -594,8 +602,8 @@ class MaskGenVQ(MaskGen):
         the Gumbel noise, annealed to 0. Randomness: seed, a generator, or a list of B generators, one per image,
         which makes each image independent of the batch it is drawn in. callback(step, ids) runs after each step."""
         B, N, device = text_tokens.shape[0], self.config.num_tokens, text_tokens.device
-        guided, ctx, c, generator = self._prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
-                                                           guidance_scale, seed, generator)
+        guided, ctx, c, generator = self.prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
+                                                          guidance_scale, seed, generator)
         ids = torch.full((B, N), self.mask_id, device=device)
         schedule = mask_schedule(N, num_steps, 'arccos')
         for step, n_next in tqdm(enumerate(schedule), total=num_steps, disable=not progress):
@@ -603,17 +611,18 @@ class MaskGenVQ(MaskGen):
             gumbel_temp = temperature * (1 - r)
             is_mask = ids == self.mask_id  # (B, N)
             if guided:
-                cond, uncond = self._logits(ids.repeat(2, 1), ctx, c).float().chunk(2)  # one batch for both
-                logits = cond + guidance_ramp(guidance_scale, r, guidance_schedule, guidance_power) * (cond - uncond)
+                cond, uncond = self.backbone(ids.repeat(2, 1), ctx, c).float().chunk(2)  # one batch for both
+                w = guidance_ramp(guidance_scale, r, guidance_schedule, guidance_power)
+                logits = cond + w * (cond - uncond)  # (B, N, K)
             else:
-                logits = self._logits(ids, ctx, c).float()  # (B, N, K)
+                logits = self.backbone(ids, ctx, c).float()  # (B, N, K)
             logits = logits / (0.5 + 0.8 * (1 - r))  # softmax-temperature annealing, 1.3 -> 0.5
             sampled = (logits + gumbel_temp * gumbel_noise(logits.shape, generator, device)).argmax(-1)  # (B, N)
             # confidence: the sampled token's scaled logit + Gumbel noise (sampling without replacement); committed
             # tokens get +inf, so they are never masked again
-            confidence = logits.gather(-1, sampled[..., None]).squeeze(-1) + \
-                gumbel_temp * gumbel_noise((B, N), generator, device)
-            confidence = confidence.masked_fill(~is_mask, math.inf)  # (B, N)
+            confidence = logits.gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
+            confidence = confidence + gumbel_temp * gumbel_noise((B, N), generator, device)
+            confidence = confidence.masked_fill(~is_mask, math.inf)
             remask = confidence.topk(n_next, dim=-1, largest=False).indices  # (B, n_next) the least confident
             ids = torch.where(is_mask, sampled, ids).scatter(1, remask, self.mask_id)
             if callback is not None:
@@ -628,21 +637,21 @@ class MaskGenKL(MaskGen):
     def __init__(self, config):
         super().__init__(config)
         D, N = config.width, config.num_tokens
+        # registered in the release's order, which the init's random draws follow
         self.text_emb = nn.Linear(config.text_embed_dim, D)
         self.text_pooled_emb = nn.Linear(config.text_embed_dim + config.aes_embed_dim, D)
-        self.decoder_blocks = nn.ModuleList([JointBlock(D, config.heads, d == config.depth - 1)
-                                             for d in range(config.depth)])
+        blocks = [JointBlock(D, config.heads, d == config.depth - 1) for d in range(config.depth)]
+        self.decoder_blocks = nn.ModuleList(blocks)
         self.decoder_norm = AdaLayerNormContinuous(D)
         self.z_proj = nn.Linear(config.token_size, D)
         self.z_proj_ln = nn.LayerNorm(D, eps=1e-6)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, N, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, N, D))
-        self.diffloss = nn.ModuleDict(dict(net=SimpleMLPAdaLN(config.token_size, config.diffloss_width, D,
-                                                              config.diffloss_depth)))  # keys diffloss.net.*
+        net = SimpleMLPAdaLN(config.token_size, config.diffloss_width, D, config.diffloss_depth)
+        self.diffloss = nn.ModuleDict(dict(net=net))  # keys diffloss.net.*
         self.train_diffusion = GaussianDiffusion(1000)  # no parameters
         self.init_weights()
-        print(f"MaskGen-KL: {self.get_num_params() / 1e6:.2f}M parameters")
 
     @torch.no_grad()
     def init_weights(self):
@@ -655,14 +664,16 @@ class MaskGenKL(MaskGen):
             return
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
         for p in (self.mask_token, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
 
-    def _cond_modules(self):
+    def cond_modules(self):
         return self.text_emb, self.text_pooled_emb, aes_embedding_kl
 
-    def _cond(self, x, mask, ctx, c):
+    def backbone(self, x, mask, ctx, c):
+        """Scaled latents x (B, N, C), mask (B, N) True = masked -> the denoiser's condition per token (B, N, D)."""
         x = self.z_proj_ln(self.z_proj(x))  # (B, N, D)
         x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # the mask token skips z_proj_ln
         x = x + self.decoder_pos_embed_learned
@@ -671,36 +682,38 @@ class MaskGenKL(MaskGen):
         return self.decoder_norm(x, c) + self.diffusion_pos_embed_learned  # (B, N, D)
 
     def cond(self, x, mask, text_tokens, text_pooled, aes):
-        """x (B, N, C) latents already times scale_factor, mask (B, N) True = masked -> the per-token condition
-        (B, N, D) of the denoiser (official forward_mae_decoder)."""
-        return self._cond(x, mask.bool(), *self._conditioning(text_tokens, text_pooled, aes))
+        """The denoiser's condition per token of scaled latents x (B, N, C) (official forward_mae_decoder)."""
+        return self.backbone(x, mask.bool(), *self.conditioning(text_tokens, text_pooled, aes))
 
-    def forward(self, latents, text_tokens, text_pooled, aes, null_text=None, generator=None, mask=None, t=None,
-                noise=None, reduction='mean'):
-        """The training loss of latents (B, N, C), unscaled: the diffusion loss of the masked tokens, each at k =
-        diffusion_batch_mul timesteps. Drawn unless given: mask (B, N), t (B, k, N), noise (B, k, N, C). -> (loss,
-        stats) with per-token values in the release's (k, B, N) order, or with reduction='none' the losses (B, k, N),
-        0 at the unmasked tokens."""
-        (B, N, C), k = latents.shape, self.config.diffusion_batch_mul
-        if null_text is not None:
-            text_tokens, text_pooled = self._drop_text(text_tokens, text_pooled, null_text, generator)
+    def loss_weights(self, mask):
+        # the diffusion loss is averaged over the masked tokens, each trained at k timesteps
+        k = self.config.diffusion_batch_mul
+        return mask[:, None].expand(-1, k, -1).float()  # (B, k, N)
+
+    def forward(self, latents, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=None,
+                normalizer=None, generator=None):
+        """The training loss of tokenizer latents (B, N, C), unscaled: caption dropout, masking, and the diffusion
+        loss of each masked token at k = diffusion_batch_mul timesteps, weighted by loss_weights and divided by
+        their sum, or by `normalizer` (as MaskGenVQ.forward). draws: draw_training's dict. -> (loss, stats), with
+        the per-token losses (B, k, N), 0 at the visible tokens."""
+        B, N, C = latents.shape
+        k = self.config.diffusion_batch_mul
+        d = draws if draws is not None else self.draw_training(B, generator, latents.device)
+        text_tokens, text_pooled = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled, d['drop'])
         x = latents * self.config.scale_factor  # (B, N, C)
-        mask = self.draw_mask(B, N, generator, x.device) if mask is None else mask  # (B, N)
-        if t is None:  # drawn in the release's order, for the batch repeated k times
-            t = torch.randint(0, 1000, (k, B, N), generator=generator, device=x.device).transpose(0, 1)  # (B, k, N)
-            noise = torch.randn(k, B, N, C, generator=generator, device=x.device).transpose(0, 1)  # (B, k, N, C)
-        z = self.cond(x, mask, text_tokens, text_pooled, aes)  # (B, N, D)
-        # the denoiser runs on the masked tokens only: the release runs it on all of them and zeroes the loss of the
-        # others, the same loss for more work (a third of the tokens are unmasked on average: E[acos(u)] / (pi/2))
-        m = mask.bool()[:, None].expand(B, k, N)  # (B, k, N)
-        x0, z = (v[:, None].expand(-1, k, -1, -1)[m] for v in (x, z))  # (M, C), (M, D): M masked (token, draw) pairs
-        token_loss = x.new_zeros(B, k, N, dtype=torch.float32)  # unmasked tokens: 0
-        token_loss[m] = self.train_diffusion.training_losses(self.diffloss.net, x0, z, None, t[m], noise[m])[0]
-        if reduction == 'none':
-            return token_loss
-        token_loss, t, token_mask = (v.transpose(0, 1).flatten() for v in (token_loss, t, mask[:, None].expand_as(t)))
-        loss = (token_loss * token_mask).sum() / token_mask.sum()  # the masked tokens only
-        return loss, dict(token_loss=token_loss.detach(), t=t, token_mask=token_mask, mask_ratio=mask.float().mean())
+        z = self.cond(x, d['mask'], text_tokens, text_pooled, aes)  # (B, N, D)
+        # the denoiser runs on the masked tokens only: the release runs it on all of them and zeroes the loss of
+        # the others, the same loss and gradients for a third more work (E[masked share] = 2 / pi)
+        m = d['mask'][:, None].expand(B, k, N)  # (B, k, N)
+        x0 = x[:, None].expand(B, k, N, C)[m]  # (M, C), M = the masked (token, draw) pairs
+        zm = z[:, None].expand(B, k, N, z.shape[-1])[m]  # (M, D)
+        token_loss = x.new_zeros(B, k, N, dtype=torch.float32)
+        token_loss[m] = self.train_diffusion.training_losses(self.diffloss.net, x0, zm, d['t'][m], d['noise'][m])
+        w = self.loss_weights(d['mask'])
+        if normalizer is None:
+            normalizer = w.sum()
+        loss = (token_loss * w).sum() / normalizer
+        return loss, dict(cond=z.detach(), token_loss=token_loss.detach(), t=d['t'], mask=d['mask'])
 
     @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=32,
@@ -712,18 +725,22 @@ class MaskGenKL(MaskGen):
         bounds the denoiser's x_0 (scaled latent units; None, as released: see GaussianDiffusion.sample).
         callback(step, tokens, mask) runs after each step."""
         B, N, C, device = text_tokens.shape[0], self.config.num_tokens, self.config.token_size, text_tokens.device
-        guided, ctx, c, generator = self._prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
-                                                           guidance_scale, seed, generator)
-        diffusion, reps = GaussianDiffusion(1000, diffusion_steps), 2 if guided else 1  # [cond; uncond] batches
-        tokens, mask = torch.zeros(B, N, C, device=device), torch.ones(B, N, dtype=torch.bool, device=device)
+        guided, ctx, c, generator = self.prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
+                                                          guidance_scale, seed, generator)
+        diffusion = GaussianDiffusion(1000, diffusion_steps)
+        reps = 2 if guided else 1  # [cond; uncond] batches
+        tokens = torch.zeros(B, N, C, device=device)
+        mask = torch.ones(B, N, dtype=torch.bool, device=device)
         order = draw(torch.rand, (B, N), generator, device).argsort(-1)  # a random order per image
-        schedule, n_masked = mask_schedule(N, num_steps, 'cosine'), N
-        for step, n_next in tqdm(enumerate(schedule), total=num_steps, disable=not progress):
+        n_masked = N
+        for step, n_next in tqdm(enumerate(mask_schedule(N, num_steps, 'cosine')), total=num_steps,
+                                 disable=not progress):
             idx = order[:, n_next:n_masked]  # (B, k) the positions committed at this step
             if idx.shape[1] > 0:
-                z = self._cond(tokens.repeat(reps, 1, 1), mask.repeat(reps, 1), ctx, c)  # (reps*B, N, D)
+                z = self.backbone(tokens.repeat(reps, 1, 1), mask.repeat(reps, 1), ctx, c)  # (reps*B, N, D)
                 z = z.gather(1, idx.repeat(reps, 1)[..., None].expand(-1, -1, z.shape[-1]))  # (reps*B, k, D)
-                z, z_null = z[:B].flatten(0, 1), (z[B:].flatten(0, 1) if guided else None)  # (B*k, D) each
+                z_null = z[B:].flatten(0, 1) if guided else None  # (B*k, D)
+                z = z[:B].flatten(0, 1)
                 # the release ramps with the next mask length clamped to >= 1: the last step stays below the scale
                 w = guidance_ramp(guidance_scale, (N - max(n_next, 1)) / N, guidance_schedule)
                 x = diffusion.sample(self.diffloss.net, z, z_null, w, temperature, generator, x0_clip)  # (B*k, C)
@@ -738,6 +755,93 @@ class MaskGenKL(MaskGen):
 def encode_prompts(text_encoder, captions, negative_prompt=''):
     """generate()'s text inputs from a tatitok.TextEncoder: the prompts, and "" (or a negative prompt) as the
     unconditional branch. (The tokenizer's decoder wants text_encoder(captions)['guidance'] too.)"""
-    cond, null = text_encoder(list(captions)), text_encoder([negative_prompt])
+    cond = text_encoder(list(captions))
+    null = text_encoder([negative_prompt])
     return dict(text_tokens=cond['tokens'], text_pooled=cond['pooled'],
                 null_tokens=null['tokens'], null_pooled=null['pooled'])
+
+# -----------------------------------------------------------------------------
+# presets: the four official releases, plus small ones for CPU
+
+_L = dict(width=1024, depth=16, heads=16)
+_XL = dict(width=1280, depth=20, heads=16)
+_VQ = dict(quantize='vq', num_tokens=128, codebook_size=8192)
+_KL = dict(quantize='kl', num_tokens=32, token_size=16)
+MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the generator models
+    'vq-l':  dict(**_VQ, **_L, repo='turkeyju/generator_maskgen_vq_l', tokenizer='vq128'),     # 604.3M
+    'vq-xl': dict(**_VQ, **_XL, repo='turkeyju/generator_maskgen_vq_xl', tokenizer='vq128'),   # 1176.6M
+    'kl-l':  dict(**_KL, **_L, diffloss_width=1024, repo='turkeyju/generator_maskgen_kl_l', tokenizer='kl32'),
+    'kl-xl': dict(**_KL, **_XL, diffloss_width=1280, repo='turkeyju/generator_maskgen_kl_xl', tokenizer='kl32'),
+    # small ones: text_embed_dim 64 = TextEncoder.tiny(); token shapes = the tokenizer presets of the same name
+    'tiny-vq': dict(quantize='vq', num_tokens=8, codebook_size=96, width=64, depth=2, heads=4, text_embed_dim=64,
+                    tokenizer='tiny-vq'),
+    'tiny-kl': dict(quantize='kl', num_tokens=8, token_size=5, width=64, depth=2, heads=4, text_embed_dim=64,
+                    diffloss_width=64, diffloss_depth=2, mask_block=2, tokenizer='tiny-kl'),
+    # the CPU quickstart (train_maskgen.py --preset shapes); TUNING.md says how these sizes were chosen
+    'shapes-vq': dict(quantize='vq', num_tokens=16, codebook_size=1024, width=128, depth=4, heads=4,
+                      text_embed_dim=64, tokenizer='shapes-vq'),
+    'shapes-kl': dict(quantize='kl', num_tokens=16, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
+                      diffloss_width=256, diffloss_depth=3, tokenizer='shapes-kl'),
+}
+
+def maskgen_config(name, **overrides):
+    """MaskGenConfig of a preset, with any field overridden."""
+    if name not in MASKGEN_PRESETS:
+        raise CheckpointError(f"unknown MaskGen preset {name!r}; choose one of {sorted(MASKGEN_PRESETS)}")
+    known = {f.name for f in fields(MaskGenConfig)}
+    args = {**MASKGEN_PRESETS[name], **overrides}
+    return MaskGenConfig(**{k: v for k, v in args.items() if k in known})
+
+# -----------------------------------------------------------------------------
+# loading the official releases and our checkpoints
+
+def load_maskgen(name_or_path, **overrides):
+    """MaskGen.from_pretrained: the file behind a preset, repo id, file or run folder, its config (ours: saved;
+    official: read off the shapes), then every key and shape checked."""
+    if os.path.isdir(name_or_path):
+        name_or_path = os.path.join(name_or_path, 'ckpt.pt')
+    by_repo = {p['repo']: n for n, p in MASKGEN_PRESETS.items() if 'repo' in p}
+    name = by_repo.get(name_or_path, name_or_path)
+    official = sorted(n for n, p in MASKGEN_PRESETS.items() if 'repo' in p)
+    if name in official:
+        path = hf_download(MASKGEN_PRESETS[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
+    elif os.path.exists(name_or_path):
+        path = name_or_path
+    else:
+        raise CheckpointError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
+                              f"releases {official} (a new model from a preset: "
+                              f"MaskGen.from_config(maskgen_config(name)))")
+    sd = load_state_dict_file(path)
+    if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
+        if 'num_tokens' not in sd['model_args']:
+            raise CheckpointError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
+        config = MaskGenConfig(**{**sd['model_args'], **overrides})
+        sd = checkpoint_weights(sd)
+    else:
+        config = MaskGenConfig(**{**config_from_state_dict(sd, path), **overrides})
+    tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
+    if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
+        raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
+    model = MaskGen.from_config(config)
+    print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
+    # lm_head.weight: the VQ head, tied to the embedding table; .bin files hold it, safetensors drop the twin
+    optional = ('lm_head.weight',) if config.quantize == 'vq' else ()
+    return load_official(model, sd, path, optional=optional).eval()
+
+def config_from_state_dict(sd, path):
+    """MaskGenConfig fields of an official state dict, read off its shapes (heads are not in them: 16, as released)."""
+    count = lambda prefix: len({k[len(prefix):].split('.')[0] for k in sd if k.startswith(prefix)})
+    try:
+        if 'embeddings.weight' in sd:
+            _, N, D = sd['pos_embed'].shape
+            return dict(quantize='vq', num_tokens=N, width=D, depth=count('blocks.'),
+                        codebook_size=sd['embeddings.weight'].shape[0] - 1002,  # mask, 1000 classes, "none"
+                        text_embed_dim=sd['text_embed_proj.weight'].shape[1])
+        _, N, D = sd['decoder_pos_embed_learned'].shape
+        return dict(quantize='kl', num_tokens=N, width=D, depth=count('decoder_blocks.'),
+                    token_size=sd['z_proj.weight'].shape[1], text_embed_dim=sd['text_emb.weight'].shape[1],
+                    diffloss_width=sd['diffloss.net.input_proj.weight'].shape[0],
+                    diffloss_depth=count('diffloss.net.res_blocks.'))
+    except (KeyError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a MaskGen state dict (expected 'embeddings.weight' and 'pos_embed' for "
+                              f"VQ, or 'decoder_pos_embed_learned' and 'z_proj.weight' for KL)") from None

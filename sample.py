@@ -1,19 +1,20 @@
 """
-Sample images from MaskGen: the official releases (downloaded and cached on first use) or a checkpoint trained here.
+Sample images from MaskGen: an official release (downloaded and cached on first use) or a checkpoint trained here.
 
-$ python sample.py "a red fox"                           # MaskGen-XL VQ, its bl128 VQ tokenizer, CLIP ViT-L-14-336
-$ python sample.py --model kl-l "a red fox" "a blue car" --n 8 --seed 1 --device cpu
-$ python sample.py --ckpt out/shapes-maskgen "a red circle" "a blue square above a yellow triangle"
-$ python sample.py --ckpt out/shapes-maskgen --eval shapes   # colour / shape accuracy on the 24 shapes prompts
-$ torchrun --standalone --nproc_per_node=8 sample.py --prompts mjhq_people.txt -n 1 --out samples/mjhq/people
+$ python sample.py "a red fox"                          # MaskGen-XL VQ, its bl128 VQ tokenizer, CLIP ViT-L-14-336
+$ python sample.py --model kl-l "a red fox" "a blue car" --per_prompt 8 --seed 1
+$ python sample.py --model out/shapes-maskgen "a red circle" "a blue square above a yellow triangle"
+$ python sample.py --model out/shapes-maskgen --eval shapes  # colour / shape accuracy on the 24 shapes prompts
+$ torchrun --standalone --nproc_per_node=8 sample.py --prompts mjhq_people.txt --per_prompt 1 --out_dir mjhq/people
 
-Writes OUT/{prompt index:05d}_{sample:02d}_s{seed}.png and OUT/grid.png. Randomness: every image draws from its own
-generator, seeded by (seed, prompt index, sample index). So an image depends on those and the device only, not on
---batch-size, -n or the number of torchrun processes (which get whole batches round-robin), up to float rounding
-that differs between batch shapes. The sampling algorithms live on the model, in maskgen.py; this file wires
-CLI -> models -> PNGs.
-References: 1) https://arxiv.org/abs/2501.07730  2) https://github.com/bytedance/1d-tokenizer (README sampling calls)
-3) DiT's sample.py / sample_ddp.py: https://github.com/facebookresearch/DiT
+Writes OUT_DIR/{prompt index:05d}_{sample:02d}_s{seed}.png, into a new or empty folder (a second run never mixes
+its images with the first's), and with --grid FILE one picture of them all. Every image draws its randomness from
+its own generator, seeded by (seed, prompt index, sample index), so an image depends on those and the device only,
+not on --batch_size, --per_prompt or the number of torchrun processes (which get whole batches round-robin), up to
+the float rounding of batch shapes. The samplers live on the models, in maskgen.py; this file wires the command
+line to the models and the PNGs.
+References: 1) https://arxiv.org/abs/2501.07730  2) https://github.com/bytedance/1d-tokenizer (README sampling)
+3) DiT's sample.py and sample_ddp.py: https://github.com/facebookresearch/DiT
 """
 import os
 import sys
@@ -22,142 +23,181 @@ import math
 import inspect
 import argparse
 import warnings
+
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-from tatitok import CheckpointError, TATiTok, TextEncoder, load_state_dict_file, load_official, TATITOK_PRESETS
+
+from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file, load_official,
+                     checkpoint_weights, pick_device, pick_dtype, autocast, number)
 from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
+from data import make_grid, SHAPES_EVAL_PROMPTS, classify_shapes
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
-SAMPLING = {  # the official infer configs (official-implementation.md section 5); a checkpoint's 'sampling' wins
+SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
     'vq': dict(num_steps=16, guidance_scale=12.0, guidance_schedule='cosine', temperature=2.0, aes=6.5),
-    'kl': dict(num_steps=32, guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, aes=6.5, x0_clip=None)}
-OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # for an official-layout generator file passed as --model
+    'kl': dict(num_steps=32, guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, aes=6.5,
+               diffusion_steps=100, x0_clip=None)}
+OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # the releases' pairs, for a generator file passed as --model
 DEFAULT_PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff at sunset"]  # feel free to change
 
-p = argparse.ArgumentParser(usage='python sample.py [PROMPT ...] [--model NAME | --ckpt DIR] [options]',
+p = argparse.ArgumentParser(usage='python sample.py [PROMPT ...] [--model NAME_OR_CKPT] [options]',
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument('prompt', nargs='*', help='prompts ("" = unconditional); default: a small built-in list')
-p.add_argument('--prompts', '--prompts_file', metavar='FILE',
-               help='a text file, one prompt per line (a blank line is unconditional)')
-p.add_argument('--eval', choices=['shapes'], help='shapes: draw the 24 shapes prompts, print colour/shape accuracy')
-p.add_argument('--model', '--init_from', default='vq-xl',
-               help=f'official generator {OFFICIAL} (default vq-xl), its HF repo id, or a local file')
-p.add_argument('--ckpt', help='a checkpoint (or its folder) written by train_maskgen.py; needs no other flag')
-p.add_argument('--tokenizer', help='override the paired tokenizer: a TATiTok name, repo id or local file')
-p.add_argument('--clip', metavar='FILE', help='local open_clip ViT-L-14-336 weights, instead of downloading them')
-p.add_argument('-n', '--n', type=int, default=4,  # under torchrun write -n: its parser rejects --n as ambiguous
-               help='images per prompt (default 4; MJHQ-30K FID: 1)')
-p.add_argument('--seed', type=int, default=0, help='base seed (see the note on randomness above)')
-p.add_argument('--steps', '--num_steps', type=int, help='decoding steps (default: 16 VQ, 32 KL, or the checkpoint\'s)')
-p.add_argument('--cfg', type=float, help='guidance scale, 1 = off (default: 12 VQ, 3 KL, or the checkpoint\'s)')
-p.add_argument('--cfg-schedule', '--cfg_schedule', choices=['cosine', 'linear', 'constant'],
-               help='how guidance ramps up over the steps (default: cosine VQ, linear KL)')
-p.add_argument('--temperature', type=float, help='VQ: Gumbel noise (default 2); KL: diffusion noise (default 1)')
-p.add_argument('--aes', type=float, help='aesthetic score to condition on (default 6.5)')
-p.add_argument('--x0-clip', '--x0_clip', type=float, help="KL: clamp the diffusion's predicted x0 to +-this "
-               "(0: off; default off, as released, or the checkpoint's: 3.0 for the shapes quickstart)")
+p.add_argument('prompt', nargs='*', help='prompts ("" is unconditional); default: two built-in prompts')
+p.add_argument('--prompts', metavar='FILE', help='a UTF-8 text file, one prompt per line (a blank line is '
+               'unconditional), instead of prompts on the command line')
+p.add_argument('--eval', choices=['shapes'], help='shapes: draw the 24 shapes prompts, print colour and shape '
+               'accuracy (a checkpoint of the CPU quickstart)')
+p.add_argument('--model', default='vq-xl', help=f'the generator: an official one {OFFICIAL} (default vq-xl), its '
+               f'Hugging Face repo id or a local file of it, or a checkpoint (or its folder) of train_maskgen.py, '
+               f'which holds all it needs')
+p.add_argument('--tokenizer', help='another tokenizer for the tokens: a name, repo id, local file or checkpoint')
+p.add_argument('--clip', help='another text encoder: MODEL:PRETRAINED of open_clip, a local file of ViT-L-14-336 '
+               'weights (offline use of the releases), or tiny')
+p.add_argument('--per_prompt', type=number(int, 1), default=4, help='images per prompt (default 4)')
+p.add_argument('--seed', type=number(int, 0), default=0, help='base seed (see the note on randomness above)')
+p.add_argument('--sample_steps', type=number(int, 1), help="decoding steps (default: 16 VQ, 32 KL, or the "
+               "checkpoint's)")
+p.add_argument('--guidance_scale', type=number(float, 0), help="guidance scale, 1 = off (default: 12 VQ, 3 KL, or "
+               "the checkpoint's)")
+p.add_argument('--guidance_schedule', choices=['cosine', 'linear', 'constant'], help='how guidance ramps up over '
+               'the steps (default: cosine VQ, linear KL)')
+p.add_argument('--temperature', type=number(float, 0), help='VQ: Gumbel noise (default 2); KL: diffusion noise '
+               '(default 1)')
+p.add_argument('--sample_aes', type=number(float), help='aesthetic score to condition on (default 6.5)')
+p.add_argument('--diffusion_steps', type=number(int, 1), help='KL: denoising steps per token (default 100)')
+p.add_argument('--x0_clip', type=number(float, 0), help="KL: clamp the diffusion's predicted x0 to +-this (0: off; "
+               "default off, as released, or the checkpoint's: 3.0 for the shapes quickstart)")
 p.add_argument('--negative', default='', help='negative prompt, the unconditional branch of guidance (default "")')
-p.add_argument('--batch-size', '--batch_size', type=int, default=16,
-               help='images per forward pass, per process (default 16)')
-p.add_argument('--device', default='auto', help='auto (cuda, then mps, then cpu), or e.g. cpu, cuda:1')
-p.add_argument('--dtype', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'],
-               help='autocast dtype (auto: bf16 on CUDA, fp32 on CPU and MPS)')
-p.add_argument('--compile', action='store_true', help='torch.compile the transformer blocks (for many images)')
-p.add_argument('--out', default='samples', help='output folder (default samples/)')
-
-def make_grid(images, nrow):
-    """uint8 (B, H, W, 3) -> one uint8 (rows*H + pad, nrow*W + pad, 3) image, 2 px white padding."""
-    B, H, W, _ = images.shape
-    rows, pad = math.ceil(B / nrow), 2
-    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        y, x = pad + (i // nrow) * (H + pad), pad + (i % nrow) * (W + pad)
-        grid[y:y + H, x:x + W] = img
-    return grid
+p.add_argument('--batch_size', type=number(int, 1), default=16, help='images per forward pass, per process '
+               '(default 16)')
+p.add_argument('--device', default='auto', help='auto (this process\'s GPU, else the CPU), cpu, cuda, cuda:1, mps')
+p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+               help='autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)')
+p.add_argument('--compile', default='off', choices=['on', 'off'], help='torch.compile the transformer blocks, '
+               'worth it for thousands of images (default off)')
+p.add_argument('--out_dir', default='samples', help='output folder, new or empty (default samples/)')
+p.add_argument('--grid', metavar='FILE', help='also save the first 64 images as one picture, a row per prompt')
 
 def load_models(args, device):
-    """-> generator, tokenizer, text encoder (eval mode, on device), sampling defaults"""
-    if args.ckpt:  # one of ours: everything needed is inside (weights, tokenizer, text encoder spec, defaults)
-        path = os.path.join(args.ckpt, 'ckpt.pt') if os.path.isdir(args.ckpt) else args.ckpt
+    """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
+    path = args.model
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if os.path.isfile(path) and not path.endswith(('.bin', '.safetensors')):  # one of ours: everything is inside
         ck = load_state_dict_file(path)
-        if not (isinstance(ck, dict) and 'text_encoder' in ck and 'num_tokens' in ck.get('model_args', {})):
-            raise CheckpointError(f"{path} is not a MaskGen checkpoint written by train_maskgen.py (a tokenizer's? "
-                                  f"an official file? pass that one with --model FILE)")
+        if not isinstance(ck, dict) or ck.get('script') != 'train_maskgen':
+            raise CheckpointError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
+                                  f"--tokenizer)")
         config = MaskGenConfig(**ck['model_args'])
-        gen = load_official(MaskGen.from_config(config), ck['ema'] if ck.get('ema') is not None else ck['model'], path,
-                            optional=('lm_head.weight',) if config.quantize == 'vq' else ())  # the tied LM head
-        tok, spec = args.tokenizer or ck['tokenizer'], ck['text_encoder']
-        spec = {**spec, 'pretrained': args.clip} if args.clip and 'pretrained' in spec else spec
-        sampling = {**SAMPLING[config.quantize], **ck.get('sampling', {})}
+        optional = ('lm_head.weight',) if config.quantize == 'vq' else ()  # the tied LM head
+        gen = load_official(MaskGen.from_config(config), checkpoint_weights(ck), path, optional=optional)
+        tokenizer, spec = ck['tokenizer'], ck['text_encoder']
+        sampling = {**SAMPLING[config.quantize], **ck['sampling']}
         del ck  # the optimizer state can be large
-    else:
-        name = args.model.removeprefix('maskgen-')
-        if name not in OFFICIAL + [MASKGEN_PRESETS[o]['repo'] for o in OFFICIAL] and not os.path.isfile(name):
-            raise CheckpointError(f"unknown model {args.model!r}: choose one of {', '.join(OFFICIAL)} (or its Hugging "
-                                  f"Face repo id), a local file, or --ckpt DIR for a checkpoint trained here")
-        gen = MaskGen.from_pretrained(name)
-        config, spec = gen.config, dict(model='ViT-L-14-336', pretrained=args.clip or 'openai')  # as released
-        tok = args.tokenizer or MASKGEN_PRESETS.get(name, {}).get('tokenizer') or OFFICIAL_TOKENIZER[config.quantize]
+    else:  # an official release, by name, repo id or file
+        gen = MaskGen.from_pretrained(args.model)
+        config = gen.config
+        tokenizer = MASKGEN_PRESETS.get(args.model, {}).get('tokenizer') or OFFICIAL_TOKENIZER[config.quantize]
+        spec = dict(model='ViT-L-14-336', pretrained='openai')  # as released
         sampling = dict(SAMPLING[config.quantize])
-    tok, te = TATiTok.from_pretrained(tok), TextEncoder.from_spec(spec)
-    t, g = tok.config, config
-    if (t.num_latent_tokens, t.quantize, t.text_embed_dim, g.text_embed_dim) != (g.num_tokens, g.quantize, te.width,
-                                                                                  te.width):
+    tok = TATiTok.from_pretrained(args.tokenizer or tokenizer)
+    if args.clip:
+        te = TextEncoder.from_name(args.clip, tok.config.text_context_length)
+    else:
+        te = TextEncoder.from_spec(spec)
+    t = tok.config
+    fits = (t.num_latent_tokens, t.quantize, t.text_embed_dim, te.context_length) == \
+        (config.num_tokens, config.quantize, te.width, t.text_context_length)
+    if not fits or config.text_embed_dim != te.width:
         raise CheckpointError(f"these do not fit together: a tokenizer of {t.num_latent_tokens} {t.quantize} tokens "
-                              f"reading text of width {t.text_embed_dim}, a generator of {g.num_tokens} {g.quantize} "
-                              f"tokens reading width {g.text_embed_dim}, a text encoder of width {te.width}")
+                              f"reading {t.text_context_length} x {t.text_embed_dim} text features, a generator of "
+                              f"{config.num_tokens} {config.quantize} tokens reading width {config.text_embed_dim}, "
+                              f"a text encoder of {te.context_length} x {te.width}")
+    gen.eval()  # important!
     return gen.to(device), tok.to(device), te.to(device), sampling
+
+def read_prompts(args):
+    if args.eval and (args.prompt or args.prompts):
+        p.error("--eval shapes draws its own 24 prompts: give no prompts with it")
+    if args.prompt and args.prompts:
+        p.error("give prompts on the command line or --prompts FILE, not both")
+    if args.eval:
+        return SHAPES_EVAL_PROMPTS
+    if not args.prompts:
+        return args.prompt or DEFAULT_PROMPTS
+    try:
+        with open(args.prompts, encoding='utf-8') as f:
+            prompts = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"cannot read the prompts file: {e}")
+    if not prompts:
+        p.error(f"no prompts in {args.prompts}")
+    return prompts
+
+def check_out_dir(args, world):
+    """Refuse a folder that holds files, or that cannot be made, before anything is loaded or drawn."""
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out_dir {args.out_dir} is a file, not a folder")
+    if world == 1 and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):  # torchrun: the ranks share it
+        p.error(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another folder")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        p.error(f"cannot make --out_dir {args.out_dir}: {e.strerror}")
+    if not os.access(args.out_dir, os.W_OK):
+        p.error(f"--out_dir {args.out_dir} is not writable")
+    if args.grid and os.path.abspath(os.path.dirname(args.grid) or '.') == os.path.abspath(args.out_dir):
+        p.error("--grid goes outside --out_dir, which holds the samples only (fid.py reads every image there)")
+
+def shapes_report(results, prompts):
+    """--eval shapes: colour and shape of each image against its prompt "a {colour} {shape}" -> lines, JSON last."""
+    k = np.array([r[0] for r in results])  # the prompt index of each image
+    hits = np.array([(c == prompts[j].split()[1], s == prompts[j].split()[2]) for j, c, s in results])  # (n, 2)
+    lines = []
+    for j, prompt in enumerate(prompts):
+        got = ', '.join(f"{c} {s}" for i, c, s in results if i == j)
+        lines.append(f"{prompt:18s} colour {hits[k == j, 0].mean():.2f} shape {hits[k == j, 1].mean():.2f} | {got}")
+    acc = dict(colour_acc=hits[:, 0].mean(), shape_acc=hits[:, 1].mean(), both_acc=hits.all(1).mean())
+    lines.append(json.dumps({**{key: round(float(v), 4) for key, v in acc.items()}, 'n': len(results)}))
+    return lines
 
 def main(argv=None):
     args = p.parse_args(argv)
-    for flag, value, low in [('--n', args.n, 1), ('--steps', args.steps, 1), ('--batch-size', args.batch_size, 1),
-                             ('--cfg', args.cfg, 0), ('--temperature', args.temperature, 0), ('--seed', args.seed, 0),
-                             ('--x0-clip', args.x0_clip, 0)]:
-        if value is not None and value < low:
-            p.error(f"{flag} must be >= {low}, got {value}")
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # torchrun, or one process
     master = rank == 0
     if args.eval and world > 1:
         p.error("--eval runs on one process (96 small images), not under torchrun")
-    if args.eval == 'shapes':
-        from data import SHAPES_EVAL_PROMPTS, classify_shapes
-        prompts = SHAPES_EVAL_PROMPTS
-    elif args.prompts:
-        try:
-            with open(args.prompts, encoding='utf-8') as f:
-                prompts = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            p.error(f"cannot read the prompts file: {e}")
-        if not prompts:
-            p.error(f"no prompts in {args.prompts}")
-    else:
-        prompts = args.prompt or DEFAULT_PROMPTS
-    n = args.n
-    device = args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else \
-        'mps' if torch.backends.mps.is_available() else 'cpu'
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if device == 'cuda' and world > 1 else device)
-    dtype = args.dtype if args.dtype != 'auto' else 'fp32' if device.type != 'cuda' else \
-        'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    prompts = read_prompts(args)
+    try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+    except ValueError as e:
+        p.error(str(e))
+    check_out_dir(args, world)
     try:
         gen, tok, te, sampling = load_models(args, device)
     except CheckpointError as e:
-        preset = MASKGEN_PRESETS.get(args.model.removeprefix('maskgen-'), {})  # a download failed: say all we need
-        needs = [preset.get('repo', args.model), TATITOK_PRESETS[preset.get('tokenizer', 'vq128')]['repo']]
-        hint = "Offline, pass local files: --tokenizer FILE, --clip FILE (open_clip ViT-L-14-336)." if args.ckpt else \
-            f"sample.py --model {args.model} needs {needs[0]}, {needs[1]} and " \
-            f"timm/vit_large_patch14_clip_336.openai (CLIP), downloaded once into the Hugging Face cache. Offline, " \
-            f"pass local files (--model FILE --tokenizer FILE --clip FILE) or draw from a checkpoint trained here " \
-            f"(--ckpt out/shapes-maskgen)."
-        print(f"error: {e}" + (f"\n{hint}" if 'from the Hugging Face repo' in str(e) else ''), file=sys.stderr)
+        msg = f"error: {e}"
+        if 'from the Hugging Face repo' in str(e):  # a download failed: say all that is needed
+            preset = MASKGEN_PRESETS.get(args.model, MASKGEN_PRESETS['vq-xl'])
+            msg += (f"\nsample.py --model {args.model} needs {preset['repo']}, "
+                    f"{TATITOK_PRESETS[preset['tokenizer']]['repo']} and timm/vit_large_patch14_clip_336.openai "
+                    f"(CLIP), downloaded once into the Hugging Face cache. Offline, pass local files (--model FILE "
+                    f"--tokenizer FILE --clip FILE) or a checkpoint trained here (--model out/shapes-maskgen).")
+        print(msg, file=sys.stderr)
         sys.exit(2)
-    for key, value in [('num_steps', args.steps), ('guidance_scale', args.cfg), ('temperature', args.temperature),
-                       ('guidance_schedule', args.cfg_schedule), ('aes', args.aes), ('x0_clip', args.x0_clip)]:
+    flags = dict(num_steps=args.sample_steps, guidance_scale=args.guidance_scale, temperature=args.temperature,
+                 guidance_schedule=args.guidance_schedule, aes=args.sample_aes, diffusion_steps=args.diffusion_steps,
+                 x0_clip=args.x0_clip)
+    for key, value in flags.items():
         if value is not None:
-            sampling[key] = (value or None) if key == 'x0_clip' else value  # --x0-clip 0: off
-    sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ or KL's
-    if args.compile:  # the blocks only: generate() itself is a Python loop with changing shapes
+            sampling[key] = value
+    if sampling.get('x0_clip') == 0:  # --x0_clip 0: off
+        sampling['x0_clip'] = None
+    sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ's or KL's
+    if args.compile == 'on':  # the blocks only: generate() itself is a Python loop with changing shapes
         for m in list(gen.modules()) + list(tok.decoder.modules()):
             if type(m).__name__ in ('JointBlock', 'SimpleMLPAdaLN', 'Block'):
                 m.compile()
@@ -166,47 +206,43 @@ def main(argv=None):
         ids = te.tokenize(prompts)  # (P, 77), once for all prompts
     for w in caught if master else []:
         print(f"warning: {w.message}", file=sys.stderr)
+    n = args.per_prompt
     if master:
         print(f"{len(prompts)} prompts x {n} on {world} process(es), {device} {dtype}, sampling {sampling}")
-    # images g = prompt * n + sample, in batches of batch_size; batch b goes to rank b % world
+    # image i is (prompt i // n, sample i % n); images go in batches of batch_size, batch b to rank b % world
     total, bs = len(prompts) * n, args.batch_size
     mine = list(range(rank, math.ceil(total / bs), world))
-    ctx = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}.get(dtype),
-                         enabled=dtype != 'fp32')
     bar = tqdm(total=len(mine) * sampling['num_steps'], desc='decoding steps', disable=not master)
-    os.makedirs(args.out, exist_ok=True)
     paths, grid, results = [], [], []
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), autocast(device, dtype):
         null = te([args.negative])  # the unconditional branch, computed once
         for b in mine:
-            g = list(range(b * bs, min(total, (b + 1) * bs)))
-            feats = te(ids[[i // n for i in g]])  # CLIP features once per image, not per step
+            images = list(range(b * bs, min(total, (b + 1) * bs)))
+            feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
+            generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
             tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                  generator=image_generators(args.seed, [(i // n, i % n) for i in g], device),
-                                  callback=lambda *a: bar.update())
-            images = tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1)  # (B, 3, H, W)
-            images = (images * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # as the release: truncated
-            for i, img in zip(g, images):
-                paths.append(os.path.join(args.out, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))
+                                  generator=generators, callback=lambda *a: bar.update())
+            x = tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1)  # (B, 3, H, W)
+            x = (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncated to 8 bits, as the release
+            for i, img in zip(images, x):
+                paths.append(os.path.join(args.out_dir, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))
                 Image.fromarray(img).save(paths[-1])
-                grid += [img] if len(grid) < 64 else []
+                if len(grid) < 64:
+                    grid.append(img)
                 if args.eval:
                     results.append((i // n, *classify_shapes(img)))
     bar.close()
-    if world > 1:  # no grid: the images of one rank are a scattered subset
-        print(f"rank {rank}: {len(paths)} images in {args.out}/")
+    if world > 1:  # the images of one rank are a scattered subset: no grid, no report
+        print(f"rank {rank}: {len(paths)} images in {args.out_dir}/")
         return
-    print('\n'.join(paths if len(paths) <= 64 else paths[:2] + ['...'] + paths[-2:]))
-    Image.fromarray(make_grid(np.stack(grid), nrow=min(n, 8))).save(os.path.join(args.out, 'grid.png'))
-    print(f"{len(paths)} images in {args.out}/, grid of the first {len(grid)}: {os.path.join(args.out, 'grid.png')}")
-    if args.eval:  # colour and shape of each image vs its prompt "a {colour} {shape}"
-        k = np.array([r[0] for r in results])  # prompt index of each image
-        hits = np.array([(c == prompts[j].split()[1], s == prompts[j].split()[2]) for j, c, s in results])  # (N, 2)
-        for j, prompt in enumerate(prompts):
-            got = ', '.join(f"{c} {s}" for i, c, s in results if i == j)
-            print(f"{prompt:18s} colour {hits[k == j, 0].mean():.2f} shape {hits[k == j, 1].mean():.2f} | {got}")
-        acc = dict(colour_acc=hits[:, 0].mean(), shape_acc=hits[:, 1].mean(), both_acc=hits.all(1).mean())
-        print(json.dumps({**{key: round(float(v), 4) for key, v in acc.items()}, 'n': len(results)}))
+    if len(paths) <= 64:
+        print('\n'.join(paths))
+    print(f"{len(paths)} images in {args.out_dir}/")
+    if args.grid:
+        Image.fromarray(make_grid(np.stack(grid), ncol=min(n, 8))).save(args.grid)
+        print(f"grid of the first {len(grid)}: {args.grid}")
+    if args.eval:
+        print('\n'.join(shapes_report(results, prompts)))
 
 if __name__ == '__main__':
     main()

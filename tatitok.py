@@ -3,108 +3,41 @@ TA-TiTok: the text-aware 1D image tokenizer, all of it in this single file.
 
 An image becomes N = 32, 64 or 128 tokens, discrete (VQ, 8192 codes) or continuous (KL, 16 channels); a ViT
 decoder that also reads the caption's CLIP features turns the tokens back into pixels. The file also holds the
-frozen CLIP text encoder with the three views of it that TA-TiTok and MaskGen use, and the loading code for the
-official releases, shared with maskgen.py.
+frozen CLIP text encoder with the three views of it that TA-TiTok and MaskGen use, the loading code for the
+official releases (shared with maskgen.py), and the few helpers every script shares (device, precision, processes,
+checkpoints, the learning-rate schedule and the EMA).
 
     from tatitok import TATiTok, TextEncoder
-    tok = TATiTok.from_pretrained('vq128')              # or a repo id, a local .bin/.safetensors, a ckpt of ours
-    clip = TextEncoder.from_open_clip()                 # ViT-L-14-336, 'openai' weights
-    ids = tok.encode(images)                            # (B, 128) codes, images in [0, 1]
+    tok = TATiTok.from_pretrained('vq128')      # or a repo id, a local .bin/.safetensors, a ckpt of ours
+    clip = TextEncoder.from_open_clip()         # ViT-L-14-336, 'openai' weights
+    ids = tok.encode(images)                    # (B, 128) codes, images in [0, 1]
     recon = tok.decode_tokens(ids, clip(captions)['guidance'])
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py, modeling/titok.py,
-   modeling/modules/blocks.py, modeling/quantizer/quantizer.py)
+   modeling/modules/blocks.py, modeling/quantizer/quantizer.py, utils/lr_schedulers.py)
 3) TiTok, the 1D tokenizer it extends: https://arxiv.org/abs/2406.07550
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """
 import os
 import math
-import functools
+import argparse
 import socket
+import functools
 import warnings
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 from torch.nn import functional as F
-
-# -----------------------------------------------------------------------------
-# loading official weights (shared with maskgen.py)
-
-class CheckpointError(Exception):
-    """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
-
-def load_state_dict_file(path):
-    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file  # arrives with open_clip_torch
-            return load_file(path)
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})")
-
-def _hub_reachable(timeout=3.0):
-    # huggingface_hub retries a dead network for ~25 s; a 3 s socket probe lets us fail fast with a clear message
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = constants.ENDPOINT.split('://')[-1].split('/')[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-def hf_download(repo_id, filenames):
-    """Path of the first of `filenames` in the Hugging Face repo, from the local cache or downloaded into it."""
-    from huggingface_hub import hf_hub_download  # imported here: only loading official weights needs it
-    filenames = [filenames] if isinstance(filenames, str) else list(filenames)
-    for name in filenames:
-        try:
-            return hf_hub_download(repo_id, name, local_files_only=True)
-        except Exception:
-            pass
-    if _hub_reachable():
-        for name in filenames:
-            try:
-                return hf_hub_download(repo_id, name)
-            except Exception:
-                pass
-    raise CheckpointError(
-        f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id}: not in the local cache and the "
-        f"download failed (offline?). Download it on a machine with internet, or pass a local file instead "
-        f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
-
-def load_official(model, sd, source, ignore=(), optional=(), rename=()):
-    """Copy state dict `sd` (official key layout) into `model`, checking every key and shape; strict, never silent.
-    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (tied weights);
-    rename: (official_prefix, our_prefix) rules."""
-    sd = {k: v for k, v in sd.items() if k not in ignore}
-    for old, new in rename:
-        sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in sd and k not in optional]
-    unexpected = [k for k in sd if k not in ours]
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: keys do not match the {type(model).__name__} architecture "
-                              f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
-    if wrong:
-        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
-    sd = {**{k: ours[k] for k in optional if k not in sd and k in ours}, **sd}  # a tied weight stays tied to its twin
-    model.load_state_dict(sd, strict=True)
-    return model
 
 # -----------------------------------------------------------------------------
 # the ViT of the encoder and the decoder (open_clip style, as in the official modeling/modules/blocks.py)
 
 class Attention(nn.Module):
-    """nn.MultiheadAttention's math and parameter names (packed q,k,v rows), batch first, through SDPA."""
+    """nn.MultiheadAttention's math and parameter names (packed q, k, v rows), batch first, through SDPA."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -116,9 +49,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), flash/memory-efficient kernels on GPU
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), flash / memory-efficient kernels on GPU
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
@@ -145,13 +78,16 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+# -----------------------------------------------------------------------------
+# the encoder: image patches and N learned latent tokens in, the latent tokens' outputs out
+
 class Encoder(nn.Module):
-    """Image patches + N learned latent tokens in, the latent tokens' outputs projected to token channels out."""
 
     def __init__(self, cfg):
         super().__init__()
-        W, n_patches = cfg.enc_width, (cfg.image_size // cfg.patch_size) ** 2
-        out_channels = cfg.token_size * (2 if cfg.quantize == 'kl' else 1)  # KL: mean and logvar
+        W = cfg.enc_width
+        n_patches = (cfg.image_size // cfg.patch_size) ** 2
+        out_channels = cfg.token_size * 2 if cfg.quantize == 'kl' else cfg.token_size  # KL: mean and logvar
         self.patch_embed = nn.Conv2d(3, W, cfg.patch_size, stride=cfg.patch_size)
         self.class_embedding = nn.Parameter(torch.zeros(1, W))
         self.positional_embedding = nn.Parameter(torch.zeros(n_patches + 1, W))
@@ -162,15 +98,75 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(W, out_channels, 1)  # a 1x1 conv in the release; a per-token linear in effect
 
     def forward(self, img, latent_tokens):
-        B = img.shape[0]
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W) with P = (H/p)*(W/p) patches
-        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1) + self.positional_embedding  # (B, 1+P, W)
+        B, N = img.shape[0], latent_tokens.shape[0]
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W), P = (H/p) * (W/p) patches
+        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1)  # (B, 1+P, W)
+        x = x + self.positional_embedding
         z = (latent_tokens + self.latent_token_positional_embedding).expand(B, -1, -1)  # (B, N, W)
         x = self.ln_pre(torch.cat([x, z], dim=1))  # (B, 1+P+N, W): [cls, patches, latents]
         for block in self.transformer:
             x = block(x)
-        x = self.ln_post(x[:, -z.shape[1]:])  # (B, N, W), the latent positions only
+        x = self.ln_post(x[:, -N:])  # (B, N, W), the latent positions only
         return F.linear(x, self.conv_out.weight.flatten(1), self.conv_out.bias)  # (B, N, C_out), token-major
+
+# -----------------------------------------------------------------------------
+# the two bottlenecks
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
+
+    def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False):
+        super().__init__()
+        self.commitment_cost = commitment_cost
+        self.use_l2_norm = use_l2_norm  # the release's option, off in its tokenizers: features and codes on the sphere
+        self.embedding = nn.Embedding(codebook_size, token_size)
+        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+
+    def codes(self):
+        """(K, C) the code vectors the decoder reads."""
+        if self.use_l2_norm:
+            return F.normalize(self.embedding.weight, dim=-1)
+        return self.embedding.weight
+
+    @torch.autocast('cuda', enabled=False)
+    def forward(self, z):
+        z = features = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
+        if self.use_l2_norm:
+            z = F.normalize(z, dim=-1)
+        e = self.codes()  # (K, C)
+        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K) squared L2
+        ids = d.argmin(-1)  # (B, N)
+        z_q = F.embedding(ids, e)  # (B, N, C)
+        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
+        codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
+        z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
+        counts = torch.bincount(ids.flatten(), minlength=e.shape[0]).float()  # code usage in this batch
+        p = counts / counts.sum()
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
+        aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
+                   ids=ids, perplexity=perplexity, usage=(counts > 0).float().mean(),
+                   features=features.detach())  # the encoder's output, for the training-time codebook clustering
+        return z_q, aux
+
+class DiagonalGaussian:
+    """The KL ('vae') bottleneck: the encoder's 2C channels are a mean and a log-variance per token channel."""
+
+    def __init__(self, params):
+        self.mean, logvar = params.float().chunk(2, dim=-1)  # (B, N, C) each; the first C channels are the mean
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None, noise=None):
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
+        return self.mean + self.std * noise
+
+    def kl(self):
+        # KL(q || N(0, I)) summed over tokens and channels, one value per image (the loss averages it over the batch)
+        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))  # (B,)
+
+# -----------------------------------------------------------------------------
+# the text-aware decoder: [cls, image queries, N latent tokens, 77 text tokens] in, pixels in [0, 1] out
 
 class Unpatchify(nn.Module):
     """(B, p*p*3, h, w) -> (B, 3, h*p, w*p) with channels ordered (p1, p2, c): einops' 'b (p1 p2 c) h w ->
@@ -183,14 +179,14 @@ class Unpatchify(nn.Module):
     def forward(self, x):
         B, _, h, w = x.shape
         x = x.view(B, self.p, self.p, 3, h, w)  # (B, p1, p2, c, h, w)
-        return x.permute(0, 3, 4, 1, 5, 2).reshape(B, 3, h * self.p, w * self.p)  # (B, c, h, p1, w, p2) -> image
+        return x.permute(0, 3, 4, 1, 5, 2).reshape(B, 3, h * self.p, w * self.p)  # (B, c, h, p1, w, p2)
 
 class Decoder(nn.Module):
-    """Text-aware decoder: [cls, image queries, N latents, 77 text tokens] in, pixels in [0, 1] out."""
 
     def __init__(self, cfg):
         super().__init__()
-        W, self.grid = cfg.dec_width, cfg.image_size // cfg.patch_size
+        W = cfg.dec_width
+        self.grid = cfg.image_size // cfg.patch_size
         self.decoder_embed = nn.Linear(cfg.token_size, W)
         self.class_embedding = nn.Parameter(torch.zeros(1, W))
         self.positional_embedding = nn.Parameter(torch.zeros(self.grid ** 2 + 1, W))
@@ -206,71 +202,17 @@ class Decoder(nn.Module):
 
     def forward(self, z, text_guidance):
         B, N, _ = z.shape
+        P = self.grid ** 2
         z = self.decoder_embed(z) + self.latent_token_positional_embedding[:N]  # (B, N, W)
-        q = self.mask_token.expand(B, self.grid ** 2, -1)  # (B, P, W)
-        q = torch.cat([self.class_embedding.expand(B, 1, -1), q], dim=1) + self.positional_embedding  # (B, 1+P, W)
+        q = torch.cat([self.class_embedding.expand(B, 1, -1), self.mask_token.expand(B, P, -1)], dim=1)
+        q = q + self.positional_embedding  # (B, 1+P, W)
         t = self.text_guidance_proj(text_guidance) + self.text_guidance_positional_embedding  # (B, 77, W)
         x = self.ln_pre(torch.cat([q, z, t], dim=1))  # (B, 1+P+N+77, W)
         for block in self.transformer:
             x = block(x)
-        x = self.ln_post(x[:, 1:1 + self.grid ** 2])  # (B, P, W), the image queries
+        x = self.ln_post(x[:, 1:1 + P])  # (B, P, W), the image queries
         x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, W, h, w)
         return self.conv_out(self.ffn(x))  # (B, 3, H, W), [0, 1] domain, not clamped
-
-# -----------------------------------------------------------------------------
-# the two bottlenecks
-
-class VectorQuantizer(nn.Module):
-    """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
-
-    def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False):
-        super().__init__()
-        self.commitment_cost = commitment_cost
-        self.use_l2_norm = use_l2_norm  # the release's option, off in TA-TiTok: features and codes on the unit sphere
-        self.embedding = nn.Embedding(codebook_size, token_size)
-        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
-
-    def codes(self):
-        """(K, C) the code vectors the decoder reads."""
-        return F.normalize(self.embedding.weight, dim=-1) if self.use_l2_norm else self.embedding.weight
-
-    @torch.autocast('cuda', enabled=False)
-    def forward(self, z):
-        z = features = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
-        z = F.normalize(z, dim=-1) if self.use_l2_norm else z
-        e = self.codes()  # (K, C)
-        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K) squared L2
-        ids = d.argmin(-1)  # (B, N)
-        z_q = F.embedding(ids, e)  # (B, N, C)
-        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
-        codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
-        z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
-        counts = torch.bincount(ids.flatten(), minlength=e.shape[0]).float()  # code usage in this batch
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
-        aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
-                   ids=ids, perplexity=perplexity, usage=(counts > 0).float().mean(),
-                   features=features.detach())  # the encoder's output, for train_tokenizer's codebook clustering
-        return z_q, aux
-
-class DiagonalGaussian:
-    """The KL ('vae') bottleneck: the encoder's 2C channels are a mean and a log-variance per token channel."""
-
-    def __init__(self, params):
-        self.mean, logvar = params.float().chunk(2, dim=-1)  # (B, N, C) each; the first C channels are the mean
-        self.logvar = logvar.clamp(-30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator=None):
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
-        return self.mean + self.std * noise
-
-    def mode(self):
-        return self.mean
-
-    def kl(self):
-        # KL(q || N(0, I)) summed over tokens and channels, one value per image (the loss averages it over the batch)
-        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))  # (B,)
 
 # -----------------------------------------------------------------------------
 # the tokenizer
@@ -338,14 +280,15 @@ class TATiTok(nn.Module):
     def forward(self, img, text_guidance, sample=True, noise=None):
         """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (reconstruction, aux dict of loss terms).
         KL: the posterior is sampled (sample=True), or its mean taken; noise (B, N, C) replaces the drawn noise, so
-        that train_tokenizer can draw it per global sample and any number of processes trains the same model."""
-        z = self.encoder(img, self.latent_tokens)  # (B, N, C) or (B, N, 2C)
+        that train_tokenizer.py can draw it per global sample and any number of processes trains the same model."""
+        z = self.encoder(img, self.latent_tokens)  # (B, N, C), or (B, N, 2C) for KL
         if self.config.quantize == 'vq':
             z, aux = self.quantize(z)
         else:
             posterior = DiagonalGaussian(z)
-            z = posterior.mean + posterior.std * noise if noise is not None else \
-                posterior.sample() if sample else posterior.mode()
+            z = posterior.mean
+            if sample:
+                z = posterior.sample(noise=noise)
             aux = dict(kl_loss=posterior.kl().mean())
         return self.decoder(z, text_guidance), aux
 
@@ -357,7 +300,9 @@ class TATiTok(nn.Module):
         if self.config.quantize == 'vq':
             return self.quantize(z)[1]['ids']
         posterior = DiagonalGaussian(z)
-        return posterior.sample(generator) if sample else posterior.mode()
+        if sample:
+            return posterior.sample(generator)
+        return posterior.mean
 
     @torch.no_grad()
     def encode_posterior(self, img):
@@ -369,7 +314,7 @@ class TATiTok(nn.Module):
     def decode_tokens(self, tokens, text_guidance):
         """VQ ids (B, N) or KL latents (B, N, C), with text guidance (B, 77, T) -> images (B, 3, H, W), unclamped."""
         if self.config.quantize == 'vq':
-            tokens = F.embedding(tokens.reshape(tokens.shape[0], -1), self.quantize.codes())  # (B, N, C); release: (B, 1, N)
+            tokens = F.embedding(tokens, self.quantize.codes())  # (B, N, C); the release's (B, 1, N) is squeezed
         return self.decoder(tokens, text_guidance)
 
     @classmethod
@@ -377,55 +322,38 @@ class TATiTok(nn.Module):
         """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a local .bin /
         .safetensors file in the official key layout (its sizes read off the tensors), a checkpoint (or its folder)
         written by train_tokenizer.py, or such a checkpoint's dict already in memory (a generator checkpoint embeds
-        its tokenizer that way). Returns the model in eval mode."""
-        if isinstance(name_or_path, dict):
-            sd, path = name_or_path, 'the embedded tokenizer'
-        else:
-            path = _resolve(name_or_path)
-            sd = load_state_dict_file(path)
-        if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
-            config = TATiTokConfig(**{**sd['model_args'], **overrides})
-            sd = sd['ema'] if sd.get('ema') is not None else sd['model']
-        else:  # a bare state dict in the official layout carries no config: read it off the shapes
-            config = TATiTokConfig(**{**_config_from_state_dict(sd, path), **overrides})
-        model = cls(config)
-        print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
-        # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
-        return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+        its tokenizer that way). Returns the model in eval mode. See load_tatitok at the end of the file."""
+        return load_tatitok(name_or_path, **overrides)
 
-def _resolve(name_or_path):
-    """The local file behind a preset name, a release's repo id, a file, or a training run's folder."""
-    if os.path.isdir(name_or_path):
-        name_or_path = os.path.join(name_or_path, 'ckpt.pt')
-    by_repo = {p['repo']: name for name, p in TATITOK_PRESETS.items() if 'repo' in p}
-    name = by_repo.get(name_or_path, name_or_path)
-    if name in TATITOK_PRESETS and 'repo' in TATITOK_PRESETS[name]:
-        return hf_download(TATITOK_PRESETS[name]['repo'], 'model.safetensors')
-    if os.path.exists(name_or_path):
-        return name_or_path
-    raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official releases "
-                          f"{sorted(n for n, p in TATITOK_PRESETS.items() if 'repo' in p)}")
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', encoder_lr_scale=1.0):
+        """AdamW with the release's no-decay rules; the encoder and the latent tokens can train at a share of the
+        learning rate (1 in the release): each group's `lr_scale` multiplies the schedule's value."""
+        encoder = [(n, p) for n, p in self.named_parameters() if n.startswith(('encoder.', 'latent_tokens'))]
+        rest = [(n, p) for n, p in self.named_parameters() if not n.startswith(('encoder.', 'latent_tokens'))]
+        groups = [dict(g, lr_scale=encoder_lr_scale) for g in param_groups(encoder, weight_decay)]
+        groups += [dict(g, lr_scale=1.0) for g in param_groups(rest, weight_decay)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
 
-def _config_from_state_dict(sd, path):
-    """TATiTokConfig fields of an official state dict, from its shapes. Heads are not in the shapes: every release
-    uses 64 channels per head, so width // 64 (pass enc_heads / dec_heads to override)."""
-    try:
-        N, enc_width = sd['latent_tokens'].shape
-        dec_width, text_embed_dim = sd['decoder.text_guidance_proj.weight'].shape
-        patch_size = sd['encoder.patch_embed.weight'].shape[-1]
-        grid = math.isqrt(sd['encoder.positional_embedding'].shape[0] - 1)
-        vq = 'quantize.embedding.weight' in sd
-        depth = lambda prefix: len({k.split('.')[2] for k in sd if k.startswith(prefix + '.transformer.')})
-        return dict(image_size=grid * patch_size, patch_size=patch_size, num_latent_tokens=N,
-                    quantize='vq' if vq else 'kl', token_size=sd['decoder.decoder_embed.weight'].shape[1],
-                    codebook_size=sd['quantize.embedding.weight'].shape[0] if vq else 8192,
-                    enc_width=enc_width, enc_layers=depth('encoder'), enc_heads=enc_width // 64,
-                    dec_width=dec_width, dec_layers=depth('decoder'), dec_heads=dec_width // 64,
-                    text_embed_dim=text_embed_dim,
-                    text_context_length=sd['decoder.text_guidance_positional_embedding'].shape[0])
-    except (KeyError, ValueError, AttributeError):
-        raise CheckpointError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
-                              f"'encoder.patch_embed.weight', 'decoder.text_guidance_proj.weight')")
+    def estimate_flops(self, encode=True, decode=True):
+        """FLOPs per image (2 per multiply-add of a matmul or conv), counted from the architecture; checked against
+        torch's FlopCounterMode in the tests. The VQ distances count; the decoder's text projection too."""
+        cfg = self.config
+        P = (cfg.image_size // cfg.patch_size) ** 2
+        N, p = cfg.num_latent_tokens, cfg.patch_size
+        vit = lambda W, L, S: L * (12 * W * W * S + 2 * S * S * W)  # q, k, v, out + MLP, then attention
+        macs = 0
+        if encode:  # patch embedding, the ViT over [cls, patches, latents], conv_out on the latents
+            c_out = cfg.token_size * 2 if cfg.quantize == 'kl' else cfg.token_size
+            macs += P * 3 * p * p * cfg.enc_width + vit(cfg.enc_width, cfg.enc_layers, 1 + P + N)
+            macs += N * cfg.enc_width * c_out
+            if cfg.quantize == 'vq':
+                macs += N * cfg.codebook_size * cfg.token_size  # the nearest-code distances
+        if decode:  # token and text projections, the ViT over [cls, queries, latents, text], the output convs
+            W, T = cfg.dec_width, cfg.text_context_length
+            macs += N * cfg.token_size * W + T * cfg.text_embed_dim * W
+            macs += vit(W, cfg.dec_layers, 1 + P + N + T)
+            macs += P * W * 3 * p * p + cfg.image_size ** 2 * 3 * 3 * 9
+        return 2 * macs
 
 # -----------------------------------------------------------------------------
 # the frozen CLIP text encoder and its three views
@@ -438,18 +366,22 @@ class TextEncoder(nn.Module):
 
     def __init__(self, clip, tokenizer, spec):
         super().__init__()
-        self.clip, self.tokenizer, self.spec = clip, tokenizer, spec  # spec: how to rebuild it (kept in checkpoints)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.spec = spec  # how to rebuild it (kept in checkpoints)
         self.width = clip.token_embedding.weight.shape[1]
         self.embed_dim = clip.text_projection.shape[-1]
         self.context_length = clip.positional_embedding.shape[0]
-        self._ids = functools.lru_cache(maxsize=1 << 16)(self._ids)  # per caption, bounded for web-scale data
+        # CLIP's text cleaning and BPE run in Python, a tenth of a quickstart step: cache each caption's ids
+        # (integers, so no number changes), per instance and bounded for web-scale data
+        self._ids = functools.lru_cache(maxsize=1 << 16)(self._ids)
         self.requires_grad_(False).eval()
 
     @classmethod
     def from_name(cls, name, context_length=77):
-        """--clip of every script: 'tiny' (random weights, built here, `context_length` positions), MODEL:PRETRAINED of
-        open_clip (PRETRAINED: a tag, downloaded once, or a local file), MODEL alone ('openai' weights), or a local file
-        of the releases' text encoder, ViT-L-14-336."""
+        """--clip of every script: 'tiny' (random weights, built here, `context_length` positions), MODEL:PRETRAINED
+        of open_clip (PRETRAINED: a tag, downloaded once, or a local file), MODEL alone ('openai' weights), or a
+        local file of the releases' text encoder, ViT-L-14-336."""
         if name == 'tiny':
             return cls.tiny(context_length=context_length)
         model, _, pretrained = name.partition(':')
@@ -460,7 +392,9 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_spec(cls, spec):
         """Rebuild from self.spec (kept in checkpoints): an open_clip model and tag, or a text_cfg."""
-        return cls.from_text_cfg(**spec) if 'text_cfg' in spec else cls.from_open_clip(**spec)
+        if 'text_cfg' in spec:
+            return cls.from_text_cfg(**spec)
+        return cls.from_open_clip(**spec)
 
     @classmethod
     def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai'):
@@ -468,17 +402,19 @@ class TextEncoder(nn.Module):
         import open_clip  # imported here: only building the text encoder needs it
         path, quick_gelu = pretrained, False
         if not os.path.isfile(pretrained):
+            if model not in open_clip.list_models():
+                raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
             cfg = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
             if not cfg.get('hf_hub'):
                 raise CheckpointError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
             repo, filename = os.path.split(cfg['hf_hub'])
-            path = hf_download(repo, [filename] if filename else
-                               ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin'])
+            candidates = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
+            path = hf_download(repo, candidates)
             quick_gelu = cfg.get('quick_gelu', False)  # the OpenAI weights were trained with QuickGELU
         try:
             clip = open_clip.create_model(model, pretrained=path, force_quick_gelu=quick_gelu)
         except RuntimeError as e:
-            raise CheckpointError(f"{path}: not open_clip {model} weights ({str(e)[:200]})")
+            raise CheckpointError(f"{path}: not open_clip {model} weights ({str(e)[:200]})") from None
         del clip.visual  # the text tower is all we need
         return cls(clip, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
 
@@ -490,7 +426,8 @@ class TextEncoder(nn.Module):
         from open_clip.model import CLIP
         rng = torch.get_rng_state()
         torch.manual_seed(seed)  # the same seed always gives the same tower, so a checkpoint can rebuild it
-        clip = CLIP(embed_dim, vision_cfg=dict(layers=1, width=64, patch_size=8, image_size=16), text_cfg=text_cfg)
+        vision_cfg = dict(layers=1, width=64, patch_size=8, image_size=16)  # deleted below
+        clip = CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
         torch.set_rng_state(rng)
         del clip.visual
         if weights:
@@ -500,20 +437,18 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def tiny(cls, seed=0, context_length=77):
-        """A small text tower with random weights, built locally: for tests and the offline quickstart.
-        Random features still tell captions apart, which is all a model trained on them needs. The shapes presets
-        use context_length 16 (their longest caption is 14 CLIP tokens): 77 text tokens would be most of the
-        decoder's sequence, and of its CPU time."""
-        return cls.from_text_cfg(dict(context_length=context_length, vocab_size=49408, width=64, heads=4, layers=4),
-                                 64, seed=seed)
+        """A small text tower with random weights, built locally: for tests and the offline quickstart. Random
+        features still tell captions apart, which is all a model trained on them needs. The shapes presets use 16
+        positions (their longest caption is 14 CLIP tokens): 77 would be most of the decoder's sequence."""
+        text_cfg = dict(context_length=context_length, vocab_size=49408, width=64, heads=4, layers=4)
+        return cls.from_text_cfg(text_cfg, 64, seed=seed)
 
     def tokenize(self, captions):
         """(B, 77) token ids. Captions longer than the context are truncated (with a warning), never an error."""
         return torch.stack([self._ids(c) for c in captions])  # (B, 77)
 
     def _ids(self, caption):
-        """(77,) token ids of one caption; cached in __init__, as CLIP's text cleaning and BPE in Python cost ~4 ms
-        per batch of 16 captions, a tenth of a quickstart step (ids are integers, so the cache changes no number)"""
+        """(77,) token ids of one caption (cached per caption in __init__)."""
         with torch.device('cpu'):  # ids are built on the CPU, whatever the default device (e.g. meta for counting)
             ids = self.tokenizer([caption], context_length=self.context_length)[0]  # (77,)
         if ids[-1] != 0 and len(self.tokenizer.encode(caption)) > self.context_length - 2:  # minus SOT, EOT
@@ -528,7 +463,8 @@ class TextEncoder(nn.Module):
         ids = ids.to(device)  # (B, 77)
         x = self.clip.token_embedding(ids) + self.clip.positional_embedding  # (B, 77, W)
         batch_first = getattr(self.clip.transformer, 'batch_first', True)  # open_clip < 2.23 runs blocks (L, B, W)
-        x = x if batch_first else x.transpose(0, 1)
+        if not batch_first:
+            x = x.transpose(0, 1)
         blocks = self.clip.transformer.resblocks
         for block in blocks[:-1]:
             x = block(x, attn_mask=self.clip.attn_mask)  # causal, as CLIP was trained
@@ -541,32 +477,37 @@ class TextEncoder(nn.Module):
         pooled = eot @ self.clip.text_projection  # (B, E), not normalised
         return dict(guidance=guidance, tokens=penultimate, pooled=pooled)
 
+    def estimate_flops(self):
+        """FLOPs per caption: all 77 positions through every block (the causal mask does not shrink the matmuls),
+        then the end-of-text projection."""
+        W, S = self.width, self.context_length
+        L = len(self.clip.transformer.resblocks)
+        return 2 * (L * (12 * W * W * S + 2 * S * S * W) + W * self.embed_dim)
+
 # -----------------------------------------------------------------------------
 # presets: the six official releases (repo ids from the official README), plus small ones for CPU
 
-_B, _S, _L = dict(enc_width=768, enc_layers=12, enc_heads=12), dict(enc_width=512, enc_layers=8, enc_heads=8), \
-    dict(dec_width=1024, dec_layers=24, dec_heads=16)
+_B = dict(enc_width=768, enc_layers=12, enc_heads=12)
+_S = dict(enc_width=512, enc_layers=8, enc_heads=8)
+_L = dict(dec_width=1024, dec_layers=24, dec_heads=16)
+_HF = 'turkeyju/tokenizer_tatitok_'
+# text_embed_dim 64 = TextEncoder.tiny()'s width
 _TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2, enc_heads=4,
-             dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)  # text_embed_dim = TextEncoder.tiny() width
-# shapes: one encoder layer and three decoder layers, as rendering is the slow part (21.84 dB vs 21.17 for 2 + 2 at
-# width 128). Width 64: 2.5x the steps of width 128 in the same time, which beat width: in train_tokenizer.py, KL
-# 27.31 dB after 3300 steps at width 64, 26.84 after 2240 at 96, 26.58 after 1600 at 128; VQ (lr 1e-3) 23.71 vs
-# 23.27 dB at 64 vs 128, in 247 s vs 304. 16 latent tokens, not 32: as good at width 128 (KL: 26.58 vs 26.56 dB),
-# and faster
+             dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)
+# the CPU quickstart's: 32 px in 4 px patches, 16 tokens, 16 text positions, one encoder and three decoder layers
+# 64 wide (rendering is the slow part); TUNING.md says how each number was chosen
 _SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=16, enc_width=64, enc_layers=1, enc_heads=2,
                dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64, text_context_length=16)
 TATITOK_PRESETS = {
-    'vq32':  dict(quantize='vq', token_size=64, num_latent_tokens=32, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl32_vq'),    # 390.8M
-    'vq64':  dict(quantize='vq', token_size=64, num_latent_tokens=64, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl64_vq'),    # 390.9M
-    'vq128': dict(quantize='vq', token_size=64, num_latent_tokens=128, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl128_vq'),  # 391.1M
-    'kl32':  dict(quantize='kl', token_size=16, num_latent_tokens=32, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl32_vae'),   # 390.2M
-    'kl64':  dict(quantize='kl', token_size=16, num_latent_tokens=64, **_B, **_L, repo='turkeyju/tokenizer_tatitok_bl64_vae'),   # 390.3M
-    'kl128': dict(quantize='kl', token_size=16, num_latent_tokens=128, **_S, **_L, repo='turkeyju/tokenizer_tatitok_sl128_vae'), # 330.3M
-    'tiny-vq':   dict(quantize='vq', token_size=12, codebook_size=96, **_TINY),
-    'tiny-kl':   dict(quantize='kl', token_size=5, **_TINY),
-    # shapes-vq: no commitment loss (the release's is 0.25). Its pull toward the chosen code kept each token position's
-    # features on few codes; 3300 steps, 1 thread, seed 42 / 0: 0.25 27.13-27.36 / 28.10 dB, 0.1 28.40, 0.05 29.07 /
-    # 28.95, 0.02 29.42 / 29.30, 0 29.77 (train_tokenizer.py --preset shapes)
+    'vq32':  dict(quantize='vq', token_size=64, num_latent_tokens=32, **_B, **_L, repo=_HF + 'bl32_vq'),    # 390.8M
+    'vq64':  dict(quantize='vq', token_size=64, num_latent_tokens=64, **_B, **_L, repo=_HF + 'bl64_vq'),    # 390.9M
+    'vq128': dict(quantize='vq', token_size=64, num_latent_tokens=128, **_B, **_L, repo=_HF + 'bl128_vq'),  # 391.1M
+    'kl32':  dict(quantize='kl', token_size=16, num_latent_tokens=32, **_B, **_L, repo=_HF + 'bl32_vae'),   # 390.2M
+    'kl64':  dict(quantize='kl', token_size=16, num_latent_tokens=64, **_B, **_L, repo=_HF + 'bl64_vae'),   # 390.3M
+    'kl128': dict(quantize='kl', token_size=16, num_latent_tokens=128, **_S, **_L, repo=_HF + 'sl128_vae'), # 330.3M
+    'tiny-vq': dict(quantize='vq', token_size=12, codebook_size=96, **_TINY),
+    'tiny-kl': dict(quantize='kl', token_size=5, **_TINY),
+    # VQ on the unit sphere, no commitment loss (the release's is 0.25): see TUNING.md
     'shapes-vq': dict(quantize='vq', token_size=16, codebook_size=1024, use_l2_norm=True, commitment_cost=0.0,
                       **_SHAPES),
     'shapes-kl': dict(quantize='kl', token_size=16, **_SHAPES),
@@ -577,16 +518,148 @@ def tatitok_config(name, **overrides):
     if name not in TATITOK_PRESETS:
         raise CheckpointError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TATITOK_PRESETS)}")
     known = {f.name for f in fields(TATiTokConfig)}
-    return TATiTokConfig(**{k: v for k, v in {**TATITOK_PRESETS[name], **overrides}.items() if k in known})
+    args = {**TATITOK_PRESETS[name], **overrides}
+    return TATiTokConfig(**{k: v for k, v in args.items() if k in known})
 
 # -----------------------------------------------------------------------------
-# what every script shares: the device, the precision, checkpoints, a GPU's peak
+# loading official weights and our checkpoints (shared with maskgen.py)
+
+class CheckpointError(Exception):
+    """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
+
+def load_state_dict_file(path):
+    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file  # arrives with open_clip_torch
+            return load_file(path)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+def reachable(host, timeout=3.0):
+    # a dead network makes download libraries retry for ~25 s; a 3 s socket probe lets us fail fast and clearly
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+def hf_download(repo_id, filenames):
+    """Path of the first of `filenames` in the Hugging Face repo, from the local cache or downloaded into it."""
+    from huggingface_hub import hf_hub_download, constants  # imported here: only official weights need it
+    for name in filenames:
+        try:
+            return hf_hub_download(repo_id, name, local_files_only=True)
+        except Exception:
+            pass
+    online = not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT.split('://')[-1].split('/')[0])
+    for name in filenames if online else []:
+        try:
+            return hf_hub_download(repo_id, name)
+        except Exception:
+            pass
+    raise CheckpointError(
+        f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id}: not in the local cache and the "
+        f"download failed (offline?). Download it on a machine with internet, or pass a local file instead "
+        f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
+
+def load_official(model, sd, source, ignore=(), optional=(), rename=()):
+    """Copy state dict `sd` (official key layout) into `model`, checking every key and shape; strict, never silent.
+    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (tied weights);
+    rename: (official_prefix, our_prefix) rules."""
+    sd = {k: v for k, v in sd.items() if k not in ignore}
+    for old, new in rename:
+        sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in sd and k not in optional]
+    unexpected = [k for k in sd if k not in ours]
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys do not match the {type(model).__name__} architecture "
+                              f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
+    for k in optional:  # a tied weight missing from the file stays tied to its twin
+        if k not in sd and k in ours:
+            sd[k] = ours[k]
+    model.load_state_dict(sd, strict=True)
+    return model
+
+def load_tatitok(name_or_path, **overrides):
+    """TATiTok.from_pretrained: the weights and config of a preset, repo id, file, run folder or checkpoint dict."""
+    if isinstance(name_or_path, dict):
+        sd, path = name_or_path, 'the embedded tokenizer'
+    else:
+        path = name_or_path
+        if os.path.isdir(path):
+            path = os.path.join(path, 'ckpt.pt')
+        by_repo = {p['repo']: n for n, p in TATITOK_PRESETS.items() if 'repo' in p}
+        name = by_repo.get(path, path)
+        official = sorted(n for n, p in TATITOK_PRESETS.items() if 'repo' in p)
+        if name in official:
+            path = hf_download(TATITOK_PRESETS[name]['repo'], ['model.safetensors'])
+        elif not os.path.exists(path):
+            raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
+                                  f"releases {official}")
+        sd = load_state_dict_file(path)
+    if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
+        if 'num_latent_tokens' not in sd['model_args']:
+            raise CheckpointError(f"{path}: a generator's checkpoint, not a tokenizer's")
+        config = TATiTokConfig(**{**sd['model_args'], **overrides})
+        sd = checkpoint_weights(sd)
+    else:  # a bare state dict in the official layout carries no config: read it off the shapes
+        config = TATiTokConfig(**{**config_from_state_dict(sd, path), **overrides})
+    model = TATiTok(config)
+    print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
+    # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
+    return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+
+def config_from_state_dict(sd, path):
+    """TATiTokConfig fields of an official state dict, from its shapes. Heads are not in the shapes: every release
+    uses 64 channels per head, so width // 64 (pass enc_heads / dec_heads to override)."""
+    depth = lambda prefix: len({k.split('.')[2] for k in sd if k.startswith(prefix + '.transformer.')})
+    try:
+        N, enc_width = sd['latent_tokens'].shape
+        dec_width, text_embed_dim = sd['decoder.text_guidance_proj.weight'].shape
+        patch_size = sd['encoder.patch_embed.weight'].shape[-1]
+        grid = math.isqrt(sd['encoder.positional_embedding'].shape[0] - 1)
+        vq = 'quantize.embedding.weight' in sd
+        codebook_size = sd['quantize.embedding.weight'].shape[0] if vq else 8192
+        return dict(image_size=grid * patch_size, patch_size=patch_size, num_latent_tokens=N,
+                    quantize='vq' if vq else 'kl', token_size=sd['decoder.decoder_embed.weight'].shape[1],
+                    codebook_size=codebook_size, enc_width=enc_width, enc_layers=depth('encoder'),
+                    enc_heads=enc_width // 64, dec_width=dec_width, dec_layers=depth('decoder'),
+                    dec_heads=dec_width // 64, text_embed_dim=text_embed_dim,
+                    text_context_length=sd['decoder.text_guidance_positional_embedding'].shape[0])
+    except (KeyError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
+                              f"'encoder.patch_embed.weight', 'decoder.text_guidance_proj.weight')") from None
+
+def checkpoint_weights(ckpt):
+    """The weights a checkpoint of ours is used with: the EMA weights when it has them (as DiT), else the model's."""
+    if ckpt.get('ema') is not None:
+        return ckpt['ema']
+    return ckpt['model']
+
+def save_checkpoint(ckpt, path):
+    """torch.save to a temporary file, then a rename: a job killed meanwhile leaves the old file or the new one."""
+    torch.save(ckpt, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+# -----------------------------------------------------------------------------
+# what every script shares: the device, the precision, the processes, a GPU's peak; the training schedule and EMA
 
 def pick_device(name='auto'):
     """The torch.device of --device. 'auto': this process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else
-    the CPU. A name torch does not know, or a device this machine lacks: ValueError with a one-line message."""
-    if name == 'auto':
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+    the CPU; 'cuda' is this process's GPU too. A name torch does not know, or a device this machine lacks:
+    ValueError with a one-line message."""
+    if name == 'auto' and not torch.cuda.is_available():
+        name = 'cpu'
+    if name in ('auto', 'cuda'):
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -598,6 +671,20 @@ def pick_device(name='auto'):
     if device.type == 'mps' and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine (--device cpu?)")
     return device
+
+def init_distributed(device_name):
+    """torchrun sets RANK and WORLD_SIZE: join the process group (nccl on CUDA, gloo on the CPU) and take this
+    rank's device. One process without torchrun. -> (rank, world_size, device)"""
+    rank = int(os.environ.get('RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device = pick_device(device_name)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts (losses, quantizer, diffusion)
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
@@ -615,17 +702,6 @@ def autocast(device, dtype):
     """The mixed-precision context of the forward passes (none for float32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-def save_checkpoint(ckpt, path):
-    """torch.save to a temporary file, then a rename: a job killed meanwhile leaves the old file or the new one."""
-    torch.save(ckpt, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-def checkpoint_weights(ckpt):
-    """The weights a checkpoint of ours is used with: the EMA weights when it has them (as DiT), else the model's."""
-    if ckpt.get('ema') is not None:
-        return ckpt['ema']
-    return ckpt['model']
-
 # bf16 dense tensor-core peaks; matched in this order against torch.cuda.get_device_name(), so PCIe and NVL first
 PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
 
@@ -635,3 +711,78 @@ def peak_flops(device):
         return float('inf')
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_FLOPS if key in name), float('inf'))
+
+def get_lr(step, peak, warmup, total, end, schedule='cosine'):
+    """The release's schedule (utils/lr_schedulers.py): linear warm-up to `peak`, then cosine down to `end` at step
+    `total`, or constant."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == 'constant':
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
+
+def param_groups(named_parameters, weight_decay):
+    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, and for every name holding one of
+    these words (so the adaLN linears, whose names hold 'norm', and anything *embed* go undecayed)."""
+    keys = ('ln', 'bias', 'latent_tokens', 'mask_token', 'embedding', 'norm', 'gamma', 'embed')
+    decay, no_decay = [], []
+    for n, p in named_parameters:
+        if p.ndim < 2 or any(key in n for key in keys):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """The release's EMA of the weights (EMAModel): decay warmed up as (1 + step) / (10 + step), at most `decay`.
+    Parameters only: neither model has a buffer that training changes."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+def all_gather_objects(obj, world):
+    """Every rank's picklable `obj`, as a list in rank order (one process: [obj])."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+def open_checkpoint(out_dir, resume, script, config, model_keys):
+    """The checkpoint a run continues from, or None for a new run. A run is never overwritten without --resume,
+    nor continued by the other training script or with other flags in `model_keys` (the ones that define the
+    model). -> (checkpoint or None, the other flags that changed: {flag: (saved, now)})"""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        return None, {}
+    if not resume:
+        raise CheckpointError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
+    ckpt = load_state_dict_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get('script') != script:
+        raise CheckpointError(f"{path} was not written by {script}.py: choose another --out_dir")
+    saved = ckpt['config']
+    other = {k: (saved.get(k), config[k]) for k in model_keys if saved.get(k) != config[k]}
+    if other:
+        raise CheckpointError(f"{path} trains another model ({other}, saved vs now): resume with the flags it was "
+                              f"started with, or choose another --out_dir")
+    changed = {k: (v, config.get(k)) for k, v in saved.items() if k != 'resume' and config.get(k) != v}
+    return ckpt, changed
+
+def number(kind=float, low=None, high=None):
+    """An argparse type: a finite number of `kind` within [low, high], so that --lr nan, --batch_size 0 or
+    --guidance_scale inf stop at once with a one-line message (exit 2), before anything is built."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: a finite number is wanted")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: at least {low} is wanted")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text!r}: at most {high} is wanted")
+        return value
+    return parse
