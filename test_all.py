@@ -384,21 +384,14 @@ def test_classify_shapes_clean_and_noisy():
     assert clean == 100 and noisy >= 95 and two >= 95, (clean, noisy, two)
     assert data.classify_shapes(np.full((64, 64, 3), 128, np.uint8)) == (None, None)
 
-def test_shapes_loader_fast_and_never_flipped():
-    """a 64px batch of 64 in well under 50 ms in-process; flip=True is ignored for shapes (captions say left/right)."""
-    it = iter(data.make_loader('shapes', 64, 64, seed=1))
-    b = next(it)
+def test_shapes_loader_batches_and_never_flipped():
+    """a 64px batch of 64: float32 in [0, 1], contiguous; flip=True is ignored for shapes (captions say left/right)."""
+    b = next(iter(data.make_loader('shapes', 64, 64, seed=1)))
     assert b['image'].shape == (64, 3, 64, 64) and b['image'].dtype == torch.float32 and b['image'].is_contiguous()
+    assert 0 <= b['image'].min() and b['image'].max() <= 1
     assert b['aes'].shape == (64,) and len(b['caption']) == 64
-    best = min(_time(lambda: next(it)) for _ in range(5))
-    assert best < 0.05, f"{best * 1e3:.1f} ms per batch"
     b2 = next(iter(data.make_loader('shapes', 64, 64, seed=1, flip=True)))
     assert torch.equal(b['image'], b2['image'])
-
-def _time(f):
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
 
 def test_tar_filters_and_counts(tmp_path):
     """shards: good samples kept; corrupt / no caption / too small / aspect 3 skipped and counted by reason."""
