@@ -43,7 +43,8 @@ IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION / DataComp / ours
 WATERMARK_FIELDS = ('pwatermark', 'watermark')  # LAION-5B metadata
 DEFAULT_AES = 6.0  # the official sample_aesthetic_score for stage 1, for a sample that carries none
-PREFIX_RE = re.compile(r'^\s*the image (depicts|shows|displays|showcases|features)\s*', re.IGNORECASE)
+# the phrases a recaption may start with; in this order, so 'showcases' is tried before 'shows'
+RECAP_PREFIXES = tuple(f"The image {v}" for v in ('depicts', 'displays', 'showcases', 'features', 'shows'))
 
 class DataError(ValueError):
     """A user-caused problem (no files, too few shards, a state from another layout); the CLI exits 2."""
@@ -289,13 +290,21 @@ def _first(d, fields):
     """The value of the first of `fields` that `d` has (and is not None), else None."""
     return next((d[k] for k in fields if d.get(k) is not None), None)
 
-def _caption(txt, recap, rng, recap_prob, strip_prefix):
-    c = txt
-    if recap and rng.random() < recap_prob:  # official use_recap_prob = 0.95
-        c = recap
-    if strip_prefix and PREFIX_RE.match(c):
-        c = PREFIX_RE.sub('', c)
-        c = c[:1].upper() + c[1:]
+def _caption(txt, recap, rng, recap_prob):
+    """The caption to train on, as the official process_recap_text picks it: the recaption with
+    probability recap_prob (the release's use_recap_prob is 0.95), stripped, and only if it starts with
+    the exact (case-sensitive) 'The image depicts' / displays / showcases / features / shows, that
+    phrase removed, the rest stripped and its first letter capitalised. Else the original txt as it is."""
+    if not recap or rng.random() >= recap_prob:
+        return txt
+    c = recap.strip()
+    for phrase in RECAP_PREFIXES:
+        if c.startswith(phrase):
+            c = c[len(phrase):].strip()
+            c = c[:1].upper() + c[1:]
+            break
+    if not c:  # nothing after the phrase: the original caption (the release would train on '')
+        return txt
     return c
 
 def _resize_crop(img, size, rng, train, flip):
@@ -325,13 +334,13 @@ class _Stream(torch.utils.data.IterableDataset):
     replays exactly."""
 
     def __init__(self, kind, items, split, batch_size, image_size, train, seed, rank, world_size,
-                 num_workers, resample, flip, filters, recap_prob, strip_prefix, max_objects,
-                 num_samples, kl_sample, raw):
+                 num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
+                 kl_sample, raw):
         self.kind, self.items, self.split = kind, items, split
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.resample, self.flip = num_workers, resample, flip
-        self.filters, self.recap_prob, self.strip_prefix = filters, recap_prob, strip_prefix
+        self.filters, self.recap_prob = filters, recap_prob
         self.max_objects, self.num_samples = max_objects, num_samples
         self.kl_sample, self.raw = kl_sample, raw
         self.W = max(1, num_workers)  # workers of this rank (the main process is one when 0)
@@ -424,6 +433,8 @@ class _Stream(torch.utils.data.IterableDataset):
                 txt = _read_member(f, members['txt']).decode('utf-8').strip()
             # the recaption: a key.recap_txt member (official PretokenizedWebDataset), or a json field
             recap = meta.get('recaption')
+            if not isinstance(recap, str):  # absent, or not text
+                recap = None
             if 'recap_txt' in members:
                 recap = _read_member(f, members['recap_txt']).decode('utf-8').strip()
             ext = next((e for e in ('tokens.npy', *IMAGE_EXTS) if e in members), None)
@@ -459,7 +470,7 @@ class _Stream(torch.utils.data.IterableDataset):
         aes = _first(meta, AES_FIELDS)
         if aes is None:
             aes = DEFAULT_AES
-        caption = _caption(txt, recap, rng, self.recap_prob, self.strip_prefix)
+        caption = _caption(txt, recap, rng, self.recap_prob)
         s = dict(caption=caption, key=key, txt=txt, recap=recap, aes=float(aes), meta=meta)
         if ext == 'tokens.npy':
             try:
@@ -620,16 +631,18 @@ class Loader:
 
 def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=0, world_size=1,
                 num_workers=0, resample=False, flip=False, min_size=256, max_aspect=2.0, min_aes=None,
-                max_watermark=None, recap_prob=0.95, strip_prefix=True, max_objects=2,
-                num_samples=None, kl_sample=True, raw=False):
+                max_watermark=None, recap_prob=0.95, max_objects=2, num_samples=None, kl_sample=True,
+                raw=False):
     """Batches {'image' (B,3,H,W) float in [0,1] | 'tokens', 'caption', 'aes' (B,), 'key'} from
     `source`: tar shards (brace pattern, glob, list, or a folder of .tar, e.g. token shards), a folder
     of images with .txt captions, or 'shapes' / 'shapes:val'. train=True: infinite, shuffled, random
     crops; False: one pass, centre crops. Token shards give 'tokens': VQ (B, N) long, KL (B, N, C)
     posterior sample (mean if not kl_sample). Filters (0/None disables): sizes from the json's
     original_width/height (else the decoded image; never token shards), aesthetic and watermark from
-    the json; none for shapes. raw=True also returns txt/recap/meta and ends a batch at each shard
-    (the pretokenizer)."""
+    the json; none for shapes. Captions: a recaption (key.recap_txt or the json's 'recaption') with
+    probability recap_prob, else the txt as it is (recap_prob=0: always the txt, as the official
+    tokenizer trains). raw=True also returns txt/recap/meta and ends a batch at each shard (the
+    pretokenizer)."""
     kind, items = expand_source(source)
     split = None
     filters = {}
@@ -643,8 +656,8 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
         filters = dict(min_size=min_size, max_aspect=max_aspect, min_aes=min_aes,
                        max_watermark=max_watermark)
     stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
-                     num_workers, resample, flip, filters, recap_prob, strip_prefix, max_objects,
-                     num_samples, kl_sample, raw)
+                     num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
+                     kl_sample, raw)
     return Loader(stream)
 
 def make_grid(images, ncol):
