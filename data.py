@@ -215,15 +215,21 @@ def _braceexpand(pattern):
 def expand_source(source):
     """-> ('shapes', split) | ('folder', [(image, caption, key)]) | ('tar', [shard paths]);
     DataError if empty."""
+    kind, items, _ = _expand(source)
+    return kind, items
+
+def _expand(source):
+    """expand_source, and the list of the shards a pattern or list names that do not exist (a glob
+    that matches no file, or a name that is not a file)."""
     if isinstance(source, str) and source.split(':')[0] == 'shapes':
         split = None
         if ':' in source:
             split = source.split(':')[1]
-        return 'shapes', split
+        return 'shapes', split, []
     if isinstance(source, str) and os.path.isdir(source):
         shards = sorted(glob.glob(os.path.join(source, '*.tar')))
         if shards:  # e.g. the pretokenizer's output folder
-            return 'tar', shards
+            return 'tar', shards, []
         items = []
         for d, _, files in sorted(os.walk(source)):
             for f in sorted(files):
@@ -234,18 +240,21 @@ def expand_source(source):
                 items.append((os.path.join(d, f), os.path.join(d, stem + '.txt'), key))
         if not items:
             raise DataError(f"no images (.jpg/.png/.webp) or .tar shards in folder {source}")
-        return 'folder', items
+        return 'folder', items, []
     patterns = [source] if isinstance(source, str) else source
-    found = set()
+    found, missing = set(), set()
     for p in patterns:
         for path in _braceexpand(str(p)):
             matches = [path]
             if glob.has_magic(path):
                 matches = glob.glob(path)
-            found.update(f for f in matches if os.path.isfile(f))
+            files = [f for f in matches if os.path.isfile(f)]
+            found.update(files)
+            if not files:
+                missing.add(path)
     if not found:
         raise DataError(f"no files match {source!r}")
-    return 'tar', sorted(found)
+    return 'tar', sorted(found), sorted(missing)
 
 def _tar_index(path, counts):
     """Scan a shard's headers (no data is read) -> [(key, {ext: (offset, size)})], grouped the
@@ -561,9 +570,10 @@ class _Stream(torch.utils.data.IterableDataset):
             t, j = t + 1, 0
         yield self._batch(batch, w, t, j, counts)  # the last partial batch (eval), the final counts
 
-def summarize_counts(counts):
+def summarize_counts(counts, missing_shards=0):
     """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'bad_shards') -> the summary
-    that the training log and `data.py stats` print."""
+    that the training log and `data.py stats` print. missing_shards: the shards the source names that
+    do not exist (a property of the source, the same on every rank)."""
     c = Counter(counts)
 
     def by(prefix):  # {why: n} of the keys 'prefix/why'
@@ -571,15 +581,16 @@ def summarize_counts(counts):
 
     return dict(read=c['read'], kept=c['kept'], filtered=sum(by('filtered').values()),
                 corrupt=sum(by('corrupt').values()), bad_shards=c['bad_shards'],
-                filtered_by=by('filtered'), corrupt_by=by('corrupt'))
+                missing_shards=missing_shards, filtered_by=by('filtered'), corrupt_by=by('corrupt'))
 
 class Loader:
     """Batches of a _Stream through a DataLoader (batching happens inside the workers), with exact
     resume."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, missing=()):
         self.stream = stream
         self.W = stream.W
+        self.missing = list(missing)  # the shards the source names that do not exist
         self._rewind()
 
     def _rewind(self):
@@ -607,8 +618,10 @@ class Loader:
 
     @property
     def counts(self):
-        """read / kept / filtered / corrupt (with reasons) so far on this rank, for the training log."""
-        return summarize_counts(sum((Counter(c) for c in self.worker_counts), Counter()))
+        """read / kept / filtered / corrupt (with reasons) so far on this rank, and the shards the
+        source names that do not exist, for the training log."""
+        total = sum((Counter(c) for c in self.worker_counts), Counter())
+        return summarize_counts(total, len(self.missing))
 
     def _layout(self):
         s = self.stream  # n: 0 for shapes, which has no items; the batch size may change
@@ -643,7 +656,7 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
     probability recap_prob, else the txt as it is (recap_prob=0: always the txt, as the official
     tokenizer trains). raw=True also returns txt/recap/meta and ends a batch at each shard (the
     pretokenizer)."""
-    kind, items = expand_source(source)
+    kind, items, missing = _expand(source)  # missing: counted, see Loader.counts
     split = None
     filters = {}
     if kind == 'shapes':  # no files, a split: 'shapes:val' names it, plain 'shapes' follows `train`
@@ -658,7 +671,7 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
     stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
                      num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
                      kl_sample, raw)
-    return Loader(stream)
+    return Loader(stream, missing)
 
 def make_grid(images, ncol):
     """uint8 images (B, H, W, 3) -> one uint8 image, `ncol` per row, 2 px of white around each."""
@@ -783,7 +796,10 @@ def pretokenize(args):
 
 def stats(args):
     from tqdm import tqdm
-    kind, items = expand_source(args.pattern)
+    kind, items, missing = _expand(args.pattern)
+    if missing:
+        print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "
+              f"(first: {missing[0]}); counted as missing_shards", file=sys.stderr)
     nw = min(args.num_workers, os.cpu_count() or 1)  # never more workers than cores, or shards
     if kind == 'tar':
         nw = min(nw, len(items))
@@ -795,7 +811,7 @@ def stats(args):
             pbar.update(len(b['key']))
     c = loader.counts
     for k, v in c.items():
-        print(f"{k:>12}: {v}")
+        print(f"{k:>14}: {v}")
     print(json.dumps(c))
 
 def main(argv=None):

@@ -422,6 +422,23 @@ def test_broken_shards_are_skipped_and_counted(tmp_path):
     with pytest.raises(data.DataError):
         data.make_loader(str(tmp_path / 'nothing_*.tar'), 4, 32)
 
+def test_missing_shards_are_counted(tmp_path, capsys):
+    """shards a brace pattern or a list names that do not exist are counted (loader counts, stats JSON, a warning);
+    none existing is an error, exit 2."""
+    paths, good = _shards(tmp_path, n_shards=2, bad=False)
+    pattern = str(tmp_path / '{00000..00003}.tar')  # 00002 and 00003 do not exist
+    ld = data.make_loader(pattern, 4, 32, train=False)
+    assert ld.counts['missing_shards'] == 2 and sorted(_keys(ld)) == sorted(good)
+    ld = data.make_loader([paths[0], str(tmp_path / 'gone.tar'), str(tmp_path / 'gone_*.tar'), str(tmp_path)], 4, 32)
+    assert ld.counts['missing_shards'] == 3  # a missing file, a glob matching nothing, a folder named as a shard
+    data.main(['stats', pattern, '--num_workers', '0'])
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1])['missing_shards'] == 2
+    assert 'missing_shards: 2' in out.out and '2 of the 4 shards' in out.err
+    with pytest.raises(SystemExit) as e:
+        data.main(['stats', str(tmp_path / '{00005..00009}.tar')])
+    assert e.value.code == 2 and 'Traceback' not in capsys.readouterr().err
+
 def test_folder(tmp_path):
     """folder with subfolders: same-name .txt captions, and the same skips as for shards (sizes from the file)."""
     def put(rel, img, cap):
