@@ -283,6 +283,28 @@ def _tar_index(path, counts):
             samples.popitem()
     return list(samples.items())
 
+def _read_file(path):
+    """A file's bytes, or b'' when it cannot be read (a folder item without its caption file)."""
+    try:
+        with open(path, 'rb') as fp:
+            return fp.read()
+    except OSError:
+        return b''
+
+def _decode_caption(raw):
+    """Caption bytes -> (text, whether it needed the fallback), or (None, True). UTF-8 first, else
+    cp1252, the commonest legacy encoding of web alt text: every byte but 5 decodes in it, so a
+    caption in yet another encoding may come out as the wrong characters (hence the count of
+    recovered captions); with one of those 5 bytes, the sample is dropped."""
+    try:
+        return raw.decode('utf-8'), False
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode('cp1252'), True
+    except UnicodeDecodeError:
+        return None, True
+
 def _read_member(f, span):
     """The bytes of one shard member, span = (offset, size); EOFError if the file ends first."""
     offset, size = span
@@ -416,52 +438,58 @@ class _Stream(torch.utils.data.IterableDataset):
             return 'filtered/watermark'
         return None
 
-    def _load(self, ref, f):
+    def _load(self, ref, f, counts):
         """The raw parts of a folder item or a shard's sample -> (key, meta, txt, recap, ext, data),
         or the reason (a counts key) it cannot be read. ext: 'tokens.npy', an image's, or None."""
         if self.kind == 'folder':
             img_path, txt_path, key = ref
+            meta, ext = {}, None
+            texts = {'txt': _read_file(txt_path)}  # b'' when there is none: counted as no caption
+            data = _read_file(img_path)  # b'' when unreadable: counted as a corrupt image
+        else:
+            key, members = ref
+            texts = {}  # the captions' bytes, by member
             try:
-                with open(txt_path, encoding='utf-8') as fp:
-                    txt = fp.read().strip()
-            except (OSError, UnicodeDecodeError):  # counted as no caption
-                txt = ''
-            try:
-                with open(img_path, 'rb') as fp:
-                    data = fp.read()
-            except OSError:  # counted as a corrupt image
+                meta = {}
+                if 'json' in members:
+                    meta = json.loads(_read_member(f, members['json']))
+                if not isinstance(meta, dict):  # valid json, but not the object of a sample's fields
+                    raise ValueError
+                for name in ('txt', 'recap_txt'):
+                    if name in members:
+                        texts[name] = _read_member(f, members[name])
+                ext = next((e for e in ('tokens.npy', *IMAGE_EXTS) if e in members), None)
                 data = b''
-            return key, {}, txt, None, None, data
-        key, members = ref
-        try:
-            meta = {}
-            if 'json' in members:
-                meta = json.loads(_read_member(f, members['json']))
-            txt = ''
-            if 'txt' in members:
-                txt = _read_member(f, members['txt']).decode('utf-8').strip()
-            # the recaption: a key.recap_txt member (official PretokenizedWebDataset), or a json field
-            recap = meta.get('recaption')
-            if not isinstance(recap, str):  # absent, or not text
-                recap = None
-            if 'recap_txt' in members:
-                recap = _read_member(f, members['recap_txt']).decode('utf-8').strip()
-            ext = next((e for e in ('tokens.npy', *IMAGE_EXTS) if e in members), None)
-            data = b''
-            if ext:
-                data = _read_member(f, members[ext])
-        except (OSError, EOFError, ValueError):  # ValueError covers bad json and bad UTF-8
-            return 'corrupt/member'
+                if ext:
+                    data = _read_member(f, members[ext])
+            except (OSError, EOFError, ValueError):  # ValueError covers bad json
+                return 'corrupt/member'
+        legacy = False
+        for name, raw in texts.items():
+            text, fallback = _decode_caption(raw)
+            if text is None:
+                return 'corrupt/caption_not_utf8'
+            legacy |= fallback
+            texts[name] = text.strip()
+        if legacy:  # kept so far, its caption read as cp1252: counted, as it may be wrong
+            counts['recovered/caption_not_utf8'] += 1
+        txt = texts.get('txt', '')
+        if self.kind == 'folder':  # as the text-mode read before: universal newlines
+            txt = txt.replace('\r\n', '\n').replace('\r', '\n')
+        # the recaption: a key.recap_txt member (official PretokenizedWebDataset), or a json field
+        recap = texts.get('recap_txt', meta.get('recaption'))
+        if not isinstance(recap, str):  # absent, or not text
+            recap = None
         return key, meta, txt, recap, ext, data
 
-    def _sample(self, ref, f, rng, np_seed):
+    def _sample(self, ref, f, rng, np_seed, counts):
         """-> a sample dict, or the reason (a counts key) it was skipped."""
         if self.kind == 'shapes':
             size = self.image_size or 64
             img, cap = shapes_sample(ref, size, self.split, self.seed, self.max_objects)
             return dict(image=np.asarray(img), caption=cap, aes=DEFAULT_AES,
                         key=f"shapes-{self.split}-{ref}", txt=cap, recap=None, meta={})
-        loaded = self._load(ref, f)
+        loaded = self._load(ref, f, counts)
         if isinstance(loaded, str):
             return loaded
         key, meta, txt, recap, ext, data = loaded
@@ -553,7 +581,7 @@ class _Stream(torch.utils.data.IterableDataset):
             with open(path, 'rb') if path else contextlib.nullcontext() as f:
                 while j < len(refs):
                     rng = random.Random(f"{self.seed}/{slot}/{t}/{j}")
-                    s = self._sample(refs[j], f, rng, [self.seed, slot, t, j])
+                    s = self._sample(refs[j], f, rng, [self.seed, slot, t, j], counts)
                     j += 1
                     counts['read'] += 1
                     if isinstance(s, dict):
@@ -571,8 +599,9 @@ class _Stream(torch.utils.data.IterableDataset):
         yield self._batch(batch, w, t, j, counts)  # the last partial batch (eval), the final counts
 
 def summarize_counts(counts, missing_shards=0):
-    """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'bad_shards') -> the summary
-    that the training log and `data.py stats` print. missing_shards: the shards the source names that
+    """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'recovered/<what>',
+    'bad_shards') -> the summary that the training log and `data.py stats` print. Each sample read is
+    kept, filtered or corrupt; recovered counts samples read despite a flaw (a caption in cp1252). missing_shards: the shards the source names that
     do not exist (a property of the source, the same on every rank)."""
     c = Counter(counts)
 
@@ -581,7 +610,8 @@ def summarize_counts(counts, missing_shards=0):
 
     return dict(read=c['read'], kept=c['kept'], filtered=sum(by('filtered').values()),
                 corrupt=sum(by('corrupt').values()), bad_shards=c['bad_shards'],
-                missing_shards=missing_shards, filtered_by=by('filtered'), corrupt_by=by('corrupt'))
+                missing_shards=missing_shards, filtered_by=by('filtered'), corrupt_by=by('corrupt'),
+                recovered_by=by('recovered'))
 
 class Loader:
     """Batches of a _Stream through a DataLoader (batching happens inside the workers), with exact

@@ -439,6 +439,30 @@ def test_missing_shards_are_counted(tmp_path, capsys):
         data.main(['stats', str(tmp_path / '{00005..00009}.tar')])
     assert e.value.code == 2 and 'Traceback' not in capsys.readouterr().err
 
+def test_captions_not_utf8(tmp_path):
+    """a caption that is not UTF-8 is read as cp1252 and counted as recovered; one that is not cp1252 either (here the
+    byte 0x81, undefined there) drops its sample, counted by that name, as does a json that is not an object."""
+    samples = [('utf8', {'jpg': _jpg(), 'txt': 'café'.encode('utf-8'), 'json': _meta()}),
+               ('latin', {'jpg': _jpg(), 'txt': 'café'.encode('cp1252'), 'json': _meta()}),
+               ('quotes', {'jpg': _jpg(), 'txt': 'x', 'recap_txt': '“quoted”'.encode('cp1252'), 'json': _meta()}),
+               ('bad', {'jpg': _jpg(), 'txt': b'\x81\x8d caption', 'json': _meta()}),
+               ('badrecap', {'jpg': _jpg(), 'txt': 'fine', 'recap_txt': b'\x9d', 'json': _meta()}),
+               ('list', {'jpg': _jpg(), 'txt': 'fine', 'json': [1, 2]})]
+    path = str(tmp_path / 'enc.tar')
+    data.write_shard(path, samples)
+    ld = data.make_loader(path, 8, 16, train=False, recap_prob=1)
+    caps = {k: c for b in ld for k, c in zip(b['key'], b['caption'])}
+    assert caps == {'utf8': 'café', 'latin': 'café', 'quotes': '“quoted”'}
+    c = ld.counts
+    assert c['recovered_by'] == {'caption_not_utf8': 2}
+    assert c['corrupt_by'] == {'caption_not_utf8': 2, 'member': 1} and c['read'] == 6
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    (folder / 'a.jpg').write_bytes(_jpg(300, 300))
+    (folder / 'a.txt').write_bytes('naïve'.encode('cp1252'))
+    ld = data.make_loader(str(folder), 1, 16, train=False)
+    assert next(iter(ld))['caption'] == ['naïve'] and ld.counts['recovered_by'] == {'caption_not_utf8': 1}
+
 def test_folder(tmp_path):
     """folder with subfolders: same-name .txt captions, and the same skips as for shards (sizes from the file)."""
     def put(rel, img, cap):
