@@ -13,8 +13,8 @@ Usage (library):
     print(loader.counts)
 Usage (CLI):
     python data.py stats 'data/{00000..00123}.tar'  # read / kept / filtered / corrupt, JSON last
-    python data.py pretokenize --tokenizer vq128 --input 'data/*.tar' --output tokens/
-    torchrun --nproc_per_node=8 data.py pretokenize --tokenizer ckpt.pt --input 'data/*.tar' --output tokens/
+    python data.py pretokenize --tokenizer vq128 --data 'data/*.tar' --out_dir tokens/
+    torchrun --nproc_per_node=8 data.py pretokenize --tokenizer out/tok --data 'data/*.tar' --out_dir tokens/
 
 References:
 1) TA-TiTok / MaskGen paper: https://arxiv.org/abs/2501.07730
@@ -751,25 +751,21 @@ def pretokenize(args):
     from tatitok import TATiTok, CheckpointError
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
-    device = args.device
-    if device == 'auto':
-        device = 'cpu'
-        if torch.cuda.is_available():
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    device = args.device  # a torch.device: main() parsed it
     try:
         model = TATiTok.from_pretrained(args.tokenizer).eval().requires_grad_(False).to(device)
     except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
         raise DataError(str(e)) from None
     cfg = model.config
-    kind, items = expand_source(args.input)
-    os.makedirs(args.output, exist_ok=True)
+    kind, items = expand_source(args.data)
+    os.makedirs(args.out_dir, exist_ok=True)
     if rank == 0:
         record = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str))}
-        with open(os.path.join(args.output, 'tokenizer.json'), 'w') as fp:
+        with open(os.path.join(args.out_dir, 'tokenizer.json'), 'w') as fp:
             json.dump(dict(tokenizer=args.tokenizer, **record), fp, indent=1)
 
     def done(name):  # this unit's output shard exists: written in an earlier run
-        return os.path.exists(os.path.join(args.output, name + '.tar'))
+        return os.path.exists(os.path.join(args.out_dir, name + '.tar'))
 
     common = dict(train=False, seed=args.seed, min_size=args.min_size, max_aspect=args.max_aspect,
                   min_aes=args.min_aes, max_watermark=args.max_watermark, raw=True)
@@ -788,7 +784,7 @@ def pretokenize(args):
         if done(f"{kind}-{rank:05d}"):
             print(f"rank {rank}: already done")
             return
-        source = args.input
+        source = args.data
         if source == 'shapes':  # the train split, not the held-out one that train=False reads
             source = 'shapes:train'
         loader = make_loader(source, args.batch_size, cfg.image_size, rank=rank, world_size=world,
@@ -798,7 +794,7 @@ def pretokenize(args):
     pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
     for b in loader:
         name = b['_unit']
-        tmp = os.path.join(args.output, name + '.tar.tmp')
+        tmp = os.path.join(args.out_dir, name + '.tar.tmp')
         if name not in writers:
             writers[name] = tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT)
         if b['key']:
@@ -818,7 +814,7 @@ def pretokenize(args):
             pbar.update(len(b['key']))
         if b.get('_done'):
             writers.pop(name).close()
-            os.replace(tmp, os.path.join(args.output, name + '.tar'))
+            os.replace(tmp, os.path.join(args.out_dir, name + '.tar'))
         c = loader.counts
         pbar.set_postfix(kept=c['kept'], filtered=c['filtered'], corrupt=c['corrupt'])
     pbar.close()
@@ -826,14 +822,14 @@ def pretokenize(args):
 
 def stats(args):
     from tqdm import tqdm
-    kind, items, missing = _expand(args.pattern)
+    kind, items, missing = _expand(args.data)
     if missing:
         print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "
               f"(first: {missing[0]}); counted as missing_shards", file=sys.stderr)
     nw = min(args.num_workers, os.cpu_count() or 1)  # never more workers than cores, or shards
     if kind == 'tar':
         nw = min(nw, len(items))
-    loader = make_loader(args.pattern, 256, None, train=False, num_workers=nw,
+    loader = make_loader(args.data, 256, None, train=False, num_workers=nw,
                          min_size=args.min_size, max_aspect=args.max_aspect, min_aes=args.min_aes,
                          max_watermark=args.max_watermark, num_samples=args.num_samples)
     with tqdm(unit='img', desc='stats') as pbar:
@@ -844,37 +840,72 @@ def stats(args):
         print(f"{k:>14}: {v}")
     print(json.dumps(c))
 
+def _number(cast, ok, wanted):
+    """An argparse type: the flag's text as `cast`, refused (exit 2, a line naming the flag) unless
+    ok(value). NaN fails every comparison, so each `ok` below refuses it; each refuses inf too."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"wants {wanted}, got {text!r}")
+        return value
+    return parse
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools for TA-TiTok / MaskGen (stats, pretokenize).")
-    filters = argparse.ArgumentParser(add_help=False)
-    filters.add_argument('--min_size', type=int, default=256,
-                         help="drop if the original longer side is below (0: off)")
-    filters.add_argument('--max_aspect', type=float, default=2.0,
-                         help="drop if long/short side is above (0: off)")
-    filters.add_argument('--min_aes', type=float, default=None,
-                         help="drop if the aesthetic score is below / missing")
-    filters.add_argument('--max_watermark', type=float, default=None,
-                         help="drop if pwatermark is not below (e.g. 0.5)")
-    filters.add_argument('--num_workers', type=int, default=4, help="dataloader workers (per process)")
-    filters.add_argument('--num_samples', type=int, default=None,
-                         help="samples to read from 'shapes' (default 1000)")
+    # the flags both commands take: filters (as make_loader's), workers, the shapes set's size
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--min_size', type=_number(int, lambda x: 0 <= x <= 65535,
+                                                   "0 (off) or a side in pixels, up to 65535"),
+                        default=256, help="drop a sample whose original longer side is below this; 0: off")
+    common.add_argument('--max_aspect', type=_number(float, lambda x: x == 0 or 1 <= x <= 100,
+                                                     "0 (off) or a long/short ratio from 1 to 100"),
+                        default=2.0, help="drop a sample whose long/short side ratio is above this; 0: off")
+    common.add_argument('--min_aes', type=_number(float, lambda x: 0 <= x <= 10,
+                                                  "an aesthetic score from 0 to 10 (LAION's scale)"),
+                        help="drop a sample whose aesthetic score is below this, or missing; off unless set")
+    common.add_argument('--max_watermark', type=_number(float, lambda x: 0 < x <= 1,
+                                                        "a watermark probability above 0, up to 1"),
+                        help="drop a sample whose pwatermark is this or above (e.g. 0.5); off unless set")
+    workers = min(4, os.cpu_count() or 1)  # 4 would oversubscribe a 2-core machine
+    common.add_argument('--num_workers', type=_number(int, lambda x: 0 <= x <= 64,
+                                                      "0 (the main process) to 64 workers"),
+                        default=workers, help=f"dataloader workers per process; {workers}: min(4, CPU cores)")
+    common.add_argument('--num_samples', type=_number(int, lambda x: 1 <= x <= 2 ** 62,
+                                                      "a whole number from 1 to 2**62"),
+                        help="'shapes' only: how many samples to read; 1000 unless set")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{stats,pretokenize}')
-    s = sub.add_parser('stats', parents=[filters], help="count read / kept / filtered / corrupt samples")
-    s.add_argument('pattern', help="shards: 'data/{00000..00123}.tar', a glob, a folder, or 'shapes'")
-    t = sub.add_parser('pretokenize', parents=[filters],
+    s = sub.add_parser('stats', parents=[common], help="count read / kept / filtered / corrupt samples")
+    s.add_argument('data', metavar='DATA',
+                   help="tar shards ('data/{00000..00123}.tar', a glob), a folder, or 'shapes'")
+    t = sub.add_parser('pretokenize', parents=[common],
                        help="encode images once into token shards for MaskGen")
-    t.add_argument('--tokenizer', required=True,
-                   help="official release (vq128, kl32, ...), its HF repo id, or a checkpoint")
-    t.add_argument('--input', required=True, help="image shards (pattern / glob / folder) or 'shapes'")
-    t.add_argument('--output', required=True,
-                   help="output folder for the token shards (resumes into it)")
-    t.add_argument('--batch_size', type=int, default=64, help="images per encoder forward")
+    t.add_argument('--tokenizer', required=True, help="an official release (vq128, kl32, ...), its HF "
+                   "repo id, a .bin/.safetensors file, or a train_tokenizer.py checkpoint (file or folder)")
+    t.add_argument('--data', required=True,
+                   help="image shards (brace pattern, glob, list), a folder of images, or 'shapes'")
+    t.add_argument('--out_dir', required=True,
+                   help="folder for the token shards; a rerun resumes into it")
+    t.add_argument('--batch_size', type=_number(int, lambda x: 1 <= x <= 65536,
+                                                "a whole number from 1 to 65536"),
+                   default=64, help="images per encoder forward pass")
     t.add_argument('--device', default='auto',
-                   help="'auto' (cuda:LOCAL_RANK if available, else cpu), or a device")
-    t.add_argument('--seed', type=int, default=0, help="shapes only: the seed of the stream")
+                   help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, mps")
+    t.add_argument('--seed', type=_number(int, lambda x: 0 <= x < 2 ** 63, "a whole number >= 0"),
+                   default=0, help="'shapes' only: the seed of the stream")
     t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
-                   help="shapes only: objects per image")
+                   help="'shapes' only: at most this many objects per image")
     args = p.parse_args(argv)
+    if args.num_samples and args.data.split(':')[0] != 'shapes':
+        p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
+    if args.cmd == 'pretokenize':
+        from tatitok import pick_device
+        try:
+            args.device = pick_device(args.device)
+        except ValueError as e:
+            p.error(str(e))
     try:
         if args.cmd == 'stats':
             stats(args)

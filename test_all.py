@@ -596,11 +596,49 @@ def test_cli_stats_and_errors(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out['read'], out['kept'], out['filtered'], out['corrupt']) == (10, 6, 2, 2)
     for argv in (['stats', str(tmp_path / 'missing_*.tar')], ['frobnicate'], ['stats', 'x', '--min_size', 'big'],
-                 ['pretokenize', '--input', 'x']):
+                 ['pretokenize', '--data', 'x'], ['stats', str(tmp_path), '--num_samples', '10']):
         with pytest.raises(SystemExit) as e:
             data.main(argv)
         assert e.value.code == 2
         assert 'Traceback' not in capsys.readouterr().err
+
+def test_cli_number_flags(tmp_path, capsys):
+    """every number flag refuses NaN, inf, negatives, zero where it means nothing, and huge values, with one line naming
+    the flag, exit 2, before any work (the --out_dir is not even created); so do a bad --device and --num_samples
+    for shards."""
+    bad = {'--num_samples': ['0', '-5', '1e3', str(2 ** 63)], '--num_workers': ['-1', '1000', 'nan'],
+           '--min_size': ['-1', 'inf', '100000'], '--max_aspect': ['nan', 'inf', '0.5', '-2'],
+           '--min_aes': ['nan', '-1', '11'], '--max_watermark': ['0', '1.5', 'nan', '-0.1']}
+    out = str(tmp_path / 'out')
+    pretok = ['pretokenize', '--tokenizer', 'tiny', '--data', 'shapes', '--out_dir', out]
+    cases = [(['stats', 'shapes', flag, v], flag) for flag, vs in bad.items() for v in vs]
+    cases += [(pretok + [flag, v], flag) for flag, vs in bad.items() for v in vs]
+    cases += [(pretok + ['--batch_size', v], '--batch_size') for v in ('0', '-1', '1000000', '2.5')]
+    cases += [(pretok + ['--seed', '-1'], '--seed'), (pretok + ['--device', 'tpu'], '--device'),
+              (pretok + ['--device', 'cuda:7'], '--device'), (['stats', str(tmp_path), '--num_samples', '5'],
+                                                               '--num_samples')]
+    for argv, flag in cases:
+        with pytest.raises(SystemExit) as e:
+            data.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and 'Traceback' not in err, argv
+        assert flag in err.strip().splitlines()[-1] and 'error: ' in err.strip().splitlines()[-1], (argv, err)
+    assert not os.path.exists(out)
+
+def test_pretokenize_default_workers(tmp_path, monkeypatch):
+    """pretokenize's default --num_workers is min(4, CPU cores): 2 workers on a 2-core machine for 4 shards."""
+    _, _, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
+    _shards(tmp_path, n_shards=4, per_shard=1, bad=False)
+    seen = {}
+    def make_loader(source, *a, **kw):  # record the workers asked for, then stop before any work
+        seen.update(kw)
+        raise data.DataError('stop')
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(data, 'make_loader', make_loader)
+    with pytest.raises(SystemExit):
+        data.main(['pretokenize', '--tokenizer', ckpt, '--data', str(tmp_path / '*.tar'), '--out_dir',
+                   str(tmp_path / 'tok'), '--device', 'cpu'])
+    assert seen['num_workers'] == 2
 
 def _tiny_ckpt(tmp_path, preset):
     tatitok = pytest.importorskip('tatitok')
@@ -619,7 +657,7 @@ def test_pretokenize_roundtrip(tmp_path, preset, capsys):
     src.mkdir()
     paths, _ = _shards(src, n_shards=2, per_shard=3)
     out = str(tmp_path / 'tok')
-    argv = ['pretokenize', '--tokenizer', ckpt, '--input', str(src), '--output', out, '--batch_size', '4',
+    argv = ['pretokenize', '--tokenizer', ckpt, '--data', str(src), '--out_dir', out, '--batch_size', '4',
             '--num_workers', '0', '--device', 'cpu']
     data.main(argv)
     assert sorted(os.listdir(out)) == ['00000.tar', '00001.tar', 'tokenizer.json']
