@@ -25,7 +25,9 @@ References:
 import argparse
 import contextlib
 import copy
+import dataclasses
 import glob
+import hashlib
 import io
 import json
 import os
@@ -33,6 +35,7 @@ import random
 import re
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -744,25 +747,162 @@ def write_shard(path, samples):
             _tar_add(tf, key, members)
     os.replace(path + '.tmp', path)  # a killed run never leaves a half shard that resume would skip
 
+def tokenizer_fingerprint(model):
+    """sha256 (hex) over a tokenizer's weights: each state-dict tensor's name, dtype, shape and bytes,
+    in sorted key order. The same weights give the same fingerprint on any device."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}\n".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return h.hexdigest()
+
+def _read_record(folder):
+    """The tokenizer.json that data.py pretokenize keeps in a token-shard folder, or None."""
+    path = os.path.join(folder, 'tokenizer.json')
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fp:
+            record = json.load(fp)
+    except (OSError, ValueError):
+        raise DataError(f"{path}: not a readable tokenizer record (json)") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not a tokenizer record (a json object)")
+    return record
+
+def token_shards_tokenizer(source):
+    """The record of the tokenizer that made the token shards of `source` (a folder, or a pattern or
+    list of shards; read from their folder's tokenizer.json): {'tokenizer': the name it was given,
+    'model_args': its config, 'fingerprint': tokenizer_fingerprint of its weights}. None for images,
+    a folder of images, 'shapes', or shards without a record. DataError if the shards' folders hold
+    different records (or some none), or a record cannot be read."""
+    kind, items = expand_source(source)
+    if kind != 'tar':
+        return None
+    records = {}  # folder -> its record (or None)
+    for path in items:
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in records:
+            records[folder] = _read_record(folder)
+    fingerprints = {None if r is None else r.get('fingerprint') for r in records.values()}
+    if len(fingerprints) > 1:
+        raise DataError(f"the shards of {source!r} were made by different tokenizers (or some have "
+                        f"no tokenizer.json): folders {sorted(records)}")
+    return next(iter(records.values()))
+
+def _first_members(path, n=8):
+    """The names of a tar's first n members ([] if it is empty or no tar)."""
+    names = []
+    try:
+        with tarfile.open(path, mode='r:') as tf:
+            while len(names) < n and (m := tf.next()) is not None:
+                names.append(m.name)
+    except (OSError, tarfile.TarError, EOFError):
+        pass
+    return names
+
+def _check_input(source, kind, items):
+    """pretokenize's --data: image shards, a folder of images or 'shapes', not another artifact."""
+    if kind != 'tar':
+        return
+    for path in items:
+        if not path.endswith('.tar'):
+            raise DataError(f"--data {source}: {path} is not a .tar shard of images")
+    if any(name.endswith('.tokens.npy') for name in _first_members(items[0])):
+        raise DataError(f"--data {source}: token shards (data.py pretokenize made them), not images")
+    stems = [os.path.basename(p)[:-len('.tar')] for p in items]
+    if len(set(stems)) < len(stems):
+        raise DataError(f"--data {source}: shards in different folders share file names, so their "
+                        f"token shards would too")
+
+def _check_out_dir(out_dir, items):
+    """pretokenize's --out_dir: a new or empty folder, or one that pretokenize wrote (to resume), and
+    one it can write to. Created here, before the tokenizer loads."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir):
+        names = sorted(os.listdir(out_dir))
+        ours = ('tokenizer.json', 'tokenizer.json.tmp')  # and the shards, .tar.tmp while written
+        others = [f for f in names if f not in ours and not f.endswith(('.tar', '.tar.tmp'))]
+        if others:
+            raise DataError(f"--out_dir {out_dir} holds files that are not token shards (e.g. "
+                            f"{others[0]}): give a new or empty folder")
+        shards = [f for f in names if f.endswith('.tar')]
+        if shards and 'tokenizer.json' not in names:
+            raise DataError(f"--out_dir {out_dir} holds .tar shards that pretokenize did not write (no "
+                            f"tokenizer.json): give a new or empty folder")
+        for path in items:  # image shards
+            if os.path.samefile(os.path.dirname(os.path.abspath(path)), out_dir):
+                raise DataError(f"--out_dir {out_dir} is the folder of the --data shards")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # a write test: permissions, a read-only disk
+    except OSError as e:
+        raise DataError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from None
+
+def _load_tokenizer(name):
+    """TATiTok.from_pretrained(name), with a one-line DataError for what is not a tokenizer: a
+    generator's checkpoint, a token-shard folder, a folder without a checkpoint, an unreadable file."""
+    from tatitok import TATiTok, TATiTokConfig, CheckpointError
+    path = name
+    if os.path.isdir(name):
+        if _read_record(name) is not None:
+            raise DataError(f"--tokenizer {name} is a folder of token shards, not a tokenizer")
+        path = os.path.join(name, 'ckpt.pt')
+        if not os.path.isfile(path):
+            raise DataError(f"--tokenizer {name} is a folder without a ckpt.pt (as the --out_dir of "
+                            f"train_tokenizer.py holds)")
+    if os.path.isfile(path) and not path.endswith('.safetensors'):
+        try:  # mmap: the tensors are not read
+            ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:  # not a zip checkpoint: from_pretrained says what it is
+            ck = None
+        if isinstance(ck, dict) and isinstance(ck.get('model_args'), dict):
+            ours = {f.name for f in dataclasses.fields(TATiTokConfig)}
+            if 'tokenizer' in ck or not set(ck['model_args']) <= ours:
+                raise DataError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), not "
+                                f"a tokenizer: give the tokenizer it was trained with")
+    try:
+        return TATiTok.from_pretrained(name)
+    except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
+        raise DataError(f"--tokenizer: {e}") from None
+
 def pretokenize(args):
     """Encode each image once with the frozen TA-TiTok into token shards: one output shard per input
-    unit, existing outputs skipped (resume), input shards split over torchrun processes."""
+    unit, existing outputs skipped (resume), input shards split over torchrun processes. The folder's
+    tokenizer.json says which tokenizer made them (token_shards_tokenizer reads it)."""
     from tqdm import tqdm
-    from tatitok import TATiTok, CheckpointError
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = args.device  # a torch.device: main() parsed it
+    # what the user may have got wrong is checked before the tokenizer loads
     try:
-        model = TATiTok.from_pretrained(args.tokenizer).eval().requires_grad_(False).to(device)
-    except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
-        raise DataError(str(e)) from None
+        kind, items, missing = _expand(args.data)
+    except DataError as e:
+        raise DataError(f"--data: {e}") from None
+    if missing and rank == 0:
+        _warn_missing(missing, items)
+    _check_input(args.data, kind, items)
+    _check_out_dir(args.out_dir, items if kind == 'tar' else [])
+    model = _load_tokenizer(args.tokenizer).requires_grad_(False).to(device)
     cfg = model.config
-    kind, items = expand_source(args.data)
-    os.makedirs(args.out_dir, exist_ok=True)
+    if cfg.quantize == 'vq' and cfg.codebook_size > 2 ** 16:
+        raise DataError(f"--tokenizer {args.tokenizer}: {cfg.codebook_size} codes do not fit the "
+                        f"uint16 ids that token shards store")
+    record = dict(tokenizer=args.tokenizer, model_args=dataclasses.asdict(cfg),
+                  fingerprint=tokenizer_fingerprint(model))
+    old = _read_record(args.out_dir)
+    done_any = any(f.endswith('.tar') for f in os.listdir(args.out_dir))
+    if done_any and old is not None and old.get('fingerprint') != record['fingerprint']:
+        raise DataError(f"--out_dir {args.out_dir} holds token shards of another tokenizer "
+                        f"({old.get('tokenizer')}): give a new folder, or that tokenizer")
     if rank == 0:
-        record = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str))}
-        with open(os.path.join(args.out_dir, 'tokenizer.json'), 'w') as fp:
-            json.dump(dict(tokenizer=args.tokenizer, **record), fp, indent=1)
+        path = os.path.join(args.out_dir, 'tokenizer.json')
+        with open(path + '.tmp', 'w') as fp:
+            json.dump(record, fp, indent=1)
+        os.replace(path + '.tmp', path)  # other ranks may read it meanwhile
 
     def done(name):  # this unit's output shard exists: written in an earlier run
         return os.path.exists(os.path.join(args.out_dir, name + '.tar'))
@@ -770,11 +910,8 @@ def pretokenize(args):
     common = dict(train=False, seed=args.seed, min_size=args.min_size, max_aspect=args.max_aspect,
                   min_aes=args.min_aes, max_watermark=args.max_watermark, raw=True)
     if kind == 'tar':  # split shards over processes here, then over this process's workers
-        stems = [os.path.basename(p).rsplit('.', 1)[0] for p in items]
-        if len(set(stems)) < len(stems):
-            raise DataError("input shards share file names; outputs would collide")
         mine = items[rank::world]
-        todo = [p for p in mine if not done(os.path.basename(p).rsplit('.', 1)[0])]
+        todo = [p for p in mine if not done(os.path.basename(p)[:-len('.tar')])]
         if not todo:
             print(f"rank {rank}: all {len(mine)} shards already done")
             return
@@ -789,7 +926,6 @@ def pretokenize(args):
             source = 'shapes:train'
         loader = make_loader(source, args.batch_size, cfg.image_size, rank=rank, world_size=world,
                              num_samples=args.num_samples, max_objects=args.max_objects, **common)
-    assert cfg.quantize == 'kl' or cfg.codebook_size <= 2 ** 16, "VQ ids are stored as uint16"
     writers = {}  # unit name -> its open output shard
     pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
     for b in loader:
@@ -818,14 +954,19 @@ def pretokenize(args):
         c = loader.counts
         pbar.set_postfix(kept=c['kept'], filtered=c['filtered'], corrupt=c['corrupt'])
     pbar.close()
-    print(json.dumps(dict(rank=rank, **loader.counts)))
+    counts = loader.counts
+    counts['missing_shards'] = len(missing)  # the loader was given only shards that exist
+    print(json.dumps(dict(rank=rank, **counts)))
+
+def _warn_missing(missing, items):
+    print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "
+          f"(first: {missing[0]}); counted as missing_shards", file=sys.stderr)
 
 def stats(args):
     from tqdm import tqdm
     kind, items, missing = _expand(args.data)
     if missing:
-        print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "
-              f"(first: {missing[0]}); counted as missing_shards", file=sys.stderr)
+        _warn_missing(missing, items)
     nw = min(args.num_workers, os.cpu_count() or 1)  # never more workers than cores, or shards
     if kind == 'tar':
         nw = min(nw, len(items))

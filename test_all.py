@@ -627,7 +627,7 @@ def test_cli_number_flags(tmp_path, capsys):
 
 def test_pretokenize_default_workers(tmp_path, monkeypatch):
     """pretokenize's default --num_workers is min(4, CPU cores): 2 workers on a 2-core machine for 4 shards."""
-    _, _, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
+    _, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
     _shards(tmp_path, n_shards=4, per_shard=1, bad=False)
     seen = {}
     def make_loader(source, *a, **kw):  # record the workers asked for, then stop before any work
@@ -641,18 +641,99 @@ def test_pretokenize_default_workers(tmp_path, monkeypatch):
     assert seen['num_workers'] == 2
 
 def _tiny_ckpt(tmp_path, preset):
-    tatitok = pytest.importorskip('tatitok')
-    import dataclasses
+    """A train_tokenizer.py-style checkpoint of a randomly initialised tiny tokenizer -> (model, path)."""
     torch.manual_seed(0)
-    model = tatitok.TATiTok(tatitok.tatitok_config(preset)).eval()
+    model = TATiTok(tatitok_config(preset)).eval()
     path = str(tmp_path / f"{preset}.pt")
-    torch.save({'model_args': dataclasses.asdict(model.config), 'model': model.state_dict(), 'ema': None}, path)
-    return tatitok, model, path
+    torch.save({'model_args': asdict(model.config), 'model': model.state_dict(), 'ema': None}, path)
+    return model, path
+
+def _pretokenize(tmp_path, ckpt, src, out, *extra):
+    data.main(['pretokenize', '--tokenizer', ckpt, '--data', src, '--out_dir', out, '--batch_size', '4',
+               '--num_workers', '0', '--device', 'cpu', *extra])
+
+def test_pretokenize_refuses_artifacts(tmp_path, capsys):
+    """another script's artifact where it does not belong (a generator checkpoint as --tokenizer, token shards as
+    --data, a folder of images as --out_dir, ...) and bad paths: one line naming the flag, exit 2, no traceback;
+    the path checks come before the tokenizer loads."""
+    model, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
+    _, other = _tiny_ckpt(tmp_path, 'tiny-kl')
+    src = tmp_path / 'src'
+    src.mkdir()
+    _shards(src, n_shards=2, per_shard=2, bad=False)
+    tok = str(tmp_path / 'tok')
+    _pretokenize(tmp_path, ckpt, str(src), tok)
+    gen = tmp_path / 'gen'  # what train_maskgen.py leaves: a generator checkpoint that names its tokenizer
+    gen.mkdir()
+    torch.save({'model_args': asdict(maskgen_config('tiny-vq')), 'model': {}, 'ema': None, 'tokenizer': ckpt},
+               str(gen / 'ckpt.pt'))
+    images = tmp_path / 'images'
+    images.mkdir()
+    (images / 'a.jpg').write_bytes(_jpg())
+    (tmp_path / 'file').write_text('x')
+    (tmp_path / 'empty').mkdir()
+    new = str(tmp_path / 'new')
+    cases = [  # (flag values, the flag named, a word of the message, whether the tokenizer loads first)
+        (dict(tokenizer=str(gen)), '--tokenizer', 'generator', False),
+        (dict(tokenizer=str(gen / 'ckpt.pt')), '--tokenizer', 'generator', False),
+        (dict(tokenizer=tok), '--tokenizer', 'token shards', False),
+        (dict(tokenizer=str(tmp_path / 'empty')), '--tokenizer', 'ckpt.pt', False),
+        (dict(tokenizer=str(src / '00000.tar')), '--tokenizer', 'checkpoint', False),
+        (dict(data=tok), '--data', 'token shards', False),
+        (dict(data=str(tmp_path / '*.tar'), out_dir=new), '--data', 'token shards', False),  # x.tar, below
+        (dict(data=ckpt), '--data', 'not a .tar', False),
+        (dict(data=str(tmp_path / 'nothing')), '--data', 'no files', False),
+        (dict(out_dir=str(images)), '--out_dir', 'not token shards', False),
+        (dict(out_dir=str(src)), '--out_dir', 'did not write', False),
+        (dict(out_dir=str(tmp_path / 'file')), '--out_dir', 'is a file', False),
+        (dict(out_dir=str(tmp_path / 'file' / 'sub')), '--out_dir', 'cannot be written', False),
+        (dict(tokenizer=other), '--out_dir', 'another tokenizer', True)]
+    (tmp_path / 'x.tar').write_bytes(open(os.path.join(tok, '00000.tar'), 'rb').read())  # a token shard in the glob
+    capsys.readouterr()
+    for flags, flag, words, loads in cases:
+        kw = {**dict(tokenizer=ckpt, data=str(src), out_dir=tok), **flags}
+        with pytest.raises(SystemExit) as e:
+            _pretokenize(tmp_path, kw['tokenizer'], kw['data'], kw['out_dir'])
+        out, err = capsys.readouterr()
+        last = err.strip().splitlines()[-1]
+        assert e.value.code == 2 and 'Traceback' not in err and last.startswith('error: '), (flags, err)
+        assert flag in last and words in last, (flags, last)
+        assert ('loading TA-TiTok' in out) == loads, (flags, out)
+    assert not os.path.exists(new) and sorted(os.listdir(tok)) == ['00000.tar', '00001.tar', 'tokenizer.json']
+
+def test_token_shards_tokenizer_record(tmp_path):
+    """pretokenize records the tokenizer's config and weight fingerprint; token_shards_tokenizer reads it for a folder
+    or a pattern (None for images and shapes) and refuses shards of two tokenizers; the fingerprint follows the
+    weights, not the object."""
+    model, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
+    src = tmp_path / 'src'
+    src.mkdir()
+    _shards(src, n_shards=1, per_shard=2, bad=False)
+    out = str(tmp_path / 'tok')
+    _pretokenize(tmp_path, ckpt, str(src), out)
+    rec = data.token_shards_tokenizer(out)
+    fp = data.tokenizer_fingerprint(model)
+    assert rec == dict(tokenizer=ckpt, model_args=asdict(model.config), fingerprint=fp)
+    assert len(fp) == 64 and int(fp, 16) >= 0  # sha256, hex
+    assert data.token_shards_tokenizer(os.path.join(out, '*.tar')) == rec
+    assert data.token_shards_tokenizer(str(src)) is None and data.token_shards_tokenizer('shapes') is None
+    twin = TATiTok(model.config)
+    twin.load_state_dict(model.state_dict())
+    assert data.tokenizer_fingerprint(twin) == fp
+    with torch.no_grad():
+        twin.latent_tokens[0, 0] += 1e-3
+    assert data.tokenizer_fingerprint(twin) != fp
+    _, other = _tiny_ckpt(tmp_path, 'tiny-kl')
+    out2 = str(tmp_path / 'tok2')
+    _pretokenize(tmp_path, other, str(src), out2)
+    assert data.token_shards_tokenizer(out2)['model_args']['quantize'] == 'kl'
+    with pytest.raises(data.DataError):
+        data.token_shards_tokenizer([os.path.join(out, '00000.tar'), os.path.join(out2, '00000.tar')])
 
 @pytest.mark.parametrize('preset', ['tiny-vq', 'tiny-kl'])
 def test_pretokenize_roundtrip(tmp_path, preset, capsys):
     """decoding the stored tokens gives the same images as encoding and decoding directly; a rerun resumes."""
-    tatitok, model, ckpt = _tiny_ckpt(tmp_path, preset)
+    model, ckpt = _tiny_ckpt(tmp_path, preset)
     src = tmp_path / 'src'
     src.mkdir()
     paths, _ = _shards(src, n_shards=2, per_shard=3)
