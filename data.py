@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import glob
 import hashlib
 import io
@@ -40,6 +41,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -653,8 +655,11 @@ class Loader:
     def counts(self):
         """read / kept / filtered / corrupt (with reasons) so far on this rank, and the shards the
         source names that do not exist, for the training log."""
-        total = sum((Counter(c) for c in self.worker_counts), Counter())
-        return summarize_counts(total, len(self.missing))
+        return summarize_counts(self.raw_counts(), len(self.missing))
+
+    def raw_counts(self):
+        """This rank's raw counts so far (summarize_counts' input): a Counter, summed over workers."""
+        return sum((Counter(c) for c in self.worker_counts), Counter())
 
     def _layout(self):
         s = self.stream  # n: 0 for shapes, which has no items; the batch size may change
@@ -909,28 +914,53 @@ def pretokenize(args):
 
     common = dict(train=False, seed=args.seed, min_size=args.min_size, max_aspect=args.max_aspect,
                   min_aes=args.min_aes, max_watermark=args.max_watermark, raw=True)
+    loader = None  # stays None when this rank's share is done
     if kind == 'tar':  # split shards over processes here, then over this process's workers
         mine = items[rank::world]
         todo = [p for p in mine if not done(os.path.basename(p)[:-len('.tar')])]
-        if not todo:
+        if todo:
+            loader = make_loader(todo, args.batch_size, cfg.image_size,
+                                 num_workers=min(args.num_workers, len(todo)), **common)
+        else:
             print(f"rank {rank}: all {len(mine)} shards already done")
-            return
-        loader = make_loader(todo, args.batch_size, cfg.image_size,
-                             num_workers=min(args.num_workers, len(todo)), **common)
+    elif done(f"{kind}-{rank:05d}"):
+        print(f"rank {rank}: already done")
     else:
-        if done(f"{kind}-{rank:05d}"):
-            print(f"rank {rank}: already done")
-            return
         source = args.data
         if source == 'shapes':  # the train split, not the held-out one that train=False reads
             source = 'shapes:train'
         loader = make_loader(source, args.batch_size, cfg.image_size, rank=rank, world_size=world,
                              num_samples=args.num_samples, max_objects=args.max_objects, **common)
+    counts = Counter()  # raw counts of this rank
+    if loader is not None:
+        pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
+        _write_token_shards(loader, model, args.out_dir, device, pbar)
+        pbar.close()
+        counts = loader.raw_counts()
+    if world == 1:
+        print(json.dumps(summarize_counts(counts, len(missing))))
+        return
+    # under torchrun every rank prints its own line, then rank 0 the total over all ranks, last
+    print(json.dumps(dict(rank=rank, **summarize_counts(counts, len(missing)))), flush=True)
+    own_group = not dist.is_initialized()
+    if own_group:  # ranks end at different times: the first to end waits here for the last
+        dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
+    all_counts = [None] * world
+    dist.all_gather_object(all_counts, counts)
+    if rank == 0:
+        total = sum(all_counts, Counter())
+        print(json.dumps(dict(ranks=world, **summarize_counts(total, len(missing)))), flush=True)
+    if own_group:
+        dist.destroy_process_group()
+
+def _write_token_shards(loader, model, out_dir, device, pbar):
+    """The pretokenizer's loop: encode each batch of images, and write an output shard per unit (an
+    input shard, or this rank's share of a folder or of 'shapes'), renamed into place when complete."""
+    cfg = model.config
     writers = {}  # unit name -> its open output shard
-    pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
     for b in loader:
         name = b['_unit']
-        tmp = os.path.join(args.out_dir, name + '.tar.tmp')
+        tmp = os.path.join(out_dir, name + '.tar.tmp')
         if name not in writers:
             writers[name] = tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT)
         if b['key']:
@@ -950,13 +980,9 @@ def pretokenize(args):
             pbar.update(len(b['key']))
         if b.get('_done'):
             writers.pop(name).close()
-            os.replace(tmp, os.path.join(args.out_dir, name + '.tar'))
+            os.replace(tmp, os.path.join(out_dir, name + '.tar'))
         c = loader.counts
         pbar.set_postfix(kept=c['kept'], filtered=c['filtered'], corrupt=c['corrupt'])
-    pbar.close()
-    counts = loader.counts
-    counts['missing_shards'] = len(missing)  # the loader was given only shards that exist
-    print(json.dumps(dict(rank=rank, **counts)))
 
 def _warn_missing(missing, items):
     print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "

@@ -701,6 +701,27 @@ def test_pretokenize_refuses_artifacts(tmp_path, capsys):
         assert ('loading TA-TiTok' in out) == loads, (flags, out)
     assert not os.path.exists(new) and sorted(os.listdir(tok)) == ['00000.tar', '00001.tar', 'tokenizer.json']
 
+def test_pretokenize_two_ranks_print_the_total(tmp_path):
+    """under torchrun each rank prints its own counts, and rank 0 the total over the ranks, last (gathered over a
+    gloo group that pretokenize starts); together the ranks write every shard."""
+    _, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
+    src = tmp_path / 'src'
+    src.mkdir()
+    _shards(src, n_shards=4, per_shard=3)  # 12 good samples, and shard 0's 2 filtered and 2 corrupt
+    out = str(tmp_path / 'tok')
+    argv = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'data.py', 'pretokenize',
+            '--tokenizer', ckpt, '--data', str(src / '{00000..00004}.tar'), '--out_dir', out, '--num_workers', '0',
+            '--device', 'cpu']
+    r = subprocess.run([sys.executable, *argv], cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+    ranks, total = lines[:-1], lines[-1]
+    assert sorted(c['rank'] for c in ranks) == [0, 1] and total['ranks'] == 2
+    assert (total['read'], total['kept'], total['filtered'], total['corrupt']) == (16, 12, 2, 2), total
+    assert total['read'] == sum(c['read'] for c in ranks) and total['missing_shards'] == 1  # 00004
+    assert sorted(os.listdir(out)) == ['00000.tar', '00001.tar', '00002.tar', '00003.tar', 'tokenizer.json']
+
 def test_token_shards_tokenizer_record(tmp_path):
     """pretokenize records the tokenizer's config and weight fingerprint; token_shards_tokenizer reads it for a folder
     or a pattern (None for images and shapes) and refuses shards of two tokenizers; the fingerprint follows the
