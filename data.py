@@ -49,10 +49,12 @@ AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  #
 WATERMARK_FIELDS = ('pwatermark', 'watermark')  # LAION-5B metadata
 DEFAULT_AES = 6.0  # the official sample_aesthetic_score for stage 1, for a sample that carries none
 # the phrases a recaption may start with; in this order, so 'showcases' is tried before 'shows'
-RECAP_PREFIXES = tuple(f"The image {v}" for v in ('depicts', 'displays', 'showcases', 'features', 'shows'))
+RECAP_PREFIXES = tuple(f"The image {verb}"
+                       for verb in ('depicts', 'displays', 'showcases', 'features', 'shows'))
 
 class DataError(ValueError):
-    """A user-caused problem (no files, too few shards, a state from another layout); the CLI exits 2."""
+    """A user-caused problem (no files, too few shards, a state from another layout, a misplaced
+    artifact); the CLI prints it in one line and exits 2."""
 
 # -----------------------------------------------------------------------------
 # the procedural shapes set: coloured circles / squares / triangles on grey, captions that name them
@@ -87,10 +89,10 @@ def _draw(draw, kind, cx, cy, r, rgb):
         draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=rgb)
 
 def _shape_name(obj, sized):
-    """(colour, kind, size) -> 'red circle', or 'large red circle' when sized."""
-    colour, kind, size = obj
+    """(colour, kind, scale) -> 'red circle', or 'large red circle' when sized."""
+    colour, kind, scale = obj
     if sized:
-        return f"{size} {colour} {kind}"
+        return f"{scale} {colour} {kind}"
     return f"{colour} {kind}"
 
 def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
@@ -101,9 +103,9 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
     draw = ImageDraw.Draw(img)
     m = 1 + size // 32  # margin in pixels (of the final image, as all lengths here)
     n_objects = 1
-    if max_objects != 1 and rng.random() >= 2 / 3:  # two thirds show one, as the eval prompts do
+    if max_objects != 1 and rng.random() >= 2 / 3:  # a third show two: most show one, as the eval prompts
         n_objects = 2
-    objs = []  # (colour, kind, size)
+    objs = []  # (colour, kind, scale), scale 'small' or 'large'
     for _ in range(n_objects):
         while True:
             o = (rng.choice(list(SHAPES_COLOURS)), rng.choice(SHAPES_KINDS),
@@ -113,10 +115,10 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
         objs.append(o)
 
     if n_objects == 1:
-        colour, kind, big = objs[0]
-        r = SHAPES_RADIUS[1][big] * size
+        colour, kind, scale = objs[0]
+        r = SHAPES_RADIUS[1][scale] * size
         side = ''
-        if big != 'large':  # a large one has no room to move
+        if scale != 'large':  # a large one has no room to move
             side = rng.choice(['', '', 'left', 'right'])
         lo, hi = r + m, size - r - m
         if side == 'left':
@@ -137,8 +139,8 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
     # two large ones just fit side by side
     horizontal = rng.random() < 0.5  # side by side, else one above the other
     first_low = rng.random() < 0.5  # the first object left / on top
-    for (colour, kind, big), low in zip(objs, (first_low, not first_low)):
-        r = SHAPES_RADIUS[2][big] * size
+    for (colour, kind, scale), low in zip(objs, (first_low, not first_low)):
+        r = SHAPES_RADIUS[2][scale] * size
         if low:  # a: along the axis, in the object's half
             a = rng.uniform(r + 1, size / 2 - r - 1)
         else:
@@ -288,6 +290,9 @@ def _tar_index(path, counts):
             samples.popitem()
     return list(samples.items())
 
+# -----------------------------------------------------------------------------
+# decoding, filtering, transforms
+
 def _read_file(path):
     """A file's bytes, or b'' when it cannot be read (a folder item without its caption file)."""
     try:
@@ -319,18 +324,16 @@ def _read_member(f, span):
         raise EOFError
     return data
 
-# -----------------------------------------------------------------------------
-# decoding, filtering, transforms
-
 def _first(d, fields):
     """The value of the first of `fields` that `d` has (and is not None), else None."""
     return next((d[k] for k in fields if d.get(k) is not None), None)
 
 def _caption(txt, recap, rng, recap_prob):
     """The caption to train on, as the official process_recap_text picks it: the recaption with
-    probability recap_prob (the release's use_recap_prob is 0.95), stripped, and only if it starts with
-    the exact (case-sensitive) 'The image depicts' / displays / showcases / features / shows, that
-    phrase removed, the rest stripped and its first letter capitalised. Else the original txt as it is."""
+    probability recap_prob (the release's use_recap_prob is 0.95), stripped, and only if it starts
+    with the exact (case-sensitive) 'The image depicts' / displays / showcases / features / shows,
+    that phrase removed, the rest stripped and its first letter capitalised. Else the original txt,
+    as it is."""
     if not recap or rng.random() >= recap_prob:
         return txt
     c = recap.strip()
@@ -467,7 +470,7 @@ class _Stream(torch.utils.data.IterableDataset):
                 data = b''
                 if ext:
                     data = _read_member(f, members[ext])
-            except (OSError, EOFError, ValueError):  # ValueError covers bad json
+            except (OSError, EOFError, ValueError):  # ValueError: bad json, or json but no object
                 return 'corrupt/member'
         legacy = False
         for name, raw in texts.items():
@@ -476,7 +479,7 @@ class _Stream(torch.utils.data.IterableDataset):
                 return 'corrupt/caption_not_utf8'
             legacy |= fallback
             texts[name] = text.strip()
-        if legacy:  # kept so far, its caption read as cp1252: counted, as it may be wrong
+        if legacy:  # a caption read as cp1252: counted, as it may have come out wrong
             counts['recovered/caption_not_utf8'] += 1
         txt = texts.get('txt', '')
         if self.kind == 'folder':  # as the text-mode read before: universal newlines
@@ -516,7 +519,8 @@ class _Stream(torch.utils.data.IterableDataset):
         s = dict(caption=caption, key=key, txt=txt, recap=recap, aes=float(aes), meta=meta)
         if ext == 'tokens.npy':
             try:
-                tok = np.load(io.BytesIO(data), allow_pickle=False)  # VQ (N,) uint16 | KL (2, N, C) fp16
+                # VQ (N,) uint16 | KL (2, N, C) fp16: the posterior's mean and logvar
+                tok = np.load(io.BytesIO(data), allow_pickle=False)
             except (OSError, ValueError, EOFError):
                 return 'corrupt/tokens'
             if tok.dtype == np.uint16:
@@ -556,7 +560,8 @@ class _Stream(torch.utils.data.IterableDataset):
             x = x.astype(np.float32, order='C') / np.float32(255)  # in numpy: ~40x faster than torch
             b['image'] = torch.from_numpy(x)
         if samples and 'tokens' in samples[0]:
-            b['tokens'] = torch.from_numpy(np.stack([s['tokens'] for s in samples]))  # (B, N) | (B, N, C)
+            tokens = np.stack([s['tokens'] for s in samples])  # VQ (B, N) | KL (B, N, C)
+            b['tokens'] = torch.from_numpy(tokens)
         if self.raw:
             b['txt'] = [s['txt'] for s in samples]
             b['recap'] = [s['recap'] for s in samples]
@@ -605,9 +610,10 @@ class _Stream(torch.utils.data.IterableDataset):
 
 def summarize_counts(counts, missing_shards=0):
     """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'recovered/<what>',
-    'bad_shards') -> the summary that the training log and `data.py stats` print. Each sample read is
-    kept, filtered or corrupt; recovered counts samples read despite a flaw (a caption in cp1252). missing_shards: the shards the source names that
-    do not exist (a property of the source, the same on every rank)."""
+    'bad_shards') -> the summary that the training log and `data.py stats` print. Each sample read
+    is kept, filtered or corrupt; recovered counts the samples read despite a flaw (a caption in
+    cp1252). missing_shards: the shards the source names that do not exist (a property of the
+    source, the same on every rank, so not summed over ranks)."""
     c = Counter(counts)
 
     def by(prefix):  # {why: n} of the keys 'prefix/why'
@@ -810,6 +816,9 @@ def _first_members(path, n=8):
 
 def _check_input(source, kind, items):
     """pretokenize's --data: image shards, a folder of images or 'shapes', not another artifact."""
+    if kind == 'folder' and os.path.exists(os.path.join(source, 'ckpt.pt')):
+        raise DataError(f"--data {source}: a training run's folder (it holds ckpt.pt), not a folder "
+                        f"of images")
     if kind != 'tar':
         return
     for path in items:
@@ -867,8 +876,8 @@ def _load_tokenizer(name):
         if isinstance(ck, dict) and isinstance(ck.get('model_args'), dict):
             ours = {f.name for f in dataclasses.fields(TATiTokConfig)}
             if 'tokenizer' in ck or not set(ck['model_args']) <= ours:
-                raise DataError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), not "
-                                f"a tokenizer: give the tokenizer it was trained with")
+                raise DataError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), "
+                                f"not a tokenizer: give the tokenizer it was trained with")
     try:
         return TATiTok.from_pretrained(name)
     except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
@@ -1024,24 +1033,32 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools for TA-TiTok / MaskGen (stats, pretokenize).")
     # the flags both commands take: filters (as make_loader's), workers, the shapes set's size
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument('--min_size', type=_number(int, lambda x: 0 <= x <= 65535,
-                                                   "0 (off) or a side in pixels, up to 65535"),
-                        default=256, help="drop a sample whose original longer side is below this; 0: off")
-    common.add_argument('--max_aspect', type=_number(float, lambda x: x == 0 or 1 <= x <= 100,
-                                                     "0 (off) or a long/short ratio from 1 to 100"),
-                        default=2.0, help="drop a sample whose long/short side ratio is above this; 0: off")
-    common.add_argument('--min_aes', type=_number(float, lambda x: 0 <= x <= 10,
-                                                  "an aesthetic score from 0 to 10 (LAION's scale)"),
-                        help="drop a sample whose aesthetic score is below this, or missing; off unless set")
-    common.add_argument('--max_watermark', type=_number(float, lambda x: 0 < x <= 1,
-                                                        "a watermark probability above 0, up to 1"),
-                        help="drop a sample whose pwatermark is this or above (e.g. 0.5); off unless set")
+    common.add_argument('--min_size', default=256,
+                        type=_number(int, lambda x: 0 <= x <= 65535,
+                                     "0 (off) or a side in pixels, up to 65535"),
+                        help="drop a sample whose original longer side is below this; 0: off")
+    common.add_argument('--max_aspect', default=2.0,
+                        type=_number(float, lambda x: x == 0 or 1 <= x <= 100,
+                                     "0 (off) or a long/short ratio from 1 to 100"),
+                        help="drop a sample whose long/short side ratio is above this; 0: off")
+    common.add_argument('--min_aes',
+                        type=_number(float, lambda x: 0 <= x <= 10,
+                                     "an aesthetic score from 0 to 10 (LAION's scale)"),
+                        help="drop a sample whose aesthetic score is below this, or missing; "
+                             "off unless set")
+    common.add_argument('--max_watermark',
+                        type=_number(float, lambda x: 0 < x <= 1,
+                                     "a watermark probability above 0, up to 1"),
+                        help="drop a sample whose pwatermark is this or above (e.g. 0.5); "
+                             "off unless set")
     workers = min(4, os.cpu_count() or 1)  # 4 would oversubscribe a 2-core machine
-    common.add_argument('--num_workers', type=_number(int, lambda x: 0 <= x <= 64,
-                                                      "0 (the main process) to 64 workers"),
-                        default=workers, help=f"dataloader workers per process; {workers}: min(4, CPU cores)")
-    common.add_argument('--num_samples', type=_number(int, lambda x: 1 <= x <= 2 ** 62,
-                                                      "a whole number from 1 to 2**62"),
+    common.add_argument('--num_workers', default=workers,
+                        type=_number(int, lambda x: 0 <= x <= 64,
+                                     "0 (the main process) to 64 workers"),
+                        help=f"dataloader workers per process; {workers}: min(4, CPU cores)")
+    common.add_argument('--num_samples',
+                        type=_number(int, lambda x: 1 <= x <= 2 ** 62,
+                                     "a whole number from 1 to 2**62"),
                         help="'shapes' only: how many samples to read; 1000 unless set")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{stats,pretokenize}')
     s = sub.add_parser('stats', parents=[common], help="count read / kept / filtered / corrupt samples")
@@ -1049,8 +1066,9 @@ def main(argv=None):
                    help="tar shards ('data/{00000..00123}.tar', a glob), a folder, or 'shapes'")
     t = sub.add_parser('pretokenize', parents=[common],
                        help="encode images once into token shards for MaskGen")
-    t.add_argument('--tokenizer', required=True, help="an official release (vq128, kl32, ...), its HF "
-                   "repo id, a .bin/.safetensors file, or a train_tokenizer.py checkpoint (file or folder)")
+    t.add_argument('--tokenizer', required=True,
+                   help="an official release (vq128, kl32, ...), its HF repo id, a .bin/.safetensors "
+                        "file, or a train_tokenizer.py checkpoint (file or folder)")
     t.add_argument('--data', required=True,
                    help="image shards (brace pattern, glob, list), a folder of images, or 'shapes'")
     t.add_argument('--out_dir', required=True,
@@ -1060,7 +1078,8 @@ def main(argv=None):
                    default=64, help="images per encoder forward pass")
     t.add_argument('--device', default='auto',
                    help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, mps")
-    t.add_argument('--seed', type=_number(int, lambda x: 0 <= x < 2 ** 63, "a whole number >= 0"),
+    t.add_argument('--seed', type=_number(int, lambda x: 0 <= x < 2 ** 63,
+                                          "a whole number from 0 to 2**63 - 1"),
                    default=0, help="'shapes' only: the seed of the stream")
     t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
                    help="'shapes' only: at most this many objects per image")

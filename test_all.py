@@ -615,7 +615,7 @@ def test_cli_number_flags(tmp_path, capsys):
     cases += [(pretok + [flag, v], flag) for flag, vs in bad.items() for v in vs]
     cases += [(pretok + ['--batch_size', v], '--batch_size') for v in ('0', '-1', '1000000', '2.5')]
     cases += [(pretok + ['--seed', '-1'], '--seed'), (pretok + ['--device', 'tpu'], '--device'),
-              (pretok + ['--device', 'cuda:7'], '--device'), (['stats', str(tmp_path), '--num_samples', '5'],
+              (pretok + ['--device', 'cuda:100'], '--device'), (['stats', str(tmp_path), '--num_samples', '5'],
                                                                '--num_samples')]
     for argv, flag in cases:
         with pytest.raises(SystemExit) as e:
@@ -670,6 +670,10 @@ def test_pretokenize_refuses_artifacts(tmp_path, capsys):
     images = tmp_path / 'images'
     images.mkdir()
     (images / 'a.jpg').write_bytes(_jpg())
+    run = tmp_path / 'run'  # what train_tokenizer.py leaves: a checkpoint, and sample grids
+    run.mkdir()
+    (run / 'ckpt.pt').write_bytes(open(ckpt, 'rb').read())
+    (run / 'samples.png').write_bytes(_jpg(fmt='PNG'))
     (tmp_path / 'file').write_text('x')
     (tmp_path / 'empty').mkdir()
     new = str(tmp_path / 'new')
@@ -682,6 +686,7 @@ def test_pretokenize_refuses_artifacts(tmp_path, capsys):
         (dict(data=tok), '--data', 'token shards', False),
         (dict(data=str(tmp_path / '*.tar'), out_dir=new), '--data', 'token shards', False),  # x.tar, below
         (dict(data=ckpt), '--data', 'not a .tar', False),
+        (dict(data=str(run)), '--data', "training run", False),
         (dict(data=str(tmp_path / 'nothing')), '--data', 'no files', False),
         (dict(out_dir=str(images)), '--out_dir', 'not token shards', False),
         (dict(out_dir=str(src)), '--out_dir', 'did not write', False),
