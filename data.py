@@ -4,14 +4,17 @@ WebDataset layout, folders of images with .txt captions, the procedural `shapes`
 metadata filters, exact resume, and the text-to-image pretokenizer that the official repository lacks.
 
 Usage (library):
-    loader = make_loader('data/{00000..00123}.tar', batch_size=32, image_size=256, rank=rank, world_size=world,
-                         num_workers=8)  # or a folder, a glob, a list, 'shapes', 'shapes:val', a token-shard folder
-    for batch in loader: ...            # {'image' (B,3,H,W) in [0,1] | 'tokens', 'caption', 'aes', 'key'}
-    ckpt['data'] = loader.state_dict(); loader.load_state_dict(ckpt['data']); print(loader.counts)
+    loader = make_loader('data/{00000..00123}.tar', batch_size=32, image_size=256, rank=rank,
+                         world_size=world, num_workers=8)  # or a folder, a glob, a list, 'shapes',
+                                                           # 'shapes:val', a token-shard folder
+    for batch in loader: ...  # {'image' (B,3,H,W) in [0,1] | 'tokens', 'caption', 'aes', 'key'}
+    ckpt['data'] = loader.state_dict()
+    loader.load_state_dict(ckpt['data'])
+    print(loader.counts)
 Usage (CLI):
-    python data.py stats 'data/{00000..00123}.tar'                  # read / kept / filtered / corrupt, JSON last
-    python data.py pretokenize --tokenizer vq128 --input 'data/*.tar' --output tokens/
-    torchrun --nproc_per_node=8 data.py pretokenize --tokenizer ckpt.pt --input 'data/*.tar' --output tokens/
+    python data.py stats 'data/{00000..00123}.tar'  # read / kept / filtered / corrupt, JSON last
+    python data.py pretokenize --tokenizer vq128 --data 'data/*.tar' --out_dir tokens/
+    torchrun --nproc_per_node=8 data.py pretokenize --tokenizer out/tok --data 'data/*.tar' --out_dir tokens/
 
 References:
 1) TA-TiTok / MaskGen paper: https://arxiv.org/abs/2501.07730
@@ -22,7 +25,10 @@ References:
 import argparse
 import contextlib
 import copy
+import dataclasses
+import datetime
 import glob
+import hashlib
 import io
 import json
 import os
@@ -30,154 +36,249 @@ import random
 import re
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION / DataComp / ours
-WATERMARK_FIELDS = ('pwatermark', 'watermark')                                # LAION-5B metadata
-DEFAULT_AES = 6.0  # the official sample_aesthetic_score for stage 1, used where a sample carries none
-PREFIX_RE = re.compile(r'^\s*the image (depicts|shows|displays|showcases|features)\s*', re.IGNORECASE)
+WATERMARK_FIELDS = ('pwatermark', 'watermark')  # LAION-5B metadata
+DEFAULT_AES = 6.0  # the official sample_aesthetic_score for stage 1, for a sample that carries none
+# the phrases a recaption may start with; in this order, so 'showcases' is tried before 'shows'
+RECAP_PREFIXES = tuple(f"The image {verb}"
+                       for verb in ('depicts', 'displays', 'showcases', 'features', 'shows'))
 
 class DataError(ValueError):
-    """A user-caused problem (no files, too few shards, a state from another layout); the CLI exits 2."""
+    """A user-caused problem (no files, too few shards, a state from another layout, a misplaced
+    artifact); the CLI prints it in one line and exits 2."""
 
 # -----------------------------------------------------------------------------
 # the procedural shapes set: coloured circles / squares / triangles on grey, captions that name them
 
 SHAPES_BG = (128, 128, 128)
-SHAPES_COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220), 'yellow': (240, 210, 40),
-                  'purple': (150, 60, 190), 'orange': (245, 140, 30), 'white': (245, 245, 245), 'black': (20, 20, 20)}
+SHAPES_COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220),
+                  'yellow': (240, 210, 40), 'purple': (150, 60, 190), 'orange': (245, 140, 30),
+                  'white': (245, 245, 245), 'black': (20, 20, 20)}
 SHAPES_KINDS = ('circle', 'square', 'triangle')
-SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]  # the 24 evaluation prompts
-# half-extent / image size, by the number of objects in the image. Two large ones must fit side by side; one alone
-# is drawn larger, as shape is the last thing a small tokenizer learns and its signal grows with the area (the
-# quickstart's KL tokenizer, 1600 steps, a stripped-down loop: 71% vs 27% of lone objects redrawn with the right shape)
+# the 24 evaluation prompts
+SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]
+# half-extent / image size, by the number of objects in the image. Two large ones must fit side by
+# side; one alone is drawn larger, as shape is the last thing a small tokenizer learns and its signal
+# grows with the area (the quickstart's KL tokenizer, 1600 steps, a stripped-down loop: 71% vs 27% of
+# lone objects redrawn with the right shape)
 SHAPES_RADIUS = {1: {'small': 0.25, 'large': 0.35}, 2: {'small': 0.14, 'large': 0.22}}
+# where the second of two objects is, by (horizontal, first_low): the caption's relation
+SHAPES_RELATION = {(True, True): 'to the left of', (True, False): 'to the right of',
+                   (False, True): 'above', (False, False): 'below'}
 
-SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: anti-aliased edges, as a camera would see them
+SUPERSAMPLE = 4  # drawn at 4x and box-filtered down: anti-aliased edges, as a camera would see them
 
 def _draw(draw, kind, cx, cy, r, rgb):
+    """One shape centred at (cx, cy) with half-extent r, in pixels of the final image."""
     cx, cy, r = cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE
     box = [cx - r, cy - r, cx + r, cy + r]
-    if kind == 'circle': draw.ellipse(box, fill=rgb)
-    elif kind == 'square': draw.rectangle(box, fill=rgb)
-    else: draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=rgb)  # upright, fills half its box
+    if kind == 'circle':
+        draw.ellipse(box, fill=rgb)
+    elif kind == 'square':
+        draw.rectangle(box, fill=rgb)
+    else:  # upright, fills half its box
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=rgb)
+
+def _shape_name(obj, sized):
+    """(colour, kind, scale) -> 'red circle', or 'large red circle' when sized."""
+    colour, kind, scale = obj
+    if sized:
+        return f"{scale} {colour} {kind}"
+    return f"{colour} {kind}"
 
 def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
-    """Sample `index` of the infinite shapes stream -> (PIL RGB image, caption). Deterministic; 'val' is held out."""
-    rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds hash with sha512: same in every process
+    """Sample `index` of the infinite shapes stream -> (PIL RGB image, caption).
+    Deterministic; 'val' is held out."""
+    rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds hash with sha512: same everywhere
     img = Image.new('RGB', (size * SUPERSAMPLE, size * SUPERSAMPLE), SHAPES_BG)
-    draw, m = ImageDraw.Draw(img), 1 + size // 32  # m: margin in pixels (of the final image, as all lengths here)
-    objs = []
-    for _ in range(1 if max_objects == 1 or rng.random() < 2 / 3 else 2):  # two thirds show one, as the eval prompts
+    draw = ImageDraw.Draw(img)
+    m = 1 + size // 32  # margin in pixels (of the final image, as all lengths here)
+    n_objects = 1
+    if max_objects != 1 and rng.random() >= 2 / 3:  # a third show two: most show one, as the eval prompts
+        n_objects = 2
+    objs = []  # (colour, kind, scale), scale 'small' or 'large'
+    for _ in range(n_objects):
         while True:
-            o = (rng.choice(list(SHAPES_COLOURS)), rng.choice(SHAPES_KINDS), rng.choice(('small', 'large')))
-            if not objs or o[:2] != objs[0][:2]: break  # two objects must differ, or the caption is ambiguous
+            o = (rng.choice(list(SHAPES_COLOURS)), rng.choice(SHAPES_KINDS),
+                 rng.choice(('small', 'large')))
+            if not objs or o[:2] != objs[0][:2]:  # two must differ, or the caption is ambiguous
+                break
         objs.append(o)
-    name = lambda o, sized: f"{o[2] + ' ' if sized else ''}{o[0]} {o[1]}"
-    if len(objs) == 1:
-        (colour, kind, big), r = objs[0], SHAPES_RADIUS[1][objs[0][2]] * size
-        side = '' if big == 'large' else rng.choice(['', '', 'left', 'right'])  # a large one has no room to move
+
+    if n_objects == 1:
+        colour, kind, scale = objs[0]
+        r = SHAPES_RADIUS[1][scale] * size
+        side = ''
+        if scale != 'large':  # a large one has no room to move
+            side = rng.choice(['', '', 'left', 'right'])
         lo, hi = r + m, size - r - m
-        cx = rng.uniform(lo, min(hi, size * 0.4)) if side == 'left' else \
-            rng.uniform(max(lo, size * 0.6), hi) if side == 'right' else rng.uniform(lo, hi)
-        _draw(draw, kind, cx, rng.uniform(lo, hi), r, SHAPES_COLOURS[colour])
-        caption = f"a {name(objs[0], rng.random() < 0.5)}" + (f" on the {side}" if side else '')
+        if side == 'left':
+            cx = rng.uniform(lo, min(hi, size * 0.4))
+        elif side == 'right':
+            cx = rng.uniform(max(lo, size * 0.6), hi)
+        else:
+            cx = rng.uniform(lo, hi)
+        cy = rng.uniform(lo, hi)
+        _draw(draw, kind, cx, cy, r, SHAPES_COLOURS[colour])
+        caption = f"a {_shape_name(objs[0], rng.random() < 0.5)}"
+        if side:
+            caption += f" on the {side}"
         return img.resize((size, size), Image.BOX), caption
-    # two objects: one per half along a random axis, never touching at >= 48 px (classify_shapes relies on that;
-    # at 32 px two large ones may touch). The margin is 1 px here, as two large ones just fit side by side
-    horizontal, first_low = rng.random() < 0.5, rng.random() < 0.5  # first_low: first object left / on top
-    for o, low in zip(objs, (first_low, not first_low)):
-        r = SHAPES_RADIUS[2][o[2]] * size
-        a = rng.uniform(r + 1, size / 2 - r - 1) if low else rng.uniform(size / 2 + r + 1, size - r - 1)
-        b = rng.uniform(r + m, size - r - m)
-        _draw(draw, o[1], *((a, b) if horizontal else (b, a)), r, SHAPES_COLOURS[o[0]])
-    rel = ('to the left of' if first_low else 'to the right of') if horizontal else ('above' if first_low else 'below')
-    sized = rng.random() < 0.5
-    return img.resize((size, size), Image.BOX), f"a {name(objs[0], sized)} {rel} a {name(objs[1], sized)}"
+
+    # two objects: one per half along a random axis, never touching at >= 48 px (classify_shapes
+    # relies on that; at 32 px two large ones may touch). The margin to the middle is 1 px here, as
+    # two large ones just fit side by side
+    horizontal = rng.random() < 0.5  # side by side, else one above the other
+    first_low = rng.random() < 0.5  # the first object left / on top
+    for (colour, kind, scale), low in zip(objs, (first_low, not first_low)):
+        r = SHAPES_RADIUS[2][scale] * size
+        if low:  # a: along the axis, in the object's half
+            a = rng.uniform(r + 1, size / 2 - r - 1)
+        else:
+            a = rng.uniform(size / 2 + r + 1, size - r - 1)
+        b = rng.uniform(r + m, size - r - m)  # b: across the axis, anywhere
+        cx, cy = (a, b) if horizontal else (b, a)
+        _draw(draw, kind, cx, cy, r, SHAPES_COLOURS[colour])
+    relation = SHAPES_RELATION[horizontal, first_low]
+    sized = rng.random() < 0.5  # both objects say their size, or neither
+    caption = f"a {_shape_name(objs[0], sized)} {relation} a {_shape_name(objs[1], sized)}"
+    return img.resize((size, size), Image.BOX), caption
 
 def _largest_component(mask):
     """Largest 4-connected component of a bool mask, by repeated dilation (no scipy needed at 64 px)."""
-    best, left = np.zeros_like(mask), mask.copy()
-    while left.sum() > best.sum():  # a bigger component may still be among the unvisited pixels
+    best = np.zeros_like(mask)
+    left = mask.copy()  # pixels of components not visited yet
+    while left.sum() > best.sum():  # a bigger component may still be among them
         comp = np.zeros_like(mask)
-        comp[np.unravel_index(left.argmax(), mask.shape)] = True
+        comp[np.unravel_index(left.argmax(), mask.shape)] = True  # grown from its first pixel
         while True:
-            g = comp.copy()
-            g[1:] |= comp[:-1]; g[:-1] |= comp[1:]; g[:, 1:] |= comp[:, :-1]; g[:, :-1] |= comp[:, 1:]
-            g &= left
-            if (g == comp).all(): break
-            comp = g
+            grown = comp.copy()
+            grown[1:] |= comp[:-1]
+            grown[:-1] |= comp[1:]
+            grown[:, 1:] |= comp[:, :-1]
+            grown[:, :-1] |= comp[:, 1:]
+            grown &= left
+            if (grown == comp).all():
+                break
+            comp = grown
         left &= ~comp
-        if comp.sum() > best.sum(): best = comp
+        if comp.sum() > best.sum():
+            best = comp
     return best
 
 def classify_shapes(img):
-    """uint8 (H, W, 3) -> (colour, shape) of the largest object, or (None, None) if nothing stands out from the grey.
-    Colour: nearest palette entry to the median pixel. Shape: an upright triangle has 1/4 of its area in the upper
-    half of its bounding box (circle, square 1/2), and a square fills its box (a circle pi/4). A median filter and
-    an opening of the mask (stray pixels would stretch the box) make it survive the blur and noise of a generated
-    64 px image."""
+    """uint8 (H, W, 3) -> (colour, shape) of the largest object, or (None, None) if nothing stands out
+    from the grey. Colour: nearest palette entry to the median pixel. Shape: an upright triangle has
+    1/4 of its area in the upper half of its bounding box (circle, square 1/2), and a square fills its
+    box (a circle pi/4). A median filter and an opening of the mask (stray pixels would stretch the
+    box) make it survive the blur and noise of a generated 64 px image."""
     img = Image.fromarray(np.asarray(img, dtype=np.uint8))
-    if img.width < 64:  # the 3x3 filters below would erase a 32 px image's small triangle tip: work at 64 px
+    if img.width < 64:  # the 3x3 filters would erase a 32 px image's small triangle tip
         img = img.resize((64, 64), Image.BILINEAR)
-    x = np.asarray(img.filter(ImageFilter.MedianFilter(3)), np.float32)
-    fg = Image.fromarray(((np.linalg.norm(x - SHAPES_BG, axis=-1) > 40) * 255).astype(np.uint8))  # (H, W)
-    comp = _largest_component(np.asarray(fg.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0)
-    if comp.sum() < 4: return None, None
-    rgb = np.median(x[comp], axis=0)
+    x = np.asarray(img.filter(ImageFilter.MedianFilter(3)), np.float32)  # (H, W, 3)
+    fg = (np.linalg.norm(x - SHAPES_BG, axis=-1) > 40) * 255  # (H, W)
+    fg = Image.fromarray(fg.astype(np.uint8))
+    opened = fg.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))
+    comp = _largest_component(np.asarray(opened) > 0)  # (H, W) bool
+    if comp.sum() < 4:
+        return None, None
+    rgb = np.median(x[comp], axis=0)  # (3,)
     colour = min(SHAPES_COLOURS, key=lambda c: np.sum((rgb - SHAPES_COLOURS[c]) ** 2))
     ys, xs = np.nonzero(comp)
-    top = (ys < (ys.min() + ys.max()) / 2).sum() / (ys > (ys.min() + ys.max()) / 2).sum()  # upper / lower half
+    mid = (ys.min() + ys.max()) / 2
+    top = (ys < mid).sum() / (ys > mid).sum()  # area of the upper half / the lower half
     fill = comp.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    return colour, 'triangle' if top < 0.6 else 'square' if fill > 0.89 else 'circle'
+    if top < 0.6:
+        return colour, 'triangle'
+    if fill > 0.89:
+        return colour, 'square'
+    return colour, 'circle'
 
 # -----------------------------------------------------------------------------
 # finding files: brace patterns, globs, lists, folders
 
-def _braceexpand(p):
-    m = re.search(r'\{([^{}]*)\}', p)
-    if not m: return [p]
-    r = re.fullmatch(r'(\d+)\.\.(\d+)', m[1])  # {00000..00123} keeps the zero padding
-    opts = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)] if r else m[1].split(',')
-    return [q for o in opts for q in _braceexpand(p[:m.start()] + o + p[m.end():])]
+def _braceexpand(pattern):
+    """'s{0..2}{a,b}' -> ['s0a', 's0b', 's1a', ...], as the shell and webdataset expand it."""
+    m = re.search(r'\{([^{}]*)\}', pattern)
+    if not m:
+        return [pattern]
+    r = re.fullmatch(r'(\d+)\.\.(\d+)', m[1])
+    if r:  # {00000..00123} keeps the zero padding
+        options = [str(i).zfill(len(r[1])) for i in range(int(r[1]), int(r[2]) + 1)]
+    else:
+        options = m[1].split(',')
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [p for o in options for p in _braceexpand(head + o + tail)]
 
 def expand_source(source):
-    """-> ('shapes', split) | ('folder', [(image, caption, key)]) | ('tar', [shard paths]); DataError if empty."""
+    """-> ('shapes', split) | ('folder', [(image, caption, key)]) | ('tar', [shard paths]);
+    DataError if empty."""
+    kind, items, _ = _expand(source)
+    return kind, items
+
+def _expand(source):
+    """expand_source, and the list of the shards a pattern or list names that do not exist (a glob
+    that matches no file, or a name that is not a file)."""
     if isinstance(source, str) and source.split(':')[0] == 'shapes':
-        return 'shapes', source.split(':')[1] if ':' in source else None
+        split = None
+        if ':' in source:
+            split = source.split(':')[1]
+        return 'shapes', split, []
     if isinstance(source, str) and os.path.isdir(source):
         shards = sorted(glob.glob(os.path.join(source, '*.tar')))
-        if shards: return 'tar', shards  # e.g. the pretokenizer's output folder
+        if shards:  # e.g. the pretokenizer's output folder
+            return 'tar', shards, []
         items = []
         for d, _, files in sorted(os.walk(source)):
             for f in sorted(files):
                 stem, ext = os.path.splitext(f)
-                if ext[1:].lower() in IMAGE_EXTS:
-                    key = os.path.relpath(os.path.join(d, stem), source)
-                    items.append((os.path.join(d, f), os.path.join(d, stem + '.txt'), key))
-        if not items: raise DataError(f"no images (.jpg/.png/.webp) or .tar shards in folder {source}")
-        return 'folder', items
-    paths = [q for p in ([source] if isinstance(source, str) else source) for q in _braceexpand(str(p))]
-    found = sorted({f for p in paths for f in (glob.glob(p) if glob.has_magic(p) else [p]) if os.path.isfile(f)})
-    if not found: raise DataError(f"no files match {source!r}")
-    return 'tar', found
+                if ext[1:].lower() not in IMAGE_EXTS:
+                    continue
+                key = os.path.relpath(os.path.join(d, stem), source)
+                items.append((os.path.join(d, f), os.path.join(d, stem + '.txt'), key))
+        if not items:
+            raise DataError(f"no images (.jpg/.png/.webp) or .tar shards in folder {source}")
+        return 'folder', items, []
+    patterns = [source] if isinstance(source, str) else source
+    found, missing = set(), set()
+    for p in patterns:
+        for path in _braceexpand(str(p)):
+            matches = [path]
+            if glob.has_magic(path):
+                matches = glob.glob(path)
+            files = [f for f in matches if os.path.isfile(f)]
+            found.update(files)
+            if not files:
+                missing.add(path)
+    if not found:
+        raise DataError(f"no files match {source!r}")
+    return 'tar', sorted(found), sorted(missing)
 
 def _tar_index(path, counts):
-    """Scan a shard's headers (no data is read) -> [(key, {ext: (offset, size)})] grouped the WebDataset way."""
-    samples, broken = {}, True
+    """Scan a shard's headers (no data is read) -> [(key, {ext: (offset, size)})], grouped the
+    WebDataset way: key.ext members of one key are one sample."""
+    samples = {}
+    broken = True
     try:
         with open(path, 'rb') as f, tarfile.open(fileobj=f, mode='r:') as tf:
             while (m := tf.next()) is not None:
-                if not m.isfile(): continue
+                if not m.isfile():
+                    continue
                 d, base = os.path.split(m.name)
                 stem, _, ext = base.partition('.')  # key.tokens.npy -> ext 'tokens.npy'
-                samples.setdefault(os.path.join(d, stem), {})[ext.lower()] = (m.offset_data, m.size)
-            # tarfile stops silently at a garbled header or a truncation: a good shard ends in a zero block
+                key = os.path.join(d, stem)
+                samples.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+            # tarfile stops silently at a garbled header or a truncation: a good shard ends in a
+            # zero block
             f.seek(tf.offset)
             end = f.read(tarfile.BLOCKSIZE)
             broken = len(end) < tarfile.BLOCKSIZE or bool(end.strip(b'\0'))
@@ -185,251 +286,436 @@ def _tar_index(path, counts):
         pass
     if broken:  # the rest of the shard is lost, and its last sample may be missing members
         counts['bad_shards'] += 1
-        if samples: samples.popitem()
+        if samples:
+            samples.popitem()
     return list(samples.items())
 
 # -----------------------------------------------------------------------------
 # decoding, filtering, transforms
 
+def _read_file(path):
+    """A file's bytes, or b'' when it cannot be read (a folder item without its caption file)."""
+    try:
+        with open(path, 'rb') as fp:
+            return fp.read()
+    except OSError:
+        return b''
+
+def _decode_caption(raw):
+    """Caption bytes -> (text, whether it needed the fallback), or (None, True). UTF-8 first, else
+    cp1252, the commonest legacy encoding of web alt text: every byte but 5 decodes in it, so a
+    caption in yet another encoding may come out as the wrong characters (hence the count of
+    recovered captions); with one of those 5 bytes, the sample is dropped."""
+    try:
+        return raw.decode('utf-8'), False
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode('cp1252'), True
+    except UnicodeDecodeError:
+        return None, True
+
+def _read_member(f, span):
+    """The bytes of one shard member, span = (offset, size); EOFError if the file ends first."""
+    offset, size = span
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:  # a truncated last member
+        raise EOFError
+    return data
+
 def _first(d, fields):
+    """The value of the first of `fields` that `d` has (and is not None), else None."""
     return next((d[k] for k in fields if d.get(k) is not None), None)
 
-def _caption(txt, recap, rng, recap_prob, strip_prefix):
-    c = recap if recap and rng.random() < recap_prob else txt  # official use_recap_prob = 0.95
-    if strip_prefix and PREFIX_RE.match(c):
-        c = PREFIX_RE.sub('', c)
-        c = c[:1].upper() + c[1:]
+def _caption(txt, recap, rng, recap_prob):
+    """The caption to train on, as the official process_recap_text picks it: the recaption with
+    probability recap_prob (the release's use_recap_prob is 0.95), stripped, and only if it starts
+    with the exact (case-sensitive) 'The image depicts' / displays / showcases / features / shows,
+    that phrase removed, the rest stripped and its first letter capitalised. Else the original txt,
+    as it is."""
+    if not recap or rng.random() >= recap_prob:
+        return txt
+    c = recap.strip()
+    for phrase in RECAP_PREFIXES:
+        if c.startswith(phrase):
+            c = c[len(phrase):].strip()
+            c = c[:1].upper() + c[1:]
+            break
+    if not c:  # nothing after the phrase: the original caption (the release would train on '')
+        return txt
     return c
 
 def _resize_crop(img, size, rng, train, flip):
-    """Shorter side to `size` (bicubic; PIL's resize is antialiased), random crop (train) or centre crop, maybe flip."""
+    """Shorter side to `size` (bicubic; PIL's resize is antialiased), random crop (train) or centre
+    crop, maybe flip -> uint8 (size, size, 3)."""
     w, h = img.size
     if min(w, h) != size:  # int() truncation as torchvision's Resize does
-        img = img.resize((size, max(size, int(size * h / w))) if w < h else (max(size, int(size * w / h)), size),
-                         Image.BICUBIC)
+        if w < h:
+            new_size = (size, max(size, int(size * h / w)))
+        else:
+            new_size = (max(size, int(size * w / h)), size)
+        img = img.resize(new_size, Image.BICUBIC)
     w, h = img.size
-    if train: x, y = rng.randint(0, w - size), rng.randint(0, h - size)
-    else: x, y = round((w - size) / 2), round((h - size) / 2)  # torchvision's CenterCrop rounding
+    if train:
+        x, y = rng.randint(0, w - size), rng.randint(0, h - size)
+    else:  # torchvision's CenterCrop rounding
+        x, y = round((w - size) / 2), round((h - size) / 2)
     img = img.crop((x, y, x + size, y + size))
-    if flip and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img)  # (H, W, 3) uint8
 
 class _Stream(torch.utils.data.IterableDataset):
-    """One (rank, worker) slot's share of the data, as batches that carry the slot's position and counts.
-    Position = (t, j): unit t of this slot (a shard, an epoch of a folder, the shapes range), sample j within it.
-    Everything random is a function of (seed, slot, t, j), so restarting at (t, j) replays exactly."""
+    """One (rank, worker) slot's share of the data, as batches that carry the slot's position and
+    counts. Position = (t, j): unit t of this slot (a shard, an epoch of a folder, the shapes range),
+    sample j within it. Everything random is a function of (seed, slot, t, j), so restarting at (t, j)
+    replays exactly."""
 
-    def __init__(self, kind, items, split, batch_size, image_size, train, seed, rank, world_size, num_workers,
-                 resample, flip, filters, recap_prob, strip_prefix, max_objects, num_samples, kl_sample, raw):
-        self.__dict__.update({k: v for k, v in locals().items() if k not in ('self', '__class__')})
-        self.W = max(1, num_workers)
+    def __init__(self, kind, items, split, batch_size, image_size, train, seed, rank, world_size,
+                 num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
+                 kl_sample, raw):
+        self.kind, self.items, self.split = kind, items, split
+        self.batch_size, self.image_size, self.train = batch_size, image_size, train
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.resample, self.flip = num_workers, resample, flip
+        self.filters, self.recap_prob = filters, recap_prob
+        self.max_objects, self.num_samples = max_objects, num_samples
+        self.kl_sample, self.raw = kl_sample, raw
+        self.W = max(1, num_workers)  # workers of this rank (the main process is one when 0)
         self.S = world_size * self.W  # slots in total
-        self.start = None  # (positions, counts, rotation) set by Loader before each iteration
-        if kind == 'tar' and train and not resample and len(items) < self.S:  # (one eval pass may idle a worker)
-            raise DataError(f"{len(items)} shards < {world_size} ranks x {self.W} workers: use fewer workers, more "
-                            f"shards, or resample=True (shards drawn with replacement, as the official reader does)")
+        self.start = None  # (positions, counts, rotation), set by Loader before each iteration
+        # (one eval pass may leave a worker idle: no shard count needed there)
+        if kind == 'tar' and train and not resample and len(items) < self.S:
+            raise DataError(f"{len(items)} shards < {world_size} ranks x {self.W} workers: use fewer "
+                            f"workers, more shards, or resample=True (shards drawn with replacement, "
+                            f"as the official reader does)")
 
     def _units_per_pass(self, slot):
-        return len(range(slot, len(self.items), self.S)) if self.kind == 'tar' and not self.resample else \
-            len(self.items) if self.kind == 'tar' else 1
+        if self.kind == 'tar' and not self.resample:
+            return len(range(slot, len(self.items), self.S))  # this slot's share of the shards
+        if self.kind == 'tar':
+            return len(self.items)  # resampled: as many draws as there are shards
+        return 1  # a folder's epoch, the shapes range
 
     def _unit(self, slot, t, counts):
         """-> (sample refs, tar path or None, unit name)"""
         if self.kind == 'shapes':
-            n = self.num_samples or (2 ** 62 if self.train else 1000)
+            if self.num_samples:
+                n = self.num_samples
+            elif self.train:
+                n = 2 ** 62  # endless
+            else:
+                n = 1000  # one evaluation pass
             return range(slot, n, self.S), None, f"shapes-{slot:05d}"
         order = list(range(len(self.items)))
         if self.kind == 'folder':
-            if self.train: random.Random(f"{self.seed}/epoch/{t}").shuffle(order)
+            if self.train:
+                random.Random(f"{self.seed}/epoch/{t}").shuffle(order)
             return [self.items[i] for i in order[slot::self.S]], None, f"folder-{slot:05d}"
         if self.train and self.resample:  # like webdataset's ResampledShards: with replacement, forever
-            path = self.items[random.Random(f"{self.seed}/resample/{slot}/{t}").randrange(len(self.items))]
+            rng = random.Random(f"{self.seed}/resample/{slot}/{t}")
+            path = self.items[rng.randrange(len(self.items))]
         else:  # every pass reshuffles which slot reads which shard, none is read twice within a pass
-            e, i = divmod(t, self._units_per_pass(slot))
-            if self.train: random.Random(f"{self.seed}/epoch/{e}").shuffle(order)
+            epoch, i = divmod(t, self._units_per_pass(slot))
+            if self.train:
+                random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
             path = self.items[order[slot::self.S][i]]
         refs = _tar_index(path, counts)
-        if self.train: random.Random(f"{self.seed}/shard/{slot}/{t}").shuffle(refs)  # whole-shard shuffle
+        if self.train:  # whole-shard shuffle
+            random.Random(f"{self.seed}/shard/{slot}/{t}").shuffle(refs)
         return refs, path, os.path.basename(path).rsplit('.', 1)[0]
 
     def _size_filter(self, w, h):
+        """The counts key of the size filter that drops a w x h image, or None."""
         f = self.filters
-        if f.get('min_size') and max(w, h) < f['min_size']: return 'filtered/size'
-        if f.get('max_aspect') and max(w, h) / min(w, h) > f['max_aspect']: return 'filtered/aspect'
+        if f.get('min_size') and max(w, h) < f['min_size']:
+            return 'filtered/size'
+        if f.get('max_aspect') and max(w, h) / min(w, h) > f['max_aspect']:
+            return 'filtered/aspect'
+        return None
 
-    def _meta_filter(self, meta):  # a missing score fails too, so a set without the field shows up in the counts
-        f, aes, wm = self.filters, _first(meta, AES_FIELDS), _first(meta, WATERMARK_FIELDS)
-        if f.get('min_aes') is not None and (aes is None or aes < f['min_aes']): return 'filtered/aesthetic'
-        if f.get('max_watermark') is not None and (wm is None or wm >= f['max_watermark']): return 'filtered/watermark'
+    def _meta_filter(self, meta):
+        """The counts key of the metadata filter that drops a sample, or None. A missing score fails
+        too, so a set without the field shows up in the counts."""
+        f = self.filters
+        aes, wm = _first(meta, AES_FIELDS), _first(meta, WATERMARK_FIELDS)
+        if f.get('min_aes') is not None and (aes is None or aes < f['min_aes']):
+            return 'filtered/aesthetic'
+        if f.get('max_watermark') is not None and (wm is None or wm >= f['max_watermark']):
+            return 'filtered/watermark'
+        return None
 
-    def _sample(self, ref, f, rng, np_seed):
-        """-> a sample dict, or the reason (a counts key) it was skipped."""
-        if self.kind == 'shapes':
-            split = self.split or ('train' if self.train else 'val')
-            img, cap = shapes_sample(ref, self.image_size or 64, split, self.seed, self.max_objects)
-            return dict(image=np.asarray(img), caption=cap, aes=DEFAULT_AES, key=f"shapes-{split}-{ref}", txt=cap,
-                        recap=None, meta={})
+    def _load(self, ref, f, counts):
+        """The raw parts of a folder item or a shard's sample -> (key, meta, txt, recap, ext, data),
+        or the reason (a counts key) it cannot be read. ext: 'tokens.npy', an image's, or None."""
         if self.kind == 'folder':
             img_path, txt_path, key = ref
-            try:
-                with open(txt_path, encoding='utf-8') as fp: txt = fp.read().strip()
-            except (OSError, UnicodeDecodeError): txt = ''
-            meta, recap, members = {}, None, {}
-            try:
-                with open(img_path, 'rb') as fp: data = fp.read()
-            except OSError: data = b''
+            meta, ext = {}, None
+            texts = {'txt': _read_file(txt_path)}  # b'' when there is none: counted as no caption
+            data = _read_file(img_path)  # b'' when unreadable: counted as a corrupt image
         else:
             key, members = ref
-            def read(ext):
-                f.seek(members[ext][0])
-                data = f.read(members[ext][1])
-                if len(data) != members[ext][1]: raise EOFError  # a truncated last member
-                return data
+            texts = {}  # the captions' bytes, by member
             try:
-                meta = json.loads(read('json')) if 'json' in members else {}
-                txt = read('txt').decode('utf-8').strip() if 'txt' in members else ''
-                # the recaption: a key.recap_txt member (official PretokenizedWebDataset), or a json field
-                recap = read('recap_txt').decode('utf-8').strip() if 'recap_txt' in members else meta.get('recaption')
-                ext = 'tokens.npy' if 'tokens.npy' in members else next((e for e in IMAGE_EXTS if e in members), None)
-                data = read(ext) if ext else b''
-            except (OSError, EOFError, ValueError):  # ValueError covers bad json and bad utf-8
+                meta = {}
+                if 'json' in members:
+                    meta = json.loads(_read_member(f, members['json']))
+                if not isinstance(meta, dict):  # valid json, but not the object of a sample's fields
+                    raise ValueError
+                for name in ('txt', 'recap_txt'):
+                    if name in members:
+                        texts[name] = _read_member(f, members[name])
+                ext = next((e for e in ('tokens.npy', *IMAGE_EXTS) if e in members), None)
+                data = b''
+                if ext:
+                    data = _read_member(f, members[ext])
+            except (OSError, EOFError, ValueError):  # ValueError: bad json, or json but no object
                 return 'corrupt/member'
-        if not txt: return 'corrupt/no_caption'
-        w, h = meta.get('original_width') or meta.get('width'), meta.get('original_height') or meta.get('height')
-        sized = w and h and 'tokens.npy' not in members  # token shards were size-filtered when pretokenized
-        if (reason := (sized and self._size_filter(w, h)) or self._meta_filter(meta)): return reason
+        legacy = False
+        for name, raw in texts.items():
+            text, fallback = _decode_caption(raw)
+            if text is None:
+                return 'corrupt/caption_not_utf8'
+            legacy |= fallback
+            texts[name] = text.strip()
+        if legacy:  # a caption read as cp1252: counted, as it may have come out wrong
+            counts['recovered/caption_not_utf8'] += 1
+        txt = texts.get('txt', '')
+        if self.kind == 'folder':  # as the text-mode read before: universal newlines
+            txt = txt.replace('\r\n', '\n').replace('\r', '\n')
+        # the recaption: a key.recap_txt member (official PretokenizedWebDataset), or a json field
+        recap = texts.get('recap_txt', meta.get('recaption'))
+        if not isinstance(recap, str):  # absent, or not text
+            recap = None
+        return key, meta, txt, recap, ext, data
+
+    def _sample(self, ref, f, rng, np_seed, counts):
+        """-> a sample dict, or the reason (a counts key) it was skipped."""
+        if self.kind == 'shapes':
+            size = self.image_size or 64
+            img, cap = shapes_sample(ref, size, self.split, self.seed, self.max_objects)
+            return dict(image=np.asarray(img), caption=cap, aes=DEFAULT_AES,
+                        key=f"shapes-{self.split}-{ref}", txt=cap, recap=None, meta={})
+        loaded = self._load(ref, f, counts)
+        if isinstance(loaded, str):
+            return loaded
+        key, meta, txt, recap, ext, data = loaded
+        if not txt:
+            return 'corrupt/no_caption'
+        w = meta.get('original_width') or meta.get('width')
+        h = meta.get('original_height') or meta.get('height')
+        if w and h and ext != 'tokens.npy':  # token shards were size-filtered when pretokenized
+            reason = self._size_filter(w, h)
+            if reason:
+                return reason
+        reason = self._meta_filter(meta)
+        if reason:
+            return reason
         aes = _first(meta, AES_FIELDS)
-        s = dict(caption=_caption(txt, recap, rng, self.recap_prob, self.strip_prefix), key=key, txt=txt, recap=recap,
-                 aes=float(DEFAULT_AES if aes is None else aes), meta=meta)
-        if 'tokens.npy' in members:
-            try: tok = np.load(io.BytesIO(data), allow_pickle=False)  # VQ (N,) uint16 | KL (2, N, C) fp16
-            except (OSError, ValueError, EOFError): return 'corrupt/tokens'
-            if tok.dtype == np.uint16: s['tokens'] = tok.astype(np.int64)
-            else:  # KL: a posterior sample (the official training samples too), or the mean
-                mean, logvar = tok.astype(np.float32)  # (N, C) each
+        if aes is None:
+            aes = DEFAULT_AES
+        caption = _caption(txt, recap, rng, self.recap_prob)
+        s = dict(caption=caption, key=key, txt=txt, recap=recap, aes=float(aes), meta=meta)
+        if ext == 'tokens.npy':
+            try:
+                # VQ (N,) uint16 | KL (2, N, C) fp16: the posterior's mean and logvar
+                tok = np.load(io.BytesIO(data), allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                return 'corrupt/tokens'
+            if tok.dtype == np.uint16:
+                s['tokens'] = tok.astype(np.int64)  # (N,)
+                return s
+            # KL: a posterior sample (the official training samples too), or the mean
+            mean, logvar = tok.astype(np.float32)  # (N, C) each
+            if self.kl_sample:
                 eps = np.random.default_rng(np_seed).standard_normal(mean.shape, np.float32)
-                s['tokens'] = mean + np.exp(0.5 * logvar) * eps if self.kl_sample else mean
+                s['tokens'] = mean + np.exp(0.5 * logvar) * eps
+            else:
+                s['tokens'] = mean
             return s
         try:
             img = Image.open(io.BytesIO(data))
             img.load()  # decode now: a corrupt or truncated file fails here, not later in a batch
-            img = img.convert('RGBA' if 'transparency' in img.info else 'RGB').convert('RGB')
+            # a palette image with a transparent colour converts through RGBA, as PIL asks
+            mode = 'RGBA' if 'transparency' in img.info else 'RGB'
+            img = img.convert(mode).convert('RGB')
         except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
             return 'corrupt/image'
-        if not (w and h) and (reason := self._size_filter(*img.size)): return reason  # no json: the file is original
-        if self.image_size: s['image'] = _resize_crop(img, self.image_size, rng, self.train, self.flip)
+        if not (w and h):  # no json sizes: the file is the original
+            reason = self._size_filter(*img.size)
+            if reason:
+                return reason
+        if self.image_size:
+            s['image'] = _resize_crop(img, self.image_size, rng, self.train, self.flip)
         return s
 
     def _batch(self, samples, w, t, j, counts, unit=None):
+        """A batch of samples, with the position and counts of logical worker w after it."""
         b = dict(key=[s['key'] for s in samples], caption=[s['caption'] for s in samples],
                  aes=torch.tensor([s['aes'] for s in samples], dtype=torch.float32),
                  _worker=w, _pos=dict(t=t, j=j), _counts=dict(counts))
         if samples and 'image' in samples[0]:
             x = np.stack([s['image'] for s in samples]).transpose(0, 3, 1, 2)  # (B, 3, H, W) uint8
-            b['image'] = torch.from_numpy(x.astype(np.float32, order='C') / np.float32(255))  # numpy: ~40x faster
-        if samples and 'tokens' in samples[0]: b['tokens'] = torch.from_numpy(np.stack([s['tokens'] for s in samples]))
-        if self.raw: b.update(txt=[s['txt'] for s in samples], recap=[s['recap'] for s in samples],
-                              meta=[s['meta'] for s in samples], _unit=unit)
+            x = x.astype(np.float32, order='C') / np.float32(255)  # in numpy: ~40x faster than torch
+            b['image'] = torch.from_numpy(x)
+        if samples and 'tokens' in samples[0]:
+            tokens = np.stack([s['tokens'] for s in samples])  # VQ (B, N) | KL (B, N, C)
+            b['tokens'] = torch.from_numpy(tokens)
+        if self.raw:
+            b['txt'] = [s['txt'] for s in samples]
+            b['recap'] = [s['recap'] for s in samples]
+            b['meta'] = [s['meta'] for s in samples]
+            b['_unit'] = unit
         return b
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         positions, all_counts, rotation = self.start
-        w = ((info.id if info else 0) + rotation) % self.W  # logical worker: resume continues the round robin
-        slot, counts = self.rank * self.W + w, Counter(all_counts[w])
-        t, j, mark, batch = positions[w]['t'], positions[w]['j'], -1, []
+        worker_id = info.id if info else 0
+        w = (worker_id + rotation) % self.W  # logical worker: resume continues the round robin
+        slot = self.rank * self.W + w
+        counts = Counter(all_counts[w])
+        t, j = positions[w]['t'], positions[w]['j']
+        mark = -1  # samples kept when the current pass began
+        batch = []
         L = self._units_per_pass(slot)
         while self.train or t < L:
-            if self.train and L and t % L == 0:  # guard: a whole pass that keeps nothing would spin forever
+            if self.train and L and t % L == 0:  # guard: a pass that keeps nothing would spin forever
                 if t > 0 and counts['kept'] == mark:
-                    raise DataError(f"slot {slot}: a full pass over {L} unit(s) kept no sample (all filtered or "
-                                    f"corrupt, or fewer samples than ranks x workers?)")
+                    raise DataError(f"slot {slot}: a full pass over {L} unit(s) kept no sample (all "
+                                    f"filtered or corrupt, or fewer samples than ranks x workers?)")
                 mark = counts['kept']
-            refs, path, name = self._unit(slot, t, counts if j == 0 else Counter())  # count a bad shard once
+            unit_counts = counts if j == 0 else Counter()  # a bad shard counts once, not on resume
+            refs, path, name = self._unit(slot, t, unit_counts)
             with open(path, 'rb') if path else contextlib.nullcontext() as f:
                 while j < len(refs):
-                    key = f"{self.seed}/{slot}/{t}/{j}"
-                    s = self._sample(refs[j], f, random.Random(key), [self.seed, slot, t, j])
+                    rng = random.Random(f"{self.seed}/{slot}/{t}/{j}")
+                    s = self._sample(refs[j], f, rng, [self.seed, slot, t, j], counts)
                     j += 1
                     counts['read'] += 1
-                    counts['kept' if isinstance(s, dict) else s] += 1
-                    if isinstance(s, dict): batch.append(s)
+                    if isinstance(s, dict):
+                        counts['kept'] += 1
+                        batch.append(s)
+                    else:
+                        counts[s] += 1
                     if len(batch) == self.batch_size:
                         yield self._batch(batch, w, t, j, counts, name)
                         batch = []
-            if self.raw:  # the pretokenizer writes one output shard per unit: end the unit with its own batch
+            if self.raw:  # the pretokenizer writes one shard per unit: the unit ends its own batch
                 yield {**self._batch(batch, w, t, j, counts, name), '_done': True}
                 batch = []
             t, j = t + 1, 0
-        yield self._batch(batch, w, t, j, counts)  # the last partial batch (eval), and the final counts
+        yield self._batch(batch, w, t, j, counts)  # the last partial batch (eval), the final counts
 
-def summarize_counts(counts):
+def summarize_counts(counts, missing_shards=0):
+    """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'recovered/<what>',
+    'bad_shards') -> the summary that the training log and `data.py stats` print. Each sample read
+    is kept, filtered or corrupt; recovered counts the samples read despite a flaw (a caption in
+    cp1252). missing_shards: the shards the source names that do not exist (a property of the
+    source, the same on every rank, so not summed over ranks)."""
     c = Counter(counts)
-    by = lambda p: {k.split('/', 1)[1]: v for k, v in sorted(c.items()) if k.startswith(p + '/')}
+
+    def by(prefix):  # {why: n} of the keys 'prefix/why'
+        return {k.split('/', 1)[1]: v for k, v in sorted(c.items()) if k.startswith(prefix + '/')}
+
     return dict(read=c['read'], kept=c['kept'], filtered=sum(by('filtered').values()),
                 corrupt=sum(by('corrupt').values()), bad_shards=c['bad_shards'],
-                filtered_by=by('filtered'), corrupt_by=by('corrupt'))
+                missing_shards=missing_shards, filtered_by=by('filtered'), corrupt_by=by('corrupt'),
+                recovered_by=by('recovered'))
 
 class Loader:
-    """Batches of a _Stream through a DataLoader (batching happens inside the workers), with exact resume."""
+    """Batches of a _Stream through a DataLoader (batching happens inside the workers), with exact
+    resume."""
 
-    def __init__(self, stream):
-        self.stream, self.W = stream, stream.W
+    def __init__(self, stream, missing=()):
+        self.stream = stream
+        self.W = stream.W
+        self.missing = list(missing)  # the shards the source names that do not exist
+        self._rewind()
+
+    def _rewind(self):
         self.positions = [dict(t=0, j=0) for _ in range(self.W)]
         self.worker_counts = [{} for _ in range(self.W)]
         self.next_worker = 0
 
     def __iter__(self):
-        if not self.stream.train: self.__init__(self.stream)  # evaluation: every iteration is a fresh full pass
+        if not self.stream.train:  # evaluation: every iteration is a fresh full pass
+            self._rewind()
         ds = copy.copy(self.stream)
         ds.start = (copy.deepcopy(self.positions), copy.deepcopy(self.worker_counts), self.next_worker)
         nw = self.stream.num_workers
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=torch.cuda.is_available(),
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
+                                         pin_memory=torch.cuda.is_available(),
                                          prefetch_factor=4 if nw else None)
         for b in dl:  # in order: the DataLoader visits workers round robin, physical 0 first
             w = b.pop('_worker')
             self.positions[w], self.worker_counts[w] = b.pop('_pos'), b.pop('_counts')
             self.next_worker = (w + 1) % self.W
-            if b['key'] or b.get('_done'): yield b
+            # an empty batch only carries a worker's final position and counts, unless it ends a
+            # unit for the pretokenizer
+            if b['key'] or b.get('_done'):
+                yield b
 
     @property
     def counts(self):
-        """read / kept / filtered / corrupt (with reasons) so far on this rank, for the training log."""
-        return summarize_counts(sum((Counter(c) for c in self.worker_counts), Counter()))
+        """read / kept / filtered / corrupt (with reasons) so far on this rank, and the shards the
+        source names that do not exist, for the training log."""
+        return summarize_counts(self.raw_counts(), len(self.missing))
+
+    def raw_counts(self):
+        """This rank's raw counts so far (summarize_counts' input): a Counter, summed over workers."""
+        return sum((Counter(c) for c in self.worker_counts), Counter())
 
     def _layout(self):
-        s = self.stream
-        return dict(kind=s.kind, n=len(s.items) if s.kind != 'shapes' else 0, seed=s.seed, rank=s.rank,
-                    world_size=s.world_size, num_workers=s.num_workers)  # the batch size may change
+        s = self.stream  # n: 0 for shapes, which has no items; the batch size may change
+        return dict(kind=s.kind, n=len(s.items), seed=s.seed, rank=s.rank, world_size=s.world_size,
+                    num_workers=s.num_workers)
 
     def state_dict(self):
         return dict(**self._layout(), positions=copy.deepcopy(self.positions),
                     worker_counts=copy.deepcopy(self.worker_counts), next_worker=self.next_worker)
 
     def load_state_dict(self, sd):
-        if isinstance(sd, (list, tuple)): sd = sd[self.stream.rank]  # all ranks' states, gathered into one checkpoint
+        if isinstance(sd, (list, tuple)):  # all ranks' states, gathered into one checkpoint
+            sd = sd[self.stream.rank]
         diff = {k: (sd.get(k), v) for k, v in self._layout().items() if sd.get(k) != v}
-        if diff: raise DataError(f"data state was saved with another layout (saved, now): {diff}")
-        self.positions, self.worker_counts = copy.deepcopy(sd['positions']), copy.deepcopy(sd['worker_counts'])
+        if diff:
+            raise DataError(f"data state was saved with another layout (saved, now): {diff}")
+        self.positions = copy.deepcopy(sd['positions'])
+        self.worker_counts = copy.deepcopy(sd['worker_counts'])
         self.next_worker = sd['next_worker']
 
-def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=0, world_size=1, num_workers=0,
-                resample=False, flip=False, min_size=256, max_aspect=2.0, min_aes=None, max_watermark=None,
-                recap_prob=0.95, strip_prefix=True, max_objects=2, num_samples=None, kl_sample=True, raw=False):
-    """Batches {'image' (B,3,H,W) float in [0,1] | 'tokens', 'caption', 'aes' (B,), 'key'} from `source`:
-    tar shards (brace pattern, glob, list, or a folder of .tar, e.g. token shards), a folder of images with
-    .txt captions, or 'shapes' / 'shapes:val'. train=True: infinite, shuffled, random crops; False: one pass,
-    centre crops. Token shards give 'tokens': VQ (B, N) long, KL (B, N, C) posterior sample (mean if not
-    kl_sample). Filters (0/None disables): sizes from the json's original_width/height (else the decoded
-    image; never token shards), aesthetic and watermark from the json; none for shapes. raw=True also returns
-    txt/recap/meta and ends a batch at each shard (the pretokenizer)."""
-    kind, items = expand_source(source)
-    filters = {} if kind == 'shapes' else dict(min_size=min_size, max_aspect=max_aspect, min_aes=min_aes,
-                                               max_watermark=max_watermark)
-    split, items = (items, []) if kind == 'shapes' else (None, items)
-    return Loader(_Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size, num_workers,
-                          resample, flip and kind != 'shapes', filters, recap_prob, strip_prefix, max_objects,
-                          num_samples, kl_sample, raw))  # never flip shapes: their captions say left and right
+def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=0, world_size=1,
+                num_workers=0, resample=False, flip=False, min_size=256, max_aspect=2.0, min_aes=None,
+                max_watermark=None, recap_prob=0.95, max_objects=2, num_samples=None, kl_sample=True,
+                raw=False):
+    """Batches {'image' (B,3,H,W) float in [0,1] | 'tokens', 'caption', 'aes' (B,), 'key'} from
+    `source`: tar shards (brace pattern, glob, list, or a folder of .tar, e.g. token shards), a folder
+    of images with .txt captions, or 'shapes' / 'shapes:val'. train=True: infinite, shuffled, random
+    crops; False: one pass, centre crops. Token shards give 'tokens': VQ (B, N) long, KL (B, N, C)
+    posterior sample (mean if not kl_sample). Filters (0/None disables): sizes from the json's
+    original_width/height (else the decoded image; never token shards), aesthetic and watermark from
+    the json; none for shapes. Captions: a recaption (key.recap_txt or the json's 'recaption') with
+    probability recap_prob, else the txt as it is (recap_prob=0: always the txt, as the official
+    tokenizer trains). raw=True also returns txt/recap/meta and ends a batch at each shard (the
+    pretokenizer)."""
+    kind, items, missing = _expand(source)  # missing: counted, see Loader.counts
+    split = None
+    filters = {}
+    if kind == 'shapes':  # no files, a split: 'shapes:val' names it, plain 'shapes' follows `train`
+        split = items
+        if not split:
+            split = 'train' if train else 'val'
+        items = []
+        flip = False  # never flip shapes: their captions say left and right
+    else:
+        filters = dict(min_size=min_size, max_aspect=max_aspect, min_aes=min_aes,
+                       max_watermark=max_watermark)
+    stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
+                     num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
+                     kl_sample, raw)
+    return Loader(stream, missing)
 
 def make_grid(images, ncol):
     """uint8 images (B, H, W, 3) -> one uint8 image, `ncol` per row, 2 px of white around each."""
@@ -446,8 +732,11 @@ def make_grid(images, ncol):
 # writing shards, the pretokenizer, and the CLI
 
 def _to_bytes(v):
-    if isinstance(v, bytes): return v
-    if isinstance(v, str): return v.encode('utf-8')
+    """A member's value -> its bytes: bytes as they are, str as UTF-8, ndarray as .npy, else json."""
+    if isinstance(v, bytes):
+        return v
+    if isinstance(v, str):
+        return v.encode('utf-8')
     if isinstance(v, np.ndarray):
         buf = io.BytesIO()
         np.save(buf, v, allow_pickle=False)
@@ -462,108 +751,352 @@ def _tar_add(tf, key, members):
         tf.addfile(ti, io.BytesIO(data))
 
 def write_shard(path, samples):
-    """samples: iterable of (key, {ext: bytes | str | dict (json) | ndarray (.npy)}) -> one tar, written atomically."""
+    """samples: iterable of (key, {ext: bytes | str | dict (json) | ndarray (.npy)}) -> one tar,
+    written atomically."""
     with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tf:
-        for key, members in samples: _tar_add(tf, key, members)
+        for key, members in samples:
+            _tar_add(tf, key, members)
     os.replace(path + '.tmp', path)  # a killed run never leaves a half shard that resume would skip
 
-def pretokenize(args):
-    """Encode each image once with the frozen TA-TiTok into token shards: one output shard per input unit,
-    existing outputs skipped (resume), input shards split over torchrun processes."""
-    from tqdm import tqdm
-    from tatitok import TATiTok, CheckpointError
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
-    device = args.device if args.device != 'auto' else \
-        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu'
+def tokenizer_fingerprint(model):
+    """sha256 (hex) over a tokenizer's weights: each state-dict tensor's name, dtype, shape and bytes,
+    in sorted key order. The same weights give the same fingerprint on any device."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for k in sorted(sd):
+        v = sd[k].detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}\n".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return h.hexdigest()
+
+def _read_record(folder):
+    """The tokenizer.json that data.py pretokenize keeps in a token-shard folder, or None."""
+    path = os.path.join(folder, 'tokenizer.json')
+    if not os.path.isfile(path):
+        return None
     try:
-        model = TATiTok.from_pretrained(args.tokenizer).eval().requires_grad_(False).to(device)
+        with open(path) as fp:
+            record = json.load(fp)
+    except (OSError, ValueError):
+        raise DataError(f"{path}: not a readable tokenizer record (json)") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: not a tokenizer record (a json object)")
+    return record
+
+def token_shards_tokenizer(source):
+    """The record of the tokenizer that made the token shards of `source` (a folder, or a pattern or
+    list of shards; read from their folder's tokenizer.json): {'tokenizer': the name it was given,
+    'model_args': its config, 'fingerprint': tokenizer_fingerprint of its weights}. None for images,
+    a folder of images, 'shapes', or shards without a record. DataError if the shards' folders hold
+    different records (or some none), or a record cannot be read."""
+    kind, items = expand_source(source)
+    if kind != 'tar':
+        return None
+    records = {}  # folder -> its record (or None)
+    for path in items:
+        folder = os.path.dirname(os.path.abspath(path))
+        if folder not in records:
+            records[folder] = _read_record(folder)
+    fingerprints = {None if r is None else r.get('fingerprint') for r in records.values()}
+    if len(fingerprints) > 1:
+        raise DataError(f"the shards of {source!r} were made by different tokenizers (or some have "
+                        f"no tokenizer.json): folders {sorted(records)}")
+    return next(iter(records.values()))
+
+def _first_members(path, n=8):
+    """The names of a tar's first n members ([] if it is empty or no tar)."""
+    names = []
+    try:
+        with tarfile.open(path, mode='r:') as tf:
+            while len(names) < n and (m := tf.next()) is not None:
+                names.append(m.name)
+    except (OSError, tarfile.TarError, EOFError):
+        pass
+    return names
+
+def _check_input(source, kind, items):
+    """pretokenize's --data: image shards, a folder of images or 'shapes', not another artifact."""
+    if kind == 'folder' and os.path.exists(os.path.join(source, 'ckpt.pt')):
+        raise DataError(f"--data {source}: a training run's folder (it holds ckpt.pt), not a folder "
+                        f"of images")
+    if kind != 'tar':
+        return
+    for path in items:
+        if not path.endswith('.tar'):
+            raise DataError(f"--data {source}: {path} is not a .tar shard of images")
+    if any(name.endswith('.tokens.npy') for name in _first_members(items[0])):
+        raise DataError(f"--data {source}: token shards (data.py pretokenize made them), not images")
+    stems = [os.path.basename(p)[:-len('.tar')] for p in items]
+    if len(set(stems)) < len(stems):
+        raise DataError(f"--data {source}: shards in different folders share file names, so their "
+                        f"token shards would too")
+
+def _check_out_dir(out_dir, items):
+    """pretokenize's --out_dir: a new or empty folder, or one that pretokenize wrote (to resume), and
+    one it can write to. Created here, before the tokenizer loads."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out_dir {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir):
+        names = sorted(os.listdir(out_dir))
+        ours = ('tokenizer.json', 'tokenizer.json.tmp')  # and the shards, .tar.tmp while written
+        others = [f for f in names if f not in ours and not f.endswith(('.tar', '.tar.tmp'))]
+        if others:
+            raise DataError(f"--out_dir {out_dir} holds files that are not token shards (e.g. "
+                            f"{others[0]}): give a new or empty folder")
+        shards = [f for f in names if f.endswith('.tar')]
+        if shards and 'tokenizer.json' not in names:
+            raise DataError(f"--out_dir {out_dir} holds .tar shards that pretokenize did not write (no "
+                            f"tokenizer.json): give a new or empty folder")
+        for path in items:  # image shards
+            if os.path.samefile(os.path.dirname(os.path.abspath(path)), out_dir):
+                raise DataError(f"--out_dir {out_dir} is the folder of the --data shards")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # a write test: permissions, a read-only disk
+    except OSError as e:
+        raise DataError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from None
+
+def _load_tokenizer(name):
+    """TATiTok.from_pretrained(name), with a one-line DataError for what is not a tokenizer: a
+    generator's checkpoint, a token-shard folder, a folder without a checkpoint, an unreadable file."""
+    from tatitok import TATiTok, TATiTokConfig, CheckpointError
+    path = name
+    if os.path.isdir(name):
+        if _read_record(name) is not None:
+            raise DataError(f"--tokenizer {name} is a folder of token shards, not a tokenizer")
+        path = os.path.join(name, 'ckpt.pt')
+        if not os.path.isfile(path):
+            raise DataError(f"--tokenizer {name} is a folder without a ckpt.pt (as the --out_dir of "
+                            f"train_tokenizer.py holds)")
+    if os.path.isfile(path) and not path.endswith('.safetensors'):
+        try:  # mmap: the tensors are not read
+            ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:  # not a zip checkpoint: from_pretrained says what it is
+            ck = None
+        if isinstance(ck, dict) and isinstance(ck.get('model_args'), dict):
+            ours = {f.name for f in dataclasses.fields(TATiTokConfig)}
+            if 'tokenizer' in ck or not set(ck['model_args']) <= ours:
+                raise DataError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), "
+                                f"not a tokenizer: give the tokenizer it was trained with")
+    try:
+        return TATiTok.from_pretrained(name)
     except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
-        raise DataError(str(e)) from None
+        raise DataError(f"--tokenizer: {e}") from None
+
+def pretokenize(args):
+    """Encode each image once with the frozen TA-TiTok into token shards: one output shard per input
+    unit, existing outputs skipped (resume), input shards split over torchrun processes. The folder's
+    tokenizer.json says which tokenizer made them (token_shards_tokenizer reads it)."""
+    from tqdm import tqdm
+    rank = int(os.environ.get('RANK', 0))
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    device = args.device  # a torch.device: main() parsed it
+    # what the user may have got wrong is checked before the tokenizer loads
+    try:
+        kind, items, missing = _expand(args.data)
+    except DataError as e:
+        raise DataError(f"--data: {e}") from None
+    if missing and rank == 0:
+        _warn_missing(missing, items)
+    _check_input(args.data, kind, items)
+    _check_out_dir(args.out_dir, items if kind == 'tar' else [])
+    model = _load_tokenizer(args.tokenizer).requires_grad_(False).to(device)
     cfg = model.config
-    kind, items = expand_source(args.input)
-    os.makedirs(args.output, exist_ok=True)
+    if cfg.quantize == 'vq' and cfg.codebook_size > 2 ** 16:
+        raise DataError(f"--tokenizer {args.tokenizer}: {cfg.codebook_size} codes do not fit the "
+                        f"uint16 ids that token shards store")
+    record = dict(tokenizer=args.tokenizer, model_args=dataclasses.asdict(cfg),
+                  fingerprint=tokenizer_fingerprint(model))
+    old = _read_record(args.out_dir)
+    done_any = any(f.endswith('.tar') for f in os.listdir(args.out_dir))
+    if done_any and old is not None and old.get('fingerprint') != record['fingerprint']:
+        raise DataError(f"--out_dir {args.out_dir} holds token shards of another tokenizer "
+                        f"({old.get('tokenizer')}): give a new folder, or that tokenizer")
     if rank == 0:
-        with open(os.path.join(args.output, 'tokenizer.json'), 'w') as fp:
-            json.dump(dict(tokenizer=args.tokenizer, **{k: v for k, v in vars(cfg).items()
-                                                       if isinstance(v, (int, float, str))}), fp, indent=1)
-    done = lambda name: os.path.exists(os.path.join(args.output, name + '.tar'))
+        path = os.path.join(args.out_dir, 'tokenizer.json')
+        with open(path + '.tmp', 'w') as fp:
+            json.dump(record, fp, indent=1)
+        os.replace(path + '.tmp', path)  # other ranks may read it meanwhile
+
+    def done(name):  # this unit's output shard exists: written in an earlier run
+        return os.path.exists(os.path.join(args.out_dir, name + '.tar'))
+
     common = dict(train=False, seed=args.seed, min_size=args.min_size, max_aspect=args.max_aspect,
                   min_aes=args.min_aes, max_watermark=args.max_watermark, raw=True)
+    loader = None  # stays None when this rank's share is done
     if kind == 'tar':  # split shards over processes here, then over this process's workers
-        stems = [os.path.basename(p).rsplit('.', 1)[0] for p in items]
-        if len(set(stems)) < len(stems): raise DataError("input shards share file names; outputs would collide")
-        todo = [p for p in items[rank::world] if not done(os.path.basename(p).rsplit('.', 1)[0])]
-        if not todo: return print(f"rank {rank}: all {len(items[rank::world])} shards already done")
-        loader = make_loader(todo, args.batch_size, cfg.image_size, num_workers=min(args.num_workers, len(todo)),
-                             **common)
+        mine = items[rank::world]
+        todo = [p for p in mine if not done(os.path.basename(p)[:-len('.tar')])]
+        if todo:
+            loader = make_loader(todo, args.batch_size, cfg.image_size,
+                                 num_workers=min(args.num_workers, len(todo)), **common)
+        else:
+            print(f"rank {rank}: all {len(mine)} shards already done")
+    elif done(f"{kind}-{rank:05d}"):
+        print(f"rank {rank}: already done")
     else:
-        if done(f"{kind}-{rank:05d}"): return print(f"rank {rank}: already done")
-        source = 'shapes:train' if args.input == 'shapes' else args.input  # not the held-out split of train=False
+        source = args.data
+        if source == 'shapes':  # the train split, not the held-out one that train=False reads
+            source = 'shapes:train'
         loader = make_loader(source, args.batch_size, cfg.image_size, rank=rank, world_size=world,
                              num_samples=args.num_samples, max_objects=args.max_objects, **common)
-    assert cfg.quantize == 'kl' or cfg.codebook_size <= 2 ** 16, "VQ ids are stored as uint16"
-    writers, pbar = {}, tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
+    counts = Counter()  # raw counts of this rank
+    if loader is not None:
+        pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
+        _write_token_shards(loader, model, args.out_dir, device, pbar)
+        pbar.close()
+        counts = loader.raw_counts()
+    if world == 1:
+        print(json.dumps(summarize_counts(counts, len(missing))))
+        return
+    # under torchrun every rank prints its own line, then rank 0 the total over all ranks, last
+    print(json.dumps(dict(rank=rank, **summarize_counts(counts, len(missing)))), flush=True)
+    own_group = not dist.is_initialized()
+    if own_group:  # ranks end at different times: the first to end waits here for the last
+        dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
+    all_counts = [None] * world
+    dist.all_gather_object(all_counts, counts)
+    if rank == 0:
+        total = sum(all_counts, Counter())
+        print(json.dumps(dict(ranks=world, **summarize_counts(total, len(missing)))), flush=True)
+    if own_group:
+        dist.destroy_process_group()
+
+def _write_token_shards(loader, model, out_dir, device, pbar):
+    """The pretokenizer's loop: encode each batch of images, and write an output shard per unit (an
+    input shard, or this rank's share of a folder or of 'shapes'), renamed into place when complete."""
+    cfg = model.config
+    writers = {}  # unit name -> its open output shard
     for b in loader:
         name = b['_unit']
+        tmp = os.path.join(out_dir, name + '.tar.tmp')
         if name not in writers:
-            writers[name] = tarfile.open(os.path.join(args.output, name + '.tar.tmp'), 'w', format=tarfile.USTAR_FORMAT)
+            writers[name] = tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT)
         if b['key']:
             with torch.no_grad():
-                img = b['image'].to(device)
+                img = b['image'].to(device)  # (B, 3, H, W)
                 if cfg.quantize == 'kl':
-                    tok = torch.stack(model.encode_posterior(img), 1).half().cpu().numpy()  # (B, 2, N, C) mean, logvar
+                    mean, logvar = model.encode_posterior(img)  # (B, N, C) each
+                    tok = torch.stack([mean, logvar], 1).half().cpu().numpy()  # (B, 2, N, C)
                 else:
                     tok = model.encode(img).cpu().numpy().astype(np.uint16)  # (B, N)
             for i, key in enumerate(b['key']):
-                members = {'tokens.npy': tok[i], 'txt': b['txt'][i], 'json': {**b['meta'][i], 'key': key}}
-                if b['recap'][i]: members['recap_txt'] = b['recap'][i]
+                members = {'tokens.npy': tok[i], 'txt': b['txt'][i],
+                           'json': {**b['meta'][i], 'key': key}}
+                if b['recap'][i]:
+                    members['recap_txt'] = b['recap'][i]
                 _tar_add(writers[name], key, members)
             pbar.update(len(b['key']))
         if b.get('_done'):
             writers.pop(name).close()
-            os.replace(os.path.join(args.output, name + '.tar.tmp'), os.path.join(args.output, name + '.tar'))
+            os.replace(tmp, os.path.join(out_dir, name + '.tar'))
         c = loader.counts
         pbar.set_postfix(kept=c['kept'], filtered=c['filtered'], corrupt=c['corrupt'])
-    pbar.close()
-    print(json.dumps(dict(rank=rank, **loader.counts)))
+
+def _warn_missing(missing, items):
+    print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "
+          f"(first: {missing[0]}); counted as missing_shards", file=sys.stderr)
 
 def stats(args):
     from tqdm import tqdm
-    kind, items = expand_source(args.pattern)  # stats never needs more workers than shards or cores
-    nw = min(args.num_workers, os.cpu_count() or 1, len(items) if kind == 'tar' else args.num_workers)
-    loader = make_loader(args.pattern, 256, None, train=False, num_workers=nw, min_size=args.min_size,
-                         max_aspect=args.max_aspect, min_aes=args.min_aes, max_watermark=args.max_watermark,
-                         num_samples=args.num_samples)
+    kind, items, missing = _expand(args.data)
+    if missing:
+        _warn_missing(missing, items)
+    nw = min(args.num_workers, os.cpu_count() or 1)  # never more workers than cores, or shards
+    if kind == 'tar':
+        nw = min(nw, len(items))
+    loader = make_loader(args.data, 256, None, train=False, num_workers=nw,
+                         min_size=args.min_size, max_aspect=args.max_aspect, min_aes=args.min_aes,
+                         max_watermark=args.max_watermark, num_samples=args.num_samples)
     with tqdm(unit='img', desc='stats') as pbar:
-        for b in loader: pbar.update(len(b['key']))
+        for b in loader:
+            pbar.update(len(b['key']))
     c = loader.counts
-    for k, v in c.items(): print(f"{k:>12}: {v}")
+    for k, v in c.items():
+        print(f"{k:>14}: {v}")
     print(json.dumps(c))
+
+def _number(cast, ok, wanted):
+    """An argparse type: the flag's text as `cast`, refused (exit 2, a line naming the flag) unless
+    ok(value). NaN fails every comparison, so each `ok` below refuses it; each refuses inf too."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"wants {wanted}, got {text!r}")
+        return value
+    return parse
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools for TA-TiTok / MaskGen (stats, pretokenize).")
-    filters = argparse.ArgumentParser(add_help=False)
-    filters.add_argument('--min_size', type=int, default=256, help="drop if the original longer side is below (0: off)")
-    filters.add_argument('--max_aspect', type=float, default=2.0, help="drop if long/short side is above (0: off)")
-    filters.add_argument('--min_aes', type=float, default=None, help="drop if the aesthetic score is below / missing")
-    filters.add_argument('--max_watermark', type=float, default=None, help="drop if pwatermark is not below (e.g. 0.5)")
-    filters.add_argument('--num_workers', type=int, default=4, help="dataloader workers (per process)")
-    filters.add_argument('--num_samples', type=int, default=None, help="samples to read from 'shapes' (default 1000)")
+    # the flags both commands take: filters (as make_loader's), workers, the shapes set's size
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--min_size', default=256,
+                        type=_number(int, lambda x: 0 <= x <= 65535,
+                                     "0 (off) or a side in pixels, up to 65535"),
+                        help="drop a sample whose original longer side is below this; 0: off")
+    common.add_argument('--max_aspect', default=2.0,
+                        type=_number(float, lambda x: x == 0 or 1 <= x <= 100,
+                                     "0 (off) or a long/short ratio from 1 to 100"),
+                        help="drop a sample whose long/short side ratio is above this; 0: off")
+    common.add_argument('--min_aes',
+                        type=_number(float, lambda x: 0 <= x <= 10,
+                                     "an aesthetic score from 0 to 10 (LAION's scale)"),
+                        help="drop a sample whose aesthetic score is below this, or missing; "
+                             "off unless set")
+    common.add_argument('--max_watermark',
+                        type=_number(float, lambda x: 0 < x <= 1,
+                                     "a watermark probability above 0, up to 1"),
+                        help="drop a sample whose pwatermark is this or above (e.g. 0.5); "
+                             "off unless set")
+    workers = min(4, os.cpu_count() or 1)  # 4 would oversubscribe a 2-core machine
+    common.add_argument('--num_workers', default=workers,
+                        type=_number(int, lambda x: 0 <= x <= 64,
+                                     "0 (the main process) to 64 workers"),
+                        help=f"dataloader workers per process; {workers}: min(4, CPU cores)")
+    common.add_argument('--num_samples',
+                        type=_number(int, lambda x: 1 <= x <= 2 ** 62,
+                                     "a whole number from 1 to 2**62"),
+                        help="'shapes' only: how many samples to read; 1000 unless set")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{stats,pretokenize}')
-    s = sub.add_parser('stats', parents=[filters], help="count read / kept / filtered / corrupt samples")
-    s.add_argument('pattern', help="shards: 'data/{00000..00123}.tar', a glob, a folder, or 'shapes'")
-    t = sub.add_parser('pretokenize', parents=[filters], help="encode images once into token shards for MaskGen")
-    t.add_argument('--tokenizer', required=True, help="official release (vq128, kl32, ...), its HF repo id, or a checkpoint")
-    t.add_argument('--input', required=True, help="image shards (pattern / glob / folder) or 'shapes'")
-    t.add_argument('--output', required=True, help="output folder for the token shards (resumes into it)")
-    t.add_argument('--batch_size', type=int, default=64, help="images per encoder forward")
-    t.add_argument('--device', default='auto', help="'auto' (cuda:LOCAL_RANK if available, else cpu), or a device")
-    t.add_argument('--seed', type=int, default=0, help="shapes only: the seed of the stream")
-    t.add_argument('--max_objects', type=int, default=2, choices=[1, 2], help="shapes only: objects per image")
+    s = sub.add_parser('stats', parents=[common], help="count read / kept / filtered / corrupt samples")
+    s.add_argument('data', metavar='DATA',
+                   help="tar shards ('data/{00000..00123}.tar', a glob), a folder, or 'shapes'")
+    t = sub.add_parser('pretokenize', parents=[common],
+                       help="encode images once into token shards for MaskGen")
+    t.add_argument('--tokenizer', required=True,
+                   help="an official release (vq128, kl32, ...), its HF repo id, a .bin/.safetensors "
+                        "file, or a train_tokenizer.py checkpoint (file or folder)")
+    t.add_argument('--data', required=True,
+                   help="image shards (brace pattern, glob, list), a folder of images, or 'shapes'")
+    t.add_argument('--out_dir', required=True,
+                   help="folder for the token shards; a rerun resumes into it")
+    t.add_argument('--batch_size', type=_number(int, lambda x: 1 <= x <= 65536,
+                                                "a whole number from 1 to 65536"),
+                   default=64, help="images per encoder forward pass")
+    t.add_argument('--device', default='auto',
+                   help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, mps")
+    t.add_argument('--seed', type=_number(int, lambda x: 0 <= x < 2 ** 63,
+                                          "a whole number from 0 to 2**63 - 1"),
+                   default=0, help="'shapes' only: the seed of the stream")
+    t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
+                   help="'shapes' only: at most this many objects per image")
     args = p.parse_args(argv)
+    if args.num_samples and args.data.split(':')[0] != 'shapes':
+        p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
+    if args.cmd == 'pretokenize':
+        from tatitok import pick_device
+        try:
+            args.device = pick_device(args.device)
+        except ValueError as e:
+            p.error(str(e))
     try:
-        if args.cmd == 'stats': stats(args)
-        else: pretokenize(args)
+        if args.cmd == 'stats':
+            stats(args)
+        else:
+            pretokenize(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
