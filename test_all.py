@@ -1100,6 +1100,8 @@ def test_fid_cli_user_errors_exit_2(fid_weights, tmp_path, capsys, monkeypatch):
         raise OSError('network is unreachable')
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
     cases.append(([str(tmp_path / 'two')] + new_stats, 'network is unreachable'))  # no --weights and no network
+    torch.save({'model': {}, 'step': 1}, tmp_path / 'ckpt.pt')  # a checkpoint of train_tokenizer.py's shape
+    cases.append(([str(tmp_path / 'two'), '--weights', str(tmp_path / 'ckpt.pt')] + new_stats, 'not an FID Inception'))
     for argv, expect in cases:
         _fid_refuses(argv, capsys, expect)
     assert not (tmp_path / 'new.npz').exists()
@@ -1189,7 +1191,7 @@ def test_fid_cli_refuses_bad_numbers_paths_and_artifacts(tmp_path, capsys, monke
     _fid_refuses([two, ok, '--device', 'cuda:7'], capsys, 'cuda:7', usage=True)
     (tmp_path / 'old.npz').write_bytes(b'statistics')
     for argv, expect in [([two, ok], 'statistics of 2048 and 8 features'),
-                         ([str(tmp_path / 'two' / 'x.png'), ok], 'one image'),
+                         ([str(tmp_path / 'two' / 'x.png'), ok], 'a single image'),
                          ([str(tmp_path / 'ckpt.pt'), ok], '--tokenizer'),
                          ([str(tmp_path / 'tokens-000.tar'), ok], 'token shards hold no images'),
                          ([two, '--save_stats', str(tmp_path / 'old.npz')], 'does not overwrite'),
@@ -1261,7 +1263,7 @@ def test_fid_reconstruction_features_with_a_tiny_tokenizer(tmp_path, monkeypatch
     for image_size in (64, 10 ** 9):
         with pytest.raises(fid.FIDError, match='works at 32x32'):
             fid.rfid_models(fid.argparse.Namespace(**{**vars(args), 'image_size': image_size}))
-    with pytest.raises(fid.FIDError, match='width'):
+    with pytest.raises(fid.FIDError, match='the tokenizer reads 77 x 32'):
         fid.rfid_models(fid.argparse.Namespace(**{**vars(args), 'tokenizer': str(tmp_path / 'narrow.pt')}))
     tokenizer, text_encoder = fid.rfid_models(args)
     seen = []
