@@ -1091,7 +1091,7 @@ def test_fid_cli_user_errors_exit_2(fid_weights, tmp_path, capsys, monkeypatch):
     cases = [([str(tmp_path / 'missing'), str(tmp_path / 'tf.npz')] + w, 'no such file or folder'),
              ([str(tmp_path / 'empty'), str(tmp_path / 'tf.npz')] + w, 'no images'),
              ([str(tmp_path / 'bad.npz'), str(tmp_path / 'tf.npz')] + w, 'cannot read'),
-             ([str(tmp_path / 'nokeys.npz'), str(tmp_path / 'tf.npz')] + w, "neither statistics (mu, sigma) nor images"),
+             ([str(tmp_path / 'nokeys.npz'), str(tmp_path / 'tf.npz')] + w, 'neither statistics (mu, sigma)'),
              ([str(tmp_path / 'tf.npz'), str(tmp_path / 'torch.npz')] + w, 'not comparable'),
              ([str(tmp_path / 'two'), '--weights', str(tmp_path / 'missing.pth')] + new_stats, 'no such file'),
              ([str(tmp_path / 'tf.npz')] + w, 'give two paths'),  # one path and nothing to do with it
@@ -1141,10 +1141,12 @@ def test_fid_npz_image_layouts_and_ranges(tmp_path, capsys):
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)  # (N, H, W, 3); H != W, so a wrong transpose shows
     grey = base[..., :1]
-    cases = [(base, base), (base.transpose(0, 3, 1, 2), base), (base / 255, base), ((base / 255).astype(np.float32), base),
-             (base / 127.5 - 1, base), ((base / 127.5 - 1).astype(np.float32).transpose(0, 3, 1, 2), base),
+    rgb = grey.repeat(3, -1)
+    cases = [(base, base), (base.transpose(0, 3, 1, 2), base), (base / 255, base),
+             ((base / 255).astype(np.float32), base), (base / 127.5 - 1, base),
+             ((base / 127.5 - 1).astype(np.float32).transpose(0, 3, 1, 2), base),
              (base.astype(np.float64), base), (base.astype(np.int64), base),
-             (grey[..., 0], grey.repeat(3, -1)), (grey, grey.repeat(3, -1)), (grey.transpose(0, 3, 1, 2) / 255, grey.repeat(3, -1))]
+             (grey[..., 0], rgb), (grey, rgb), (grey.transpose(0, 3, 1, 2) / 255, rgb)]
     for i, (arr, expected) in enumerate(cases):
         np.savez(tmp_path / f'{i}.npz', arr_0=arr)
         kind, images = fid.load_input(str(tmp_path / f'{i}.npz'), None)
@@ -1152,7 +1154,8 @@ def test_fid_npz_image_layouts_and_ranges(tmp_path, capsys):
     nan = base / 255
     nan[0, 0, 0, 0] = np.nan
     refused = [(np.concatenate([base, base[..., :1]], -1), 'shape (3, 6, 5, 4)'), (base > 9, 'bool'),
-               (base[0, 0], 'shape (5, 3)'), (base / 100, 'values in [0, 2.55]'), (base.astype(np.int64) + 50, 'values in'),
+               (base[0, 0], 'shape (5, 3)'), (base / 100, 'values in [0, 2.55]'),
+               (base.astype(np.int64) + 50, 'values in'),
                (nan, 'values in [nan, nan]'), (base[:, :0], 'shape (3, 0, 5, 3)'), (base - 128.0, 'values in [-128')]
     for i, (arr, expect) in enumerate(refused):
         np.savez(tmp_path / f'bad{i}.npz', arr_0=arr)
@@ -1183,7 +1186,8 @@ def test_fid_cli_refuses_bad_numbers_paths_and_artifacts(tmp_path, capsys, monke
     ro = str(tmp_path / 'ro')
     if os.access(ro, os.W_OK):  # root writes into any folder whatever its mode; /proc/1 it cannot write either
         ro = '/proc/1'
-    for flag, values in (('--batch_size', ['nan', 'inf', '-1', '0', '100000']), ('--num_workers', ['nan', '-1', '100000']),
+    for flag, values in (('--batch_size', ['nan', 'inf', '-1', '0', '100000']),
+                         ('--num_workers', ['nan', '-1', '100000']),
                          ('--max_images', ['inf', '-5', '0']), ('--image_size', ['nan', '-256', '0'])):
         for v in values:
             _fid_refuses([two, ok, flag, v], capsys, flag, usage=True)
