@@ -431,7 +431,7 @@ def load_clip(name, device):
         clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device,
                                                                    force_quick_gelu=quick_gelu)
     except Exception as e:
-        raise FIDError(f"cannot load CLIP {name}: {type(e).__name__}: {e}") from None
+        raise FIDError(f"cannot load CLIP {name}: {type(e).__name__}: {str(e)[:200]}") from None  # not its model list
     return clip.eval(), transform, open_clip.get_tokenizer(model)
 
 @torch.no_grad()

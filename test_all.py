@@ -1194,6 +1194,8 @@ def test_fid_cli_refuses_bad_numbers_paths_and_artifacts(tmp_path, capsys, monke
     _fid_refuses([two, ok, '--device', 'nonsense'], capsys, 'nonsense', usage=True)
     _fid_refuses([two, ok, '--device', 'cuda:7'], capsys, 'cuda:7', usage=True)
     (tmp_path / 'old.npz').write_bytes(b'statistics')
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('a\nb\n')
     for argv, expect in [([two, ok], 'statistics of 2048 and 8 features'),
                          ([str(tmp_path / 'two' / 'x.png'), ok], 'a single image'),
                          ([str(tmp_path / 'ckpt.pt'), ok], '--tokenizer'),
@@ -1205,6 +1207,7 @@ def test_fid_cli_refuses_bad_numbers_paths_and_artifacts(tmp_path, capsys, monke
                          ([two, '--save_stats', os.path.join(ro, 's.npz')], 'not writable'),
                          ([two, ok, '--weights', str(tmp_path)], 'no such file'),
                          ([two, '--clip_score', str(tmp_path)], 'cannot read prompts'),
+                         ([two, '--clip_score', str(prompts), '--clip_score_model', 'NoSuchCLIP:x'], 'cannot load CLIP'),
                          ([two, ok, '--clip', 'tiny'], 'for rFID mode'),
                          (['--tokenizer', str(tmp_path / 'ckpt.pt'), '--imagenet', str(tmp_path / 'tokens-000.tar')],
                           'token shards of data.py hold no images')]:
