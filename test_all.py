@@ -1304,9 +1304,21 @@ def test_pool3_matches_fid_helper_torchscript_on_photos():
 # -----------------------------------------------------------------------------
 # the command line
 
+def _no_inception(*args, **kwargs):
+    raise AssertionError("the FID Inception loaded before the inputs were checked")
+
+def _fid_refuses(argv, capsys, expect, usage=False):
+    """fid.main(argv) exits with code 2 and an error line holding `expect`: one line for the checks of fid.py (after
+    any warning), argparse's usage and then the error line for a flag it refuses"""
+    code, _, err = _run_fid_cli(argv, capsys)
+    lines = [line for line in err.strip().splitlines() if not line.startswith('warning: ')]
+    assert code == 2 and 'error: ' in lines[-1] and expect in lines[-1], (argv, err)
+    assert usage or len(lines) == 1, (argv, err)
+
 def test_fid_cli_statistics_then_fid(fid_weights, fid_image, tmp_path, capsys):
-    """--save-stats on a folder (searched recursively) writes float64 mu/sigma; an arr_0 .npz gives the same inputs;
-    two statistics files give FID as the last printed line"""
+    """--save_stats on a folder (searched recursively) writes float64 mu/sigma, with a one-line warning that 2 images
+    (< 2048 features) give a rank-deficient covariance; a huge --max_images is no error; an arr_0 .npz gives the same
+    inputs; two statistics files give FID as the last printed line"""
     (tmp_path / 'imgs' / 'sub').mkdir(parents=True)
     arrs = torch.cat([fid_image, fid_image.flip(-1)]).permute(0, 2, 3, 1).numpy()  # (2, 48, 64, 3)
     Image.fromarray(arrs[0]).save(tmp_path / 'imgs' / 'a.png')
@@ -1317,9 +1329,11 @@ def test_fid_cli_statistics_then_fid(fid_weights, fid_image, tmp_path, capsys):
     assert kind == 'images' and len(files) == len(arrays) == 2
     for f, a in zip(files, arrays):
         assert torch.equal(fid.inception_input(f, 'tf'), fid.inception_input(a, 'tf'))
-    common = ['--weights', fid_weights, '--workers', '0', '--device', 'cpu', '--batch-size', '2']
-    code, stdout, _ = _run_fid_cli([str(tmp_path / 'imgs'), '--save-stats', str(tmp_path / 'a.npz')] + common, capsys)
+    common = ['--weights', fid_weights, '--num_workers', '0', '--device', 'cpu', '--batch_size', '2']
+    argv = [str(tmp_path / 'imgs'), '--save_stats', str(tmp_path / 'a.npz'), '--max_images', str(10 ** 30)]
+    code, stdout, stderr = _run_fid_cli(argv + common, capsys)
     assert code == 0 and '2 images' in stdout
+    assert [line for line in stderr.splitlines() if 'rank-deficient' in line][0].startswith('warning: ')
     a = np.load(tmp_path / 'a.npz')
     assert a['mu'].shape == (2048,) and a['sigma'].shape == (2048, 2048) and a['sigma'].dtype == np.float64
     assert str(a['resize']) == 'tf' and np.isfinite(a['sigma']).all()
@@ -1333,31 +1347,143 @@ def test_fid_cli_statistics_then_fid(fid_weights, fid_image, tmp_path, capsys):
 def test_fid_cli_user_errors_exit_2(fid_weights, tmp_path, capsys, monkeypatch):
     """missing folder, empty folder, bad .npz, missing weights, no weights offline, mixed --resize: code 2, one line"""
     (tmp_path / 'empty').mkdir()
-    (tmp_path / 'one').mkdir()
-    Image.new('RGB', (8, 8)).save(tmp_path / 'one' / 'x.png')
+    (tmp_path / 'two').mkdir()
+    for name in ('x.png', 'y.png'):
+        Image.new('RGB', (8, 8)).save(tmp_path / 'two' / name)
     (tmp_path / 'bad.npz').write_text('not a zip')
     np.savez(tmp_path / 'nokeys.npz', x=np.zeros(3))
     np.savez(tmp_path / 'tf.npz', mu=np.zeros(4), sigma=np.eye(4), resize='tf')
     np.savez(tmp_path / 'torch.npz', mu=np.zeros(4), sigma=np.eye(4), resize='torch')
-    w = ['--weights', fid_weights, '--workers', '0']
-    cases = [[str(tmp_path / 'missing'), str(tmp_path / 'tf.npz')] + w,
-             [str(tmp_path / 'empty'), str(tmp_path / 'tf.npz')] + w,
-             [str(tmp_path / 'bad.npz'), str(tmp_path / 'tf.npz')] + w,
-             [str(tmp_path / 'nokeys.npz'), str(tmp_path / 'tf.npz')] + w,
-             [str(tmp_path / 'tf.npz'), str(tmp_path / 'torch.npz')] + w,
-             [str(tmp_path / 'one'), str(tmp_path / 'tf.npz'), '--weights', str(tmp_path / 'missing.pth')],
-             [str(tmp_path / 'tf.npz')] + w,  # one path and nothing to do with it
-             ['--imagenet', str(tmp_path)] + w]  # rFID without --tokenizer
+    w = ['--weights', fid_weights, '--num_workers', '0']
+    new_stats = ['--save_stats', str(tmp_path / 'new.npz')]
+    cases = [([str(tmp_path / 'missing'), str(tmp_path / 'tf.npz')] + w, 'no such file or folder'),
+             ([str(tmp_path / 'empty'), str(tmp_path / 'tf.npz')] + w, 'no images'),
+             ([str(tmp_path / 'bad.npz'), str(tmp_path / 'tf.npz')] + w, 'cannot read'),
+             ([str(tmp_path / 'nokeys.npz'), str(tmp_path / 'tf.npz')] + w, 'neither statistics (mu, sigma)'),
+             ([str(tmp_path / 'tf.npz'), str(tmp_path / 'torch.npz')] + w, 'not comparable'),
+             ([str(tmp_path / 'two'), '--weights', str(tmp_path / 'missing.pth')] + new_stats, 'no such file'),
+             ([str(tmp_path / 'tf.npz')] + w, 'give two paths'),  # one path and nothing to do with it
+             (['--imagenet', str(tmp_path)] + w, 'both --tokenizer and --imagenet')]  # rFID without --tokenizer
     def offline(*args, **kwargs):
         raise OSError('network is unreachable')
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
-    cases.append([str(tmp_path / 'one'), str(tmp_path / 'tf.npz')])  # no --weights and no network
-    for argv in cases:
-        code, _, err = _run_fid_cli(argv, capsys)
-        assert code == 2 and err.startswith('error: ') and len(err.strip().splitlines()) == 1, (argv, err)
+    cases.append(([str(tmp_path / 'two')] + new_stats, 'network is unreachable'))  # no --weights and no network
+    torch.save({'model': {}, 'step': 1}, tmp_path / 'ckpt.pt')  # a checkpoint of train_tokenizer.py's shape
+    cases.append(([str(tmp_path / 'two'), '--weights', str(tmp_path / 'ckpt.pt')] + new_stats, 'not an FID Inception'))
+    for argv, expect in cases:
+        _fid_refuses(argv, capsys, expect)
+    assert not (tmp_path / 'new.npz').exists()
+
+def test_fid_cli_refuses_one_image_and_nonfinite_statistics(tmp_path, capsys, monkeypatch):
+    """FID needs 2 images (the covariance of one is NaN, and sqrtm of a NaN 2048x2048 product spins for minutes):
+    a folder, an arr_0 or ImageNet val of one image, fewer than 10 images for --isc, and statistics holding NaN
+    or inf are refused by name, before the Inception loads; frechet_distance refuses non-finite statistics too"""
+    monkeypatch.setattr(fid.FIDInceptionV3, 'from_pretrained', _no_inception)
+    for folder in ('one', 'val/n01440764', 'two'):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(tmp_path / folder / 'x.png')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'two' / 'y.png')
+    np.savez(tmp_path / 'one.npz', arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / 'ok.npz', mu=np.zeros(8), sigma=np.eye(8))
+    sigma = np.eye(8)
+    sigma[2, 3] = np.nan
+    np.savez(tmp_path / 'nan.npz', mu=np.zeros(8), sigma=sigma)
+    np.savez(tmp_path / 'inf.npz', mu=np.full(8, np.inf), sigma=np.eye(8))
+    out = ['--save_stats', str(tmp_path / 'out.npz')]
+    _fid_refuses([str(tmp_path / 'one')] + out, capsys, 'one: 1 image(s)')
+    _fid_refuses([str(tmp_path / 'one.npz')] + out, capsys, 'one.npz: 1 image(s)')
+    _fid_refuses([str(tmp_path / 'two'), str(tmp_path / 'two'), '--max_images', '1'], capsys, 'two: 1 image(s)')
+    _fid_refuses(['--tokenizer', 'tiny-vq', '--imagenet', str(tmp_path / 'val')], capsys, 'val: 1 image(s)')
+    _fid_refuses([str(tmp_path / 'two'), '--isc'], capsys, '10 images or more')
+    _fid_refuses([str(tmp_path / 'nan.npz'), str(tmp_path / 'ok.npz')], capsys, 'nan.npz: the statistics hold NaN')
+    _fid_refuses([str(tmp_path / 'ok.npz'), str(tmp_path / 'inf.npz')], capsys, 'inf.npz: the statistics hold NaN')
+    assert not (tmp_path / 'out.npz').exists()
+    with pytest.raises(fid.FIDError):
+        fid.frechet_distance(np.zeros(8), sigma, np.zeros(8), np.eye(8))
+
+def test_fid_npz_image_layouts_and_ranges(tmp_path, capsys):
+    """an arr_0 in NHWC, NCHW or NHW grey, as uint8, float in [0, 1] or [-1, 1], or whole numbers in [0, 255], gives
+    the same uint8 (H, W, 3) images, bit for bit (each conversion is off by < 0.5 before rounding); other layouts,
+    dtypes and ranges are refused by name with what was found"""
+    import re
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)  # (N, H, W, 3); H != W, so a wrong transpose shows
+    grey = base[..., :1]
+    rgb = grey.repeat(3, -1)
+    cases = [(base, base), (base.transpose(0, 3, 1, 2), base), (base / 255, base),
+             ((base / 255).astype(np.float32), base), (base / 127.5 - 1, base),
+             ((base / 127.5 - 1).astype(np.float32).transpose(0, 3, 1, 2), base),
+             (base.astype(np.float64), base), (base.astype(np.int64), base),
+             (grey[..., 0], rgb), (grey, rgb), (grey.transpose(0, 3, 1, 2) / 255, rgb)]
+    for i, (arr, expected) in enumerate(cases):
+        np.savez(tmp_path / f'{i}.npz', arr_0=arr)
+        kind, images = fid.load_input(str(tmp_path / f'{i}.npz'), None)
+        assert kind == 'images' and images[0].dtype == np.uint8 and np.array_equal(np.stack(images), expected), i
+    nan = base / 255
+    nan[0, 0, 0, 0] = np.nan
+    refused = [(np.concatenate([base, base[..., :1]], -1), 'shape (3, 6, 5, 4)'), (base > 9, 'bool'),
+               (base[0, 0], 'shape (5, 3)'), (base / 100, 'values in [0, 2.55]'),
+               (base.astype(np.int64) + 50, 'values in'),
+               (nan, 'values in [nan, nan]'), (base[:, :0], 'shape (3, 0, 5, 3)'), (base - 128.0, 'values in [-128')]
+    for i, (arr, expect) in enumerate(refused):
+        np.savez(tmp_path / f'bad{i}.npz', arr_0=arr)
+        with pytest.raises(fid.FIDError, match=re.escape(expect)):
+            fid.load_input(str(tmp_path / f'bad{i}.npz'), None)
+    _fid_refuses([str(tmp_path / 'bad3.npz'), '--save_stats', str(tmp_path / 'out.npz')], capsys, 'values in')
+
+def test_fid_cli_refuses_bad_numbers_paths_and_artifacts(tmp_path, capsys, monkeypatch):
+    """every number a user types (nan, inf, negative, zero, huge), paths that are missing or of the wrong kind,
+    --save_stats where it cannot or must not write (an existing file is never overwritten), the files of the other
+    scripts (a checkpoint, a token shard) and flags of the other mode: code 2 and a line naming the problem, all
+    before the Inception loads"""
+    import tarfile
+    monkeypatch.setattr(fid.FIDInceptionV3, 'from_pretrained', _no_inception)
+    two = str(tmp_path / 'two')
+    (tmp_path / 'two').mkdir()
+    for name in ('x.png', 'y.png'):
+        Image.new('RGB', (8, 8)).save(tmp_path / 'two' / name)
+    np.savez(tmp_path / 'ok.npz', mu=np.zeros(8), sigma=np.eye(8))
+    ok = str(tmp_path / 'ok.npz')
+    torch.save({'model': {}, 'step': 1}, tmp_path / 'ckpt.pt')
+    with tarfile.open(tmp_path / 'tokens-000.tar', 'w') as tar:  # a token shard of data.py: no images
+        (tmp_path / 'k.tokens.npy').write_bytes(b'0')
+        tar.add(tmp_path / 'k.tokens.npy', 'k.tokens.npy')
+    (tmp_path / 'dir.npz').mkdir()
+    (tmp_path / 'ro').mkdir()
+    (tmp_path / 'ro').chmod(0o555)
+    ro = str(tmp_path / 'ro')
+    if os.access(ro, os.W_OK):  # root writes into any folder whatever its mode; /proc/1 it cannot write either
+        ro = '/proc/1'
+    for flag, values in (('--batch_size', ['nan', 'inf', '-1', '0', '100000']),
+                         ('--num_workers', ['nan', '-1', '100000']),
+                         ('--max_images', ['inf', '-5', '0']), ('--image_size', ['nan', '-256', '0'])):
+        for v in values:
+            _fid_refuses([two, ok, flag, v], capsys, flag, usage=True)
+    _fid_refuses([two, ok, '--device', 'nonsense'], capsys, 'nonsense', usage=True)
+    _fid_refuses([two, ok, '--device', 'cuda:7'], capsys, 'cuda:7', usage=True)
+    (tmp_path / 'old.npz').write_bytes(b'statistics')
+    prompts = tmp_path / 'prompts.txt'
+    prompts.write_text('a\nb\n')
+    for argv, expect in [([two, ok], 'statistics of 2048 and 8 features'),
+                         ([str(tmp_path / 'two' / 'x.png'), ok], 'a single image'),
+                         ([str(tmp_path / 'ckpt.pt'), ok], '--tokenizer'),
+                         ([str(tmp_path / 'tokens-000.tar'), ok], 'token shards hold no images'),
+                         ([two, '--save_stats', str(tmp_path / 'old.npz')], 'does not overwrite'),
+                         ([two, '--save_stats', str(tmp_path / 'dir.npz')], 'does not overwrite'),
+                         ([two, '--save_stats', str(tmp_path / 'new')], 'must end in .npz'),
+                         ([two, '--save_stats', str(tmp_path / 'nowhere' / 's.npz')], 'there is no folder'),
+                         ([two, '--save_stats', os.path.join(ro, 's.npz')], 'not writable'),
+                         ([two, ok, '--weights', str(tmp_path)], 'no such file'),
+                         ([two, '--clip_score', str(tmp_path)], 'cannot read prompts'),
+                         ([two, '--clip_score', str(prompts), '--clip_score_model', 'NoSuchCLIP:x'], 'cannot load CLIP'),
+                         ([two, ok, '--clip', 'tiny'], 'for rFID mode'),
+                         (['--tokenizer', str(tmp_path / 'ckpt.pt'), '--imagenet', str(tmp_path / 'tokens-000.tar')],
+                          'token shards of data.py hold no images')]:
+        _fid_refuses(argv, capsys, expect)
+    assert (tmp_path / 'old.npz').read_bytes() == b'statistics'
 
 def test_fid_read_prompts_pairs_files_with_prompts(tmp_path):
-    """--clip-score prompts: lines follow the sorted files; a json (MJHQ meta_data.json) is keyed by file stem"""
+    """--clip_score prompts: lines follow the sorted files; a json (MJHQ meta_data.json) is keyed by file stem"""
     files = [str(tmp_path / 'x' / f'{k}.png') for k in ('a1', 'b2')]
     (tmp_path / 'p.txt').write_text('a cat\na dog\n')
     (tmp_path / 'meta.json').write_text('{"b2": {"category": "animals", "prompt": "a dog"}, "a1": {"prompt": "a cat"}}')
@@ -1393,25 +1519,34 @@ def test_fid_imagenet_items_from_class_folders_and_tar_shards(tmp_path):
 def test_fid_reconstruction_features_with_a_tiny_tokenizer(tmp_path, monkeypatch):
     """rFID mode: a checkpoint of ours (tiny-vq, random) rebuilds its own text encoder, reconstructs the 32px crops
     with the caption "A photo of a {class}." and returns features of reconstructions and crops (a stand-in
-    Inception: the network itself is tested above, and four forwards at 299 cost seconds)"""
+    Inception: the network itself is tested above, and four forwards at 299 cost seconds); an --image_size other
+    than the tokenizer's, or a text encoder of another width than it reads, is refused before any image is read"""
     tatitok = pytest.importorskip('tatitok', reason='tatitok.py is not there yet')
     from dataclasses import asdict
     torch.manual_seed(0)
-    cfg = tatitok.tatitok_config('tiny-vq')
-    ckpt = dict(model_args=asdict(cfg), model=tatitok.TATiTok(cfg).state_dict(), ema=None,
-                text_encoder=tatitok.TextEncoder.tiny().spec)
-    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    for name, cfg in (('ckpt.pt', tatitok.tatitok_config('tiny-vq')),
+                      ('narrow.pt', tatitok.tatitok_config('tiny-vq', text_embed_dim=32))):
+        ckpt = dict(model_args=asdict(cfg), model=tatitok.TATiTok(cfg).state_dict(), ema=None,
+                    text_encoder=tatitok.TextEncoder.tiny().spec)
+        torch.save(ckpt, tmp_path / name)
     for wnid in ('n01440764', 'n01443537'):  # tench, goldfish
         (tmp_path / 'val' / wnid).mkdir(parents=True)
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
             tmp_path / 'val' / wnid / 'a.png')
+    args = fid.argparse.Namespace(tokenizer=str(tmp_path), clip=None, image_size=None, batch_size=2, num_workers=0,
+                                  device=torch.device('cpu'), resize='tf')
+    for image_size in (64, 10 ** 9):
+        with pytest.raises(fid.FIDError, match='works at 32x32'):
+            fid.rfid_models(fid.argparse.Namespace(**{**vars(args), 'image_size': image_size}))
+    with pytest.raises(fid.FIDError, match='the tokenizer reads 77 x 32'):
+        fid.rfid_models(fid.argparse.Namespace(**{**vars(args), 'tokenizer': str(tmp_path / 'narrow.pt')}))
+    tokenizer, text_encoder = fid.rfid_models(args)
     seen = []
     forward = tatitok.TextEncoder.forward
     monkeypatch.setattr(tatitok.TextEncoder, 'forward', lambda self, c: seen.extend(c) or forward(self, c))
-    args = fid.argparse.Namespace(tokenizer=str(tmp_path), imagenet=str(tmp_path / 'val'), text_encoder=None,
-                                  image_size=32, max_images=None, batch_size=2, workers=0, device='cpu', resize='tf')
     inception = lambda x: (x.flatten(1)[:, :2048], None)  # (B, 3, 299, 299) -> (B, 2048)
-    recon, orig = fid.reconstruction_features(inception, args)
+    items = fid.imagenet_items(str(tmp_path / 'val'))
+    recon, orig = fid.reconstruction_features(inception, tokenizer, text_encoder, items, args)
     assert seen == ["A photo of a tench.", "A photo of a goldfish."]
     assert recon.shape == orig.shape == (2, 2048) and recon.dtype == np.float64
     assert np.allclose(orig[0], orig[1]) and not np.allclose(recon, orig)  # same crops, imperfect random tokenizer
