@@ -3,6 +3,7 @@ All the tests, in one file, on CPU, offline. Run: python -m pytest test_all.py
 The parity tests compare against the official numerics in the fixture folder named by PARITY_DIR
 (default: the repository's parity/); see parity/README.md for the contract they follow.
 """
+import argparse
 import dataclasses
 import functools
 import glob
@@ -2116,32 +2117,34 @@ def _bench(capsys, *argv):
 def test_bench_sample(capsys, tokens):
     """`bench.py --what sample` runs end to end on CPU and reports the time split into CLIP, the MM-DiT passes, the
     KL diffusion MLP, the rest of the sampler and the decoder, nested consistently."""
-    r = _bench(capsys, '--what', 'sample', '--size', 'tiny', '--tokens', tokens, '--batch', '2', '--steps', '3',
-               '--diffusion_steps', '4')
+    r = _bench(capsys, '--what', 'sample', '--size', 'tiny', '--tokens', tokens, '--batch_size', '2',
+               '--sample_steps', '3', '--diffusion_steps', '4')
     ms = r['breakdown_ms']
     parts = {'clip', 'generator', 'mmdit', 'decode', 'sampling_other'}
-    assert set(ms) == (parts | {'diffusion_mlp'} if tokens == 'kl' else parts)
+    if tokens == 'kl':
+        parts.add('diffusion_mlp')
+    assert set(ms) == parts
     assert all(v >= 0 for v in ms.values()), ms  # the generator's time contains the MM-DiT's and the MLP's
     assert r['steps'] == 3 and r['syncs_in_decoding_loop'] is None  # sync counting is CUDA-only
 
-
 def test_bench_shapes_presets(capsys):
     """The quickstart's models in bench.py: their 16-position text tower feeds the decoder and the MM-DiT."""
-    r = _bench(capsys, '--what', 'sample', '--size', 'shapes', '--tokens', 'vq', '--batch', '1', '--steps', '2')
+    r = _bench(capsys, '--what', 'sample', '--size', 'shapes', '--tokens', 'vq', '--batch_size', '1',
+               '--sample_steps', '2')
     assert r['tokenizer'] == 'shapes-vq' and r['steps'] == 2
-    r = _bench(capsys, '--what', 'train-maskgen', '--size', 'shapes', '--tokens', 'kl', '--batch', '2')
-    assert r['flops_per_image'] == bench.train_maskgen_flops(maskgen_config('shapes-kl'), T=16)
+    r = _bench(capsys, '--what', 'train-maskgen', '--size', 'shapes', '--tokens', 'kl', '--batch_size', '2')
+    assert r['flops_per_image'] == int(MaskGen.from_config(maskgen_config('shapes-kl')).estimate_flops(16)['train'])
 
 @pytest.mark.parametrize('what,tokens', [('train-maskgen', 'vq'), ('train-maskgen', 'kl'), ('train-tokenizer', 'vq'),
                                          ('train-tokenizer', 'kl')])
 def test_bench_train(capsys, what, tokens):
-    """Both training benchmarks run a full optimizer step on CPU; the generator's FLOPs are MaskGen's own estimate."""
-    r = _bench(capsys, '--what', what, '--size', 'tiny', '--tokens', tokens, '--batch', '2')
+    """Both training benchmarks run a full optimizer step on CPU; their FLOPs are the models' own estimates."""
+    r = _bench(capsys, '--what', what, '--size', 'tiny', '--tokens', tokens, '--batch_size', '2')
     if what == 'train-maskgen':
         gen = MaskGen.from_config(maskgen_config(f"tiny-{tokens}"))
-        assert r['flops_per_image'] == gen.estimate_flops_per_image()
+        assert r['flops_per_image'] == int(gen.estimate_flops()['train'])
     else:
-        assert r['flops_per_image'] == 6 * bench.tokenizer_macs(tatitok_config(f"tiny-{tokens}"))
+        assert r['flops_per_image'] == 3 * TATiTok(tatitok_config(f"tiny-{tokens}")).estimate_flops()
 
 def _flops(fn):
     with FlopCounterMode(display=False) as counter:
@@ -2149,43 +2152,49 @@ def _flops(fn):
     return counter.get_total_flops()
 
 @pytest.mark.parametrize('gname,tname', [('vq-l', 'vq128'), ('kl-l', 'kl32')])
-def test_bench_flops_match_flop_counter(gname, tname):
-    """The analytical FLOPs (MFU's numerator) equal torch's FlopCounterMode on the full-size models, run on the meta
-    device (shapes only): one generator pass, the diffusion MLP, the tokenizer's encoder and decoder, the CLIP tower."""
+def test_flop_estimates_match_flop_counter(gname, tname):
+    """The models' FLOP estimates (MFU's numerator) equal torch's FlopCounterMode on the full-size models, run on the
+    meta device (shapes only): one generator pass with its conditioning, the diffusion MLP, the tokenizer's encoder
+    and decoder, the CLIP tower."""
     tcfg = tatitok_config(tname)
     gcfg = maskgen_config(gname, num_tokens=tcfg.num_latent_tokens)
     with torch.device('meta'):
         gen, tok, te = MaskGen.from_config(gcfg), TATiTok(tcfg), TextEncoder.from_text_cfg(bench.CLIP_L14_TEXT, 768)
+        f = gen.estimate_flops()
         B, N = 2, gcfg.num_tokens
         text = (torch.randn(B, 77, 768), torch.randn(B, 768), torch.full((B,), 6.5))
         if gcfg.quantize == 'vq':
-            f = _flops(lambda: gen.logits(torch.zeros(B, N, dtype=torch.long), *text))
+            counted = _flops(lambda: gen.logits(torch.zeros(B, N, dtype=torch.long), *text))
         else:
-            f = _flops(lambda: gen.cond(torch.randn(B, N, 16), torch.ones(B, N, dtype=torch.bool), *text))
-            f_mlp = _flops(lambda: gen.diffloss.net(torch.randn(3, 16), torch.zeros(3, dtype=torch.long),
-                                                    torch.randn(3, gcfg.width)))
-            assert f_mlp == 3 * 2 * bench.diffloss_macs(gcfg)
-        assert f == B * 2 * (bench.mmdit_macs(gcfg) + bench.cond_macs(gcfg))
-        assert gen.estimate_flops_per_image() == bench.train_maskgen_flops(gcfg)
+            counted = _flops(lambda: gen.cond(torch.randn(B, N, 16), torch.ones(B, N, dtype=torch.bool), *text))
+            mlp = _flops(lambda: gen.diffloss.net(torch.randn(3, 16), torch.zeros(3, dtype=torch.long),
+                                                  torch.randn(3, gcfg.width)))
+            assert mlp == 3 * f['denoiser']
+        assert counted == B * (f['backbone'] + f['conditioning'])
         f_enc = _flops(lambda: tok.encoder(torch.rand(B, 3, 256, 256), tok.latent_tokens))
         f_dec = _flops(lambda: tok.decoder(torch.randn(B, N, tcfg.token_size), torch.randn(B, 77, 768)))
         # the VQ distances by hand: the quantizer's bincount has no meta kernel
-        f_vq = 2 * N * tcfg.codebook_size * tcfg.token_size if tcfg.quantize == 'vq' else 0
-        assert f_dec == B * 2 * bench.tokenizer_macs(tcfg, encode=False)
-        assert f_enc + f_dec + B * f_vq == B * 2 * bench.tokenizer_macs(tcfg)
-        assert _flops(lambda: te(['a cat', 'a dog'])) == B * 2 * bench.clip_macs(te)
+        f_vq = 0
+        if tcfg.quantize == 'vq':
+            f_vq = 2 * N * tcfg.codebook_size * tcfg.token_size
+        assert f_dec == B * tok.estimate_flops(encode=False)
+        assert f_enc + f_dec + B * f_vq == B * tok.estimate_flops()
+        assert _flops(lambda: te(['a cat', 'a dog'])) == B * te.estimate_flops()
 
-def test_bench_peak_table():
-    """MFU's denominator: bf16 dense peaks for the GPUs we name, inf (so MFU 0) for anything else."""
-    assert bench.peak_flops('NVIDIA A100-SXM4-80GB') == 312e12
-    assert bench.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
-    assert bench.peak_flops('NVIDIA H100 PCIe') == 756e12
-    assert bench.peak_flops('NVIDIA H200') == 989e12
-    assert bench.peak_flops('Tesla T4') == float('inf')
+def test_peak_flops_table():
+    """MFU's denominator: bf16 dense peaks for the GPUs we name (H100 PCIe is not an SXM H100), inf elsewhere."""
+    from tatitok import PEAK_FLOPS
+    lookup = lambda name: next((v for k, v in PEAK_FLOPS if k in name), float('inf'))
+    assert lookup('NVIDIA A100-SXM4-80GB') == 312e12 and lookup('NVIDIA H100 80GB HBM3') == 989e12
+    assert lookup('NVIDIA H100 PCIe') == 756e12 and lookup('NVIDIA H200') == 989e12
+    assert lookup('Tesla T4') == float('inf')
+    from tatitok import peak_flops
+    assert peak_flops(torch.device('cpu')) == float('inf')
 
-@pytest.mark.parametrize('argv', [['--batch', '0'], ['--size', 'tiny', '--tokens', 'vq128'], ['--device', 'nosuch'],
-                                  ['--what', 'train'], ['--dtype', 'float16', '--device', 'cpu'], ['--steps', '0'],
-                                  ['--warmup', '-1']] + ([] if torch.cuda.is_available() else [['--device', 'cuda']]))
+@pytest.mark.parametrize('argv', [['--batch_size', '0'], ['--size', 'tiny', '--tokens', 'vq128'],
+                                  ['--device', 'nosuch'], ['--what', 'train'], ['--dtype', 'float16', '--device', 'cpu'],
+                                  ['--sample_steps', '0'], ['--warmup', '-1'], ['--guidance_scale', 'nan'],
+                                  ['--device', 'cuda:7']])
 def test_bench_user_errors(capsys, argv):
     """Wrong flags stop with a short message and exit status 2, before anything is built."""
     with pytest.raises(SystemExit) as e:
@@ -2193,7 +2202,38 @@ def test_bench_user_errors(capsys, argv):
     assert e.value.code == 2
     assert 'error' in capsys.readouterr().err
 
-def test_bench_every_flag_has_help():
-    """Every flag says what it does in --help."""
-    actions = [a for a in bench.make_parser()._actions if a.option_strings and a.dest != 'help']
-    assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
+def _parser_actions(entry):
+    """Every argparse action of the parser a script builds when entry([]) runs (its subcommands' included)."""
+    captured = []
+    def grab(self, *a, **k):
+        captured.append(self)
+        raise SystemExit(0)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(argparse.ArgumentParser, 'parse_args', grab)
+        with pytest.raises(SystemExit):
+            entry([])
+    actions = list(captured[0]._actions)
+    for a in captured[0]._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            actions += [b for sub in a.choices.values() for b in sub._actions]
+    return actions
+
+@pytest.mark.parametrize('script', ['bench', 'train_tokenizer', 'train_maskgen', 'sample', 'fid', 'data'])
+def test_every_flag_has_help_and_one_spelling(script):
+    """Every flag of every script says what it does in --help, and is spelled with underscores (one convention)."""
+    import sample
+    entry = dict(bench=bench.get_args, train_tokenizer=tt.get_args, train_maskgen=tm.get_args, sample=sample.main,
+                 fid=fid.main, data=data.main)[script]
+    flags = [a for a in _parser_actions(entry) if a.option_strings and a.dest != 'help']
+    assert flags and all(a.help for a in flags), [a.dest for a in flags if not a.help]
+    assert all(s.startswith('--') and '-' not in s[2:] for a in flags for s in a.option_strings), \
+        [s for a in flags for s in a.option_strings]
+    # one name per setting: the names these settings had in some scripts before are gone everywhere
+    retired = {'--batch', '--cfg', '--steps', '--num_steps', '--out', '--output', '--input', '--workers', '--ckpt',
+               '--guidance', '--n', '--aes', '--text_encoder', '--betas', '--eval_samples', '--prompts_file'}
+    assert not retired & {s for a in flags for s in a.option_strings}
+    for a in flags:  # and one set of value names
+        if a.dest == 'dtype':
+            assert set(a.choices) == {'auto', 'bfloat16', 'float16', 'float32'}, script
+        if a.dest == 'compile':
+            assert set(a.choices) <= {'auto', 'on', 'off'}, script
