@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file, load_official,
-                     checkpoint_weights, pick_device, pick_dtype, autocast, number)
+                     checkpoint_weights, pick_device, pick_dtype, autocast, make_out_dir, number)
 from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
 from data import make_grid, SHAPES_EVAL_PROMPTS, classify_shapes
 
@@ -138,18 +138,14 @@ def read_prompts(args):
 
 def check_out_dir(args, world):
     """Refuse a folder that holds files, or that cannot be made, before anything is loaded or drawn."""
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        p.error(f"--out_dir {args.out_dir} is a file, not a folder")
     if world == 1 and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):  # torchrun: the ranks share it
         p.error(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another folder")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        p.error(f"cannot make --out_dir {args.out_dir}: {e.strerror}")
-    if not os.access(args.out_dir, os.W_OK):
-        p.error(f"--out_dir {args.out_dir} is not writable")
     if args.grid and os.path.abspath(os.path.dirname(args.grid) or '.') == os.path.abspath(args.out_dir):
         p.error("--grid goes outside --out_dir, which holds the samples only (fid.py reads every image there)")
+    try:
+        make_out_dir(args.out_dir)
+    except CheckpointError as e:
+        p.error(str(e))
 
 def shapes_report(results, prompts):
     """--eval shapes: colour and shape of each image against its prompt "a {colour} {shape}" -> lines, JSON last."""

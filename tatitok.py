@@ -644,6 +644,17 @@ def checkpoint_weights(ckpt):
         return ckpt['ema']
     return ckpt['model']
 
+def make_out_dir(path):
+    """Make --out_dir, or say in one line why it cannot be (a file, a read-only place) before any work starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"--out_dir {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot make --out_dir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise CheckpointError(f"--out_dir {path} is not writable")
+
 def save_checkpoint(ckpt, path):
     """torch.save to a temporary file, then a rename: a job killed meanwhile leaves the old file or the new one."""
     torch.save(ckpt, path + '.tmp')

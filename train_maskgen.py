@@ -42,9 +42,10 @@ from PIL import Image
 
 from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, load_state_dict_file,
                      checkpoint_weights, init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
-                     update_ema, save_checkpoint, all_gather_objects, open_checkpoint, number)
+                     update_ema, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators
-from data import make_loader, make_grid, DataError, SHAPES_EVAL_PROMPTS
+from data import make_loader, make_grid, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer, \
+    tokenizer_fingerprint
 
 # -----------------------------------------------------------------------------
 # recipes and flags: every flag left unset takes its value from the recipe
@@ -311,7 +312,7 @@ def main(args):
         suffix = ' --tokens kl' if args.tokens == 'kl' else ''
         raise CheckpointError(f"{args.tokenizer} not found: train the tokenizer first, "
                               f"`python train_tokenizer.py --preset {args.preset}{suffix}`")
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_out_dir(args.out_dir)
 
     # the frozen tokenizer (encodes images, decodes samples) and text encoder (the tokenizer's own by default: its
     # decoder was trained on those features)
@@ -319,6 +320,10 @@ def main(args):
         tok, tok_ref, te_spec = TATiTok.from_pretrained(ckpt['tokenizer']), ckpt['tokenizer'], ckpt['text_encoder']
     else:
         tok, tok_ref, te_spec = load_tokenizer(args.tokenizer)
+    record = token_shards_tokenizer(args.data)  # token shards say which tokenizer made them
+    if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
+        raise DataError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) than "
+                        f"{args.tokenizer}: pretokenize with this one, or train with that one")
     tok_cfg = tok.config
     tok.requires_grad_(False).to(device)
     vq = tok_cfg.quantize == 'vq'

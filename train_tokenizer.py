@@ -44,7 +44,8 @@ from PIL import Image
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
                      init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, update_ema,
-                     param_groups, save_checkpoint, all_gather_objects, open_checkpoint, number, reachable)
+                     param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
+                     reachable)
 from data import make_loader, make_grid, DataError
 
 # -----------------------------------------------------------------------------
@@ -321,6 +322,9 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
         n += len(img)
         if n >= args.eval_images:
             break
+    if n == 0:
+        raise DataError(f"--eval_data {args.eval_data}: no usable image in it ({loader.counts}); --eval_data none "
+                        f"trains without evaluations")
     path = os.path.join(args.out_dir, f"recon_{step:07d}.png")
     Image.fromarray(grid).save(path)
     msg = f"eval step {step} | psnr {torch.cat(psnr).mean().item():.2f} dB on {n} held-out images | grid {path}"
@@ -466,7 +470,7 @@ def main(args):
                               f"processes")
     grad_accum = args.batch_size // (mb * world)
     ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_tokenizer', vars(args), MODEL_FLAGS)
-    os.makedirs(args.out_dir, exist_ok=True)
+    make_out_dir(args.out_dir)
 
     # the frozen text encoder and the tokenizer: the same init on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(args.seed)
