@@ -577,8 +577,8 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     missing = [k for k in ours if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in ours]
     if missing or unexpected:
-        raise CheckpointError(f"{source}: keys do not match the {type(model).__name__} architecture "
-                              f"(missing {len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
+        raise CheckpointError(f"{source}: keys do not match the {type(model).__name__} architecture (missing "
+                              f"{len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
     wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
     if wrong:
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
@@ -752,6 +752,14 @@ def update_ema(ema, model, step, decay):
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(d).add_(p.detach(), alpha=1 - d)
+
+def micro_batches(batch_size, micro_batch_size, world):
+    """-> (samples per process per forward, accumulation steps): the global batch stays fixed whatever the world
+    size, so 1, 8 or 32 GPUs train the same model (micro_batch_size None: one forward per process and step)."""
+    mb = micro_batch_size or max(1, batch_size // world)
+    if batch_size % (mb * world):
+        raise CheckpointError(f"--batch_size {batch_size} is not a multiple of {mb} (micro batch) x {world} processes")
+    return mb, batch_size // (mb * world)
 
 def all_gather_objects(obj, world):
     """Every rank's picklable `obj`, as a list in rank order (one process: [obj])."""

@@ -42,7 +42,8 @@ from PIL import Image
 
 from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, load_state_dict_file,
                      checkpoint_weights, init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
-                     update_ema, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number)
+                     update_ema, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
+                     micro_batches, number)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators
 from data import make_loader, make_grid, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer, \
     tokenizer_fingerprint
@@ -205,6 +206,36 @@ def load_tokenizer(name_or_path):
     ref = small if size < 50 * 2 ** 20 else os.path.abspath(path)
     return TATiTok.from_pretrained(small), ref, ck.get('text_encoder')
 
+def frozen_models(args, ckpt):
+    """-> the frozen tokenizer, what the checkpoint keeps of it, and the text encoder: the tokenizer's own unless
+    --clip says otherwise (its decoder was trained on those features), all checked against the data and each other."""
+    if ckpt:
+        tok, tok_ref, te_spec = TATiTok.from_pretrained(ckpt['tokenizer']), ckpt['tokenizer'], ckpt['text_encoder']
+    else:
+        tok, tok_ref, te_spec = load_tokenizer(args.tokenizer)
+    cfg = tok.config
+    record = token_shards_tokenizer(args.data)  # token shards say which tokenizer made them
+    if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
+        raise DataError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) than "
+                        f"{args.tokenizer}: pretokenize with this one, or train with that one")
+    if args.tokens in OFFICIAL_TOKENS and asdict(cfg) != asdict(tatitok_config(args.tokens)):
+        raise CheckpointError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} architecture")
+    if args.tokens in ('vq', 'kl') and cfg.quantize != args.tokens:
+        raise CheckpointError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, "
+                              f"not {args.tokens.upper()}")
+    if args.clip and not ckpt:
+        text_encoder = TextEncoder.from_name(args.clip, cfg.text_context_length)
+    else:
+        text_encoder = TextEncoder.from_spec(te_spec or dict(model='ViT-L-14-336', pretrained='openai'))
+    if text_encoder.width != text_encoder.embed_dim:
+        raise CheckpointError(f"MaskGen reads text tokens and pooled features of one width; this text encoder has "
+                              f"{text_encoder.width} and {text_encoder.embed_dim}")
+    if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
+        raise CheckpointError(f"the tokenizer's decoder reads {cfg.text_context_length} x {cfg.text_embed_dim} "
+                              f"text features, this text encoder gives {text_encoder.context_length} x "
+                              f"{text_encoder.width}")
+    return tok, tok_ref, text_encoder
+
 def generator_config(size, tok_cfg, text_width):
     """The MaskGen preset of this size, for this tokenizer's tokens and this text encoder's width."""
     q = tok_cfg.quantize
@@ -302,11 +333,7 @@ def main(args):
     master = rank == 0
     dtype = pick_dtype(args.dtype, device)
     ctx = autocast(device, dtype)
-    mb = args.micro_batch_size or max(1, args.batch_size // world)
-    if args.batch_size % (mb * world):
-        raise CheckpointError(f"--batch_size {args.batch_size} is not a multiple of {mb} (micro batch) x {world} "
-                              f"processes")
-    grad_accum = args.batch_size // (mb * world)
+    mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
     ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_maskgen', vars(args), MODEL_FLAGS)
     if not ckpt and args.preset and not os.path.exists(args.tokenizer):
         suffix = ' --tokens kl' if args.tokens == 'kl' else ''
@@ -314,36 +341,12 @@ def main(args):
                               f"`python train_tokenizer.py --preset {args.preset}{suffix}`")
     make_out_dir(args.out_dir)
 
-    # the frozen tokenizer (encodes images, decodes samples) and text encoder (the tokenizer's own by default: its
-    # decoder was trained on those features)
-    if ckpt:
-        tok, tok_ref, te_spec = TATiTok.from_pretrained(ckpt['tokenizer']), ckpt['tokenizer'], ckpt['text_encoder']
-    else:
-        tok, tok_ref, te_spec = load_tokenizer(args.tokenizer)
-    record = token_shards_tokenizer(args.data)  # token shards say which tokenizer made them
-    if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
-        raise DataError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) than "
-                        f"{args.tokenizer}: pretokenize with this one, or train with that one")
+    # the frozen tokenizer (encodes images, decodes samples) and text encoder
+    tok, tok_ref, text_encoder = frozen_models(args, ckpt)
     tok_cfg = tok.config
     tok.requires_grad_(False).to(device)
-    vq = tok_cfg.quantize == 'vq'
-    if args.tokens in OFFICIAL_TOKENS and asdict(tok_cfg) != asdict(tatitok_config(args.tokens)):
-        raise CheckpointError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} architecture")
-    if args.tokens in ('vq', 'kl') and tok_cfg.quantize != args.tokens:
-        raise CheckpointError(f"--tokenizer {args.tokenizer} makes {tok_cfg.quantize.upper()} tokens, "
-                              f"not {args.tokens.upper()}")
-    if args.clip and not ckpt:
-        text_encoder = TextEncoder.from_name(args.clip, tok_cfg.text_context_length)
-    else:
-        text_encoder = TextEncoder.from_spec(te_spec or dict(model='ViT-L-14-336', pretrained='openai'))
     text_encoder.to(device)
-    if text_encoder.width != text_encoder.embed_dim:
-        raise CheckpointError(f"MaskGen reads text tokens and pooled features of one width; this text encoder has "
-                              f"{text_encoder.width} and {text_encoder.embed_dim}")
-    if (text_encoder.context_length, text_encoder.width) != (tok_cfg.text_context_length, tok_cfg.text_embed_dim):
-        raise CheckpointError(f"the tokenizer's decoder reads {tok_cfg.text_context_length} x "
-                              f"{tok_cfg.text_embed_dim} text features, this text encoder gives "
-                              f"{text_encoder.context_length} x {text_encoder.width}")
+    vq = tok_cfg.quantize == 'vq'
     null = text_encoder([''])  # the "" encoding: caption dropout in training, the unconditional branch in sampling
 
     # the generator (the same init on every rank), its EMA, the optimizer
@@ -502,9 +505,8 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == '__main__':
-    args = get_args()
     try:
-        main(args)
+        main(get_args())
     except (CheckpointError, DataError) as e:  # user errors: one line, exit 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -44,8 +44,8 @@ from PIL import Image
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
                      init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, update_ema,
-                     param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
-                     reachable)
+                     param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
+                     micro_batches, number, reachable)
 from data import make_loader, make_grid, DataError
 
 # -----------------------------------------------------------------------------
@@ -148,7 +148,8 @@ class PerceptualLoss(nn.Module):
             vgg = {k[len('features.'):]: v for k, v in vgg.items() if k.startswith('features.')}
             vgg = {k: v for k, v in vgg.items() if int(k.split('.')[0]) < 30}
             load_official(self.features, vgg, 'vgg16-397923af.pth')
-            lin = {k: v for k, v in hub_weights('vgg_lpips.pth').items() if k.startswith('lin')}  # 'linI.model.1.weight'
+            lin = hub_weights('vgg_lpips.pth')
+            lin = {k: v for k, v in lin.items() if k.startswith('lin')}  # 'linI.model.1.weight'
             load_official(self.lins, lin, 'vgg_lpips.pth', rename=[(f'lin{i}.model.1.', f'{i}.') for i in range(5)])
             if self.convnext is not None:
                 load_official(self.convnext, hub_weights('convnext_small-0c510722.pth'), 'convnext_small-0c510722.pth')
@@ -296,11 +297,31 @@ def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99, l2=False):
     alpha = torch.exp(-embed_prob * K * 10 / (1 - decay) - 1e-3)[:, None]  # (K, 1)
     codebook.mul_(1 - alpha).add_(anchor * alpha)
 
-def gather_rows(x, world):
-    # every rank's x (the same shape on each), concatenated in rank order
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x)
-    return torch.cat(out)
+def cluster_global(quantizer, embed_prob, feats, world):
+    """cluster_codebook on the features of every rank's micro batches, feats = [(features, ids, global sample
+    slots)], in global sample order: the same update for any world size."""
+    parts = [torch.cat(x) for x in zip(*feats)]  # features (n, N, C), ids (n, N), slots (n,)
+    if world > 1:
+        for j, x in enumerate(parts):
+            gathered = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(gathered, x)
+            parts[j] = torch.cat(gathered)
+    f, i, slot = parts
+    order = slot.argsort()
+    cluster_codebook(quantizer.embedding.weight.data, embed_prob, f[order].flatten(0, 1), i[order].flatten(),
+                     l2=quantizer.use_l2_norm)
+
+def build(args, ckpt):
+    """-> the frozen text encoder and the tokenizer, new, or as the checkpoint being resumed has them."""
+    if ckpt:
+        return TextEncoder.from_spec(ckpt['text_encoder']), TATiTok(TATiTokConfig(**ckpt['model_args']))
+    text_encoder = TextEncoder.from_name(args.clip, tatitok_config(args.model).text_context_length)
+    # the decoder reads the text encoder's width and length
+    cfg = tatitok_config(args.model, text_embed_dim=text_encoder.width, text_context_length=text_encoder.context_length)
+    model = TATiTok(cfg)
+    if args.init == 'small':
+        small_run_init(model)
+    return text_encoder, model
 
 @torch.no_grad()
 def evaluate(ema, text_encoder, loader, args, device, ctx, step):
@@ -464,30 +485,16 @@ def main(args):
     master = rank == 0
     dtype = pick_dtype(args.dtype, device)
     ctx = autocast(device, dtype)
-    mb = args.micro_batch_size or max(1, args.batch_size // world)
-    if args.batch_size % (mb * world):
-        raise CheckpointError(f"--batch_size {args.batch_size} is not a multiple of {mb} (micro batch) x {world} "
-                              f"processes")
-    grad_accum = args.batch_size // (mb * world)
+    mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
     ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_tokenizer', vars(args), MODEL_FLAGS)
     make_out_dir(args.out_dir)
 
     # the frozen text encoder and the tokenizer: the same init on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(args.seed)
-    if ckpt:
-        text_encoder = TextEncoder.from_spec(ckpt['text_encoder'])
-    else:
-        text_encoder = TextEncoder.from_name(args.clip, tatitok_config(args.model).text_context_length)
+    text_encoder, raw_model = build(args, ckpt)
     text_encoder.to(device)
-    if ckpt:
-        cfg = TATiTokConfig(**ckpt['model_args'])
-    else:  # the decoder reads the text encoder's width and length
-        cfg = tatitok_config(args.model, text_embed_dim=text_encoder.width,
-                             text_context_length=text_encoder.context_length)
-    raw_model = TATiTok(cfg)
-    if args.init == 'small':
-        small_run_init(raw_model)
     raw_model.to(device)
+    cfg = raw_model.config
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     disc_raw = Discriminator(args.disc_width).to(device)
     perceptual = None
@@ -613,18 +620,14 @@ def main(args):
         if gan:
             scaler_d.unscale_(opt_d)
             dnorm = torch.nn.utils.clip_grad_norm_(disc_raw.parameters(), args.grad_clip)
-            finite &= torch.isfinite(terms['d_hinge'] + terms['lecam']) & (torch.isfinite(dnorm) | scaler_d.is_enabled())
+            d_finite = torch.isfinite(terms['d_hinge'] + terms['lecam'])
+            finite &= d_finite & (torch.isfinite(dnorm) | scaler_d.is_enabled())
         if finite.item():  # a sync point, once a step: every rank must make the same decision
             consecutive_bad = 0
             scaler.step(opt)
             scaler.update()
             if vq and args.cluster_vq == 'on':
-                f, i, slot = (torch.cat(x) for x in zip(*feats))
-                if world > 1:  # every rank's features: anchors are picked from the whole global batch
-                    f, i, slot = (gather_rows(x, world) for x in (f, i, slot))
-                order = slot.argsort()  # global sample order, so ties break the same way for any world size
-                cluster_codebook(raw_model.quantize.embedding.weight.data, embed_prob, f[order].flatten(0, 1),
-                                 i[order].flatten(), l2=cfg.use_l2_norm)
+                cluster_global(raw_model.quantize, embed_prob, feats, world)
             update_ema(ema, raw_model, step, args.ema_decay)
             if gan:
                 scaler_d.step(opt_d)
@@ -667,9 +670,8 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == '__main__':
-    args = get_args()
     try:
-        main(args)
+        main(get_args())
     except (CheckpointError, DataError) as e:  # user errors: one line, exit 2, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
