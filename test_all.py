@@ -1866,6 +1866,32 @@ def test_train_maskgen_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
+def test_training_bad_paths_stop_before_work(tmp_path):
+    """Both training scripts: an --out_dir that is a file or read-only, a --data that names nothing, an --eval_data
+    with no usable image: one line (CheckpointError / DataError, exit 2 in the scripts), and nothing written."""
+    (tmp_path / 'afile').write_text('x')
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o555)
+    small = tmp_path / 'small'
+    small.mkdir()
+    (small / 'a.png').write_bytes(_jpg(40, 30, fmt='PNG'))  # below the 256 px minimum size
+    (small / 'a.txt').write_text('a caption')
+    cases = [(['--out_dir', str(tmp_path / 'afile')], 'is a file'),
+             (['--out_dir', str(tmp_path / 'o1'), '--data', str(tmp_path / 'none_*.tar')], 'no files match'),
+             (['--out_dir', str(tmp_path / 'o2'), '--eval_data', str(small)], 'no usable image')]
+    if os.geteuid() != 0:  # root writes into a read-only folder anyway
+        cases.append((['--out_dir', str(locked / 'o')], 'cannot make'))
+    for argv, needle in cases:
+        with pytest.raises((CheckpointError, data.DataError), match=needle):
+            _tt_train(argv[1], *argv[2:], '--max_steps', 1)
+    with pytest.raises(data.DataError, match='no files match'):
+        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', str(tmp_path / 'o3'), '--data', 'nowhere/*.tar']))
+    assert not (tmp_path / 'o1' / 'ckpt.pt').exists()
+    r = subprocess.run([sys.executable, 'train_tokenizer.py', *TT_TINY, '--out_dir', str(tmp_path / 'afile')],
+                       cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and 'is a file' in r.stderr, r.stderr
+
 def test_resume_refuses_another_model_and_lists_changed_flags(tm_tokenizers, tmp_path, capsys):
     """--resume continues only the model that was started: another --tokens, --tokenizer or --preset, or the other
     training script's run, is refused by name (exit 2 in the scripts); a changed hyperparameter is listed."""

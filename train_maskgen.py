@@ -45,8 +45,8 @@ from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load
                      update_ema, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
                      micro_batches, number)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators
-from data import make_loader, make_grid, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer, \
-    tokenizer_fingerprint
+from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
+                  tokenizer_fingerprint)
 
 # -----------------------------------------------------------------------------
 # recipes and flags: every flag left unset takes its value from the recipe
@@ -335,11 +335,12 @@ def main(args):
     ctx = autocast(device, dtype)
     mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
     ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_maskgen', vars(args), MODEL_FLAGS)
+    make_out_dir(args.out_dir)
+    expand_source(args.data)  # a missing or empty source stops here, before any model is loaded
     if not ckpt and args.preset and not os.path.exists(args.tokenizer):
         suffix = ' --tokens kl' if args.tokens == 'kl' else ''
         raise CheckpointError(f"{args.tokenizer} not found: train the tokenizer first, "
                               f"`python train_tokenizer.py --preset {args.preset}{suffix}`")
-    make_out_dir(args.out_dir)
 
     # the frozen tokenizer (encodes images, decodes samples) and text encoder
     tok, tok_ref, text_encoder = frozen_models(args, ckpt)

@@ -46,7 +46,7 @@ from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatit
                      init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, update_ema,
                      param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
                      micro_batches, number, reachable)
-from data import make_loader, make_grid, DataError
+from data import make_loader, make_grid, expand_source, DataError
 
 # -----------------------------------------------------------------------------
 # perceptual loss: LPIPS (VGG16) + 0.1 x MSE of ConvNeXt-S logits, the release's "lpips-convnext_s-1.0-0.1".
@@ -488,6 +488,9 @@ def main(args):
     mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
     ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_tokenizer', vars(args), MODEL_FLAGS)
     make_out_dir(args.out_dir)
+    expand_source(args.data)  # a missing or empty source stops here, before any model is built
+    if args.eval_data != 'none':
+        expand_source(args.eval_data)
 
     # the frozen text encoder and the tokenizer: the same init on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(args.seed)
