@@ -471,6 +471,18 @@ class MaskGen(nn.Module):
             raise ValueError(f"{len(generator)} generators for {B} prompts: pass one per image")
         return guided, ctx, c, generator
 
+    def decoding_steps(self, num_steps, kind, keep):
+        """-> [(step, tokens still masked after it)]: the whole schedule, or with `keep` (B, N) True = a given token
+        (the same count in every image), its tail from the first step that leaves fewer masked than are to draw:
+        decoding continues from the mask ratio the given tokens leave, as if it had got there itself."""
+        steps = list(enumerate(mask_schedule(self.config.num_tokens, num_steps, kind)))
+        if keep is None:
+            return steps
+        todo = (~keep).sum(1)  # (B,)
+        if (todo != todo[0]).any():
+            raise ValueError("keep must leave the same number of tokens to draw in every image")
+        return [(step, n) for step, n in steps if n < todo[0]]
+
     @classmethod
     def from_pretrained(cls, name_or_path, **overrides):
         """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official release, a
@@ -592,21 +604,34 @@ class MaskGenVQ(MaskGen):
         return loss, dict(logits=logits.detach(), correct=correct, mask=d['mask'])
 
     @torch.no_grad()
+    def least_likely(self, ids, text_tokens, text_pooled, aes, n):
+        """Which tokens of ids (B, N) to draw anew for the prompts: the n the model finds least likely under them, in
+        one pass with every token visible -> keep (B, N), True for the others."""
+        logits = self.logits(ids, text_tokens, text_pooled, aes).float()  # (B, N, K)
+        logp = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)  # (B, N)
+        worst = logp.topk(n, dim=-1, largest=False).indices  # (B, n)
+        return torch.ones_like(ids, dtype=torch.bool).scatter(1, worst, False)
+
+    @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=16,
                  guidance_scale=12.0, guidance_schedule='cosine', guidance_power=1.0, temperature=2.0,
-                 seed=None, generator=None, progress=False, callback=None):
+                 init_tokens=None, keep=None, seed=None, generator=None, progress=False, callback=None):
         """MaskGIT decoding (official MaskGen_VQ.generate) -> code ids (B, N).
         text_tokens (B, 77, T), text_pooled (B, T): the prompts; null_tokens / null_pooled (1 or B, ...): the
         encoding of "" or of a negative prompt. Guidance as released, logits = cond + w (cond - uncond) with w
         ramping to guidance_scale, except that guidance_scale = 1 is the conditional model alone. temperature: of
-        the Gumbel noise, annealed to 0. Randomness: seed, a generator, or a list of B generators, one per image,
-        which makes each image independent of the batch it is drawn in. callback(step, ids) runs after each step."""
+        the Gumbel noise, annealed to 0. init_tokens (B, N) with keep (B, N): start from those ids where keep is
+        True (never changed) and draw the others, continuing the schedule (decoding_steps). Randomness: seed, a
+        generator, or a list of B generators, one per image, which makes each image independent of the batch it is
+        drawn in. callback(step, ids) runs after each step."""
         B, N, device = text_tokens.shape[0], self.config.num_tokens, text_tokens.device
         guided, ctx, c, generator = self.prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
                                                           guidance_scale, seed, generator)
         ids = torch.full((B, N), self.mask_id, device=device)
-        schedule = mask_schedule(N, num_steps, 'arccos')
-        for step, n_next in tqdm(enumerate(schedule), total=num_steps, disable=not progress):
+        if keep is not None:
+            ids = torch.where(keep, init_tokens, ids)
+        steps = self.decoding_steps(num_steps, 'arccos', keep)
+        for step, n_next in tqdm(steps, disable=not progress):
             r = (step + 1) / num_steps
             gumbel_temp = temperature * (1 - r)
             is_mask = ids == self.mask_id  # (B, N)
@@ -718,12 +743,13 @@ class MaskGenKL(MaskGen):
     @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=32,
                  guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, diffusion_steps=100, x0_clip=None,
-                 seed=None, generator=None, progress=False, callback=None):
+                 init_tokens=None, keep=None, seed=None, generator=None, progress=False, callback=None):
         """MAR decoding (official MaskGen_KL.sample_tokens) -> latents (B, N, C), already divided by scale_factor,
         ready for TATiTok.decode_tokens. Arguments as MaskGenVQ.generate; guidance acts on the diffusion eps,
         eps_u + w (eps_c - eps_u), w ramping to guidance_scale; temperature scales the diffusion noise; x0_clip
         bounds the denoiser's x_0 (scaled latent units; None, as released: see GaussianDiffusion.sample).
-        callback(step, tokens, mask) runs after each step."""
+        init_tokens (B, N, C) tokenizer latents with keep (B, N): those are given, the random order continues over
+        the others, and the diffusion head samples only them. callback(step, tokens, mask) runs after each step."""
         B, N, C, device = text_tokens.shape[0], self.config.num_tokens, self.config.token_size, text_tokens.device
         guided, ctx, c, generator = self.prepare_sampling(text_tokens, text_pooled, null_tokens, null_pooled, aes,
                                                           guidance_scale, seed, generator)
@@ -731,10 +757,14 @@ class MaskGenKL(MaskGen):
         reps = 2 if guided else 1  # [cond; uncond] batches
         tokens = torch.zeros(B, N, C, device=device)
         mask = torch.ones(B, N, dtype=torch.bool, device=device)
-        order = draw(torch.rand, (B, N), generator, device).argsort(-1)  # a random order per image
-        n_masked = N
-        for step, n_next in tqdm(enumerate(mask_schedule(N, num_steps, 'cosine')), total=num_steps,
-                                 disable=not progress):
+        keys = draw(torch.rand, (B, N), generator, device)  # a random order per image, committed from its end
+        if keep is not None:
+            tokens = torch.where(keep[..., None], init_tokens.float() * self.config.scale_factor, tokens)
+            mask = ~keep
+            keys = keys.masked_fill(keep, 2.0)  # the given tokens sort last: committed before the first step
+        order = keys.argsort(-1)
+        n_masked = int(mask[0].sum())
+        for step, n_next in tqdm(self.decoding_steps(num_steps, 'cosine', keep), disable=not progress):
             idx = order[:, n_next:n_masked]  # (B, k) the positions committed at this step
             if idx.shape[1] > 0:
                 z = self.backbone(tokens.repeat(reps, 1, 1), mask.repeat(reps, 1), ctx, c)  # (reps*B, N, D)

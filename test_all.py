@@ -1123,6 +1123,46 @@ def test_maskgen_sampler_guidance_seed_aes_batch(name, single_thread):
     with pytest.raises(ValueError, match='one per image'):
         _generate(model, (0, 1), generator=gens(7))
 
+@pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
+def test_maskgen_generate_from_given_tokens(name, single_thread):
+    """generate(init_tokens=, keep=): keeping every token returns the input; keeping none is text-to-image with the
+    same seed, exactly; kept tokens are never rewritten; each step leaves masked what the schedule's tail says,
+    from the ratio the given tokens leave."""
+    model, vq = _tiny(name), name.endswith('vq')
+    N, steps = model.config.num_tokens, 8
+    kw = dict(num_steps=steps) if vq else dict(num_steps=steps, diffusion_steps=5)
+    given = _generate(model, seed=1, **kw)  # some tokens to start from
+    everything = torch.ones(2, N, dtype=torch.bool)
+    out = _generate(model, seed=2, init_tokens=given, keep=everything, **kw)
+    if vq:
+        assert torch.equal(out, given)
+    else:  # up to the rounding of multiplying and dividing by scale_factor
+        torch.testing.assert_close(out, given, rtol=1e-6, atol=0)
+    assert torch.equal(_generate(model, seed=2, init_tokens=given, keep=~everything, **kw), _generate(model, seed=2, **kw))
+    keep = torch.zeros(2, N, dtype=torch.bool)
+    keep[0, :3], keep[1, -3:] = True, True  # 3 given, 5 to draw, in other places per image
+    states = []
+    if vq:
+        cb = lambda s, ids: states.append((s, ids.clone(), ids == model.mask_id))
+    else:
+        cb = lambda s, tokens, mask: states.append((s, tokens.clone() / model.config.scale_factor, mask.clone()))
+    out = _generate(model, seed=3, init_tokens=given, keep=keep, callback=cb, **kw)
+    tail = [(s, n) for s, n in enumerate(mask_schedule(N, steps, 'arccos' if vq else 'cosine')) if n < N - 3]
+    assert [(s, int(m[0].sum())) for s, _, m in states] == tail and tail[-1][1] == 0
+    for _, values, mask in states:
+        assert not (mask & keep).any()  # a given token is never masked again
+        if vq:
+            assert torch.equal(values[keep], given[keep])
+        else:
+            torch.testing.assert_close(values[keep], given[keep], rtol=1e-6, atol=0)
+    assert not torch.equal(out[~keep], given[~keep])
+    with pytest.raises(ValueError, match='same number'):
+        _generate(model, seed=3, init_tokens=given, keep=torch.eye(2, N, dtype=torch.bool) | keep, **kw)
+    if vq:  # the model's own choice: keep all but the n least likely tokens, n per image
+        tt, tp = _text(2)
+        chosen = model.least_likely(given, tt, tp, 6.0, 5)
+        assert chosen.shape == (2, N) and ((~chosen).sum(1) == 5).all()
+
 def test_maskgen_encode_prompts_feeds_generate(single_thread):
     """encode_prompts gives generate() its text inputs, a negative prompt as the unconditional branch."""
     clip = TextEncoder.tiny()
