@@ -677,7 +677,7 @@ def pick_device(name='auto'):
         raise ValueError(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, mps") from None
     if device.type not in ('cpu', 'cuda', 'mps'):
         raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
-    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+    if device.type == 'cuda' and not 0 <= (device.index or 0) < torch.cuda.device_count():  # cuda:999 wraps below 0
         raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here (--device cpu?)")
     if device.type == 'mps' and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine (--device cpu?)")
