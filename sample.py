@@ -140,8 +140,12 @@ def check_out_dir(args, world):
     """Refuse a folder that holds files, or that cannot be made, before anything is loaded or drawn."""
     if world == 1 and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):  # torchrun: the ranks share it
         p.error(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another folder")
-    if args.grid and os.path.abspath(os.path.dirname(args.grid) or '.') == os.path.abspath(args.out_dir):
-        p.error("--grid goes outside --out_dir, which holds the samples only (fid.py reads every image there)")
+    if args.grid:
+        folder = os.path.dirname(args.grid) or '.'
+        if os.path.abspath(folder) == os.path.abspath(args.out_dir):
+            p.error("--grid goes outside --out_dir, which holds the samples only (fid.py reads every image there)")
+        if os.path.exists(args.grid) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            p.error(f"--grid {args.grid}: a new file in an existing, writable folder is wanted")
     try:
         make_out_dir(args.out_dir)
     except CheckpointError as e:

@@ -413,8 +413,8 @@ class TextEncoder(nn.Module):
             quick_gelu = cfg.get('quick_gelu', False)  # the OpenAI weights were trained with QuickGELU
         try:
             clip = open_clip.create_model(model, pretrained=path, force_quick_gelu=quick_gelu)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: not open_clip {model} weights ({str(e)[:200]})") from None
+        except Exception as e:  # a wrong or corrupt file: open_clip raises whatever torch.load or the model raised
+            raise CheckpointError(f"{path}: not open_clip {model} weights ({type(e).__name__})") from None
         del clip.visual  # the text tower is all we need
         return cls(clip, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
 

@@ -158,6 +158,9 @@ def get_args(argv=None):
     if args.preset is None and args.size is None:
         p.error("pass --size l or --size xl")
     recipe = 'official'
+    if args.preset is not None and args.size not in (None, args.preset):
+        p.error(f"--preset {args.preset} trains its own small generator: --size l or xl go with an official "
+                f"recipe (--tokens vq128, kl32, ...)")
     if args.preset is not None:
         args.tokens = args.tokens or 'vq'
         if args.tokens not in ('vq', 'kl'):

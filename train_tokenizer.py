@@ -365,7 +365,7 @@ RECIPES = {
     'official': dict(batch_size=256, micro_batch_size=32, max_steps=650_000, lr=1e-4, encoder_lr_scale=1.0,
                      end_lr=1e-5, warmup_steps=10_000, weight_decay=1e-4, beta2=0.999, disc_start=200_000,
                      disc_lr=1e-4, disc_width=128, perceptual='lpips-convnext', clip='ViT-L-14-336:openai',
-                     eval_data=None, eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000,
+                     eval_data='none', eval_images=1000, log_every=100, eval_every=10_000, ckpt_every=5_000,
                      num_workers=8, init='release'),
     # the CPU quickstart: 32 px shapes, a random tiny text tower, no perceptual loss or GAN (no downloads); the
     # encoder at a third of the lr, so the high lr of the decoder and codebook does not collapse the codebook.
