@@ -345,8 +345,10 @@ def shapes_scores(captions, detections, size):
 
 def shapes_variety(detections, size):
     """Where the largest objects of images (those with one) lie -> {'small': their share drawn small, 'std_x',
-    'std_y': the spread of their centres / the image side, 'n'}."""
+    'std_y': the spread of their centres / the image side, 'n'}; None for each where no image has one."""
     largest = [objects[0] for objects in detections if objects]
+    if not largest:
+        return dict(small=None, std_x=None, std_y=None, n=0)
     return dict(small=float(np.mean([o['size'] == 'small' for o in largest])),
                 std_x=float(np.std([o['x'] for o in largest]) / size),
                 std_y=float(np.std([o['y'] for o in largest]) / size), n=len(largest))

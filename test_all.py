@@ -537,6 +537,7 @@ def test_parse_and_score_shapes_captions():
     scores = data.shapes_scores(['a green circle below a red square', 'a green circle below a green square'],
                                 [found, found], 32)
     assert scores == {'two': dict(n=2, colours=0.5, objects=0.5, relation=1.0, all=0.5, relation_n=1)}
+    assert data.shapes_variety([[], []], 32) == dict(small=None, std_x=None, std_y=None, n=0)  # nothing drawn
 
 def test_shapes_suite_scoring_on_the_data_itself():
     """The suite's scoring on the data's own images (the train stream), 32 and 64 px: every check of every category
@@ -1753,14 +1754,41 @@ def test_sample_seed_determinism(sample_ckpts, tmp_path, capsys, monkeypatch, ki
     else:
         assert (a - d).abs().max() <= 1e-4 * a.abs().max()
 
-def test_sample_eval_shapes(sample_ckpts, tmp_path, capsys):
-    """--eval shapes draws the 24 shapes prompts, classifies each image and ends with a JSON line."""
-    code, out, err = _sample_main(['--model', sample_ckpts['vq'], '--eval', 'shapes', '--per_prompt', '1',
+@pytest.mark.parametrize('kind', ['vq', 'kl'])
+def test_sample_eval_shapes(sample_ckpts, tmp_path, capsys, kind):
+    """--eval shapes on a tiny random checkpoint: the suite's 120 prompts drawn once (PNGs named as ever), a line per
+    category, then a JSON line of every number by category; the scores are those of the PNGs on disk (the images it
+    drew, read back), the variety's reference is the data's, the round trip covers 256 held-out images."""
+    code, out, err = _sample_main(['--model', sample_ckpts[kind], '--eval', 'shapes', '--per_prompt', '1',
                                    '--out_dir', str(tmp_path)], capsys)
     assert code in (0, None), err
-    assert len(_sample_pngs(tmp_path)) == 24 and 'a red circle' in out
-    stats = json.loads(out.strip().splitlines()[-1])
-    assert stats['n'] == 24 and 0 <= stats['colour_acc'] <= 1 and 0 <= stats['shape_acc'] <= 1
+    prompts = [p for v in data.SHAPES_SUITE.values() for p in v]
+    assert _sample_pngs(tmp_path) == [f"{i:05d}_00_s0.png" for i in range(120)]
+    lines = out.strip().splitlines()
+    categories = ['single', 'size', 'side', 'two', 'variety', 'tokenizer']
+    assert [line.split()[0] for line in lines[-7:-1]] == categories
+    stats = json.loads(lines[-1])
+    assert list(stats) == categories
+    assert {k: stats[k]['n'] for k in categories[:4]} == dict(single=24, size=24, side=24, two=48)
+    detections = [data.detect_shapes(np.asarray(Image.open(tmp_path / f))) for f in _sample_pngs(tmp_path)]
+    again = data.shapes_scores(prompts, detections, 32)
+    assert all(stats[k][check] == pytest.approx(v, abs=1e-4) for k in again for check, v in again[k].items()
+               if v is not None)
+    assert stats['variety']['n'] == sum(map(bool, detections[:24]))
+    assert stats['variety']['data'] == pytest.approx(data.shapes_data_variety(32), abs=1e-4)
+    t = stats['tokenizer']
+    assert t['n'] == 256 and t['pairs_n'] + t['lone_n'] == 256 and 0 <= t['pairs_objects'] <= 1 and t['psnr'] > 0
+
+def test_sample_round_trip_of_a_lossless_tokenizer():
+    """The round trip through a tokenizer that gives its input back: 100 dB (the MSE's 1e-10 floor), every pair's
+    two objects and every lone object's shape kept (the detector reads all of the data's own images right)."""
+    import sample
+    tok = TATiTok(tatitok_config('tiny-vq'))
+    tok.forward = lambda img, guidance, sample=True: (img, {})
+    with one_thread(), torch.no_grad():
+        t = sample.round_trip(tok, TextEncoder.tiny(), torch.device('cpu'))
+    assert t == dict(psnr=pytest.approx(100), pairs_objects=1.0, pairs_n=t['pairs_n'], lone_shape=1.0,
+                     lone_n=256 - t['pairs_n'], n=256) and 60 < t['pairs_n'] < 110  # a third are pairs: 85 +- 23 (3 sd)
 
 def test_sample_prompts_file_and_long_prompt(sample_ckpts, tmp_path, capsys):
     """--prompts FILE keeps one prompt per line (a blank line is unconditional); over 77 CLIP tokens: a warning."""
