@@ -1,7 +1,8 @@
 """
 Data for TA-TiTok and MaskGen, all of it in this single file: image-text tar shards in the img2dataset /
-WebDataset layout, folders of images with .txt captions, the procedural `shapes` set for the CPU quickstart,
-metadata filters, exact resume, and the text-to-image pretokenizer that the official repository lacks.
+WebDataset layout, folders of images with .txt captions, the procedural `shapes` set for the CPU quickstart
+(and the detector that reads its images back, for sample.py --eval shapes), metadata filters, exact resume,
+and the text-to-image pretokenizer that the official repository lacks.
 
 Usage (library):
     loader = make_loader('data/{00000..00123}.tar', batch_size=32, image_size=256, rank=rank,
@@ -64,7 +65,7 @@ SHAPES_COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80,
                   'yellow': (240, 210, 40), 'purple': (150, 60, 190), 'orange': (245, 140, 30),
                   'white': (245, 245, 245), 'black': (20, 20, 20)}
 SHAPES_KINDS = ('circle', 'square', 'triangle')
-# the 24 evaluation prompts
+# the 24 prompts "a {colour} {shape}": train_maskgen.py's sample grid, the 'single' category of SHAPES_SUITE
 SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]
 # half-extent / image size, by the number of objects in the image. Two large ones must fit side by
 # side; one alone is drawn larger, as shape is the last thing a small tokenizer learns and its signal
@@ -134,9 +135,9 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
             caption += f" on the {side}"
         return img.resize((size, size), Image.BOX), caption
 
-    # two objects: one per half along a random axis, never touching at >= 48 px (classify_shapes
-    # relies on that; at 32 px two large ones may touch). The margin to the middle is 1 px here, as
-    # two large ones just fit side by side
+    # two objects: one per half along a random axis, never touching at >= 48 px; at 32 px the faint
+    # anti-aliased edges of two large ones may touch (detect_shapes reads such pixels as grey). The
+    # margin to the middle is 1 px here, as two large ones just fit side by side
     horizontal = rng.random() < 0.5  # side by side, else one above the other
     first_low = rng.random() < 0.5  # the first object left / on top
     for (colour, kind, scale), low in zip(objs, (first_low, not first_low)):
