@@ -1,7 +1,8 @@
 """
 Data for TA-TiTok and MaskGen, all of it in this single file: image-text tar shards in the img2dataset /
-WebDataset layout, folders of images with .txt captions, the procedural `shapes` set for the CPU quickstart,
-metadata filters, exact resume, and the text-to-image pretokenizer that the official repository lacks.
+WebDataset layout, folders of images with .txt captions, the procedural `shapes` set for the CPU quickstart
+(and the detector that reads its images back, for sample.py --eval shapes), metadata filters, exact resume,
+and the text-to-image pretokenizer that the official repository lacks.
 
 Usage (library):
     loader = make_loader('data/{00000..00123}.tar', batch_size=32, image_size=256, rank=rank,
@@ -64,7 +65,7 @@ SHAPES_COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80,
                   'yellow': (240, 210, 40), 'purple': (150, 60, 190), 'orange': (245, 140, 30),
                   'white': (245, 245, 245), 'black': (20, 20, 20)}
 SHAPES_KINDS = ('circle', 'square', 'triangle')
-# the 24 evaluation prompts
+# the 24 prompts "a {colour} {shape}": train_maskgen.py's sample grid, the 'single' category of SHAPES_SUITE
 SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]
 # half-extent / image size, by the number of objects in the image. Two large ones must fit side by
 # side; one alone is drawn larger, as shape is the last thing a small tokenizer learns and its signal
@@ -134,9 +135,9 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
             caption += f" on the {side}"
         return img.resize((size, size), Image.BOX), caption
 
-    # two objects: one per half along a random axis, never touching at >= 48 px (classify_shapes
-    # relies on that; at 32 px two large ones may touch). The margin to the middle is 1 px here, as
-    # two large ones just fit side by side
+    # two objects: one per half along a random axis, never touching at >= 48 px; at 32 px the faint
+    # anti-aliased edges of two large ones may touch (detect_shapes reads such pixels as grey). The
+    # margin to the middle is 1 px here, as two large ones just fit side by side
     horizontal = rng.random() < 0.5  # side by side, else one above the other
     first_low = rng.random() < 0.5  # the first object left / on top
     for (colour, kind, scale), low in zip(objs, (first_low, not first_low)):
@@ -153,11 +154,39 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
     caption = f"a {_shape_name(objs[0], sized)} {relation} a {_shape_name(objs[1], sized)}"
     return img.resize((size, size), Image.BOX), caption
 
-def _largest_component(mask):
-    """Largest 4-connected component of a bool mask, by repeated dilation (no scipy needed at 64 px)."""
-    best = np.zeros_like(mask)
-    left = mask.copy()  # pixels of components not visited yet
-    while left.sum() > best.sum():  # a bigger component may still be among them
+# -----------------------------------------------------------------------------
+# reading shapes images back: the objects in an image, and how well they match a caption. The categories of
+# sample.py --eval shapes follow GenEval's (Ghosh et al. 2023, https://arxiv.org/abs/2310.11513) on this grammar
+
+def _two_object_prompts(n):
+    """n prompts "a {c1} {s1} {relation} a {c2} {s2}": two different colours, so that each object is found by its
+    colour; shapes at random, the four relations in turn. A str seed: the same list everywhere."""
+    rng = random.Random('shapes/suite')
+    relations = list(SHAPES_RELATION.values())
+    prompts = []
+    for i in range(n):
+        c1, c2 = rng.sample(list(SHAPES_COLOURS), 2)
+        prompts.append(f"a {c1} {rng.choice(SHAPES_KINDS)} {relations[i % 4]} a {c2} {rng.choice(SHAPES_KINDS)}")
+    return prompts
+
+_PAIRS = [(c, s) for c in SHAPES_COLOURS for s in SHAPES_KINDS]  # the 24 (colour, shape) pairs
+# the suite's prompts by category, in the data's caption grammar. Size and side alternate along the 24 pairs, so
+# that each colour and each shape is asked with both
+SHAPES_SUITE = {
+    'single': SHAPES_EVAL_PROMPTS,
+    'size': [f"a {('small', 'large')[i % 2]} {c} {s}" for i, (c, s) in enumerate(_PAIRS)],
+    'side': [f"a small {c} {s} on the {('left', 'right')[i % 2]}" for i, (c, s) in enumerate(_PAIRS)],
+    'two': _two_object_prompts(48)}
+# an object of the data covers ~150 px or more of a 64 px image (the smallest, a pair's small triangle: half of
+# (2 * 0.14 * 64)^2 = 161 px, less what the opening trims); a region under half that is a fragment: blur, a blend
+# between two colours
+SHAPES_MIN_AREA = 75
+
+def _components(mask):
+    """4-connected components of a bool mask, by repeated dilation (no scipy needed at 64 px)."""
+    comps = []
+    left = mask.copy()  # pixels of components not found yet
+    while left.any():
         comp = np.zeros_like(mask)
         comp[np.unravel_index(left.argmax(), mask.shape)] = True  # grown from its first pixel
         while True:
@@ -171,37 +200,170 @@ def _largest_component(mask):
                 break
             comp = grown
         left &= ~comp
-        if comp.sum() > best.sum():
-            best = comp
-    return best
+        comps.append(comp)
+    return comps
+
+def detect_shapes(img):
+    """uint8 (H, W, 3), a shapes image drawn or generated (32 or 64 px) -> its objects, largest first, each a dict:
+    colour (the nearest palette entry), shape, size ('small' / 'large', as SHAPES_RADIUS draws them for an image of
+    this many objects), x, y (the centre, in pixels of img).
+    Each pixel is labelled with the nearest of the grey and the palette, so objects of two colours are told apart
+    where they touch; an object is a 4-connected region of one colour. A median filter, an opening of each colour's
+    mask (a blend between two colours, stray pixels that would stretch the box) and SHAPES_MIN_AREA make it survive
+    the blur and noise of a generated image. Shape: an upright triangle has 1/4 of its area in the upper half of
+    its bounding box (circle, square 1/2), and a square fills its box (a circle pi/4)."""
+    img = Image.fromarray(np.asarray(img, dtype=np.uint8))
+    w, h = img.size
+    if img.size != (64, 64):  # one scale for the filters and areas; 3x3 filters would erase a 32 px triangle's tip
+        img = img.resize((64, 64), Image.BILINEAR)
+    x = np.asarray(img.filter(ImageFilter.MedianFilter(3)), np.float32)  # (64, 64, 3)
+    palette = np.array([SHAPES_BG, *SHAPES_COLOURS.values()], np.float32)  # (9, 3)
+    label = np.linalg.norm(x[:, :, None] - palette, axis=-1).argmin(-1)  # (64, 64): 0 grey, k colour k - 1
+    regions = []  # (colour, (64, 64) bool mask)
+    for k in np.unique(label[label > 0]):
+        mask = Image.fromarray((label == k).astype(np.uint8) * 255)
+        opened = np.asarray(mask.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 0
+        colour = list(SHAPES_COLOURS)[k - 1]
+        regions += [(colour, c) for c in _components(opened) if c.sum() >= SHAPES_MIN_AREA]
+    regions.sort(key=lambda r: -r[1].sum())
+    radii = SHAPES_RADIUS[min(max(len(regions), 1), 2)]  # the data draws one or two
+    objects = []
+    for colour, comp in regions:
+        ys, xs = np.nonzero(comp)
+        mid = (ys.min() + ys.max()) / 2
+        top = (ys < mid).sum() / (ys > mid).sum()  # area of the upper half / the lower half
+        fill = comp.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        shape = 'circle'
+        if top < 0.6:
+            shape = 'triangle'
+        elif fill > 0.89:
+            shape = 'square'
+        half = (max(np.ptp(ys), np.ptp(xs)) + 1) / 2 / 64  # half-extent / image side, as SHAPES_RADIUS
+        size = 'small'
+        if half > (radii['small'] + radii['large']) / 2:
+            size = 'large'
+        # pixel i covers [i, i + 1); x: the mean, as all three shapes are symmetric left-right; y: the box's middle,
+        # as the data places a triangle by its box
+        objects.append(dict(colour=colour, shape=shape, size=size, x=(xs.mean() + 0.5) * w / 64,
+                            y=(ys.min() + ys.max() + 1) / 2 * h / 64))
+    return objects
 
 def classify_shapes(img):
-    """uint8 (H, W, 3) -> (colour, shape) of the largest object, or (None, None) if nothing stands out
-    from the grey. Colour: nearest palette entry to the median pixel. Shape: an upright triangle has
-    1/4 of its area in the upper half of its bounding box (circle, square 1/2), and a square fills its
-    box (a circle pi/4). A median filter and an opening of the mask (stray pixels would stretch the
-    box) make it survive the blur and noise of a generated 64 px image."""
-    img = Image.fromarray(np.asarray(img, dtype=np.uint8))
-    if img.width < 64:  # the 3x3 filters would erase a 32 px image's small triangle tip
-        img = img.resize((64, 64), Image.BILINEAR)
-    x = np.asarray(img.filter(ImageFilter.MedianFilter(3)), np.float32)  # (H, W, 3)
-    fg = (np.linalg.norm(x - SHAPES_BG, axis=-1) > 40) * 255  # (H, W)
-    fg = Image.fromarray(fg.astype(np.uint8))
-    opened = fg.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))
-    comp = _largest_component(np.asarray(opened) > 0)  # (H, W) bool
-    if comp.sum() < 4:
+    """uint8 (H, W, 3) -> (colour, shape) of the largest object, or (None, None) if nothing stands out from the
+    grey."""
+    objects = detect_shapes(img)
+    if not objects:
         return None, None
-    rgb = np.median(x[comp], axis=0)  # (3,)
-    colour = min(SHAPES_COLOURS, key=lambda c: np.sum((rgb - SHAPES_COLOURS[c]) ** 2))
-    ys, xs = np.nonzero(comp)
-    mid = (ys.min() + ys.max()) / 2
-    top = (ys < mid).sum() / (ys > mid).sum()  # area of the upper half / the lower half
-    fill = comp.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    if top < 0.6:
-        return colour, 'triangle'
-    if fill > 0.89:
-        return colour, 'square'
-    return colour, 'circle'
+    return objects[0]['colour'], objects[0]['shape']
+
+_OBJECT = rf"a (?:(small|large) )?({'|'.join(SHAPES_COLOURS)}) ({'|'.join(SHAPES_KINDS)})"
+
+def parse_shapes_caption(caption):
+    """A caption of shapes_sample's grammar -> ([(colour, shape, size or None)] of its one or two objects, side or
+    None, relation or None); ValueError for any other text."""
+    m = re.fullmatch(rf"{_OBJECT}(?: on the (left|right))?", caption)
+    if m:
+        return [(m[2], m[3], m[1])], m[4], None
+    m = re.fullmatch(rf"{_OBJECT} ({'|'.join(SHAPES_RELATION.values())}) {_OBJECT}", caption)
+    if m is None:
+        raise ValueError(f"not a caption of the shapes set: {caption!r}")
+    return [(m[2], m[3], m[1]), (m[6], m[7], m[5])], None, m[4]
+
+def shapes_category(caption):
+    """The suite's category of a caption: 'two' objects, else 'side' if it says one, else 'size' if it says one,
+    else 'single'."""
+    objects, side, relation = parse_shapes_caption(caption)
+    if relation:
+        return 'two'
+    if side:
+        return 'side'
+    if objects[0][2]:
+        return 'size'
+    return 'single'
+
+def _find(objects, colour, shape, other=None):
+    """The object that stands for "a {colour} {shape}": the largest of that colour and shape, else the largest of
+    that colour, never `other`; None if there is none."""
+    same = [o for o in objects if o['colour'] == colour and o is not other]
+    exact = [o for o in same if o['shape'] == shape]
+    return (exact + same + [None])[0]
+
+def score_shapes(caption, objects, size):
+    """An image's objects (detect_shapes; the image is size x size px) against its caption -> {check: bool, or None
+    where it cannot be made}. One object: the largest one's colour, shape, and its size and side where the caption
+    says them. Two: 'colours' (one object of each colour), 'objects' (each of them of its shape too), 'size' where
+    said, 'relation' (None unless both colours are found). 'all': every check passed."""
+    wanted, side, relation = parse_shapes_caption(caption)
+    if len(wanted) == 1:
+        colour, shape, scale = wanted[0]
+        o = dict(colour=None, shape=None, size=None, x=np.nan)  # what an empty image shows
+        if objects:
+            o = objects[0]
+        checks = dict(colour=o['colour'] == colour, shape=o['shape'] == shape)
+        if scale:
+            checks['size'] = o['size'] == scale
+        # where the data draws a lone object said to be on the left: centre x <= 0.4 of the side (>= 0.6 on the
+        # right), give or take detect_shapes' error in x, up to 1/128 of the side (2000 objects drawn at 32 and 64 px)
+        if side == 'left':
+            checks['side'] = bool(o['x'] <= (0.4 + 1 / 128) * size)
+        if side == 'right':
+            checks['side'] = bool(o['x'] >= (0.6 - 1 / 128) * size)
+        checks['all'] = all(checks.values())
+        return checks
+    (c1, s1, z1), (c2, s2, z2) = wanted
+    a = _find(objects, c1, s1)
+    b = _find(objects, c2, s2, other=a)
+    found = a is not None and b is not None
+    checks = dict(colours=found, objects=found and (a['shape'], b['shape']) == (s1, s2))
+    if z1:  # the data sizes both objects or neither
+        checks['size'] = found and (a['size'], b['size']) == (z1, z2)
+    checks['relation'] = None
+    if found:  # as the data draws "A {relation} B": each centre in its own half of the image along the axis
+        horizontal, first_low = {r: k for k, r in SHAPES_RELATION.items()}[relation]
+        axis = 'x' if horizontal else 'y'
+        low, high = (a, b) if first_low else (b, a)
+        checks['relation'] = bool(low[axis] < size / 2 < high[axis])
+    checks['all'] = checks['objects'] and checks.get('size', True) and bool(checks['relation'])
+    return checks
+
+def shapes_scores(captions, detections, size):
+    """Images (their captions, their objects) -> {category: {check: the share of its images that pass it, 'n': its
+    images}}; 'relation' is the share among the images that have both objects' colours, 'relation_n' of them."""
+    checks = {}  # category -> check -> [bool or None per image]
+    for caption, objects in zip(captions, detections):
+        category = checks.setdefault(shapes_category(caption), {})
+        for name, ok in score_shapes(caption, objects, size).items():
+            category.setdefault(name, []).append(ok)
+    scores = {}
+    for category, c in checks.items():
+        scores[category] = {'n': len(c['all'])}
+        for name, oks in c.items():
+            made = [ok for ok in oks if ok is not None]
+            scores[category][name] = float(np.mean(made)) if made else None
+        if 'relation' in c:
+            scores[category]['relation_n'] = sum(ok is not None for ok in c['relation'])
+    return scores
+
+def shapes_variety(detections, size):
+    """Where the largest objects of images (those with one) lie -> {'small': their share drawn small, 'std_x',
+    'std_y': the spread of their centres / the image side, 'n'}; None for each where no image has one."""
+    largest = [objects[0] for objects in detections if objects]
+    if not largest:
+        return dict(small=None, std_x=None, std_y=None, n=0)
+    return dict(small=float(np.mean([o['size'] == 'small' for o in largest])),
+                std_x=float(np.std([o['x'] for o in largest]) / size),
+                std_y=float(np.std([o['y'] for o in largest]) / size), n=len(largest))
+
+def shapes_data_variety(size, n=4000):
+    """shapes_variety of the data's own images captioned "a {colour} {shape}" (no size, no side: a quarter of
+    them) among the first n of the training stream, read by the same detector: what the suite's variety is
+    measured against (1000 images: the share small to +-0.015, one standard error)."""
+    detections = []
+    for i in range(n):
+        img, caption = shapes_sample(i, size)
+        if shapes_category(caption) == 'single':
+            detections.append(detect_shapes(np.asarray(img)))
+    return shapes_variety(detections, size)
 
 # -----------------------------------------------------------------------------
 # finding files: brace patterns, globs, lists, folders

@@ -4,7 +4,7 @@ Sample images from MaskGen: an official release (downloaded and cached on first 
 $ python sample.py "a red fox"                          # MaskGen-XL VQ, its bl128 VQ tokenizer, CLIP ViT-L-14-336
 $ python sample.py --model kl-l "a red fox" "a blue car" --per_prompt 8 --seed 1
 $ python sample.py --model out/shapes-maskgen "a red circle" "a blue square above a yellow triangle"
-$ python sample.py --model out/shapes-maskgen --eval shapes  # colour / shape accuracy on the 24 shapes prompts
+$ python sample.py --model out/shapes-maskgen --eval shapes  # the shapes suite: colour, shape, size, side, relation
 $ torchrun --standalone --nproc_per_node=8 sample.py --prompts mjhq_people.txt --per_prompt 1 --out_dir mjhq/people
 
 Writes OUT_DIR/{prompt index:05d}_{sample:02d}_s{seed}.png, into a new or empty folder (a second run never mixes
@@ -32,7 +32,8 @@ from tqdm import tqdm
 from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file, load_official,
                      checkpoint_weights, pick_device, pick_dtype, autocast, make_out_dir, number)
 from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
-from data import make_grid, SHAPES_EVAL_PROMPTS, classify_shapes
+from data import (make_grid, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
+                  shapes_variety, shapes_data_variety, SHAPES_SUITE)
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
 SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
@@ -41,14 +42,16 @@ SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
                diffusion_steps=100, x0_clip=None)}
 OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # the releases' pairs, for a generator file passed as --model
 DEFAULT_PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff at sunset"]  # feel free to change
+ROUND_TRIP_IMAGES = 256  # --eval shapes: held-out images through the tokenizer alone
 
 p = argparse.ArgumentParser(usage='python sample.py [PROMPT ...] [--model NAME_OR_CKPT] [options]',
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('prompt', nargs='*', help='prompts ("" is unconditional); default: two built-in prompts')
 p.add_argument('--prompts', metavar='FILE', help='a UTF-8 text file, one prompt per line (a blank line is '
                'unconditional), instead of prompts on the command line')
-p.add_argument('--eval', choices=['shapes'], help='shapes: draw the 24 shapes prompts, print colour and shape '
-               'accuracy (a checkpoint of the CPU quickstart)')
+p.add_argument('--eval', choices=['shapes'], help='shapes: draw the 120 prompts of the shapes suite and score each '
+               'image (colour, shape, size, side, two objects and their relation, variety), and the tokenizer alone '
+               'on held-out images; a checkpoint of the CPU quickstart')
 p.add_argument('--model', default='vq-xl', help=f'the generator: an official one {OFFICIAL} (default vq-xl), its '
                f'Hugging Face repo id or a local file of it, or a checkpoint (or its folder) of train_maskgen.py, '
                f'which holds all it needs')
@@ -120,11 +123,11 @@ def load_models(args, device):
 
 def read_prompts(args):
     if args.eval and (args.prompt or args.prompts):
-        p.error("--eval shapes draws its own 24 prompts: give no prompts with it")
+        p.error("--eval shapes draws its own prompts: give no prompts with it")
     if args.prompt and args.prompts:
         p.error("give prompts on the command line or --prompts FILE, not both")
     if args.eval:
-        return SHAPES_EVAL_PROMPTS
+        return [prompt for category in SHAPES_SUITE.values() for prompt in category]
     if not args.prompts:
         return args.prompt or DEFAULT_PROMPTS
     try:
@@ -151,24 +154,64 @@ def check_out_dir(args, world):
     except CheckpointError as e:
         p.error(str(e))
 
-def shapes_report(results, prompts):
-    """--eval shapes: colour and shape of each image against its prompt "a {colour} {shape}" -> lines, JSON last."""
-    k = np.array([r[0] for r in results])  # the prompt index of each image
-    hits = np.array([(c == prompts[j].split()[1], s == prompts[j].split()[2]) for j, c, s in results])  # (n, 2)
+def round_trip(tok, te, device):
+    """The tokenizer alone, the ceiling of what the generator can draw: ROUND_TRIP_IMAGES held-out shapes images
+    encoded and decoded with their captions' guidance (KL: the posterior mean) -> {'psnr': of the 8-bit
+    reconstructions, as train_tokenizer.py's; 'pairs_objects': the share of two-object images whose reconstruction
+    keeps both objects (colour and shape); 'lone_shape': the share of lone objects that keep their shape; counts}."""
+    size = tok.config.image_size
+    images, captions = zip(*(shapes_sample(i, size, 'val') for i in range(ROUND_TRIP_IMAGES)))
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W)
+    recon = []
+    for i in range(0, len(x), 64):
+        guidance = te(list(captions[i:i + 64]))['guidance']  # (b, 77, W)
+        recon.append(tok(x[i:i + 64].to(device), guidance, sample=False)[0].float().clamp(0, 1).cpu())
+    levels = (torch.cat(recon) * 255).round()  # (n, 3, H, W), the 8-bit values
+    psnr = -10 * torch.log10((levels / 255 - x).pow(2).mean((1, 2, 3)).clamp_min(1e-10))  # (n,)
+    pairs, lone = [], []
+    for caption, img in zip(captions, levels.byte().permute(0, 2, 3, 1).numpy()):
+        checks = score_shapes(caption, detect_shapes(img), size)
+        if shapes_category(caption) == 'two':
+            pairs.append(checks['objects'])
+        else:
+            lone.append(checks['shape'])
+    return dict(psnr=psnr.mean().item(), pairs_objects=float(np.mean(pairs)), pairs_n=len(pairs),
+                lone_shape=float(np.mean(lone)), lone_n=len(lone), n=len(captions))
+
+def _num(share):
+    """A share in the report's lines: 3 decimals, or '-' where no image could be judged."""
+    return '-' if share is None else f"{share:.3f}"
+
+def shapes_report(captions, detections, size, tokenizer):
+    """--eval shapes: each image's objects against its prompt, by category, the variety of the "a {colour} {shape}"
+    images against the data's, and the tokenizer's round trip (a dict) -> lines, one per category, then every
+    number as JSON."""
+    s = shapes_scores(captions, detections, size)
+    singles = [d for c, d in zip(captions, detections) if shapes_category(c) == 'single']
+    s['variety'] = {**shapes_variety(singles, size), 'data': shapes_data_variety(size)}
+    s['tokenizer'] = tokenizer
     lines = []
-    for j, prompt in enumerate(prompts):
-        got = ', '.join(f"{c} {s}" for i, c, s in results if i == j)
-        lines.append(f"{prompt:18s} colour {hits[k == j, 0].mean():.2f} shape {hits[k == j, 1].mean():.2f} | {got}")
-    acc = dict(colour_acc=hits[:, 0].mean(), shape_acc=hits[:, 1].mean(), both_acc=hits.all(1).mean())
-    lines.append(json.dumps({**{key: round(float(v), 4) for key, v in acc.items()}, 'n': len(results)}))
-    return lines
+    for category, names in [('single', 'colour shape all'), ('size', 'colour shape size all'),
+                            ('side', 'colour shape size side all'), ('two', 'colours objects relation all')]:
+        shares = ' | '.join(f"{name} {_num(s[category][name])}" for name in names.split())
+        lines.append(f"{category:9s} {s[category]['n']:3d} images | {shares}")
+    lines[-1] += f" (relation: of the {s['two']['relation_n']} with both colours)"
+    v, d, t = s['variety'], s['variety']['data'], s['tokenizer']
+    lines.append(f"variety   {v['n']:3d} images | small {_num(v['small'])} (data {_num(d['small'])}) | centre std / "
+                 f"side: x {_num(v['std_x'])} (data {_num(d['std_x'])}), y {_num(v['std_y'])} (data "
+                 f"{_num(d['std_y'])})")
+    lines.append(f"tokenizer {t['n']:3d} held-out images | psnr {t['psnr']:.2f} dB | both objects right "
+                 f"{_num(t['pairs_objects'])} of {t['pairs_n']} pairs | shape right {_num(t['lone_shape'])} of "
+                 f"{t['lone_n']} lone objects")
+    rounded = json.loads(json.dumps(s), parse_float=lambda x: round(float(x), 4))  # every float to 4 decimals
+    return lines + [json.dumps(rounded)]
 
 def main(argv=None):
     args = p.parse_args(argv)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # torchrun, or one process
     master = rank == 0
     if args.eval and world > 1:
-        p.error("--eval runs on one process (96 small images), not under torchrun")
+        p.error("--eval runs on one process (480 small images at 4 per prompt), not under torchrun")
     prompts = read_prompts(args)
     try:
         device = pick_device(args.device)
@@ -230,7 +273,7 @@ def main(argv=None):
                 if len(grid) < 64:
                     grid.append(img)
                 if args.eval:
-                    results.append((i // n, *classify_shapes(img)))
+                    results.append(detect_shapes(img))
     bar.close()
     if world > 1:  # the images of one rank are a scattered subset: no grid, no report
         print(f"rank {rank}: {len(paths)} images in {args.out_dir}/")
@@ -242,7 +285,10 @@ def main(argv=None):
         Image.fromarray(make_grid(np.stack(grid), ncol=min(n, 8))).save(args.grid)
         print(f"grid of the first {len(grid)}: {args.grid}")
     if args.eval:
-        print('\n'.join(shapes_report(results, prompts)))
+        with torch.no_grad(), autocast(device, dtype):
+            tokenizer = round_trip(tok, te, device)  # on the same process, after the samples
+        captions = [prompts[i // n] for i in range(len(results))]
+        print('\n'.join(shapes_report(captions, results, tok.config.image_size, tokenizer)))
 
 if __name__ == '__main__':
     main()
