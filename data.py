@@ -72,6 +72,7 @@ SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KIND
 # grows with the area (the quickstart's KL tokenizer, 1600 steps, a stripped-down loop: 71% vs 27% of
 # lone objects redrawn with the right shape)
 SHAPES_RADIUS = {1: {'small': 0.25, 'large': 0.35}, 2: {'small': 0.14, 'large': 0.22}}
+SHAPES_PAIRS = 1 / 3  # the share of images with two objects
 # where the second of two objects is, by (horizontal, first_low): the caption's relation
 SHAPES_RELATION = {(True, True): 'to the left of', (True, False): 'to the right of',
                    (False, True): 'above', (False, False): 'below'}
@@ -104,7 +105,7 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
     draw = ImageDraw.Draw(img)
     m = 1 + size // 32  # margin in pixels (of the final image, as all lengths here)
     n_objects = 1
-    if max_objects != 1 and rng.random() >= 2 / 3:  # a third show two: most show one, as the eval prompts
+    if max_objects != 1 and rng.random() >= 1 - SHAPES_PAIRS:
         n_objects = 2
     objs = []  # (colour, kind, scale), scale 'small' or 'large'
     for _ in range(n_objects):
