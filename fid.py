@@ -37,12 +37,11 @@ from tqdm import tqdm
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from tatitok import TATiTok, TextEncoder, CheckpointError, pick_device
+from tatitok import TATiTok, TextEncoder, CheckpointError, number, pick_device
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 IMAGE_EXTS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
-MAX_BATCH = 4096  # a forward at 299x299 holds ~20 MB per image: 4096 is ~80 GB, more than a GPU has
 
 class FIDError(Exception):
     """a user error (missing folder, bad file, no weights): the CLI prints it and exits with code 2"""
@@ -449,22 +448,17 @@ def clip_score(clip, files, prompts, batch_size=50, device='cpu'):
 def rfid_models(args):
     """--tokenizer and the text encoder of its caption guidance (--clip, else a checkpoint's own, else the
     releases' ViT-L-14-336), checked against each other and --image_size before any image is read"""
-    try:
-        tokenizer = TATiTok.from_pretrained(args.tokenizer)
-        cfg, ckpt = tokenizer.config, args.tokenizer
-        if os.path.isdir(ckpt):  # a training run's folder
-            ckpt = os.path.join(ckpt, 'ckpt.pt')
-        spec = None
-        if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its text encoder
-            spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder')
-        if args.clip:
-            text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
-        elif spec:
-            text_encoder = TextEncoder.from_spec(spec)
-        else:
-            text_encoder = TextEncoder.from_name('ViT-L-14-336:openai')
-    except CheckpointError as e:
-        raise FIDError(str(e)) from None
+    tokenizer = TATiTok.from_pretrained(args.tokenizer)
+    cfg, ckpt = tokenizer.config, args.tokenizer
+    if os.path.isdir(ckpt):  # a training run's folder
+        ckpt = os.path.join(ckpt, 'ckpt.pt')
+    spec = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
+    if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its own
+        spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder') or spec
+    if args.clip:
+        text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
+    else:
+        text_encoder = TextEncoder.from_spec(spec)
     if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
         raise FIDError(f"the text encoder gives {text_encoder.context_length} x {text_encoder.width} guidance, "
                        f"the tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
@@ -510,39 +504,30 @@ def main(argv=None):
                    "PROMPTS: a .txt of one prompt per line in sorted file order, or a .json {file stem: prompt}")
     p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED of --clip_score "
                    "(%(default)s)")
-    p.add_argument('--batch_size', type=int, default=50, help="images per forward pass (%(default)s)")
-    p.add_argument('--num_workers', type=int, default=min(8, os.cpu_count() or 1),
-                   help="data loader processes (%(default)s)")
-    p.add_argument('--max_images', type=int, help="use only the first N images (sorted) of each input")
+    p.add_argument('--batch_size', type=number(int, 1, 4096), default=50,  # at 299x299 4096 images need ~80 GB
+                   help="images per forward pass (%(default)s)")
+    p.add_argument('--num_workers', type=number(int, 0, os.cpu_count() or 1), default=min(8, os.cpu_count() or 1),
+                   help="data loader processes, at most one per CPU (%(default)s)")
+    p.add_argument('--max_images', type=number(int, 1), help="use only the first N images (sorted) of each input")
     p.add_argument('--device', default='auto', help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
     p.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="rFID mode: a TA-TiTok preset, HF repo or checkpoint")
     p.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="rFID mode: ImageNet val as class folders, or a "
                    "folder or glob of .tar shards of KEY.jpg + KEY.cls")
     p.add_argument('--clip', help="rFID mode: the caption guidance's text encoder (tiny, MODEL:PRETRAINED, MODEL or a "
                    "ViT-L-14-336 file); default: a checkpoint's own, else ViT-L-14-336:openai")
-    p.add_argument('--image_size', type=int, help="rFID mode: the centre-crop size; default and only: the tokenizer's")
+    p.add_argument('--image_size', type=number(int, 1), help="rFID mode: the centre-crop size; default and only: the tokenizer's")
     args = p.parse_args(argv)
-    # argparse's int already refuses nan and inf; too many workers would fork a process each
-    bounds = dict(batch_size=(1, MAX_BATCH), num_workers=(0, os.cpu_count() or 1), max_images=(1, None),
-                  image_size=(1, None))
-    for flag, (low, high) in bounds.items():
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            p.error(f"--{flag} must be at least {low}, got {value}")
-        if value is not None and high is not None and value > high:
-            p.error(f"--{flag} must be at most {high}, got {value}")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
     try:
         run(args)
-    except FIDError as e:
+    except (FIDError, CheckpointError) as e:  # CheckpointError: a --tokenizer or --clip that tatitok.py refused
         msg = str(e).strip()
         if 'Original Traceback' in msg:  # raised in a loader worker: comes back wrapped with its traceback
             msg = msg.splitlines()[-1].split('FIDError: ')[-1]
-        print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line
-        sys.exit(2)
+        p.exit(2, f"error: {' '.join(msg.split())}\n")  # one line
 
 # what the files of the other scripts are, for the error when one is passed as a path to score
 HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
