@@ -251,9 +251,10 @@ def list_images(folder):
         raise FIDError(f"no images ({' '.join(IMAGE_EXTS)}) under {folder}")
     return files
 
-def at_least_two(n, what):
-    if n < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
-        raise FIDError(f"{what}: {n} image(s); the statistics of FID need at least 2")
+def two_or_more(images, where):
+    if len(images) < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
+        raise FIDError(f"{where}: {len(images)} image(s); the statistics of FID need at least 2")
+    return images
 
 def uint8_images(arr, path, max_images):
     """arr_0 of an .npz -> uint8 (N, H, W, 3); a layout or range not listed in the docstring is refused, not guessed"""
@@ -264,8 +265,7 @@ def uint8_images(arr, path, max_images):
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or 0 in arr.shape[1:] or arr.dtype.kind not in 'uif':
         raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}; images are (N, H, W, 3), "
                        "(N, 3, H, W) or (N, H, W) of uint8 or float")
-    arr = arr[:max_images]
-    at_least_two(len(arr), path)
+    arr = two_or_more(arr[:max_images], path)
     lo, hi = arr.min(), arr.max()
     is_float = arr.dtype.kind == 'f'
     if is_float and 0 <= lo and hi <= 1:
@@ -277,6 +277,42 @@ def uint8_images(arr, path, max_images):
                        "float in [0, 1] or [-1, 1], or whole numbers in [0, 255]")
     arr = arr.astype(np.uint8, copy=False)
     return list(np.repeat(arr, 3 // arr.shape[-1], axis=-1))  # grey -> RGB
+
+# what the files of the other scripts are, for the error when one is passed as a path to score
+HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
+         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
+                         "as --tokenizer; Inception weights go to --weights)"),
+         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
+
+def load_input(path, max_images):
+    """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
+    if os.path.isdir(path):
+        return 'images', two_or_more(list_images(path)[:max_images], path)
+    if not os.path.isfile(path):
+        raise FIDError(f"no such file or folder: {path}")
+    if not path.endswith('.npz'):
+        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
+        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as e:
+        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if 'mu' in data and 'sigma' in data:
+        return 'stats', check_stats(data, path)
+    if 'arr_0' not in data:
+        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
+    return 'images', uint8_images(data['arr_0'], path, max_images)
+
+def check_stats(data, path):
+    """a statistics .npz -> (mu, sigma, resize), or a FIDError naming the file"""
+    mu, sigma = data['mu'], data['sigma']
+    numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
+    if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not "
+                       "statistics, (d,) and (d, d) numbers")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: the statistics hold NaN or inf")
+    return mu, sigma, str(data.get('resize', ''))
 
 def read_rgb(src):
     """a path, or (tar shard, offset, size) of a member -> PIL RGB image"""
@@ -311,23 +347,17 @@ def center_crop_arr(img, size):
 def imagenet_input(item, size):  # (source, label) -> uint8 (3, size, size), label
     return to_tensor(center_crop_arr(read_rgb(item[0]), size)), item[1]
 
-class Items(torch.utils.data.Dataset):
-    def __init__(self, items, fn):
-        self.items, self.fn = items, fn  # fn: a partial of a module-level function, so workers can pickle it
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.fn(self.items[i])
+def collate(fn, items):
+    """a DataLoader's batch of fn(item), made in its workers (fn: a partial of a module-level function: it pickles)"""
+    return torch.utils.data.default_collate([fn(item) for item in items])
 
 def imagenet_items(path):
     """[(file, label)] from class folders (sorted wnids = labels 0..999), or [((shard, offset, size), label)] from
     webdataset .tar shards (a folder of them or a glob) holding KEY.jpg/.png/... next to KEY.cls"""
-    if os.path.isdir(path) and any(os.path.isdir(os.path.join(path, d)) for d in os.listdir(path)):
-        wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-        return [(f, i) for i, w in enumerate(wnids) for f in list_images(os.path.join(path, w))]
     if os.path.isdir(path):
+        wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if wnids:
+            return [(f, i) for i, w in enumerate(wnids) for f in list_images(os.path.join(path, w))]
         path = os.path.join(path, '*.tar')
     items = []
     for shard in sorted(glob.glob(path)):
@@ -345,12 +375,13 @@ def imagenet_items(path):
     return items
 
 @torch.no_grad()
-def get_features(model, dataset, batch_size=50, device='cpu', num_workers=0):
-    """-> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
+def get_features(model, images, args):
+    """files or uint8 (H, W, 3) arrays -> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
+    to_input = partial(collate, partial(inception_input, resize=args.resize))
     feats, logits = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
     for x in tqdm(loader, desc='inception', leave=False):
-        f, l = model(x.to(device))
+        f, l = model(x.to(args.device))
         feats.append(f.double().cpu())
         logits.append(l)
     if logits[0] is None:  # pool3-only weights
@@ -466,8 +497,8 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
     "A photo of a {class}.", -> pool3 of the reconstructions and of the crops, (N, 2048) float64 each"""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order, like the class folders
     size = tokenizer.config.image_size
-    dataset = Items(items, partial(imagenet_input, size=size))
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers)
+    to_input = partial(collate, partial(imagenet_input, size=size))
+    loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
     feats = {'recon': [], 'orig': []}
     for img, label in tqdm(loader, desc='rfid'):
         img = img.to(args.device)  # uint8 (B, 3, S, S)
@@ -509,7 +540,7 @@ def main(argv=None):
                    "folder or glob of .tar shards of KEY.jpg + KEY.cls")
     p.add_argument('--clip', help="rFID mode: the caption guidance's text encoder (tiny, MODEL:PRETRAINED, MODEL or a "
                    "ViT-L-14-336 file); default: a checkpoint's own, else ViT-L-14-336:openai")
-    p.add_argument('--image_size', type=number(int, 1), help="rFID mode: the centre-crop size; default and only: the tokenizer's")
+    p.add_argument('--image_size', type=number(int, 1), help="rFID mode: the centre-crop size, the tokenizer's own")
     args = p.parse_args(argv)
     try:
         args.device = pick_device(args.device)
@@ -522,44 +553,6 @@ def main(argv=None):
         if 'Original Traceback' in msg:  # raised in a loader worker: comes back wrapped with its traceback
             msg = msg.splitlines()[-1].split('FIDError: ')[-1]
         p.exit(2, f"error: {' '.join(msg.split())}\n")  # one line
-
-# what the files of the other scripts are, for the error when one is passed as a path to score
-HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
-         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
-                         "as --tokenizer; Inception weights go to --weights)"),
-         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
-
-def load_input(path, max_images):
-    """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
-    if os.path.isdir(path):
-        images = list_images(path)[:max_images]
-        at_least_two(len(images), path)
-        return 'images', images
-    if not os.path.isfile(path):
-        raise FIDError(f"no such file or folder: {path}")
-    if not path.endswith('.npz'):
-        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
-        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
-    try:
-        data = dict(np.load(path, allow_pickle=False))
-    except Exception as e:
-        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    if 'mu' in data and 'sigma' in data:
-        return 'stats', check_stats(data, path)
-    if 'arr_0' not in data:
-        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
-    return 'images', uint8_images(data['arr_0'], path, max_images)
-
-def check_stats(data, path):
-    """a statistics .npz -> (mu, sigma, resize), or a FIDError naming the file"""
-    mu, sigma = data['mu'], data['sigma']
-    numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
-    if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not "
-                       "statistics, (d,) and (d, d) numbers")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise FIDError(f"{path}: the statistics hold NaN or inf")
-    return mu, sigma, str(data.get('resize', ''))
 
 def check_output(path):
     """--save_stats: a new .npz in a writable folder; statistics already there are never overwritten"""
@@ -613,8 +606,7 @@ def check_inputs(args):
             warn_few(path, len(data))
     if not rfid:
         return inputs, None
-    items = imagenet_items(args.imagenet)[:args.max_images]
-    at_least_two(len(items), args.imagenet)
+    items = two_or_more(imagenet_items(args.imagenet)[:args.max_images], args.imagenet)
     warn_few(args.imagenet, len(items))
     return inputs, items
 
@@ -639,8 +631,7 @@ def run(args):
         if kind == 'stats':
             stats.append(data)
             continue
-        dataset = Items(data, partial(inception_input, resize=args.resize))
-        feats, logits = get_features(inception, dataset, args.batch_size, args.device, args.num_workers)
+        feats, logits = get_features(inception, data, args)
         print(f"{path}: {len(feats)} images")
         stats.append((*feature_stats(feats), args.resize))
         if i == 0 and args.isc:
