@@ -212,12 +212,11 @@ def nvidia_to_pt(sd):
         if k.startswith('output.'):  # the 1008-way classifier of the full NVIDIA file
             out['fc.' + k.removeprefix('output.')] = v
             continue
-        layer, param = k.removeprefix('layers.').rsplit('.', 1)
-        if layer not in NVIDIA_LAYERS or param not in NVIDIA_PARAMS:
-            raise FIDError(f"unknown tensor {k} in a TorchScript FID Inception")
-        out[f'{NVIDIA_LAYERS[layer]}.{NVIDIA_PARAMS[param]}'] = v
+        layer, _, param = k.removeprefix('layers.').rpartition('.')
+        layer = NVIDIA_LAYERS.get(layer, layer)  # a name not in the tables stays, for the strict load to refuse
+        out[f'{layer}.{NVIDIA_PARAMS.get(param, param)}'] = v
         if param == 'beta':
-            out[f'{NVIDIA_LAYERS[layer]}.bn.weight'] = torch.ones_like(v)
+            out[f'{layer}.bn.weight'] = torch.ones_like(v)
     return out
 
 # -----------------------------------------------------------------------------
@@ -554,17 +553,11 @@ def main(argv=None):
             msg = msg.splitlines()[-1].split('FIDError: ')[-1]
         p.exit(2, f"error: {' '.join(msg.split())}\n")  # one line
 
-def check_output(path):
-    """--save_stats: a new .npz in a writable folder; statistics already there are never overwritten"""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not path.endswith('.npz'):
-        raise FIDError(f"--save_stats {path}: the name must end in .npz (numpy would append it)")
-    if os.path.exists(path):
-        raise FIDError(f"--save_stats {path} exists, and fid.py does not overwrite it: remove it or pick a new name")
-    if not os.path.isdir(folder):
-        raise FIDError(f"--save_stats {path}: there is no folder {folder}")
-    if not os.access(folder, os.W_OK):
-        raise FIDError(f"--save_stats {path}: the folder {folder} is not writable")
+def refuse(rules):
+    """rules: (bad, message) pairs, in order; the first bad one is the error"""
+    for bad, message in rules:
+        if bad:
+            raise FIDError(message)
 
 def warn_few(what, n):
     if n < 2048:
@@ -574,33 +567,29 @@ def warn_few(what, n):
 def check_inputs(args):
     """every check that needs no model, so that a mistake costs seconds -> (inputs, ImageNet items or None)"""
     rfid = bool(args.tokenizer or args.imagenet)
-    if rfid and not (args.tokenizer and args.imagenet):
-        raise FIDError("rFID mode takes both --tokenizer and --imagenet")
-    if rfid and (args.paths or args.isc or args.clip_score):
-        raise FIDError("rFID mode takes no paths, --isc or --clip_score")
-    if not rfid and (args.clip or args.image_size):
-        raise FIDError("--clip and --image_size are for rFID mode (--tokenizer, --imagenet)")
-    one_path_jobs = args.save_stats or args.isc or args.clip_score
-    if not rfid and not (len(args.paths) == 2 or len(args.paths) == 1 and one_path_jobs):
-        raise FIDError("give two paths for FID, or one with --save_stats, --isc or --clip_score")
-    if args.save_stats:
-        check_output(args.save_stats)
-    if args.weights and not os.path.isfile(args.weights):
-        raise FIDError(f"--weights {args.weights}: no such file")
+    paths_needed = (1, 2) if args.save_stats or args.isc or args.clip_score else (2,)
+    refuse([(rfid and (not (args.tokenizer and args.imagenet) or args.paths or args.isc or args.clip_score),
+             "rFID mode takes both --tokenizer and --imagenet, and no paths, --isc or --clip_score"),
+            (not rfid and (args.clip or args.image_size), "--clip and --image_size are for rFID mode"),
+            (not rfid and len(args.paths) not in paths_needed,
+             "give two paths for FID, or one with --save_stats, --isc or --clip_score"),
+            (args.weights and not os.path.isfile(args.weights), f"--weights {args.weights}: no such file")])
+    if args.save_stats:  # a new .npz in a writable folder: statistics already there are never overwritten
+        out, folder = args.save_stats, os.path.dirname(os.path.abspath(args.save_stats))
+        refuse([(not out.endswith('.npz'), f"--save_stats {out}: the name must end in .npz (numpy would append it)"),
+                (os.path.exists(out), f"--save_stats {out} exists, and fid.py does not overwrite it: pick a new name"),
+                (not os.path.isdir(folder), f"--save_stats {out}: there is no folder {folder}"),
+                (not os.access(folder, os.W_OK), f"--save_stats {out}: the folder {folder} is not writable")])
     inputs = [load_input(path, args.max_images) for path in args.paths]
-    if (args.isc or args.clip_score) and inputs[0][0] != 'images':
-        raise FIDError("--isc and --clip_score need images as the first path")
-    if args.isc and len(inputs[0][1]) < 10:
-        raise FIDError(f"the Inception Score needs 10 images or more (10 splits), {args.paths[0]} has "
-                       f"{len(inputs[0][1])}")
-    if args.clip_score and not os.path.isdir(args.paths[0]):
-        raise FIDError("--clip_score needs an image folder as the first path")
-    # FID compares like with like: the (feature size, --resize) of each input's statistics
+    n_first = len(inputs[0][1]) if inputs and inputs[0][0] == 'images' else 0  # a statistics file holds no images
+    refuse([(args.isc and n_first < 10, f"--isc needs 10 images or more (10 splits) as the first path, not {n_first}"),
+            (args.clip_score and not os.path.isdir(args.paths[0]), "--clip_score needs a folder as the first path")])
+    # FID compares like with like: the feature size and --resize of each input's statistics
     made = [(2048, args.resize) if kind == 'images' else (len(data[0]), data[2]) for kind, data in inputs]
-    if len(made) == 2 and made[0][0] != made[1][0]:
-        raise FIDError(f"statistics of {made[0][0]} and {made[1][0]} features are not comparable")
-    if len(made) == 2 and made[0][1] and made[1][1] and made[0][1] != made[1][1]:
-        raise FIDError(f"statistics made with --resize {made[0][1]} and {made[1][1]} are not comparable")
+    if len(made) == 2:
+        (d1, r1), (d2, r2) = made
+        refuse([(d1 != d2, f"statistics of {d1} and {d2} features are not comparable"),
+                (r1 and r2 and r1 != r2, f"statistics made with --resize {r1} and {r2} are not comparable")])
     for path, (kind, data) in zip(args.paths, inputs):
         if kind == 'images' and (args.save_stats or len(inputs) == 2):
             warn_few(path, len(data))
