@@ -137,7 +137,6 @@ class Mixed(nn.Module):
         return torch.cat([chain(self, branch, x) for branch in self.branches], 1)
 
 class FIDInceptionV3(nn.Module):
-
     def __init__(self, fc=True):
         super().__init__()
         for name, *spec in convs([STEM]):
@@ -301,11 +300,11 @@ def load_input(path, max_images):
     return 'images', uint8_images(data['arr_0'], path, max_images)
 
 def check_stats(data, path):
-    """a statistics .npz -> (mu, sigma, resize), or a FIDError naming the file"""
+    """the arrays of a statistics .npz -> (mu, sigma, resize)"""
     mu, sigma = data['mu'], data['sigma']
-    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu' or mu.ndim != 1 or sigma.shape != (len(mu),) * 2:
-        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not "
-                       "statistics, (d,) and (d, d) numbers")
+    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu' or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not statistics, "
+                       "(d,) and (d, d) numbers")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise FIDError(f"{path}: the statistics hold NaN or inf")
     return mu, sigma, str(data.get('resize', ''))
@@ -460,8 +459,7 @@ def clip_score(clip, files, prompts, batch_size=50, device='cpu'):
     return total / len(files)
 
 def rfid_models(args):
-    """--tokenizer and the text encoder of its caption guidance (--clip, else a checkpoint's own, else the
-    releases' ViT-L-14-336), checked against each other and --image_size before any image is read"""
+    """--tokenizer and the text encoder of its captions, checked together before any image is read"""
     tokenizer = TATiTok.from_pretrained(args.tokenizer)
     cfg, ckpt = tokenizer.config, args.tokenizer
     if os.path.isdir(ckpt):  # a training run's folder
@@ -558,7 +556,8 @@ def check_inputs(args):
     paths_needed = (1, 2) if args.save_stats or args.isc or args.clip_score else (2,)
     refuse([(rfid and (not (args.tokenizer and args.imagenet) or args.paths or args.isc or args.clip_score),
              "rFID mode takes both --tokenizer and --imagenet, and no paths, --isc or --clip_score"),
-            (not rfid and (args.clip or args.image_size), "--clip and --image_size are for rFID mode"),
+            (not rfid and (args.clip or args.image_size),
+             "--clip and --image_size are for rFID mode (--tokenizer, --imagenet)"),
             (not rfid and len(args.paths) not in paths_needed,
              "give two paths for FID, or one with --save_stats, --isc or --clip_score"),
             (args.weights and not os.path.isfile(args.weights), f"--weights {args.weights}: no such file")])
@@ -571,7 +570,8 @@ def check_inputs(args):
     inputs = [load_input(path, args.max_images) for path in args.paths]
     n_first = len(inputs[0][1]) if inputs and inputs[0][0] == 'images' else 0  # a statistics file holds no images
     refuse([(args.isc and n_first < 10, f"--isc needs 10 images or more (10 splits) as the first path, not {n_first}"),
-            (args.clip_score and not os.path.isdir(args.paths[0]), "--clip_score needs a folder as the first path")])
+            (args.clip_score and not os.path.isdir(args.paths[0]),
+             "--clip_score needs an image folder as the first path")])
     # FID compares like with like: the feature size and --resize of each input's statistics
     made = [(2048, args.resize) if kind == 'images' else (len(data[0]), data[2]) for kind, data in inputs]
     if len(made) == 2:
