@@ -797,7 +797,7 @@ def number(kind=float, low=None, high=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-        if not math.isfinite(value):
+        if kind is float and not math.isfinite(value):  # (an int is finite, however long)
             raise argparse.ArgumentTypeError(f"{text!r}: a finite number is wanted")
         if low is not None and value < low:
             raise argparse.ArgumentTypeError(f"{text!r}: at least {low} is wanted")
