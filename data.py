@@ -327,6 +327,34 @@ def score_shapes(caption, objects, size):
     checks['all'] = checks['objects'] and checks.get('size', True) and bool(checks['relation'])
     return checks
 
+def edit_caption(caption, word):
+    """A caption of one object with its colour word (word='colour') or its shape word ('shape') changed to the next
+    in SHAPES_COLOURS / SHAPES_KINDS: the edits sample.py --eval edits asks for."""
+    [(colour, shape, scale)], side, _ = parse_shapes_caption(caption)
+    if word == 'colour':
+        names = list(SHAPES_COLOURS)
+        colour = names[(names.index(colour) + 1) % len(names)]
+    else:
+        shape = SHAPES_KINDS[(SHAPES_KINDS.index(shape) + 1) % len(SHAPES_KINDS)]
+    text = ' '.join(w for w in ('a', scale, colour, shape) if w)
+    if side:
+        text += f" on the {side}"
+    return text
+
+def score_edit(caption, before, objects, size):
+    """An edited image's objects (detect_shapes) against the edited caption and the object it was edited from ->
+    {'colour', 'shape': the caption's (the new word, or the kept one), 'size': kept, 'place': the centre kept
+    within a tenth of the side, 'all'}."""
+    [(colour, shape, _)], _, _ = parse_shapes_caption(caption)
+    o = dict(colour=None, shape=None, size=None, x=np.inf, y=np.inf)  # what an empty image shows
+    if objects:
+        o = objects[0]
+    near = abs(o['x'] - before['x']) <= size / 10 and abs(o['y'] - before['y']) <= size / 10
+    checks = dict(colour=o['colour'] == colour, shape=o['shape'] == shape, size=o['size'] == before['size'],
+                  place=bool(near))
+    checks['all'] = all(checks.values())
+    return checks
+
 def shapes_scores(captions, detections, size):
     """Images (their captions, their objects) -> {category: {check: the share of its images that pass it, 'n': its
     images}}; 'relation' is the share among the images that have both objects' colours, 'relation_n' of them."""

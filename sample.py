@@ -33,7 +33,7 @@ from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, loa
                      checkpoint_weights, pick_device, pick_dtype, autocast, make_out_dir, number)
 from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
 from data import (make_grid, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
-                  shapes_variety, shapes_data_variety, SHAPES_SUITE)
+                  shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
 SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
@@ -43,15 +43,18 @@ SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
 OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # the releases' pairs, for a generator file passed as --model
 DEFAULT_PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff at sunset"]  # feel free to change
 ROUND_TRIP_IMAGES = 256  # --eval shapes: held-out images through the tokenizer alone
+DEFAULT_STRENGTH, DEFAULT_REMASK = 0.5, 'likelihood'  # --image: TUNING.md has the edits they were chosen on
+EDIT_IMAGES = 48  # --eval edits: held-out images, each edited twice
 
 p = argparse.ArgumentParser(usage='python sample.py [PROMPT ...] [--model NAME_OR_CKPT] [options]',
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('prompt', nargs='*', help='prompts ("" is unconditional); default: two built-in prompts')
 p.add_argument('--prompts', metavar='FILE', help='a UTF-8 text file, one prompt per line (a blank line is '
                'unconditional), instead of prompts on the command line')
-p.add_argument('--eval', choices=['shapes'], help='shapes: draw the 120 prompts of the shapes suite and score each '
-               'image (colour, shape, size, side, two objects and their relation, variety), and the tokenizer alone '
-               'on held-out images; a checkpoint of the CPU quickstart')
+p.add_argument('--eval', choices=['shapes', 'edits'], help='for a checkpoint of the CPU quickstart: shapes, draw the '
+               '120 prompts of the shapes suite and score each image (colour, shape, size, side, two objects and '
+               'their relation, variety) and the tokenizer alone on held-out images; edits, edit held-out images '
+               '(their colour word, their shape word) at --strength and score what changed and what was kept')
 p.add_argument('--model', default='vq-xl', help=f'the generator: an official one {OFFICIAL} (default vq-xl), its '
                f'Hugging Face repo id or a local file of it, or a checkpoint (or its folder) of train_maskgen.py, '
                f'which holds all it needs')
@@ -82,6 +85,14 @@ p.add_argument('--compile', default='off', choices=['on', 'off'], help='torch.co
                'worth it for thousands of images (default off)')
 p.add_argument('--out_dir', default='samples', help='output folder, new or empty (default samples/)')
 p.add_argument('--grid', metavar='FILE', help='also save the first 64 images as one picture, a row per prompt')
+p.add_argument('--image', metavar='FILE', help='start from this image (resized and centre-cropped to the '
+               "tokenizer's resolution): its tokens, a share --strength of them drawn anew under each prompt")
+p.add_argument('--strength', type=number(float, 0, 1), default=DEFAULT_STRENGTH, help='with --image: the share of '
+               f'its tokens drawn anew, 0 (a reconstruction, with the prompt as the decoder\'s caption) to 1 (the '
+               f'image ignored) (default {DEFAULT_STRENGTH})')
+p.add_argument('--remask', choices=['random', 'likelihood'], default=DEFAULT_REMASK, help="with --image: which "
+               "tokens to draw anew: at random, or (VQ) the ones the generator finds least likely under the prompt "
+               f"(default {DEFAULT_REMASK})")
 
 def load_models(args, device):
     """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
@@ -127,7 +138,7 @@ def read_prompts(args):
     if args.prompt and args.prompts:
         p.error("give prompts on the command line or --prompts FILE, not both")
     if args.eval:
-        return [prompt for category in SHAPES_SUITE.values() for prompt in category]
+        return [prompt for category in SHAPES_SUITE.values() for prompt in category]  # (edits: its own images)
     if not args.prompts:
         return args.prompt or DEFAULT_PROMPTS
     try:
@@ -153,6 +164,85 @@ def check_out_dir(args, world):
         make_out_dir(args.out_dir)
     except CheckpointError as e:
         p.error(str(e))
+
+def open_image(path):
+    """--image: the PIL RGB image, or a one-line error before any model loads."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except (OSError, ValueError) as e:
+        p.error(f"--image {path}: not a readable image ({type(e).__name__})")
+
+def crop(img, size):
+    """(1, 3, size, size) in [0, 1]: the shorter side resized to `size` (bicubic), centre-cropped."""
+    if min(img.size) < size / 2:
+        p.error(f"--image is {img.size[0]}x{img.size[1]}, under half the tokenizer's {size} px: upscaled that much, "
+                f"its tokens would describe blur")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+
+def keep_tokens(gen, init, feats, aes, strength, remask, generators):
+    """Which of the start tokens init (B, N) each image keeps: all but round(strength N), drawn anew either at random
+    (each image's own generator) or where the generator finds them least likely under its prompt -> keep (B, N)."""
+    n = round(strength * gen.config.num_tokens)
+    if remask == 'likelihood':
+        return gen.least_likely(init, feats['tokens'], feats['pooled'], aes, n)
+    # a generator of its own per image, so that the sampler's draws are those of text-to-image
+    mine = [torch.Generator(init.device).manual_seed(g.initial_seed() + 1) for g in generators]
+    keys = torch.stack([torch.rand(init.shape[1], generator=g, device=init.device) for g in mine])  # (B, N)
+    return keys.argsort(-1).argsort(-1) >= n  # the n with the smallest keys are drawn anew
+
+def encode(tok, images):
+    """The tokens an edit starts from: VQ ids (B, N), KL latents (B, N, C), the posterior mean."""
+    if tok.config.quantize == 'vq':
+        return tok.encode(images)
+    return tok.encode(images, sample=False)
+
+def to_uint8(x):
+    return (x.float().clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncated, as the release
+
+def edits_report(gen, tok, te, sampling, args, device):
+    """--eval edits: EDIT_IMAGES held-out images of one small object on the left or right, each drawn with its
+    caption's colour word changed and, apart, its shape word, at --strength -> lines, JSON last: the reconstruction's
+    PSNR (strength 0), and for each edit whether the new word was drawn and the rest kept (centre within a tenth of
+    the side)."""
+    size = tok.config.image_size
+    pairs = [shapes_sample(i, size, 'val', max_objects=1) for i in range(4 * EDIT_IMAGES)]
+    pairs = [(img, cap) for img, cap in pairs if ' on the ' in cap][:EDIT_IMAGES]
+    images = torch.from_numpy(np.stack([np.asarray(img) for img, _ in pairs])).permute(0, 3, 1, 2).float() / 255
+    captions = [cap for _, cap in pairs]
+    start = encode(tok, images.to(device))  # (n, N) or (n, N, C)
+    recon = tok.decode_tokens(start, te(captions)['guidance']).float().clamp(0, 1).cpu()
+    psnr = -10 * torch.log10(((recon * 255).round() / 255 - images).pow(2).mean((1, 2, 3))).mean().item()
+    truth = [detect_shapes(np.asarray(img))[0] for img, _ in pairs]
+    null = te([''])
+    results = {}
+    for edit in ('colour', 'shape'):
+        edited = [edit_caption(cap, edit) for cap in captions]
+        rows = [(k, j) for k in range(len(pairs)) for j in range(args.per_prompt)]
+        checks = []
+        for b in range(0, len(rows), args.batch_size):
+            batch = rows[b:b + args.batch_size]
+            feats = te([edited[k] for k, _ in batch])
+            generators = image_generators(args.seed, batch, device)
+            init = start[[k for k, _ in batch]]
+            keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
+            tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
+                                  init_tokens=init, keep=keep, generator=generators)
+            for (k, _), img in zip(batch, to_uint8(tok.decode_tokens(tokens, feats['guidance']))):
+                checks.append(score_edit(edited[k], truth[k], detect_shapes(img), size))
+        results[edit] = {key: float(np.mean([c[key] for c in checks])) for key in checks[0]}
+    lines = [f"reconstruction {len(pairs)} held-out images | psnr {psnr:.2f} dB"]
+    for edit, r in results.items():
+        lines.append(f"{edit} edit at strength {args.strength} ({args.remask}) | " +
+                     ' | '.join(f"{k} {v:.3f}" for k, v in r.items()))
+    lines.append(json.dumps(dict(psnr=round(psnr, 3), strength=args.strength, remask=args.remask,
+                                 **{e: {k: round(v, 4) for k, v in r.items()} for e, r in results.items()})))
+    return lines
 
 def round_trip(tok, te, device):
     """The tokenizer alone, the ceiling of what the generator can draw: ROUND_TRIP_IMAGES held-out shapes images
@@ -213,6 +303,11 @@ def main(argv=None):
     if args.eval and world > 1:
         p.error("--eval runs on one process (480 small images at 4 per prompt), not under torchrun")
     prompts = read_prompts(args)
+    picture = None
+    if args.image and args.eval:
+        p.error("--eval draws its own images: give no --image with it")
+    if args.image:
+        picture = open_image(args.image)
     try:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
@@ -240,6 +335,16 @@ def main(argv=None):
     if sampling.get('x0_clip') == 0:  # --x0_clip 0: off
         sampling['x0_clip'] = None
     sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ's or KL's
+    if args.remask == 'likelihood' and gen.config.quantize == 'kl' and (args.image or args.eval == 'edits'):
+        p.error("--remask likelihood needs a VQ generator (KL tokens have no likelihood to rank): --remask random")
+    if args.eval == 'edits':
+        with torch.no_grad(), autocast(device, dtype):
+            print('\n'.join(edits_report(gen, tok, te, sampling, args, device)))
+        return
+    start = None  # --image: the tokens every image starts from
+    if picture is not None:
+        with torch.no_grad():
+            start = encode(tok, crop(picture, tok.config.image_size).to(device))
     if args.compile == 'on':  # the blocks only: generate() itself is a Python loop with changing shapes
         for m in list(gen.modules()) + list(tok.decoder.modules()):
             if type(m).__name__ in ('JointBlock', 'SimpleMLPAdaLN', 'Block'):
@@ -256,24 +361,29 @@ def main(argv=None):
     total, bs = len(prompts) * n, args.batch_size
     mine = list(range(rank, math.ceil(total / bs), world))
     bar = tqdm(total=len(mine) * sampling['num_steps'], desc='decoding steps', disable=not master)
-    paths, grid, results = [], [], []
+    paths, grid, results, strips = [], [], [], {}
     with torch.no_grad(), autocast(device, dtype):
         null = te([args.negative])  # the unconditional branch, computed once
         for b in mine:
             images = list(range(b * bs, min(total, (b + 1) * bs)))
             feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
             generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
+            given = {}
+            if start is not None:  # the image's tokens, a share --strength of them drawn anew
+                init = start.expand(len(images), *start.shape[1:])
+                keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
+                given = dict(init_tokens=init, keep=keep)
             tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                  generator=generators, callback=lambda *a: bar.update())
-            x = tok.decode_tokens(tokens, feats['guidance']).float().clamp(0, 1)  # (B, 3, H, W)
-            x = (x * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # truncated to 8 bits, as the release
-            for i, img in zip(images, x):
+                                  **given, generator=generators, callback=lambda *a: bar.update())
+            for i, img in zip(images, to_uint8(tok.decode_tokens(tokens, feats['guidance']))):
                 paths.append(os.path.join(args.out_dir, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))
                 Image.fromarray(img).save(paths[-1])
                 if len(grid) < 64:
                     grid.append(img)
                 if args.eval:
                     results.append(detect_shapes(img))
+                if start is not None and i % n < 8:
+                    strips.setdefault(i // n, []).append(img)
     bar.close()
     if world > 1:  # the images of one rank are a scattered subset: no grid, no report
         print(f"rank {rank}: {len(paths)} images in {args.out_dir}/")
@@ -284,6 +394,13 @@ def main(argv=None):
     if args.grid:
         Image.fromarray(make_grid(np.stack(grid), ncol=min(n, 8))).save(args.grid)
         print(f"grid of the first {len(grid)}: {args.grid}")
+    for k, samples in strips.items():  # --image: the input, its reconstruction under the prompt, the samples
+        with torch.no_grad(), autocast(device, dtype):
+            recon = to_uint8(tok.decode_tokens(start, te([prompts[k]])['guidance']))[0]
+        row = [to_uint8(crop(picture, tok.config.image_size))[0], recon, *samples]
+        path = os.path.join(args.out_dir, f"strip_{k:05d}.png")
+        Image.fromarray(make_grid(np.stack(row), ncol=len(row))).save(path)
+        print(f"input, reconstruction, samples: {path}")
     if args.eval:
         with torch.no_grad(), autocast(device, dtype):
             tokenizer = round_trip(tok, te, device)  # on the same process, after the samples

@@ -1878,6 +1878,76 @@ def test_sample_bad_inputs(sample_ckpts, tmp_path, capsys):
     assert code == 2 and all(name in err for name in ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'))  # lists the valid names
     assert len(err.strip().splitlines()) == 1  # and nothing about downloads
 
+@pytest.mark.parametrize('kind', ['vq', 'kl'])
+def test_sample_from_an_image(sample_ckpts, tmp_path, capsys, monkeypatch, kind):
+    """--image: strength 0 keeps every token of the image (the tokenizer's own tokens of the crop), strength 1 is
+    text-to-image with the same seed; each prompt gets a strip (input, reconstruction, samples) beside its PNGs."""
+    import maskgen
+    cls = {'vq': maskgen.MaskGenVQ, 'kl': maskgen.MaskGenKL}[kind]
+    tokens, generate = [], cls.generate
+    record = lambda self, *a, **k: tokens.append(generate(self, *a, **k)) or tokens[-1]
+    monkeypatch.setattr(cls, 'generate', functools.wraps(generate)(record))
+    img, _ = data.shapes_sample(3, 64)  # 64 px: resized to the tiny tokenizer's 32
+    img.save(tmp_path / 'in.png')
+    remask = ['--remask', 'random'] if kind == 'kl' else []
+    runs = [['--image', str(tmp_path / 'in.png'), '--strength', '0', *remask], ['--image', str(tmp_path / 'in.png'),
+            '--strength', '1', *remask], []]
+    for k, extra in enumerate(runs):
+        code, out, err = _sample_main(['--model', sample_ckpts[kind], 'a red circle', 'a blue square', '--per_prompt',
+                                       '2', '--out_dir', str(tmp_path / f'o{k}'), *extra], capsys)
+        assert code in (0, None), err
+    assert _sample_pngs(tmp_path / 'o0') == sorted([f"{p:05d}_{j:02d}_s0.png" for p in range(2) for j in range(2)] +
+                                                   ['strip_00000.png', 'strip_00001.png'])
+    assert Image.open(tmp_path / 'o0' / 'strip_00000.png').size == (4 * 34 + 2, 34 + 2)  # input, recon, 2 samples
+    tok = TATiTok.from_pretrained(checkpoint(sample_ckpts[kind])['tokenizer'])
+    import sample
+    start = sample.encode(tok, sample.crop(Image.open(tmp_path / 'in.png').convert('RGB'), 32))  # (1, N...)
+    if kind == 'vq':
+        assert torch.equal(tokens[0], start.expand_as(tokens[0]))
+    else:  # up to the rounding of multiplying and dividing by scale_factor
+        torch.testing.assert_close(tokens[0], start.expand_as(tokens[0]), rtol=1e-6, atol=0)
+    assert torch.equal(tokens[1], tokens[2])  # strength 1 draws every token, as text-to-image does
+
+def test_sample_image_bad_inputs(sample_ckpts, tmp_path, capsys):
+    """--image: a missing or unreadable file, a --strength outside [0, 1], an image too small for the tokenizer,
+    --image with --eval, ranking KL tokens by likelihood: one line, exit 2."""
+    (tmp_path / 'junk.png').write_bytes(b'not an image')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'tiny.png')  # under half the tiny tokenizer's 32 px
+    Image.new('RGB', (40, 30)).save(tmp_path / 'ok.png')
+    vq, kl = (['--model', sample_ckpts[q], 'a red circle'] for q in ('vq', 'kl'))
+    cases = [([*vq, '--image', str(tmp_path / 'missing.png')], '--image'),
+             ([*vq, '--image', str(tmp_path / 'junk.png')], 'not a readable image'),
+             ([*vq, '--image', str(tmp_path / 'ok.png'), '--strength', '1.5'], '--strength'),
+             ([*vq, '--image', str(tmp_path / 'ok.png'), '--strength', 'nan'], '--strength'),
+             ([*vq, '--image', str(tmp_path / 'tiny.png')], 'under half'),
+             (['--model', sample_ckpts['vq'], '--eval', 'shapes', '--image', str(tmp_path / 'ok.png')], '--image'),
+             ([*kl, '--image', str(tmp_path / 'ok.png'), '--remask', 'likelihood'], 'needs a VQ generator')]
+    for k, (argv, needle) in enumerate(cases):
+        code, out, err = _sample_main([*argv, '--out_dir', str(tmp_path / f'o{k}')], capsys)
+        assert code == 2 and needle in err and 'Traceback' not in err, (argv, err)
+
+def test_sample_eval_edits(sample_ckpts, tmp_path, capsys):
+    """--eval edits edits held-out shapes images (their colour word, apart their shape word) and prints the
+    reconstruction's PSNR and, per edit, what changed and what was kept, JSON last."""
+    code, out, err = _sample_main(['--model', sample_ckpts['vq'], '--eval', 'edits', '--per_prompt', '1',
+                                   '--out_dir', str(tmp_path)], capsys)
+    assert code in (0, None), err
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r['psnr'] > 0 and r['strength'] == 0.5
+    for edit in ('colour', 'shape'):
+        assert set(r[edit]) == {'colour', 'shape', 'size', 'place', 'all'} and 0 <= r[edit]['all'] <= 1
+
+def test_edit_captions_and_scores():
+    """The edits: the next colour / shape word, size and side kept; an edit scored against the object it came from."""
+    assert data.edit_caption('a small red circle on the left', 'colour') == 'a small green circle on the left'
+    assert data.edit_caption('a white triangle on the right', 'shape') == 'a white circle on the right'
+    before = dict(colour='red', shape='circle', size='small', x=8.0, y=16.0)
+    after = [dict(colour='green', shape='circle', size='small', x=10.0, y=15.0)]
+    s = data.score_edit('a small green circle on the left', before, after, 32)
+    assert s == dict(colour=True, shape=True, size=True, place=True, all=True)
+    after[0]['x'] = 12.0  # 4 px off: more than a tenth of 32
+    assert not data.score_edit('a small green circle on the left', before, after, 32)['place']
+
 def test_sample_flags_pass_through_torchrun():
     """torchrun's own parser reads the flags after the script too, and rejects an abbreviation of its options (a
     flag named --n would be one: --nnodes, --nproc_per_node). Every sample.py flag must reach sample.py untouched."""
