@@ -32,6 +32,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -68,11 +69,10 @@ SHAPES_KINDS = ('circle', 'square', 'triangle')
 # the 24 prompts "a {colour} {shape}": train_maskgen.py's sample grid, the 'single' category of SHAPES_SUITE
 SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]
 # half-extent / image size, by the number of objects in the image. Two large ones must fit side by
-# side; one alone is drawn larger, as shape is the last thing a small tokenizer learns and its signal
-# grows with the area (the quickstart's KL tokenizer, 1600 steps, a stripped-down loop: 71% vs 27% of
-# lone objects redrawn with the right shape)
-SHAPES_RADIUS = {1: {'small': 0.25, 'large': 0.35}, 2: {'small': 0.14, 'large': 0.22}}
-SHAPES_PAIRS = 1 / 3  # the share of images with two objects
+# side; one alone is drawn larger, and a pair's small one not much smaller than its large one, as shape is the
+# last thing a small tokenizer learns and its signal grows with the area (TUNING.md)
+SHAPES_RADIUS = {1: {'small': 0.25, 'large': 0.35}, 2: {'small': 0.18, 'large': 0.22}}
+SHAPES_PAIRS = 1 / 2  # the share of images with two objects
 # where the second of two objects is, by (horizontal, first_low): the caption's relation
 SHAPES_RELATION = {(True, True): 'to the left of', (True, False): 'to the right of',
                    (False, True): 'above', (False, False): 'below'}
@@ -179,7 +179,7 @@ SHAPES_SUITE = {
     'side': [f"a small {c} {s} on the {('left', 'right')[i % 2]}" for i, (c, s) in enumerate(_PAIRS)],
     'two': _two_object_prompts(48)}
 # an object of the data covers ~150 px or more of a 64 px image (the smallest, a pair's small triangle: half of
-# (2 * 0.14 * 64)^2 = 161 px, less what the opening trims); a region under half that is a fragment: blur, a blend
+# (2 * 0.18 * 64)^2 = 265 px, less what the opening trims); a region under 75 px is a fragment: blur, a blend
 # between two colours
 SHAPES_MIN_AREA = 75
 
@@ -239,7 +239,9 @@ def detect_shapes(img):
             shape = 'triangle'
         elif fill > 0.89:
             shape = 'square'
-        half = (max(np.ptp(ys), np.ptp(xs)) + 1) / 2 / 64  # half-extent / image side, as SHAPES_RADIUS
+        # half-extent / image side, as SHAPES_RADIUS, from the area (circle pi r^2, square 4 r^2, upright triangle
+        # 2 r^2): the opening trims a triangle's acute corners off its box, hardly off its area
+        half = math.sqrt(comp.sum() / {'circle': math.pi, 'square': 4.0, 'triangle': 2.0}[shape]) / 64
         size = 'small'
         if half > (radii['small'] + radii['large']) / 2:
             size = 'large'
@@ -383,10 +385,10 @@ def shapes_variety(detections, size):
                 std_x=float(np.std([o['x'] for o in largest]) / size),
                 std_y=float(np.std([o['y'] for o in largest]) / size), n=len(largest))
 
-def shapes_data_variety(size, n=4000):
-    """shapes_variety of the data's own images captioned "a {colour} {shape}" (no size, no side: a quarter of
-    them) among the first n of the training stream, read by the same detector: what the suite's variety is
-    measured against (1000 images: the share small to +-0.015, one standard error)."""
+def shapes_data_variety(size, n=5000):
+    """shapes_variety of the data's own images captioned "a {colour} {shape}" (no size, no side: 3/8 of the lone
+    objects) among the first n of the training stream, read by the same detector: what the suite's variety is
+    measured against (~940 images: the share small to +-0.015, one standard error)."""
     detections = []
     for i in range(n):
         img, caption = shapes_sample(i, size)

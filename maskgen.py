@@ -808,9 +808,9 @@ MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the gen
     'tiny-kl': dict(quantize='kl', num_tokens=8, token_size=5, width=64, depth=2, heads=4, text_embed_dim=64,
                     diffloss_width=64, diffloss_depth=2, mask_block=2, tokenizer='tiny-kl'),
     # the CPU quickstart (train_maskgen.py --preset shapes); TUNING.md says how these sizes were chosen
-    'shapes-vq': dict(quantize='vq', num_tokens=16, codebook_size=1024, width=128, depth=4, heads=4,
+    'shapes-vq': dict(quantize='vq', num_tokens=32, codebook_size=1024, width=128, depth=4, heads=4,
                       text_embed_dim=64, tokenizer='shapes-vq'),
-    'shapes-kl': dict(quantize='kl', num_tokens=16, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
+    'shapes-kl': dict(quantize='kl', num_tokens=32, token_size=16, width=128, depth=4, heads=4, text_embed_dim=64,
                       diffloss_width=256, diffloss_depth=3, tokenizer='shapes-kl'),
 }
 

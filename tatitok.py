@@ -494,9 +494,9 @@ _HF = 'turkeyju/tokenizer_tatitok_'
 # text_embed_dim 64 = TextEncoder.tiny()'s width
 _TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2, enc_heads=4,
              dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)
-# the CPU quickstart's: 32 px in 4 px patches, 16 tokens, 16 text positions, one encoder and three decoder layers
+# the CPU quickstart's: 32 px in 4 px patches, 32 tokens, 16 text positions, one encoder and three decoder layers
 # 64 wide (rendering is the slow part); TUNING.md says how each number was chosen
-_SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=16, enc_width=64, enc_layers=1, enc_heads=2,
+_SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=32, enc_width=64, enc_layers=1, enc_heads=2,
                dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64, text_context_length=16)
 TATITOK_PRESETS = {
     'vq32':  dict(quantize='vq', token_size=64, num_latent_tokens=32, **_B, **_L, repo=_HF + 'bl32_vq'),    # 390.8M

@@ -420,7 +420,8 @@ def test_shapes_set():
         assert tuple(np.asarray(img)[0, 0]) == data.SHAPES_BG
         singles += not any(r in cap for r in ('left of', 'right of', 'above', 'below'))
     assert 0 < min(blended) and max(blended) < 0.1  # exact colours inside, blends on the edges only
-    assert 110 < singles < 156  # about two thirds of the samples show one object (133 expected)
+    expected = 200 * (1 - data.SHAPES_PAIRS)  # the share of lone objects; 3 binomial standard errors around it
+    assert abs(singles - expected) < 3 * (200 * data.SHAPES_PAIRS * (1 - data.SHAPES_PAIRS)) ** 0.5
     assert caps != [data.shapes_sample(i, split='val')[1] for i in range(200)]
     assert not any(' of ' in c or 'above' in c or 'below' in c for c in (data.shapes_sample(i, max_objects=1)[1]
                                                                       for i in range(100)))
@@ -545,7 +546,7 @@ def test_shapes_suite_scoring_on_the_data_itself():
     ratio <= 0.51 against the 0.6 threshold, circles >= 0.87; fill <= 0.84 for circles, >= 0.97 for squares,
     against 0.89); 0.99 leaves room for a rare image without hiding a broken check. The data's variety, the
     suite's reference, is the closed form of shapes_sample: a third small, centre std 0.075 of the side at 32 px
-    (2/3 large ones uniform over 5.6 px, 1/3 small ones over 12 px), to 3 standard errors of ~1000 images
+    (2/3 large ones uniform over 5.6 px, 1/3 small ones over 12 px), to 3 standard errors of ~940 images
     (0.045 for the share, ~6% for a std)."""
     for size in (32, 64):
         captions, detections = [], []
@@ -558,7 +559,8 @@ def test_shapes_suite_scoring_on_the_data_itself():
         for category, s in scores.items():
             assert s['n'] >= 100 and all(v >= 0.99 for k, v in s.items() if k not in ('n', 'relation_n')), (size, s)
     v = data.shapes_data_variety(32)
-    assert 900 < v['n'] < 1100 and abs(v['small'] - 1 / 3) < 0.045, v
+    expected = 5000 * (1 - data.SHAPES_PAIRS) * 3 / 8  # lone objects, unsized and without a side
+    assert abs(v['n'] - expected) < 3 * (expected * (1 - expected / 5000)) ** 0.5 and abs(v['small'] - 1 / 3) < 0.045, v
     assert abs(v['std_x'] / 0.075 - 1) < 0.06 and abs(v['std_y'] / 0.075 - 1) < 0.06, v
 
 def test_shapes_loader_batches_and_never_flipped():

@@ -370,8 +370,8 @@ RECIPES = {
     # the CPU quickstart: 32 px shapes, a random tiny text tower, no perceptual loss or GAN (no downloads); the
     # encoder at a third of the lr, so the high lr of the decoder and codebook does not collapse the codebook.
     # TUNING.md has the measurements behind every number
-    'shapes': dict(batch_size=16, micro_batch_size=None, max_steps=2700, lr=6e-3, encoder_lr_scale=1 / 3,
-                   end_lr=6e-4, warmup_steps=500, weight_decay=1e-4, beta2=0.99, disc_start=-1, disc_lr=1e-4,
+    'shapes': dict(batch_size=32, micro_batch_size=None, max_steps=2700, lr=8.5e-3, encoder_lr_scale=1 / 3,
+                   end_lr=8.5e-4, warmup_steps=500, weight_decay=1e-4, beta2=0.99, disc_start=-1, disc_lr=1e-4,
                    disc_width=32, perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val',
                    eval_images=256, log_every=100, eval_every=675, ckpt_every=1350, num_workers=0, init='small'),
     # the tests: 32 px, a few steps
