@@ -1084,6 +1084,9 @@ def pretokenize(args):
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = args.device  # a torch.device: main() parsed it
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:  # ranks end at different times: the first to end waits for the last at the gather
+        dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
     # what the user may have got wrong is checked before the tokenizer loads
     try:
         kind, items, missing = _expand(args.data)
@@ -1105,11 +1108,15 @@ def pretokenize(args):
     if done_any and old is not None and old.get('fingerprint') != record['fingerprint']:
         raise DataError(f"--out_dir {args.out_dir} holds token shards of another tokenizer "
                         f"({old.get('tokenizer')}): give a new folder, or that tokenizer")
+    if world > 1:
+        dist.barrier()  # every rank has checked the folder before any rank writes to it
     if rank == 0:
         path = os.path.join(args.out_dir, 'tokenizer.json')
         with open(path + '.tmp', 'w') as fp:
             json.dump(record, fp, indent=1)
-        os.replace(path + '.tmp', path)  # other ranks may read it meanwhile
+        os.replace(path + '.tmp', path)
+    if world > 1:
+        dist.barrier()  # no shard without the record of its tokenizer beside it
 
     def done(name):  # this unit's output shard exists: written in an earlier run
         return os.path.exists(os.path.join(args.out_dir, name + '.tar'))
@@ -1144,9 +1151,6 @@ def pretokenize(args):
         return
     # under torchrun every rank prints its own line, then rank 0 the total over all ranks, last
     print(json.dumps(dict(rank=rank, **summarize_counts(counts, len(missing)))), flush=True)
-    own_group = not dist.is_initialized()
-    if own_group:  # ranks end at different times: the first to end waits here for the last
-        dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
     all_counts = [None] * world
     dist.all_gather_object(all_counts, counts)
     if rank == 0:
