@@ -380,8 +380,8 @@ RECIPES = {
                  perceptual='none', clip='tiny', data='shapes', eval_data='shapes:val', eval_images=16,
                  log_every=1, eval_every=1000, ckpt_every=5, num_workers=0, init='release'),
 }
-RECIPES['shapes-kl'] = dict(RECIPES['shapes'], max_steps=3000, eval_every=750, ckpt_every=1500, lr=3e-3,
-                            end_lr=3e-4)
+RECIPES['shapes-kl'] = dict(RECIPES['shapes'], max_steps=2400, eval_every=600, ckpt_every=1200, lr=4.2e-3,
+                            end_lr=4.2e-4)
 MODEL_FLAGS = ('preset', 'tokens', 'clip')  # what a resumed run must keep
 
 def get_args(argv=None):
