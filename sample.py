@@ -43,7 +43,7 @@ SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
 OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # the releases' pairs, for a generator file passed as --model
 DEFAULT_PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff at sunset"]  # feel free to change
 ROUND_TRIP_IMAGES = 256  # --eval shapes: held-out images through the tokenizer alone
-DEFAULT_STRENGTH, DEFAULT_REMASK = 0.5, 'likelihood'  # --image: TUNING.md has the edits they were chosen on
+DEFAULT_STRENGTH = 0.9  # --image: TUNING.md has the edits it was chosen on
 EDIT_IMAGES = 48  # --eval edits: held-out images, each edited twice
 
 p = argparse.ArgumentParser(usage='python sample.py [PROMPT ...] [--model NAME_OR_CKPT] [options]',
@@ -90,9 +90,9 @@ p.add_argument('--image', metavar='FILE', help='start from this image (resized a
 p.add_argument('--strength', type=number(float, 0, 1), default=DEFAULT_STRENGTH, help='with --image: the share of '
                f'its tokens drawn anew, 0 (a reconstruction, with the prompt as the decoder\'s caption) to 1 (the '
                f'image ignored) (default {DEFAULT_STRENGTH})')
-p.add_argument('--remask', choices=['random', 'likelihood'], default=DEFAULT_REMASK, help="with --image: which "
-               "tokens to draw anew: at random, or (VQ) the ones the generator finds least likely under the prompt "
-               f"(default {DEFAULT_REMASK})")
+p.add_argument('--remask', choices=['random', 'likelihood'], help="with --image: which tokens to draw anew: at "
+               "random, or (VQ) the ones the generator finds least likely under the prompt (default: likelihood VQ, "
+               "random KL)")
 
 def load_models(args, device):
     """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
@@ -337,6 +337,10 @@ def main(argv=None):
     sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ's or KL's
     if args.remask == 'likelihood' and gen.config.quantize == 'kl' and (args.image or args.eval == 'edits'):
         p.error("--remask likelihood needs a VQ generator (KL tokens have no likelihood to rank): --remask random")
+    if args.remask is None:
+        args.remask = 'random'
+        if gen.config.quantize == 'vq':
+            args.remask = 'likelihood'
     if args.eval == 'edits':
         with torch.no_grad(), autocast(device, dtype):
             print('\n'.join(edits_report(gen, tok, te, sampling, args, device)))

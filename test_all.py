@@ -1891,9 +1891,8 @@ def test_sample_from_an_image(sample_ckpts, tmp_path, capsys, monkeypatch, kind)
     monkeypatch.setattr(cls, 'generate', functools.wraps(generate)(record))
     img, _ = data.shapes_sample(3, 64)  # 64 px: resized to the tiny tokenizer's 32
     img.save(tmp_path / 'in.png')
-    remask = ['--remask', 'random'] if kind == 'kl' else []
-    runs = [['--image', str(tmp_path / 'in.png'), '--strength', '0', *remask], ['--image', str(tmp_path / 'in.png'),
-            '--strength', '1', *remask], []]
+    runs = [['--image', str(tmp_path / 'in.png'), '--strength', '0'], ['--image', str(tmp_path / 'in.png'),
+            '--strength', '1'], []]  # --remask: its default, likelihood VQ, random KL
     for k, extra in enumerate(runs):
         code, out, err = _sample_main(['--model', sample_ckpts[kind], 'a red circle', 'a blue square', '--per_prompt',
                                        '2', '--out_dir', str(tmp_path / f'o{k}'), *extra], capsys)
@@ -1931,11 +1930,12 @@ def test_sample_image_bad_inputs(sample_ckpts, tmp_path, capsys):
 def test_sample_eval_edits(sample_ckpts, tmp_path, capsys):
     """--eval edits edits held-out shapes images (their colour word, apart their shape word) and prints the
     reconstruction's PSNR and, per edit, what changed and what was kept, JSON last."""
+    import sample
     code, out, err = _sample_main(['--model', sample_ckpts['vq'], '--eval', 'edits', '--per_prompt', '1',
                                    '--out_dir', str(tmp_path)], capsys)
     assert code in (0, None), err
     r = json.loads(out.strip().splitlines()[-1])
-    assert r['psnr'] > 0 and r['strength'] == 0.5
+    assert r['psnr'] > 0 and r['strength'] == sample.DEFAULT_STRENGTH and r['remask'] == 'likelihood'
     for edit in ('colour', 'shape'):
         assert set(r[edit]) == {'colour', 'shape', 'size', 'place', 'all'} and 0 <= r[edit]['all'] <= 1
 
