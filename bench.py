@@ -3,11 +3,11 @@ Benchmark training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT 
 from a preset (nothing downloaded), synthetic inputs, a few warm-up steps, then timed steps with the device
 synchronised, a small table, and one JSON line last (images/s, ms per step, peak memory, FLOPs per image, MFU).
 
-$ python bench.py --what sample --size l --tokens vq128 --batch 64            # MaskGen-L VQ, 16 steps (paper: A100)
-$ python bench.py --what sample --size l --tokens kl32 --batch 64             # MaskGen-L KL, 32 steps
-$ python bench.py --what train-maskgen --size l --tokens vq128 --batch 64 --compile
-$ python bench.py --what train-tokenizer --tokens vq128 --batch 32
-$ python bench.py --what sample --size tiny --tokens vq --batch 2 --steps 2  # seconds on a CPU
+$ python bench.py --what sample --size l --tokens vq128 --batch_size 64      # MaskGen-L VQ, 16 steps (paper: A100)
+$ python bench.py --what sample --size l --tokens kl32 --batch_size 64       # MaskGen-L KL, 32 steps
+$ python bench.py --what train-maskgen --size l --tokens vq128 --batch_size 64 --compile on
+$ python bench.py --what train-tokenizer --tokens vq128 --batch_size 32
+$ python bench.py --what sample --size tiny --tokens vq --batch_size 2 --sample_steps 2  # seconds on a CPU
 
 Sampling is the whole text-to-image path: CLIP on the prompts (once, and once on ""), the generator's decoding
 steps, the tokenizer's decoder; one extra, instrumented run splits its time into those parts, the MM-DiT passes
