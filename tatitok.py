@@ -805,3 +805,18 @@ def number(kind=float, low=None, high=None):
             raise argparse.ArgumentTypeError(f"{text!r}: at most {high} is wanted")
         return value
     return parse
+
+def add_system_flags(parser, model, draws):
+    """The training scripts' 'system' flags, one spelling for both: model names what is compiled and autocast,
+    draws what --seed seeds besides the init and the data order."""
+    g = parser.add_argument_group('system')
+    g.add_argument('--resume', action='store_true', help="continue the run in --out_dir")
+    g.add_argument('--device', default='auto', help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
+    g.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'], help="autocast "
+                   f"dtype of the {model} (auto: bfloat16 on a GPU, float32 on the CPU); the losses stay fp32")
+    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help=f"torch.compile the {model} "
+                   "(auto: on for CUDA)")
+    g.add_argument('--seed', type=number(int, 0), default=42, help=f"seed of the init, the data order and {draws} "
+                   "(default 42)")
+    g.add_argument('--max_nonfinite', type=number(int, 1), default=20, help="stop after this many non-finite steps "
+                   "in a row (default 20)")

@@ -43,7 +43,7 @@ from PIL import Image
 from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, load_state_dict_file,
                      checkpoint_weights, init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
                      update_ema, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
-                     micro_batches, number)
+                     micro_batches, number, add_system_flags)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators
 from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
                   tokenizer_fingerprint)
@@ -141,17 +141,7 @@ def get_args(argv=None):
     g.add_argument('--diffusion_steps', type=pos_int, help="KL samples: denoising steps per token")
     g.add_argument('--x0_clip', type=pos, help="KL samples: clamp the diffusion's predicted x0 to +-this (scaled "
                    "latents; 0: off, as released); a young diffusion head's samples blow up without it")
-    g = p.add_argument_group('system')
-    g.add_argument('--resume', action='store_true', help="continue the run in --out_dir")
-    g.add_argument('--device', default='auto', help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
-    g.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'], help="autocast "
-                   "dtype (auto: bfloat16 on a GPU, float32 on the CPU); the losses and diffusion maths stay fp32")
-    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help="torch.compile the generator "
-                   "(auto: on for CUDA)")
-    g.add_argument('--seed', type=number(int, 0), default=42, help="seed of the init, the data order, masking and "
-                   "noise (default 42)")
-    g.add_argument('--max_nonfinite', type=pos_int, default=20, help="stop after this many non-finite steps in a "
-                   "row (default 20)")
+    add_system_flags(p, 'generator', 'the masks, caption dropout and diffusion noise')
     args = p.parse_args(argv)
     if args.preset is None and args.tokens not in OFFICIAL_TOKENS:
         p.error(f"pass --tokens {'|'.join(OFFICIAL_TOKENS)} (the official recipe) or --preset shapes (CPU quickstart)")

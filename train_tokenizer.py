@@ -45,7 +45,7 @@ from PIL import Image
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
                      init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, update_ema,
                      param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
-                     micro_batches, number, reachable)
+                     micro_batches, number, add_system_flags, reachable)
 from data import make_loader, make_grid, expand_source, DataError
 
 # -----------------------------------------------------------------------------
@@ -442,17 +442,7 @@ def get_args(argv=None):
     g.add_argument('--eval_every', type=pos_int, help="steps between held-out PSNR and a recon grid (EMA model)")
     g.add_argument('--eval_images', type=pos_int, help="held-out images per evaluation")
     g.add_argument('--ckpt_every', type=pos_int, help="steps between checkpoints (and one at the end)")
-    g = p.add_argument_group('system')
-    g.add_argument('--resume', action='store_true', help="continue the run in --out_dir")
-    g.add_argument('--device', default='auto', help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
-    g.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'], help="autocast "
-                   "dtype of the tokenizer (auto: bfloat16 on a GPU, float32 on the CPU); losses stay fp32")
-    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help="torch.compile the tokenizer "
-                   "(auto: on for CUDA)")
-    g.add_argument('--seed', type=number(int, 0), default=42, help="seed of the init, the data order and the KL "
-                   "noise (default 42)")
-    g.add_argument('--max_nonfinite', type=pos_int, default=20, help="stop after this many non-finite steps in a "
-                   "row (default 20)")
+    add_system_flags(p, 'tokenizer', 'the KL noise')
     args = p.parse_args(argv)
     if args.preset is None and args.tokens not in OFFICIAL_TOKENS:
         p.error(f"pass --tokens {'|'.join(OFFICIAL_TOKENS)} (an official recipe) or --preset shapes (CPU quickstart)")
