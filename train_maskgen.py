@@ -64,7 +64,7 @@ RECIPES = {
                              sample_steps=32, temperature=1.0, diffusion_steps=100, x0_clip=0.0),
     # the CPU quickstart: 32 px shapes (every image has aesthetic score 6.0), sampled on the 24 "a {colour} {shape}"
     # prompts, sized for 8 minutes on 2 cores; TUNING.md has the measurements behind the numbers
-    ('shapes', 'vq'): dict(batch_size=64, max_steps=2200, lr=1e-3, end_lr=1e-4, warmup_steps=50, schedule='cosine',
+    ('shapes', 'vq'): dict(batch_size=64, max_steps=2200, lr=2e-3, end_lr=2e-4, warmup_steps=50, schedule='cosine',
                            weight_decay=0.03, beta2=0.96, log_every=100, sample_every=2200, ckpt_every=1100,
                            num_workers=0, pool=32768, sample_aes=6.0, guidance_scale=2.0, sample_steps=16,
                            temperature=0.5, diffusion_steps=50, x0_clip=0.0),
