@@ -168,11 +168,12 @@ def bench_train_maskgen(args, device, ctx):
         x = randn(B, cfg.num_tokens, cfg.token_size)
     text_tokens, text_pooled, aes = randn(B, L, T), randn(B, T), 5 + torch.rand(B, generator=g, device=device)
     null_tokens, null_pooled = randn(1, L, T), randn(1, T)
+    draws = {k: v.to(device) for k, v in gen.draw_batch(args.seed, range(B)).items()}
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == torch.float16)
 
     def step():
         with ctx:
-            loss, _ = model(x, text_tokens, text_pooled, aes, null_tokens, null_pooled, generator=g)
+            loss, _ = model(x, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=draws)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFilter
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION / DataComp / ours
 WATERMARK_FIELDS = ('pwatermark', 'watermark')  # LAION-5B metadata
+STREAMS = 256  # virtual streams of a training source (see _Stream): 1, 2, 4, ... 256 processes
 DEFAULT_AES = 6.0  # the official sample_aesthetic_score for stage 1, for a sample that carries none
 # the phrases a recaption may start with; in this order, so 'showcases' is tried before 'shows'
 RECAP_PREFIXES = tuple(f"The image {verb}"
@@ -560,64 +561,95 @@ def _resize_crop(img, size, rng, train, flip):
     return np.asarray(img)  # (H, W, 3) uint8
 
 class _Stream(torch.utils.data.IterableDataset):
-    """One (rank, worker) slot's share of the data, as batches that carry the slot's position and
-    counts. Position = (t, j): unit t of this slot (a shard, an epoch of a folder, the shapes range),
-    sample j within it. Everything random is a function of (seed, slot, t, j), so restarting at (t, j)
-    replays exactly."""
+    """The data of one rank. A source is read as `streams` virtual streams, each a fixed sequence of
+    units (a shard drawn with replacement, an epoch of a folder, the shapes range): stream v's p-th kept
+    sample is global sample g = p * streams + v. Rank r reads the streams v = r (mod world), so its
+    samples are g = r, r + world, ... in order, and its worker w reads the rank's j-th stream for
+    j = w (mod workers). Everything random is a function of (seed, v, t, j), v's unit t and sample j in
+    it, so a position (t, j, p) per stream replays exactly on any number of ranks and workers."""
 
     def __init__(self, kind, items, split, batch_size, image_size, train, seed, rank, world_size,
-                 num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
-                 kl_sample, raw):
+                 num_workers, streams, flip, filters, recap_prob, max_objects, num_samples, raw,
+                 prepare):
         self.kind, self.items, self.split = kind, items, split
         self.batch_size, self.image_size, self.train = batch_size, image_size, train
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers, self.resample, self.flip = num_workers, resample, flip
+        self.num_workers, self.streams, self.flip = num_workers, streams, flip
         self.filters, self.recap_prob = filters, recap_prob
         self.max_objects, self.num_samples = max_objects, num_samples
-        self.kl_sample, self.raw = kl_sample, raw
-        self.W = max(1, num_workers)  # workers of this rank (the main process is one when 0)
-        self.S = world_size * self.W  # slots in total
-        self.start = None  # (positions, counts, rotation), set by Loader before each iteration
-        # (one eval pass may leave a worker idle: no shard count needed there)
-        if kind == 'tar' and train and not resample and len(items) < self.S:
-            raise DataError(f"{len(items)} shards < {world_size} ranks x {self.W} workers: use fewer "
-                            f"workers, more shards, or resample=True (shards drawn with replacement, "
-                            f"as the official reader does)")
+        self.raw, self.prepare = raw, prepare
+        self.start = None  # {v: [t, j, p]}, set by Loader before each iteration
 
-    def _units_per_pass(self, slot):
-        if self.kind == 'tar' and not self.resample:
-            return len(range(slot, len(self.items), self.S))  # this slot's share of the shards
-        if self.kind == 'tar':
-            return len(self.items)  # resampled: as many draws as there are shards
-        return 1  # a folder's epoch, the shapes range
+    def my_streams(self):
+        return list(range(self.rank, self.streams, self.world_size))
 
-    def _unit(self, slot, t, counts):
-        """-> (sample refs, tar path or None, unit name)"""
+    def _unit(self, v, t, counts):
+        """Stream v's unit t -> (sample refs, tar path or None, unit name), or None past its end."""
+        V = self.streams
         if self.kind == 'shapes':
-            if self.num_samples:
-                n = self.num_samples
-            elif self.train:
-                n = 2 ** 62  # endless
-            else:
-                n = 1000  # one evaluation pass
-            return range(slot, n, self.S), None, f"shapes-{slot:05d}"
+            n = 2 ** 62  # endless
+            if not self.train:
+                n = self.num_samples or 1000  # one evaluation pass
+            if t > 0:
+                return None
+            return range(v, n, V), None, f"shapes-{v:05d}"
         order = list(range(len(self.items)))
         if self.kind == 'folder':
+            if not self.train and t > 0:
+                return None
             if self.train:
                 random.Random(f"{self.seed}/epoch/{t}").shuffle(order)
-            return [self.items[i] for i in order[slot::self.S]], None, f"folder-{slot:05d}"
-        if self.train and self.resample:  # like webdataset's ResampledShards: with replacement, forever
-            rng = random.Random(f"{self.seed}/resample/{slot}/{t}")
-            path = self.items[rng.randrange(len(self.items))]
-        else:  # every pass reshuffles which slot reads which shard, none is read twice within a pass
-            epoch, i = divmod(t, self._units_per_pass(slot))
-            if self.train:
-                random.Random(f"{self.seed}/epoch/{epoch}").shuffle(order)
-            path = self.items[order[slot::self.S][i]]
+            return [self.items[i] for i in order[v::V]], None, f"folder-{v:05d}"
+        if self.train:  # like webdataset's ResampledShards: with replacement, forever
+            path = self.items[random.Random(f"{self.seed}/resample/{v}/{t}").randrange(len(order))]
+        elif v + t * V < len(order):  # one pass: stream v reads shards v, v + V, ...
+            path = self.items[v + t * V]
+        else:
+            return None
         refs = _tar_index(path, counts)
         if self.train:  # whole-shard shuffle
-            random.Random(f"{self.seed}/shard/{slot}/{t}").shuffle(refs)
+            random.Random(f"{self.seed}/shard/{v}/{t}").shuffle(refs)
         return refs, path, os.path.basename(path).rsplit('.', 1)[0]
+
+    def _read(self, v, t, j, p):
+        """Stream v's samples from position (t, j), p kept so far -> yields (sample or None at a
+        unit's end, position after it, the counts since the last yield)."""
+        counts, mark = Counter(), p
+        passes = max(1, len(self.items))  # units per pass: a pass that keeps nothing must not spin
+        while True:
+            if self.train and t % passes == 0 and j == 0:
+                if t > 0 and p == mark:
+                    raise DataError(f"stream {v}: {passes} unit(s) in a row kept no sample (all "
+                                    f"filtered or corrupt?)")
+                mark = p
+            unit = self._unit(v, t, counts if j == 0 else Counter())  # a bad shard counts once
+            if unit is None:
+                yield None, (t, j, p), counts
+                return
+            refs, path, name = unit
+            with open(path, 'rb') if path else contextlib.nullcontext() as f:
+                while j < len(refs):
+                    rng = random.Random(f"{self.seed}/{v}/{t}/{j}")
+                    s = self._sample(refs[j], f, rng, counts)
+                    j += 1
+                    counts['read'] += 1
+                    if isinstance(s, str):
+                        counts[s] += 1
+                        continue
+                    counts['kept'] += 1
+                    if self.raw:
+                        s['unit'] = name
+                    if self.train:
+                        s['index'] = p * self.streams + v  # the global sample index
+                        if self.prepare:
+                            s.update(self.prepare(s, s['index']))
+                    p += 1
+                    yield s, (t, j, p), counts
+                    counts = Counter()
+            if self.raw:  # the pretokenizer writes one shard per unit: this one is complete
+                yield dict(_end=name), (t + 1, 0, p), counts
+                counts = Counter()
+            t, j = t + 1, 0
 
     def _size_filter(self, w, h):
         """The counts key of the size filter that drops a w x h image, or None."""
@@ -683,13 +715,16 @@ class _Stream(torch.utils.data.IterableDataset):
             recap = None
         return key, meta, txt, recap, ext, data
 
-    def _sample(self, ref, f, rng, np_seed, counts):
+    def _sample(self, ref, f, rng, counts):
         """-> a sample dict, or the reason (a counts key) it was skipped."""
         if self.kind == 'shapes':
             size = self.image_size or 64
             img, cap = shapes_sample(ref, size, self.split, self.seed, self.max_objects)
-            return dict(image=np.asarray(img), caption=cap, aes=DEFAULT_AES,
-                        key=f"shapes-{self.split}-{ref}", txt=cap, recap=None, meta={})
+            s = dict(image=np.asarray(img).transpose(2, 0, 1).copy(), caption=cap,
+                     aes=np.float32(DEFAULT_AES), key=f"shapes-{self.split}-{ref}")
+            if self.raw:
+                s.update(txt=cap, recap=None, meta={})
+            return s
         loaded = self._load(ref, f, counts)
         if isinstance(loaded, str):
             return loaded
@@ -708,24 +743,16 @@ class _Stream(torch.utils.data.IterableDataset):
         aes = _first(meta, AES_FIELDS)
         if aes is None:
             aes = DEFAULT_AES
-        caption = _caption(txt, recap, rng, self.recap_prob)
-        s = dict(caption=caption, key=key, txt=txt, recap=recap, aes=float(aes), meta=meta)
+        s = dict(caption=_caption(txt, recap, rng, self.recap_prob), key=key, aes=np.float32(aes))
+        if self.raw:
+            s.update(txt=txt, recap=recap, meta=meta)
         if ext == 'tokens.npy':
             try:
                 # VQ (N,) uint16 | KL (2, N, C) fp16: the posterior's mean and logvar
                 tok = np.load(io.BytesIO(data), allow_pickle=False)
             except (OSError, ValueError, EOFError):
                 return 'corrupt/tokens'
-            if tok.dtype == np.uint16:
-                s['tokens'] = tok.astype(np.int64)  # (N,)
-                return s
-            # KL: a posterior sample (the official training samples too), or the mean
-            mean, logvar = tok.astype(np.float32)  # (N, C) each
-            if self.kl_sample:
-                eps = np.random.default_rng(np_seed).standard_normal(mean.shape, np.float32)
-                s['tokens'] = mean + np.exp(0.5 * logvar) * eps
-            else:
-                s['tokens'] = mean
+            s['tokens'] = tok.astype(np.int64 if tok.dtype == np.uint16 else np.float32)
             return s
         try:
             img = Image.open(io.BytesIO(data))
@@ -739,67 +766,52 @@ class _Stream(torch.utils.data.IterableDataset):
             reason = self._size_filter(*img.size)
             if reason:
                 return reason
-        if self.image_size:
-            s['image'] = _resize_crop(img, self.image_size, rng, self.train, self.flip)
+        if self.image_size:  # uint8 (3, H, W): a quarter of float32's bytes; normalised on the device
+            crop = _resize_crop(img, self.image_size, rng, self.train, self.flip)
+            s['image'] = np.ascontiguousarray(crop.transpose(2, 0, 1))
         return s
-
-    def _batch(self, samples, w, t, j, counts, unit=None):
-        """A batch of samples, with the position and counts of logical worker w after it."""
-        b = dict(key=[s['key'] for s in samples], caption=[s['caption'] for s in samples],
-                 aes=torch.tensor([s['aes'] for s in samples], dtype=torch.float32),
-                 _worker=w, _pos=dict(t=t, j=j), _counts=dict(counts))
-        if samples and 'image' in samples[0]:
-            x = np.stack([s['image'] for s in samples]).transpose(0, 3, 1, 2)  # (B, 3, H, W) uint8
-            x = x.astype(np.float32, order='C') / np.float32(255)  # in numpy: ~40x faster than torch
-            b['image'] = torch.from_numpy(x)
-        if samples and 'tokens' in samples[0]:
-            tokens = np.stack([s['tokens'] for s in samples])  # VQ (B, N) | KL (B, N, C)
-            b['tokens'] = torch.from_numpy(tokens)
-        if self.raw:
-            b['txt'] = [s['txt'] for s in samples]
-            b['recap'] = [s['recap'] for s in samples]
-            b['meta'] = [s['meta'] for s in samples]
-            b['_unit'] = unit
-        return b
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        positions, all_counts, rotation = self.start
-        worker_id = info.id if info else 0
-        w = (worker_id + rotation) % self.W  # logical worker: resume continues the round robin
-        slot = self.rank * self.W + w
-        counts = Counter(all_counts[w])
-        t, j = positions[w]['t'], positions[w]['j']
-        mark = -1  # samples kept when the current pass began
-        batch = []
-        L = self._units_per_pass(slot)
-        while self.train or t < L:
-            if self.train and L and t % L == 0:  # guard: a pass that keeps nothing would spin forever
-                if t > 0 and counts['kept'] == mark:
-                    raise DataError(f"slot {slot}: a full pass over {L} unit(s) kept no sample (all "
-                                    f"filtered or corrupt, or fewer samples than ranks x workers?)")
-                mark = counts['kept']
-            unit_counts = counts if j == 0 else Counter()  # a bad shard counts once, not on resume
-            refs, path, name = self._unit(slot, t, unit_counts)
-            with open(path, 'rb') if path else contextlib.nullcontext() as f:
-                while j < len(refs):
-                    rng = random.Random(f"{self.seed}/{slot}/{t}/{j}")
-                    s = self._sample(refs[j], f, rng, [self.seed, slot, t, j], counts)
-                    j += 1
-                    counts['read'] += 1
-                    if isinstance(s, dict):
-                        counts['kept'] += 1
-                        batch.append(s)
-                    else:
-                        counts[s] += 1
-                    if len(batch) == self.batch_size:
-                        yield self._batch(batch, w, t, j, counts, name)
-                        batch = []
-            if self.raw:  # the pretokenizer writes one shard per unit: the unit ends its own batch
-                yield {**self._batch(batch, w, t, j, counts, name), '_done': True}
-                batch = []
-            t, j = t + 1, 0
-        yield self._batch(batch, w, t, j, counts)  # the last partial batch (eval), the final counts
+        nw, streams = max(1, self.num_workers), self.my_streams()
+        start = {v: self.start.get(v, (0, 0, 0)) for v in streams}
+        # the rank reads its samples in global order: k-th sample from the rank's (k mod streams)-th
+        # stream, served by worker k mod nw. The DataLoader asks its workers in turn from worker 0, so
+        # worker 0 takes the role of the one that holds the next sample (k0) after a resume
+        k = {v: start[v][2] * len(streams) + j for j, v in enumerate(streams)}  # next k of each stream
+        w = (min(k.values()) + (info.id if info else 0)) % nw
+        mine = sorted((v for j, v in enumerate(streams) if j % nw == w), key=k.get)
+        readers = [self._read(v, *start[v]) for v in mine]
+        chunk = []  # (stream, sample or None, position, counts)
+        while readers:  # round robin over this worker's streams (one at a time when evaluating)
+            for v, reader in zip(list(mine), list(readers)):
+                s, pos, counts = next(reader)
+                chunk.append((v, s, pos, counts))
+                if s is None:
+                    mine.remove(v)
+                    readers.remove(reader)
+                if len(chunk) == self.batch_size or s is None or '_end' in s:
+                    yield _chunk(chunk)
+                    chunk = []
+                if not self.train:
+                    break
+        if chunk:
+            yield _chunk(chunk)
+
+
+def _chunk(rows):
+    """A worker's message: its kept samples stacked (numpy arrays cross the process boundary through a
+    pipe, not shared memory), with each one's stream, position and counts."""
+    samples = [s for _, s, _, _ in rows if s is not None and '_end' not in s]
+    ends = [s['_end'] for _, s, _, _ in rows if s and '_end' in s]
+    out = dict(_meta=[(v, pos, dict(counts)) for v, _, pos, counts in rows], _end=ends)
+    for k in (samples[0] if samples else {}):
+        values = [s[k] for s in samples]
+        if isinstance(values[0], (np.ndarray, np.generic, bool, int, float)):
+            values = np.stack(values)
+        out[k] = values
+    return out
+
 
 def summarize_counts(counts, missing_shards=0):
     """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'recovered/<what>',
@@ -817,38 +829,77 @@ def summarize_counts(counts, missing_shards=0):
                 missing_shards=missing_shards, filtered_by=by('filtered'), corrupt_by=by('corrupt'),
                 recovered_by=by('recovered'))
 
+def _identity(x):
+    return x  # the DataLoader's collate: chunks are batched already, and numpy stays numpy
+
+
+def _to_torch(chunk, pin):
+    """A chunk's arrays as tensors (pinned for an asynchronous copy to the GPU)."""
+    out = {}
+    for k, v in chunk.items():
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+            if pin:
+                v = v.pin_memory()
+        out[k] = v
+    return out
+
+
+def _interleave(chunks):
+    """One chunk per worker, each its next samples k = w (mod workers) -> the rank's samples in order."""
+    out = {}
+    for k in chunks[0]:
+        if k.startswith('_'):
+            continue
+        parts = [c[k] for c in chunks]
+        if isinstance(parts[0], np.ndarray):
+            out[k] = np.stack(parts, 1).reshape(-1, *parts[0].shape[1:])  # (s, W, ...) -> (s*W, ...)
+        else:
+            out[k] = [x for row in zip(*parts) for x in row]
+    out['_meta'] = [m for row in zip(*[c['_meta'] for c in chunks]) for m in row]
+    return out
+
+
 class Loader:
-    """Batches of a _Stream through a DataLoader (batching happens inside the workers), with exact
-    resume."""
+    """Batches of a _Stream through a DataLoader, with exact resume on any number of ranks and workers."""
 
     def __init__(self, stream, missing=()):
         self.stream = stream
-        self.W = stream.W
         self.missing = list(missing)  # the shards the source names that do not exist
         self._rewind()
 
     def _rewind(self):
-        self.positions = [dict(t=0, j=0) for _ in range(self.W)]
-        self.worker_counts = [{} for _ in range(self.W)]
-        self.next_worker = 0
+        self.positions = {}  # stream -> [t, j, p] after its last sample consumed
+        self.stream_counts = {}  # stream -> raw counts up to there
+
+    def _consume(self, meta):
+        for v, pos, counts in meta:
+            self.positions[v] = list(pos)
+            self.stream_counts[v] = Counter(self.stream_counts.get(v, {})) + Counter(counts)
 
     def __iter__(self):
-        if not self.stream.train:  # evaluation: every iteration is a fresh full pass
+        s = self.stream
+        if not s.train:  # evaluation: every iteration is a fresh full pass
             self._rewind()
-        ds = copy.copy(self.stream)
-        ds.start = (copy.deepcopy(self.positions), copy.deepcopy(self.worker_counts), self.next_worker)
-        nw = self.stream.num_workers
-        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
-                                         pin_memory=torch.cuda.is_available(),
+        ds = copy.copy(s)
+        ds.start = copy.deepcopy(self.positions)
+        nw = s.num_workers
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
                                          prefetch_factor=4 if nw else None)
-        for b in dl:  # in order: the DataLoader visits workers round robin, physical 0 first
-            w = b.pop('_worker')
-            self.positions[w], self.worker_counts[w] = b.pop('_pos'), b.pop('_counts')
-            self.next_worker = (w + 1) % self.W
-            # an empty batch only carries a worker's final position and counts, unless it ends a
-            # unit for the pretokenizer
-            if b['key'] or b.get('_done'):
-                yield b
+        pin = torch.cuda.is_available()
+        if not s.train:
+            for c in dl:
+                self._consume(c.pop('_meta'))
+                if 'key' in c or c['_end']:
+                    yield _to_torch(c, pin)
+            return
+        it, B = iter(dl), s.batch_size
+        while True:  # a round: the next chunk of each worker, in the rank's order
+            merged = _interleave([next(it) for _ in range(max(1, nw))])
+            meta = merged.pop('_meta')
+            for i in range(0, len(meta), B):
+                self._consume(meta[i:i + B])
+                yield _to_torch({k: v[i:i + B] for k, v in merged.items()}, pin)
 
     @property
     def counts(self):
@@ -857,42 +908,54 @@ class Loader:
         return summarize_counts(self.raw_counts(), len(self.missing))
 
     def raw_counts(self):
-        """This rank's raw counts so far (summarize_counts' input): a Counter, summed over workers."""
-        return sum((Counter(c) for c in self.worker_counts), Counter())
+        """This rank's raw counts so far (summarize_counts' input), summed over its streams."""
+        return sum(self.stream_counts.values(), Counter())
 
     def _layout(self):
-        s = self.stream  # n: 0 for shapes, which has no items; the batch size may change
-        return dict(kind=s.kind, n=len(s.items), seed=s.seed, rank=s.rank, world_size=s.world_size,
-                    num_workers=s.num_workers)
+        s = self.stream  # n: 0 for shapes, which has no items
+        return dict(kind=s.kind, n=len(s.items), seed=s.seed, streams=s.streams)
 
     def state_dict(self):
+        """This rank's streams; the union of every rank's is the run's, world-size free."""
         return dict(**self._layout(), positions=copy.deepcopy(self.positions),
-                    worker_counts=copy.deepcopy(self.worker_counts), next_worker=self.next_worker)
+                    counts={v: dict(c) for v, c in self.stream_counts.items()})
 
     def load_state_dict(self, sd):
-        if isinstance(sd, (list, tuple)):  # all ranks' states, gathered into one checkpoint
-            sd = sd[self.stream.rank]
+        if isinstance(sd, (list, tuple)):  # every rank's state, gathered into one checkpoint
+            sd = merge_states(sd)
         diff = {k: (sd.get(k), v) for k, v in self._layout().items() if sd.get(k) != v}
         if diff:
             raise DataError(f"data state was saved with another layout (saved, now): {diff}")
-        self.positions = copy.deepcopy(sd['positions'])
-        self.worker_counts = copy.deepcopy(sd['worker_counts'])
-        self.next_worker = sd['next_worker']
+        mine = set(self.stream.my_streams())
+        self.positions = {int(v): list(p) for v, p in sd['positions'].items() if int(v) in mine}
+        self.stream_counts = {int(v): Counter(c) for v, c in sd['counts'].items() if int(v) in mine}
+
+
+def merge_states(states):
+    """Every rank's Loader.state_dict -> one, holding every stream."""
+    out = dict(states[0], positions={}, counts={})
+    for sd in states:
+        out['positions'].update(sd['positions'])
+        out['counts'].update(sd['counts'])
+    return out
+
 
 def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=0, world_size=1,
-                num_workers=0, resample=False, flip=False, min_size=256, max_aspect=2.0, min_aes=None,
-                max_watermark=None, recap_prob=0.95, max_objects=2, num_samples=None, kl_sample=True,
-                raw=False):
-    """Batches {'image' (B,3,H,W) float in [0,1] | 'tokens', 'caption', 'aes' (B,), 'key'} from
-    `source`: tar shards (brace pattern, glob, list, or a folder of .tar, e.g. token shards), a folder
-    of images with .txt captions, or 'shapes' / 'shapes:val'. train=True: infinite, shuffled, random
-    crops; False: one pass, centre crops. Token shards give 'tokens': VQ (B, N) long, KL (B, N, C)
-    posterior sample (mean if not kl_sample). Filters (0/None disables): sizes from the json's
+                num_workers=0, streams=STREAMS, flip=False, min_size=256, max_aspect=2.0, min_aes=None,
+                max_watermark=None, recap_prob=0.95, max_objects=2, num_samples=None, raw=False,
+                prepare=None):
+    """Batches {'image' (B, 3, H, W) uint8 | 'tokens', 'caption', 'aes' (B,), 'key'} from `source`:
+    tar shards (brace pattern, glob, list, or a folder of .tar, e.g. token shards), a folder of
+    images with .txt captions, or 'shapes' / 'shapes:val'. train=True: endless, shards drawn with
+    replacement, shuffled, random crops, 'index' (B,) the global sample indices, and
+    prepare(sample, index) -> {name: array} of more per-sample fields, made in the workers (token ids,
+    random draws); the workers per process are the most up to num_workers that divide the streams
+    evenly. train=False: one pass, centre crops. Token shards give 'tokens': VQ (B, N) int64, KL
+    (B, 2, N, C) the posterior's mean and logvar. Filters (0/None disables): sizes from the json's
     original_width/height (else the decoded image; never token shards), aesthetic and watermark from
     the json; none for shapes. Captions: a recaption (key.recap_txt or the json's 'recaption') with
-    probability recap_prob, else the txt as it is (recap_prob=0: always the txt, as the official
-    tokenizer trains). raw=True also returns txt/recap/meta and ends a batch at each shard (the
-    pretokenizer)."""
+    probability recap_prob, else the txt as it is. raw=True also returns txt/recap/meta and ends a
+    batch at each unit (the pretokenizer)."""
     kind, items, missing = _expand(source)  # missing: counted, see Loader.counts
     split = None
     filters = {}
@@ -905,9 +968,15 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
     else:
         filters = dict(min_size=min_size, max_aspect=max_aspect, min_aes=min_aes,
                        max_watermark=max_watermark)
+    if not train:  # one stream per worker, each its share of the units
+        streams = world_size * max(1, num_workers)
+    elif streams % world_size:
+        raise DataError(f"{world_size} processes do not divide the data's {streams} streams evenly")
+    per_rank = streams // world_size
+    num_workers = max(w for w in range(min(num_workers, per_rank) + 1) if w == 0 or per_rank % w == 0)
     stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
-                     num_workers, resample, flip, filters, recap_prob, max_objects, num_samples,
-                     kl_sample, raw)
+                     num_workers, streams, flip, filters, recap_prob, max_objects, num_samples, raw,
+                     prepare)
     return Loader(stream, missing)
 
 def make_grid(images, ncol):
@@ -950,6 +1019,17 @@ def write_shard(path, samples):
         for key, members in samples:
             _tar_add(tf, key, members)
     os.replace(path + '.tmp', path)  # a killed run never leaves a half shard that resume would skip
+
+@torch.no_grad()
+def encode_images(tokenizer, images, ctx):
+    """The generator's training tokens of uint8 images (B, 3, H, W), on the tokenizer's device and in
+    the autocast ctx: what pretokenize stores and train_maskgen.py encodes on the fly, one function for
+    both -> VQ code ids (B, N); KL the posterior's mean and logvar (B, 2, N, C)."""
+    x = images.float() / 255
+    with ctx:
+        if tokenizer.config.quantize == 'vq':
+            return tokenizer.encode(x)
+        return torch.stack(tokenizer.encode_posterior(x), 1)
 
 def tokenizer_fingerprint(model):
     """sha256 (hex) over a tokenizer's weights: each state-dict tensor's name, dtype, shape and bytes,
@@ -1165,13 +1245,13 @@ def _write_token_shards(loader, model, out_dir, device, pbar):
     cfg = model.config
     writers = {}  # unit name -> its open output shard
     for b in loader:
-        name = b['_unit']
+        name = (b.get('unit') or b['_end'])[0]
         tmp = os.path.join(out_dir, name + '.tar.tmp')
         if name not in writers:
             writers[name] = tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT)
-        if b['key']:
+        if 'key' in b:
             with torch.no_grad():
-                img = b['image'].to(device)  # (B, 3, H, W)
+                img = b['image'].to(device).float() / 255  # (B, 3, H, W)
                 if cfg.quantize == 'kl':
                     mean, logvar = model.encode_posterior(img)  # (B, N, C) each
                     tok = torch.stack([mean, logvar], 1).half().cpu().numpy()  # (B, 2, N, C)
@@ -1184,7 +1264,7 @@ def _write_token_shards(loader, model, out_dir, device, pbar):
                     members['recap_txt'] = b['recap'][i]
                 _tar_add(writers[name], key, members)
             pbar.update(len(b['key']))
-        if b.get('_done'):
+        if b['_end']:
             writers.pop(name).close()
             os.replace(tmp, os.path.join(out_dir, name + '.tar'))
         c = loader.counts

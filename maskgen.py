@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from tatitok import CheckpointError, load_state_dict_file, hf_download, load_official, checkpoint_weights, param_groups
@@ -291,11 +292,17 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
-class GaussianDiffusion:
+# the schedule tables a training step looks up per row, kept on the model's device
+TABLES = ('sqrt_ac', 'sqrt_one_minus_ac', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'posterior_logvar',
+          'posterior_coef1', 'posterior_coef2', 'log_betas')
+
+class GaussianDiffusion(nn.Module):
     """IDDPM with the 1000-step cosine schedule, eps prediction and learned-range variance, respaced to
-    `sample_steps` for sampling (the net still sees the original timesteps). Schedules in float64, used in fp32."""
+    `sample_steps` for sampling (the net still sees the original timesteps). Schedules in float64 (numpy,
+    for the sampler's scalars), used in fp32; a buffer holds them for per-row lookups on the device."""
 
     def __init__(self, num_steps=1000, sample_steps=None):
+        super().__init__()
         self.timestep_map = np.array(space_timesteps(num_steps, sample_steps or num_steps))
         ac = np.cumprod(1.0 - cosine_betas(num_steps))[self.timestep_map]
         b = 1.0 - ac / np.append(1.0, ac[:-1])  # respacing keeps alpha_bar at the kept steps
@@ -312,31 +319,34 @@ class GaussianDiffusion:
         self.posterior_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
         self.log_betas = np.log(b)
+        # from_numpy: a CPU tensor even where the model is built on the meta device
+        table = torch.from_numpy(np.stack([getattr(self, n) for n in TABLES]).astype(np.float32))
+        self.register_buffer('table', table, persistent=False)  # (8, steps), moves with the model
 
-    @staticmethod
-    def _at(arr, t):
-        # schedule values in fp32: one per row for a tensor of timesteps (training), a scalar for an int (sampling)
+    def _at(self, name, t):
+        # one value per row for a tensor of timesteps (training: from the device buffer, no copy), a
+        # float64 scalar for an int (sampling: from numpy, no device sync)
         if isinstance(t, int):
-            return float(arr[t])
-        return torch.from_numpy(arr).float().to(t.device)[t].unsqueeze(-1)  # (M, 1)
+            return float(getattr(self, name)[t])
+        return self.table[TABLES.index(name)][t].unsqueeze(-1)  # (M, 1)
 
     def p_mean_logvar(self, x_t, t, eps, v, x0_clip=None):
         # the mean of p(x_{t-1} | x_t) through the predicted x_0; the log-variance between the posterior's and beta_t's
         frac = (v + 1) / 2  # v in [-1, 1]
-        logvar = frac * self._at(self.log_betas, t) + (1 - frac) * self._at(self.posterior_logvar, t)
-        x0 = self._at(self.sqrt_recip_ac, t) * x_t - self._at(self.sqrt_recipm1_ac, t) * eps
+        logvar = frac * self._at('log_betas', t) + (1 - frac) * self._at('posterior_logvar', t)
+        x0 = self._at('sqrt_recip_ac', t) * x_t - self._at('sqrt_recipm1_ac', t) * eps
         if x0_clip is not None:  # IDDPM's clip_denoised with a bound of our choice; off in the release (MAR's too)
             x0 = x0.clamp(-x0_clip, x0_clip)
-        return self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t, logvar
+        return self._at('posterior_coef1', t) * x0 + self._at('posterior_coef2', t) * x_t, logvar
 
     def training_losses(self, net, x0, z, t, noise):
         """IDDPM's hybrid loss per token, at timesteps t (M,) with noise (M, C): the MSE of eps plus the variational
         bound in bits, which trains the variance only (its mean uses eps detached) -> (M,)."""
-        x_t = self._at(self.sqrt_ac, t) * x0 + self._at(self.sqrt_one_minus_ac, t) * noise  # (M, C)
+        x_t = self._at('sqrt_ac', t) * x0 + self._at('sqrt_one_minus_ac', t) * noise  # (M, C)
         eps, v = net(x_t, t, z).float().chunk(2, dim=1)  # (M, C) each, fp32 from here on
         mean, logvar = self.p_mean_logvar(x_t, t, eps.detach(), v)
-        true_mean = self._at(self.posterior_coef1, t) * x0 + self._at(self.posterior_coef2, t) * x_t
-        kl = normal_kl(true_mean, self._at(self.posterior_logvar, t), mean, logvar).mean(1) / math.log(2.0)
+        true_mean = self._at('posterior_coef1', t) * x0 + self._at('posterior_coef2', t) * x_t
+        kl = normal_kl(true_mean, self._at('posterior_logvar', t), mean, logvar).mean(1) / math.log(2.0)
         nll = -discretized_gaussian_loglik(x0, mean, 0.5 * logvar).mean(1) / math.log(2.0)  # the bound at t = 0
         return (noise - eps).pow(2).mean(1) + torch.where(t == 0, nll, kl)
 
@@ -389,6 +399,36 @@ class MaskGenConfig:
     label_smoothing: float = 0.1    # VQ loss
     unmasked_weight: float = 0.1    # VQ loss weight of the visible tokens (masked ones weigh 1)
 
+def training_draws(cfg, seed, g):
+    """Every random draw of global sample g's training step, from its own generator (seed, g), so that any
+    number of processes, data workers and micro batches draws the same numbers (official
+    preprocess_condition, masking and DiffLoss) -> numpy arrays:
+    drop   the caption becomes the "" encoding (probability text_drop_prob)
+    mask   (N,) True = masked: the arccos schedule of a uniform time, per sample (VQ; rounded, at least
+           one) or per block of mask_block samples (KL; rounded up), at random positions
+    KL also t (k, N) and noise (k, N, C) of the k = diffusion_batch_mul draws per token, and posterior
+    (N, C), the noise of the tokenizer's posterior sample."""
+    N, C = cfg.num_tokens, cfg.token_size
+    rng = np.random.default_rng([seed, g])
+    drop = rng.random() < cfg.text_drop_prob
+    if cfg.quantize == 'vq':
+        u = rng.random()
+    else:  # one time per block of samples, as the release draws one per GPU batch
+        u = np.random.default_rng([seed, g // cfg.mask_block, 1]).random()
+    ratio = min(max(math.acos(u) / (math.pi / 2), 1e-6), 1.0)
+    if cfg.quantize == 'vq':
+        n_masked = max(1, round(N * ratio))
+    else:
+        n_masked = math.ceil(N * ratio)
+    mask = rng.random(N).argsort() < n_masked  # (N,) n_masked positions at random
+    out = dict(drop=drop, mask=mask)
+    if cfg.quantize == 'kl':
+        k = cfg.diffusion_batch_mul
+        out['t'] = rng.integers(0, 1000, (k, N))
+        out['noise'] = rng.standard_normal((k, N, C), dtype=np.float32)
+        out['posterior'] = rng.standard_normal((N, C), dtype=np.float32)
+    return out
+
 # -----------------------------------------------------------------------------
 # what the two generators share: conditioning, training draws, sampling set-up, optimizer, FLOPs
 
@@ -399,6 +439,17 @@ class MaskGen(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.checkpointing = False  # recompute each block in the backward pass: memory for compute
+
+    def blocks_forward(self, blocks, x, ctx, c):
+        """The MM-DiT blocks, each recomputed in the backward pass when self.checkpointing is set (the
+        memory of one block's activations instead of all of them, for a third more compute)."""
+        for block in blocks:
+            if self.checkpointing:
+                x, ctx = checkpoint(block, x, ctx, c, use_reentrant=False)
+            else:
+                x, ctx = block(x, ctx, c)
+        return x
 
     @staticmethod
     def from_config(config):
@@ -418,32 +469,10 @@ class MaskGen(nn.Module):
         pooled = torch.cat([text_pooled, aes_emb], dim=-1)  # (B, T + 256)
         return text_proj(text_tokens), pooled_proj(pooled)
 
-    def draw_training(self, B, generator=None, device=None):
-        """Every random draw of a training step for B samples, in sample order (official preprocess_condition,
-        masking, DiffLoss): `drop` (B,) True = the caption becomes the "" encoding; `mask` (B, N) True = the token
-        is masked, by the arccos schedule, with a ratio per sample (VQ; rounded, at least one) or one per block of
-        mask_block samples (KL; rounded up), at random positions; KL also `t` (B, k, N) the diffusion timesteps and
-        `noise` (B, k, N, C) of the k = diffusion_batch_mul draws per token."""
-        cfg = self.config
-        N, vq = cfg.num_tokens, cfg.quantize == 'vq'
-        drop = torch.rand(B, generator=generator, device=device) < cfg.text_drop_prob  # (B,)
-        if vq:
-            r = torch.rand(B, generator=generator, device=device)  # (B,)
-        else:
-            blocks = -(-B // cfg.mask_block)
-            r = torch.rand(blocks, generator=generator, device=device).repeat_interleave(cfg.mask_block)[:B]
-        ratio = (torch.acos(r) / (math.pi * 0.5)).clamp(1e-6, 1.0)  # (B,) arccos schedule of a uniform time
-        if vq:
-            n_masked = (N * ratio).round().clamp(min=1)
-        else:
-            n_masked = (N * ratio).ceil()
-        rank = torch.rand(B, N, generator=generator, device=device).argsort(-1)  # a random permutation per sample
-        out = dict(drop=drop, mask=rank < n_masked[:, None])  # (B, N)
-        if not vq:
-            k, C = cfg.diffusion_batch_mul, cfg.token_size
-            out['t'] = torch.randint(0, 1000, (B, k, N), generator=generator, device=device)
-            out['noise'] = torch.randn(B, k, N, C, generator=generator, device=device)
-        return out
+    def draw_batch(self, seed, indices):
+        """training_draws of these global samples, stacked into tensors (B, ...)."""
+        draws = [training_draws(self.config, seed, g) for g in indices]
+        return {k: torch.as_tensor(np.stack([d[k] for d in draws])) for k in draws[0]}
 
     def drop_captions(self, text_tokens, text_pooled, null_tokens, null_pooled, drop):
         # caption dropout for classifier-free guidance: both text streams become the "" encoding; aes stays
@@ -493,7 +522,7 @@ class MaskGen(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
         # the release's no-decay rules; KL's text_emb is "emb", not "embed", so it decays (as released)
         groups = param_groups(self.named_parameters(), weight_decay)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)  # skips on the device (runtime.py)
 
     def estimate_flops(self, text_len=77):
         """FLOPs per image (2 per multiply-add of a matmul), counted from the architecture and checked against
@@ -572,8 +601,7 @@ class MaskGenVQ(MaskGen):
     def backbone(self, ids, ctx, c):
         """ids (B, N) with mask_id at the masked positions -> logits (B, N, codebook_size)."""
         x = self.embeddings(ids) + self.pos_embed  # (B, N, D)
-        for block in self.blocks:
-            x, ctx = block(x, ctx, c)
+        x = self.blocks_forward(self.blocks, x, ctx, c)
         return self.lm_head(self.norm(x, c))  # (B, N, K)
 
     def logits(self, ids, text_tokens, text_pooled, aes):
@@ -584,24 +612,24 @@ class MaskGenVQ(MaskGen):
         # the release's MLMLoss: every token is predicted, masked ones weigh 1, visible ones 0.1
         return torch.where(mask, 1.0, self.config.unmasked_weight)  # (B, N)
 
-    def forward(self, ids, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=None, normalizer=None,
-                generator=None):
-        """The training loss of clean code ids (B, N): caption dropout to the "" encoding (null_tokens (1, 77, T),
-        null_pooled (1, T)), masking, label-smoothed cross-entropy over every token, weighted by loss_weights and
-        divided by their sum (the release's MLMLoss), or by `normalizer`, the weights' sum over a global batch
-        spread over processes. draws: draw_training's dict, drawn here unless given. -> (loss, stats)."""
-        d = draws if draws is not None else self.draw_training(ids.shape[0], generator, ids.device)
-        text_tokens, text_pooled = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled, d['drop'])
-        x = ids.masked_fill(d['mask'], self.mask_id)  # (B, N)
+    def forward(self, ids, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws, normalizer=None):
+        """The training loss of clean code ids (B, N): caption dropout to the "" encoding (null_tokens
+        (1, 77, T), null_pooled (1, T)), masking, label-smoothed cross-entropy over every token, weighted
+        by loss_weights and divided by their sum (the release's MLMLoss), or by `normalizer`, the weights'
+        sum over a global batch spread over processes. draws: draw_batch's. -> (loss, stats)."""
+        text_tokens, text_pooled = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled,
+                                                      draws['drop'])
+        mask = draws['mask']
+        x = ids.masked_fill(mask, self.mask_id)  # (B, N)
         logits = self.logits(x, text_tokens, text_pooled, aes).float()  # (B, N, K), the loss in fp32
         ce = F.cross_entropy(logits.transpose(1, 2), ids, label_smoothing=self.config.label_smoothing,
                              reduction='none')  # (B, N)
-        w = self.loss_weights(d['mask'])
+        w = self.loss_weights(mask)
         if normalizer is None:
             normalizer = w.sum()  # (the release adds 1e-8; at least one token is masked, so the sum is >= 1)
         loss = (ce * w).sum() / normalizer
-        correct = logits.detach().argmax(-1) == ids  # (B, N)
-        return loss, dict(logits=logits.detach(), correct=correct, mask=d['mask'])
+        correct = logits.detach().argmax(-1) == ids  # (B, N); the logits themselves are not kept
+        return loss, dict(correct=correct, mask=mask)
 
     @torch.no_grad()
     def least_likely(self, ids, text_tokens, text_pooled, aes, n):
@@ -702,8 +730,7 @@ class MaskGenKL(MaskGen):
         x = self.z_proj_ln(self.z_proj(x))  # (B, N, D)
         x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)  # the mask token skips z_proj_ln
         x = x + self.decoder_pos_embed_learned
-        for block in self.decoder_blocks:
-            x, ctx = block(x, ctx, c)
+        x = self.blocks_forward(self.decoder_blocks, x, ctx, c)
         return self.decoder_norm(x, c) + self.diffusion_pos_embed_learned  # (B, N, D)
 
     def cond(self, x, mask, text_tokens, text_pooled, aes):
@@ -715,30 +742,31 @@ class MaskGenKL(MaskGen):
         k = self.config.diffusion_batch_mul
         return mask[:, None].expand(-1, k, -1).float()  # (B, k, N)
 
-    def forward(self, latents, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=None,
-                normalizer=None, generator=None):
-        """The training loss of tokenizer latents (B, N, C), unscaled: caption dropout, masking, and the diffusion
-        loss of each masked token at k = diffusion_batch_mul timesteps, weighted by loss_weights and divided by
-        their sum, or by `normalizer` (as MaskGenVQ.forward). draws: draw_training's dict. -> (loss, stats), with
-        the per-token losses (B, k, N), 0 at the visible tokens."""
+    def forward(self, latents, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws,
+                normalizer=None):
+        """The training loss of tokenizer latents (B, N, C), unscaled: caption dropout, masking, and the
+        diffusion loss of every token at k = diffusion_batch_mul timesteps, weighted by loss_weights (the
+        masked ones) and divided by their sum, or by `normalizer` (as MaskGenVQ.forward). draws:
+        draw_batch's. -> (loss, stats), with the per-token losses (B, k, N)."""
         B, N, C = latents.shape
         k = self.config.diffusion_batch_mul
-        d = draws if draws is not None else self.draw_training(B, generator, latents.device)
-        text_tokens, text_pooled = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled, d['drop'])
+        text_tokens, text_pooled = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled,
+                                                      draws['drop'])
         x = latents * self.config.scale_factor  # (B, N, C)
-        z = self.cond(x, d['mask'], text_tokens, text_pooled, aes)  # (B, N, D)
-        # the denoiser runs on the masked tokens only: the release runs it on all of them and zeroes the loss of
-        # the others, the same loss and gradients for a third more work (E[masked share] = 2 / pi)
-        m = d['mask'][:, None].expand(B, k, N)  # (B, k, N)
-        x0 = x[:, None].expand(B, k, N, C)[m]  # (M, C), M = the masked (token, draw) pairs
-        zm = z[:, None].expand(B, k, N, z.shape[-1])[m]  # (M, D)
-        token_loss = x.new_zeros(B, k, N, dtype=torch.float32)
-        token_loss[m] = self.train_diffusion.training_losses(self.diffloss.net, x0, zm, d['t'][m], d['noise'][m])
-        w = self.loss_weights(d['mask'])
+        z = self.cond(x, draws['mask'], text_tokens, text_pooled, aes)  # (B, N, D)
+        # the denoiser runs on every (token, draw) and the visible tokens weigh 0, as released: one fixed
+        # shape, so no host sync and one compiled graph, for a third more denoiser work (E[masked] = 2/pi)
+        x0 = x[:, None].expand(B, k, N, C).reshape(-1, C)  # (B*k*N, C)
+        zk = z[:, None].expand(B, k, N, z.shape[-1]).reshape(B * k * N, -1)  # (B*k*N, D)
+        t, noise = draws['t'].reshape(-1), draws['noise'].reshape(-1, C)
+        token_loss = self.train_diffusion.training_losses(self.diffloss.net, x0, zk, t, noise)
+        token_loss = token_loss.view(B, k, N)
+        w = self.loss_weights(draws['mask'])
         if normalizer is None:
             normalizer = w.sum()
         loss = (token_loss * w).sum() / normalizer
-        return loss, dict(cond=z.detach(), token_loss=token_loss.detach(), t=d['t'], mask=d['mask'])
+        return loss, dict(cond=z.detach(), token_loss=token_loss.detach(), t=draws['t'],
+                          mask=draws['mask'])
 
     @torch.no_grad()
     def generate(self, text_tokens, text_pooled, null_tokens=None, null_pooled=None, aes=6.5, num_steps=32,

@@ -27,11 +27,13 @@ import socket
 import functools
 import warnings
 from dataclasses import dataclass, fields
+from datetime import timedelta
 
 import torch
 import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # the ViT of the encoder and the decoder (open_clip style, as in the official modeling/modules/blocks.py)
@@ -78,6 +80,15 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+def run_blocks(blocks, x, checkpointing):
+    # checkpointing: each block recomputed in the backward pass, one block's activations kept instead of all
+    for block in blocks:
+        if checkpointing:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
 # -----------------------------------------------------------------------------
 # the encoder: image patches and N learned latent tokens in, the latent tokens' outputs out
 
@@ -94,6 +105,7 @@ class Encoder(nn.Module):
         self.latent_token_positional_embedding = nn.Parameter(torch.zeros(cfg.num_latent_tokens, W))
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = nn.ModuleList([Block(W, cfg.enc_heads) for _ in range(cfg.enc_layers)])
+        self.checkpointing = False
         self.ln_post = nn.LayerNorm(W)
         self.conv_out = nn.Conv2d(W, out_channels, 1)  # a 1x1 conv in the release; a per-token linear in effect
 
@@ -104,8 +116,7 @@ class Encoder(nn.Module):
         x = x + self.positional_embedding
         z = (latent_tokens + self.latent_token_positional_embedding).expand(B, -1, -1)  # (B, N, W)
         x = self.ln_pre(torch.cat([x, z], dim=1))  # (B, 1+P+N, W): [cls, patches, latents]
-        for block in self.transformer:
-            x = block(x)
+        x = run_blocks(self.transformer, x, self.checkpointing)
         x = self.ln_post(x[:, -N:])  # (B, N, W), the latent positions only
         return F.linear(x, self.conv_out.weight.flatten(1), self.conv_out.bias)  # (B, N, C_out), token-major
 
@@ -140,7 +151,8 @@ class VectorQuantizer(nn.Module):
         commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
         codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
-        counts = torch.bincount(ids.flatten(), minlength=e.shape[0]).float()  # code usage in this batch
+        ones = torch.ones(ids.numel(), device=z.device)
+        counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # code usage; no sync
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
         aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
@@ -196,6 +208,7 @@ class Decoder(nn.Module):
         self.text_guidance_positional_embedding = nn.Parameter(torch.zeros(cfg.text_context_length, W))
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = nn.ModuleList([Block(W, cfg.dec_heads) for _ in range(cfg.dec_layers)])
+        self.checkpointing = False
         self.ln_post = nn.LayerNorm(W)
         self.ffn = nn.Sequential(nn.Conv2d(W, cfg.patch_size ** 2 * 3, 1), Unpatchify(cfg.patch_size))
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
@@ -208,8 +221,7 @@ class Decoder(nn.Module):
         q = q + self.positional_embedding  # (B, 1+P, W)
         t = self.text_guidance_proj(text_guidance) + self.text_guidance_positional_embedding  # (B, 77, W)
         x = self.ln_pre(torch.cat([q, z, t], dim=1))  # (B, 1+P+N+77, W)
-        for block in self.transformer:
-            x = block(x)
+        x = run_blocks(self.transformer, x, self.checkpointing)
         x = self.ln_post(x[:, 1:1 + P])  # (B, P, W), the image queries
         x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, W, h, w)
         return self.conv_out(self.ffn(x))  # (B, 3, H, W), [0, 1] domain, not clamped
@@ -358,6 +370,16 @@ class TATiTok(nn.Module):
 # -----------------------------------------------------------------------------
 # the frozen CLIP text encoder and its three views
 
+def clip_ids(tokenizer, caption, context_length=77):
+    """(77,) int64 CLIP token ids of one caption, from open_clip's tokenizer: made in the data workers for
+    training. A caption longer than the context is truncated with a warning, never an error."""
+    with torch.device('cpu'):  # whatever the default device (e.g. meta for counting)
+        ids = tokenizer([caption], context_length=context_length)[0].numpy()  # (77,)
+    if ids[-1] != 0 and len(tokenizer.encode(caption)) > context_length - 2:  # minus SOT, EOT
+        warnings.warn(f"a caption longer than {context_length} CLIP tokens was truncated: "
+                      f"{caption[:60]!r}...")
+    return ids
+
 class TextEncoder(nn.Module):
     """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
     guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
@@ -449,11 +471,7 @@ class TextEncoder(nn.Module):
 
     def _ids(self, caption):
         """(77,) token ids of one caption (cached per caption in __init__)."""
-        with torch.device('cpu'):  # ids are built on the CPU, whatever the default device (e.g. meta for counting)
-            ids = self.tokenizer([caption], context_length=self.context_length)[0]  # (77,)
-        if ids[-1] != 0 and len(self.tokenizer.encode(caption)) > self.context_length - 2:  # minus SOT, EOT
-            warnings.warn(f"a caption longer than {self.context_length} CLIP tokens was truncated: {caption[:60]!r}...")
-        return ids
+        return torch.from_numpy(clip_ids(self.tokenizer, caption, self.context_length))
 
     @torch.no_grad()
     def forward(self, captions):
@@ -693,8 +711,8 @@ def init_distributed(device_name):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts (losses, quantizer, diffusion)
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if world > 1:  # an hour: the other ranks wait in a barrier while rank 0 writes a 20 GB checkpoint
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(hours=1))
     return rank, world, device
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}

@@ -28,13 +28,13 @@ References:
 """
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
 import time
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -42,11 +42,14 @@ from PIL import Image
 
 from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, load_state_dict_file,
                      checkpoint_weights, init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
-                     update_ema, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
-                     micro_batches, number, add_system_flags)
-from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators
+                     save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
+                     add_system_flags, clip_ids)
+from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, training_draws
 from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
-                  tokenizer_fingerprint)
+                  tokenizer_fingerprint, merge_states, encode_images)
+from runtime import micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema
+
+USER_ERRORS = (CheckpointError, DataError)
 
 # -----------------------------------------------------------------------------
 # recipes and flags: every flag left unset takes its value from the recipe
@@ -115,8 +118,10 @@ def get_args(argv=None):
                    "the start and draw every batch from them (0: encode on the fly)")
     g = p.add_argument_group('optimization')
     g.add_argument('--batch_size', type=pos_int, help="the GLOBAL batch: samples per optimizer step, all processes")
-    g.add_argument('--micro_batch_size', type=pos_int, help="samples per process per forward; gradient accumulation "
-                   "= batch_size / (micro_batch_size x processes). Default: none")
+    g.add_argument('--micro_batch_size', type=pos_int, help="at most this many samples per process per forward "
+                   "(the largest that divides batch_size / processes); the rest is gradient accumulation")
+    g.add_argument('--checkpointing', choices=['on', 'off'], default='off', help="recompute each transformer "
+                   "block in the backward pass: a block's activations in memory instead of all (default off)")
     g.add_argument('--max_steps', type=pos_int, help="optimizer steps (also the length of the cosine schedule)")
     g.add_argument('--lr', type=pos, help="peak learning rate")
     g.add_argument('--end_lr', type=pos, help="learning rate at the end of the cosine decay")
@@ -199,11 +204,11 @@ def load_tokenizer(name_or_path):
     ref = small if size < 50 * 2 ** 20 else os.path.abspath(path)
     return TATiTok.from_pretrained(small), ref, ck.get('text_encoder')
 
-def frozen_models(args, ckpt):
+def frozen_models(args, resumed):
     """-> the frozen tokenizer, what the checkpoint keeps of it, and the text encoder: the tokenizer's own unless
     --clip says otherwise (its decoder was trained on those features), all checked against the data and each other."""
-    if ckpt:
-        tok, tok_ref, te_spec = TATiTok.from_pretrained(ckpt['tokenizer']), ckpt['tokenizer'], ckpt['text_encoder']
+    if resumed:
+        tok, tok_ref, te_spec = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer'], resumed['text_encoder']
     else:
         tok, tok_ref, te_spec = load_tokenizer(args.tokenizer)
     cfg = tok.config
@@ -216,7 +221,7 @@ def frozen_models(args, ckpt):
     if args.tokens in ('vq', 'kl') and cfg.quantize != args.tokens:
         raise CheckpointError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, "
                               f"not {args.tokens.upper()}")
-    if args.clip and not ckpt:
+    if args.clip and not resumed:
         text_encoder = TextEncoder.from_name(args.clip, cfg.text_context_length)
     else:
         text_encoder = TextEncoder.from_spec(te_spec or dict(model='ViT-L-14-336', pretrained='openai'))
@@ -243,60 +248,75 @@ def generator_config(size, tok_cfg, text_width):
 
 @torch.no_grad()
 def encode_pool(loader, n, tok, text_encoder, device, ctx):
-    """--pool: n samples encoded once -> [tokens (VQ ids; KL posterior mean and logvar), CLIP tokens, CLIP pooled,
-    aesthetic scores], each with n rows."""
+    """--pool: n samples encoded once -> [tokens (VQ ids (n, N); KL the posterior's mean and logvar
+    (n, 2, N, C)), CLIP tokens, CLIP pooled, aesthetic scores], on the device."""
     parts, count = [], 0
     for batch in loader:
         if 'tokens' in batch:
-            raise DataError("the data holds tokens: --pool is for images (token shards are read as they come)")
-        img = batch['image'].to(device)
-        with ctx:
-            if tok.config.quantize == 'vq':
-                x = tok.encode(img)  # (B, N)
-            else:
-                x = torch.cat(tok.encode_posterior(img), -1)  # (B, N, 2C)
+            raise DataError("the data holds tokens: --pool is for images (token shards are read as they "
+                            "come)")
+        x = encode_images(tok, batch['image'].to(device), ctx)
         text = text_encoder(batch['caption'])
         parts.append((x, text['tokens'], text['pooled'], batch['aes'].to(device)))
         count += len(x)
         if count >= n:
             return [torch.cat(part)[:n] for part in zip(*parts)]
 
+
+def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
+    """A data worker's part of global sample `index`: its caption's CLIP token ids and every random
+    draw of its training step (maskgen.training_draws)."""
+    return dict(ids=clip_ids(tokenizer, sample['caption'], context_length),
+                **training_draws(cfg, seed, index))
+
+
+def to_device(x, device):
+    """A tensor, or a batch's tensors, on the device; from pinned memory, asynchronously: a blocking copy
+    would make the host wait for the GPU's queue."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if not torch.is_tensor(x) or device.type != 'cuda':
+        return x
+    if not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def next_batch(train_iter, pool, pool_idx, posterior_noise, idx, tok, text_encoder, device, ctx):
-    """The micro batch of global samples idx -> (tokens: VQ ids (B, N) or KL latents (B, N, C); CLIP features;
-    aesthetic scores). KL latents are a posterior sample with this step's noise of these samples."""
+def model_inputs(batch, pool, tok, text_encoder, ctx):
+    """A micro batch on the device -> (tokens: VQ ids (B, N) or KL latents (B, N, C), CLIP features,
+    aesthetic scores). KL latents are a posterior sample with the sample's own noise (its 'posterior')."""
     if pool is not None:
-        x, tokens, pooled, aes = (part[pool_idx[idx].to(device)] for part in pool)
+        x, tokens, pooled, aes = (part[batch['pool_index']] for part in pool)
         text = dict(tokens=tokens, pooled=pooled)
     else:
-        batch = next(train_iter)
-        aes = batch['aes'].to(device)
-        text = text_encoder(batch['caption'])  # frozen CLIP, on the fly, in fp32 as released
-        if 'tokens' in batch:  # token shards (KL: the loader already drew the posterior sample)
-            return batch['tokens'].to(device), text, aes
-        img = batch['image'].to(device)
-        with ctx:
-            if tok.config.quantize == 'vq':
-                return tok.encode(img), text, aes
-            x = torch.cat(tok.encode_posterior(img), -1)  # (B, N, 2C)
+        text, aes = text_encoder(batch['ids']), batch['aes']  # frozen CLIP in fp32, as released
+        x = batch.get('tokens')
+        if x is None:  # images, encoded on the fly
+            x = encode_images(tok, batch['image'], ctx)
     if tok.config.quantize == 'vq':
         return x, text, aes
-    mean, logvar = x.float().chunk(2, dim=-1)
-    return mean + torch.exp(0.5 * logvar) * posterior_noise[idx].to(device), text, aes
+    mean, logvar = x.float().unbind(1)  # (B, N, C) each
+    return mean + torch.exp(0.5 * logvar) * batch['posterior'], text, aes
+
 
 def bucket_stats(stats, nb=4):
-    """A training diagnostic, (sum, count) in nb buckets: VQ, masked-token accuracy by mask ratio (low ratios
-    should learn first); KL, the diffusion loss by timestep (every bucket should fall)."""
+    """A training diagnostic, (sum, count) in nb buckets, without a host sync: VQ, masked-token accuracy
+    by mask ratio (low ratios should learn first); KL, the diffusion loss by timestep (every bucket
+    should fall)."""
     mask = stats['mask']
     if 'correct' in stats:
         values = (stats['correct'] & mask).sum(1) / mask.sum(1)  # (B,)
         bucket = (mask.float().mean(1) * nb).long().clamp(max=nb - 1)
+        weight = torch.ones_like(values)
     else:
-        m = mask[:, None].expand_as(stats['token_loss'])  # (B, k, N)
-        values = stats['token_loss'][m]
-        bucket = stats['t'][m] * nb // 1000
-    sums = torch.zeros(nb, device=mask.device).index_add_(0, bucket, values.float())
-    return torch.stack([sums, torch.bincount(bucket, minlength=nb).float()])  # (2, nb)
+        values = stats['token_loss'].flatten()  # (B*k*N,)
+        bucket = (stats['t'] * nb // 1000).flatten()
+        weight = mask[:, None].expand_as(stats['token_loss']).flatten().float()  # the masked ones
+    zeros = torch.zeros(nb, device=mask.device)
+    sums = zeros.index_add(0, bucket, values.float() * weight)
+    return torch.stack([sums, zeros.index_add(0, bucket, weight)])  # (2, nb)
+
 
 @torch.no_grad()
 def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, path, data_rms):
@@ -327,57 +347,84 @@ def main(args):
     dtype = pick_dtype(args.dtype, device)
     ctx = autocast(device, dtype)
     mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
-    ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_maskgen', vars(args), MODEL_FLAGS)
-    make_out_dir(args.out_dir)
     expand_source(args.data)  # a missing or empty source stops here, before any model is loaded
-    if not ckpt and args.preset and not os.path.exists(args.tokenizer):
-        suffix = ' --tokens kl' if args.tokens == 'kl' else ''
-        raise CheckpointError(f"{args.tokenizer} not found: train the tokenizer first, "
-                              f"`python train_tokenizer.py --preset {args.preset}{suffix}`")
+
+    # rank 0 decides whether to resume, from its own --out_dir, and tells every rank what it found:
+    # rank 0 alone reads the checkpoint (memory-mapped) and writes; the others get the state from it
+    keep = {}
+
+    def decide():
+        make_out_dir(args.out_dir)
+        ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_maskgen', vars(args), MODEL_FLAGS)
+        if not ckpt and args.preset and not os.path.exists(args.tokenizer):
+            suffix = ' --tokens kl' if args.tokens == 'kl' else ''
+            raise CheckpointError(f"{args.tokenizer} not found: train the tokenizer first, "
+                                  f"`python train_tokenizer.py --preset {args.preset}{suffix}`")
+        keep['ckpt'] = ckpt
+        keys = ('model_args', 'tokenizer', 'text_encoder', 'step', 'nonfinite', 'data')
+        return changed, ckpt and {k: ckpt[k] for k in keys}
+    changed, resumed = on_rank0(decide, world, USER_ERRORS)
+    ckpt = keep.get('ckpt')
 
     # the frozen tokenizer (encodes images, decodes samples) and text encoder
-    tok, tok_ref, text_encoder = frozen_models(args, ckpt)
+    tok, tok_ref, text_encoder = frozen_models(args, resumed)
     tok_cfg = tok.config
-    tok.requires_grad_(False).to(device)
+    tok.requires_grad_(False)
     text_encoder.to(device)
     vq = tok_cfg.quantize == 'vq'
     null = text_encoder([''])  # the "" encoding: caption dropout in training, the unconditional branch in sampling
 
-    # the generator (the same init on every rank), its EMA, the optimizer
+    # the generator (the same init on every rank), its EMA, the optimizer; rank 0 loads a checkpoint
     torch.manual_seed(args.seed)
-    if ckpt:
-        cfg = MaskGenConfig(**ckpt['model_args'])
+    if resumed:
+        cfg = MaskGenConfig(**resumed['model_args'])
     else:
         cfg = generator_config(args.size, tok_cfg, text_encoder.width)
     raw_model = MaskGen.from_config(cfg).to(device)
-    if args.init_from and not ckpt:  # stage 2 from stage 1 (the release loads strict=False; we check every key)
+    raw_model.checkpointing = args.checkpointing == 'on'
+    if args.init_from and not resumed and master:  # stage 2 from stage 1 (the release loads strict=False)
         load_official(raw_model, MaskGen.from_pretrained(args.init_from).state_dict(), args.init_from)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
-    opt = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
+    opt = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    # data: token shards, or images the tokenizer encodes; rank r reads every world-th sample. With --pool, one
-    # process encodes the pool (the same on every rank) and each step draws its global batch from it
-    if args.pool:
-        train_loader = make_loader(args.data, 256, tok_cfg.image_size, train=True, seed=args.seed, resample=True)
-    else:
-        train_loader = make_loader(args.data, mb, tok_cfg.image_size, train=True, seed=args.seed, rank=rank,
-                                   world_size=world, num_workers=args.num_workers, resample=True)
-    state = dict(model=raw_model, ema=ema, optimizer=opt, scaler=scaler)
-    if not args.pool:
-        state['data'] = train_loader
-    start_step, nonfinite = 0, 0
+    start_step, nonfinite = 0, torch.zeros((), dtype=torch.long, device=device)
     if ckpt:
-        for k, obj in state.items():
-            obj.load_state_dict(ckpt[k])  # data: every rank's position; the loader takes its own
-        start_step, nonfinite = ckpt['step'], ckpt['nonfinite']
-        ckpt = None  # free the memory
+        raw_model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        opt.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+    if resumed:
+        start_step = resumed['step']
+        nonfinite.fill_(resumed['nonfinite'])
+    if world > 1:  # rank 0's weights, EMA and optimizer state on every rank
+        for t in ema.state_dict().values():
+            dist.broadcast(t, 0)
+        if resumed:
+            opt.load_state_dict(broadcast_state(opt.state_dict() if master else None, device, world))
+            scaler.load_state_dict(on_rank0(lambda: scaler.state_dict(), world, USER_ERRORS))
+    ckpt = None  # free the memory
+
+    # data: token shards, or images the tokenizer encodes; the global sample g = step * batch_size + i
+    # is the same sample, with the same draws, on any number of processes. With --pool, every rank
+    # encodes the same pool and each step draws its global batch from it
+    prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer,
+                                context_length=text_encoder.context_length, cfg=cfg, seed=args.seed)
+    train_loader = make_loader(args.data, mb, tok_cfg.image_size, seed=args.seed, rank=rank,
+                               world_size=world, num_workers=args.num_workers, prepare=prepare)
+    if args.pool:
+        pool_loader = make_loader(args.data, 256, tok_cfg.image_size, seed=args.seed)
+    elif resumed:
+        train_loader.load_state_dict(resumed['data'])
+    on_the_fly = not args.pool and token_shards_tokenizer(args.data) is None
+    if on_the_fly:  # the frozen tokenizer on the GPU only when it encodes every step
+        tok.to(device)
 
     model = raw_model
     if args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda'):
         model = torch.compile(raw_model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if world > 1:  # rank 0's weights are broadcast here; no buffer changes in training
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
 
     # the resolved configuration, printed and kept in every checkpoint with the sampling settings
     sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale, num_steps=args.sample_steps,
@@ -385,122 +432,136 @@ def main(args):
     if vq:
         sampling['guidance_schedule'] = 'cosine'
     else:
-        sampling.update(guidance_schedule='linear', diffusion_steps=args.diffusion_steps, x0_clip=args.x0_clip or None)
+        sampling.update(guidance_schedule='linear', diffusion_steps=args.diffusion_steps,
+                        x0_clip=args.x0_clip or None)
     if master:
-        print(json.dumps(dict(**vars(args), model_args=asdict(cfg), tokenizer_args=asdict(tok_cfg), world_size=world,
-                              grad_accum=grad_accum, device_used=str(device), params=raw_model.get_num_params(),
-                              sampling=sampling), indent=1))
-        print(f"global batch {args.batch_size} = {mb} per forward x {world} processes x {grad_accum} accumulation")
+        print(json.dumps(dict(**vars(args), model_args=asdict(cfg), tokenizer_args=asdict(tok_cfg),
+                              world_size=world, grad_accum=grad_accum, device_used=str(device),
+                              params=raw_model.get_num_params(), sampling=sampling), indent=1))
+        print(f"global batch {args.batch_size} = {mb} per forward x {world} processes x {grad_accum} "
+              f"accumulation; data: {train_loader.stream.streams} streams, "
+              f"{train_loader.stream.num_workers} workers per process")
         if changed:
             print(f"resuming at step {start_step} with changed flags (saved, now): {changed}")
 
-    pool, train_iter = None, None
+    pool = None
     if args.pool:
-        pool = encode_pool(train_loader, args.pool, tok, text_encoder, device, ctx)
-    else:
-        train_iter = iter(train_loader)
+        pool = encode_pool(pool_loader, args.pool, tok.to(device), text_encoder, device, ctx)
+        tok.cpu()
+    batches = iter(train_loader)
     prompts = SHAPES_EVAL_PROMPTS if args.preset else SAMPLE_PROMPTS
     flops = raw_model.estimate_flops(text_encoder.context_length)['train'] * args.batch_size
-    G, N, C = args.batch_size, cfg.num_tokens, cfg.token_size
-    consecutive_bad, smooth = 0, (0.0, 0)
+    G = args.batch_size
+    # what the log reads, accumulated on the device and read every --log_every steps only
+    acc = dict(loss=torch.zeros((), device=device), buckets=torch.zeros(2, 4, device=device),
+               bad_run=torch.zeros((), dtype=torch.long, device=device), x_sq=torch.ones((), device=device))
+    smooth, gnorm, t_log, step_log = torch.zeros((), device=device), None, time.time(), start_step
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
         # once in a while: a sample grid of the fixed prompts (rank 0, EMA weights)
         if master and step > start_step and (last or step % args.sample_every == 0):
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
-            print(sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, path, data_rms), flush=True)
+            tok.to(device)
+            msg = sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, path,
+                              acc['x_sq'].sqrt().item())
+            if not on_the_fly:
+                tok.cpu()
+            print(msg, flush=True)
         # once in a while: a checkpoint (never at the start step: nothing new to save)
         if step > start_step and (last or step % args.ckpt_every == 0):
             data_states = None
             if not args.pool:
-                data_states = all_gather_objects(train_loader.state_dict(), world)
+                data_states = merge_states(all_gather_objects(train_loader.state_dict(), world))
             if master:
-                ckpt = {k: obj.state_dict() for k, obj in state.items() if k != 'data'}
-                ckpt.update(script='train_maskgen', model_args=asdict(cfg), tokenizer=tok_ref, sampling=sampling,
-                            text_encoder=text_encoder.spec, config=vars(args), step=step, nonfinite=nonfinite,
-                            data=data_states)
+                ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                            scaler=scaler.state_dict(), script='train_maskgen', model_args=asdict(cfg),
+                            tokenizer=tok_ref, sampling=sampling, text_encoder=text_encoder.spec,
+                            config=vars(args), step=step, nonfinite=nonfinite.item(), data=data_states)
                 save_checkpoint(ckpt, os.path.join(args.out_dir, 'ckpt.pt'))
+                ckpt = None
                 print(f"saved {args.out_dir}/ckpt.pt (step {step})", flush=True)
-            if world > 1:
+            if world > 1:  # within the process group's timeout, which init_distributed sized for it
                 dist.barrier()
         if last:
             break
 
-        # every random draw of the step, for the whole global batch in global sample order, from the step's seed on
-        # the CPU: 1, 2 or 8 processes and any micro batch draw the same numbers
-        t0 = time.time()
+        # one optimizer step over the global batch, in micro batches; nothing here waits on the GPU
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr, args.schedule)
         for group in opt.param_groups:
             group['lr'] = lr
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        draws = raw_model.draw_training(G, generator=g)
-        normalizer = raw_model.loss_weights(draws['mask']).sum().to(device)  # the global batch's weights
-        posterior_noise, pool_idx = None, None
-        if not vq:  # KL images: a fresh posterior sample each time
-            posterior_noise = torch.randn(G, N, C, generator=g)
-        if args.pool:  # the global batch's samples, drawn from the pool with replacement
-            pool_idx = torch.randint(0, args.pool, (G,), generator=g)
-        loss_sum, buckets, x_sq = torch.zeros((), device=device), 0, 0
-        for micro in range(grad_accum):
-            idx = (micro * mb + torch.arange(mb)) * world + rank  # this rank's global samples
+        if pool is None:
+            micro = [next(batches) for _ in range(grad_accum)]  # host tensors, pinned
+        else:  # the global batch's samples, drawn from the pool with replacement
+            pick = torch.randint(0, args.pool, (G,), generator=torch.Generator().manual_seed(
+                args.seed * 1_000_003 + step))
+            micro = []
+            for i in range(grad_accum):
+                index = [(i * mb + j) * world + rank for j in range(mb)]  # this rank's, in the batch
+                draws = raw_model.draw_batch(args.seed, [step * G + j for j in index])
+                micro.append(dict(draws, pool_index=pick[index]))
+        # the loss is normalised by the global batch's weights: known on the host, summed over ranks
+        normalizer = to_device(sum(raw_model.loss_weights(b['mask']).sum() for b in micro), device)
+        if world > 1:
+            dist.all_reduce(normalizer)
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
             if world > 1:  # all-reduce the gradients on the last micro step only (nanoGPT's flag)
-                model.require_backward_grad_sync = micro == grad_accum - 1
-            x, text, aes = next_batch(train_iter, pool, pool_idx, posterior_noise, idx, tok, text_encoder, device,
-                                      ctx)
-            mine = {k: v[idx].to(device) for k, v in draws.items()}
+                model.require_backward_grad_sync = i == grad_accum - 1
+            b = to_device(b, device)
+            x, text, aes = model_inputs(b, pool, tok, text_encoder, ctx)
             with ctx:
                 loss, stats = model(x, text['tokens'], text['pooled'], aes, null['tokens'], null['pooled'],
-                                    draws=mine, normalizer=normalizer)
+                                    draws=b, normalizer=normalizer)
             scaler.scale(loss * world).backward()  # x world: DDP averages the gradients over the ranks
             loss_sum += loss.detach()
-            buckets = buckets + bucket_stats(stats)
-            x_sq = x_sq + x.float().pow(2).mean() / grad_accum
-        data_rms = float(x_sq) ** 0.5  # this step's training tokens, for the KL samples' check
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(buckets)
-        scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        if (torch.isfinite(loss_sum) & (torch.isfinite(gnorm) | scaler.is_enabled())).item():  # a sync, once a step
-            consecutive_bad = 0
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, raw_model, step, args.ema_decay)
-        else:  # a non-finite loss or gradient: skip the step, count it, stop if it keeps happening
-            consecutive_bad += 1
-            nonfinite += 1
-            scaler.update()
-            if master:
-                print(f"step {step}: non-finite loss or gradient, skipped ({consecutive_bad} in a row)", flush=True)
-            if consecutive_bad >= args.max_nonfinite:
-                print(f"stopping: {consecutive_bad} non-finite steps in a row (lower --lr, or --dtype float32); "
-                      f"the last good checkpoint is in {args.out_dir}", file=sys.stderr)
-                sys.exit(1)
+            acc['buckets'] += bucket_stats(stats)
+            acc['x_sq'] = 0.9 * acc['x_sq'] + 0.1 * x.detach().float().pow(2).mean()
+        gnorm, finite = optimizer_step(opt, scaler, raw_model.parameters(), args.grad_clip)
+        update_ema(ema, raw_model, step, args.ema_decay, finite)
         opt.zero_grad(set_to_none=True)
+        bad = (~finite).long()
+        nonfinite += bad
+        acc['bad_run'] = (acc['bad_run'] + 1) * bad
+        smooth = 0.9 * smooth + 0.1 * loss_sum
+        acc['loss'] = loss_sum
 
-        # logging: a debiased EMA of the loss for reading, the raw values in metrics.jsonl
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        s, n = smooth
-        smooth = (0.9 * s + 0.1 * loss_sum.item(), n + 1)
-        if master and (step % args.log_every == 0 or step == args.max_steps - 1):
-            by = (buckets[0] / buckets[1].clamp(min=1)).tolist()
-            name = 'masked acc by mask ratio 0-25-50-75-100%' if vq else 'loss by timestep 0-250-500-750-1000'
-            mfu = flops / dt / (peak_flops(device) * world)
-            print(f"step {step}/{args.max_steps} | loss {smooth[0] / (1 - 0.9 ** smooth[1]):.4f} | {name} "
-                  f"{' '.join(f'{v:.3f}' for v in by)} | gnorm {gnorm.item():.3g} | lr {lr:.2e} | "
-                  f"dt {dt * 1000:.0f}ms | img/s {G / dt:.1f} | mfu {100 * mfu:.1f}% | nonfinite {nonfinite}",
-                  flush=True)
-            row = dict(step=step, lr=lr, gnorm=gnorm.item(), loss=loss_sum.item(), buckets=by)
-            with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(row) + '\n')
+        # logging, every --log_every steps: the one place the host reads what the GPU computed
+        if step % args.log_every == 0 or step == args.max_steps - 1:
+            if world > 1:
+                dist.all_reduce(acc['loss'])
+                dist.all_reduce(acc['buckets'])
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            dt = (time.time() - t_log) / (step + 1 - step_log)  # per step, since the last log line
+            t_log, step_log = time.time(), step + 1
+            bad_run, total_bad = acc['bad_run'].item(), nonfinite.item()
+            if master:
+                by = (acc['buckets'][0] / acc['buckets'][1].clamp(min=1)).tolist()
+                name = 'masked acc by mask ratio 0-25-50-75-100%'
+                if not vq:
+                    name = 'loss by timestep 0-250-500-750-1000'
+                mfu = flops / dt / (peak_flops(device) * world)
+                debiased = smooth.item() / (1 - 0.9 ** (step + 1 - start_step))
+                print(f"step {step}/{args.max_steps} | loss {debiased:.4f} | {name} "
+                      f"{' '.join(f'{v:.3f}' for v in by)} | gnorm {gnorm.item():.3g} | lr {lr:.2e} | "
+                      f"dt {dt * 1000:.0f}ms | img/s {G / dt:.1f} | mfu {100 * mfu:.1f}% | "
+                      f"nonfinite {total_bad}", flush=True)
+                row = dict(step=step, lr=lr, gnorm=gnorm.item(), loss=acc['loss'].item(), buckets=by)
+                with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+            acc['buckets'].zero_()
+            if bad_run >= args.max_nonfinite:
+                if master:
+                    print(f"stopping: {bad_run} non-finite steps in a row (lower --lr, or --dtype "
+                          f"float32); the last good checkpoint is in {args.out_dir}", file=sys.stderr)
+                sys.exit(1)
     if world > 1:
         dist.destroy_process_group()
 
 if __name__ == '__main__':
     try:
         main(get_args())
-    except (CheckpointError, DataError) as e:  # user errors: one line, exit 2, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # user errors: one line (from rank 0 under torchrun), exit 2, no traceback
+        if os.environ.get('RANK', '0') == '0':
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

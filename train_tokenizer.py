@@ -329,7 +329,7 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
     line. KL decodes the posterior mean."""
     psnr, ids, n, grid = [], [], 0, None
     for batch in loader:
-        img = batch['image'][:args.eval_images - n].to(device)
+        img = batch['image'][:args.eval_images - n].to(device).float() / 255
         guidance = text_encoder(batch['caption'][:len(img)])['guidance']
         with ctx:
             recon, aux = ema(img, guidance, sample=False)
@@ -498,7 +498,7 @@ def main(args):
     # data: rank r reads every world-th sample, so the union of a step's batches is the same for any world size;
     # the release's tokenizer reads each image's caption as it is (recap_prob=0)
     train_loader = make_loader(args.data, mb, cfg.image_size, train=True, seed=args.seed, rank=rank,
-                               world_size=world, num_workers=args.num_workers, flip=True, resample=True, recap_prob=0)
+                               world_size=world, num_workers=args.num_workers, flip=True, recap_prob=0)
     eval_loader = None
     if args.eval_data != 'none' and master:
         eval_loader = make_loader(args.eval_data, mb, cfg.image_size, train=False, seed=args.seed, recap_prob=0)
@@ -583,7 +583,7 @@ def main(args):
         terms, feats = {}, []
         for micro in range(grad_accum):
             batch = next(train_iter)
-            img = batch['image'].to(device, non_blocking=True)
+            img = batch['image'].to(device, non_blocking=True).float() / 255
             idx = (micro * mb + torch.arange(len(img))) * world + rank  # this rank's samples' global slots
             if world > 1:  # all-reduce the gradients on the last micro step only (nanoGPT's flag)
                 model.require_backward_grad_sync = micro == grad_accum - 1
