@@ -25,7 +25,9 @@ import warnings
 from contextlib import nullcontext, contextmanager, ExitStack
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatitok import TATiTok, TextEncoder, tatitok_config, pick_device, pick_dtype, autocast, peak_flops, number
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
@@ -99,6 +101,49 @@ def patched(obj, attr, value):
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+# -----------------------------------------------------------------------------
+# host syncs: what makes the host wait for the device
+
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.equal,
+            aten.is_nonzero, aten.unique_dim, aten._unique2, aten.repeat_interleave}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops after which the host waits for the device: a value read (.item(), float(),
+    .tolist()), an output whose size depends on the data (nonzero, boolean indexing, bincount...) and
+    torch.cuda.synchronize. They cost nothing on a CPU: this counts, there, what a GPU would wait for
+    (bench.py and the tests; on CUDA, bench.py asks torch.cuda.set_sync_debug_mode too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.overloadpacket
+        by_mask = op in (aten.index, aten.index_put, aten.index_put_) and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        if op in SYNC_OPS or by_mask:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._wrapped = Tensor.tolist, torch.cuda.synchronize  # not seen by the dispatcher
+        Tensor.tolist = self._counted('tolist', Tensor.tolist)
+        torch.cuda.synchronize = self._counted('synchronize', torch.cuda.synchronize)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        Tensor.tolist, torch.cuda.synchronize = self._wrapped
+        return super().__exit__(*exc)
+
+    def _counted(self, name, fn):
+        def counted(*args, **kwargs):
+            self.ops.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
 
 # -----------------------------------------------------------------------------
 # the three benchmarks: each returns (step function, FLOPs per image, extras for the report)

@@ -90,5 +90,6 @@ def update_ema(ema, model, step, decay, finite):
     `decay`; a skipped step (finite False) leaves it as it is. Parameters only: neither model has a
     buffer that training changes."""
     d = min(decay, (1 + step) / (10 + step))
-    weight = (1 - d) * finite.float()
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], weight)
+    ema_params = list(ema.parameters())
+    weight = [(1 - d) * finite.float()] * len(ema_params)  # a tensor per tensor: a scalar one syncs
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)

@@ -1143,6 +1143,41 @@ def test_maskgen_kl_loss():
                                                       d['noise'].reshape(-1, C)).view(B, k, N)
     torch.testing.assert_close(stats['token_loss'], every)
 
+@pytest.mark.parametrize('name,checkpointing', [('tiny-vq', False), ('tiny-kl', True), ('tokenizer-vq', True),
+                                                 ('tokenizer-kl', False)])
+def test_compiled_training_step_is_one_graph(name, checkpointing):
+    """What the trainers torch.compile, MaskGen's training forward (VQ, KL) and the tokenizer's, block checkpointing
+    on for one of each: one graph with no graph break, forward and backward (aot_eager: dynamo's capture and the
+    autograd graph inductor would get), and no recompile over three steps of new data and draws."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend('aot_eager')
+    B, g = 4, torch.Generator().manual_seed(0)
+    if name.startswith('tokenizer'):
+        model = TATiTok(tatitok_config(f"tiny-{name[-2:]}")).train()
+        model.encoder.checkpointing = model.decoder.checkpointing = checkpointing
+        compiled = torch.compile(model, backend=backend)
+        for step in range(3):
+            recon, aux = compiled(torch.rand(B, 3, 32, 32, generator=g), torch.randn(B, 77, 64, generator=g),
+                                  noise=torch.randn(B, 8, 5, generator=g))
+            (recon.square().mean() + aux.get('quantizer_loss', 0) + aux.get('kl_loss', 0)).backward()
+    else:
+        model = _tiny(name).train()
+        model.checkpointing = checkpointing
+        compiled = torch.compile(model, backend=backend)
+        cfg, text = model.config, _text(B)
+        for step in range(3):
+            x = torch.randint(0, cfg.codebook_size, (B, cfg.num_tokens), generator=g)
+            if cfg.quantize == 'kl':
+                x = torch.randn(B, cfg.num_tokens, cfg.token_size, generator=g)
+            draws = model.draw_batch(0, range(step * B, step * B + B))
+            loss, _ = compiled(x, *text, torch.full((B,), 6.0), *_text(1, seed=9), draws=draws,
+                               normalizer=torch.tensor(9.0 + step))
+            loss.backward()
+    assert backend.frame_count == 1 and not counters['graph_break'], dict(counters['graph_break'])
+
 def test_gaussian_diffusion_with_an_oracle_denoiser():
     """With the true eps of a point mass and the posterior variance (v = -1): the hybrid loss is 0 (t > 0) and the
     respaced sampler lands exactly on the point, whatever the temperature."""
@@ -2140,6 +2175,30 @@ def test_train_maskgen_sigkill_then_resume_is_bitwise(tm_tokenizers, tmp_path):
     for part in ('model', 'ema'):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+def count_step_syncs(module, monkeypatch, run):
+    """The host syncs of each training step of `run()`: bench.SyncCounter, cut at each step's get_lr."""
+    counter, marks, get_lr = bench.SyncCounter(), [], module.get_lr
+
+    def marked(*args, **kwargs):
+        marks.append(len(counter.ops))
+        return get_lr(*args, **kwargs)
+    monkeypatch.setattr(module, 'get_lr', marked)
+    with counter:
+        run()
+    marks.append(len(counter.ops))
+    return [counter.ops[a:b] for a, b in zip(marks[:-1], marks[1:])]
+
+@pytest.mark.parametrize('q', ['vq', 'kl'])
+def test_train_maskgen_steps_never_wait_on_the_host(tm_tokenizers, tmp_path, monkeypatch, q):
+    """A training step between log lines reads nothing back from the device: no .item(), float(), .tolist(),
+    synchronize, nonzero or boolean indexing (bench.SyncCounter), through the whole step: the data from a worker,
+    CLIP, the tokenizer encoding the images, the loss, backward, the optimizer and the EMA. Steps 0 and 5 log."""
+    steps = count_step_syncs(tm, monkeypatch, lambda: _tm_train(
+        tm_tokenizers, q, tmp_path, '--max_steps', 6, '--log_every', 1000, '--ckpt_every', 1000,
+        '--num_workers', 1))
+    assert len(steps) == 6 and steps[0] and steps[5]  # the log lines read
+    assert steps[1:5] == [[]] * 4, steps[1:5]
 
 def test_training_bad_paths_stop_before_work(tmp_path):
     """Both training scripts: an --out_dir that is a file or read-only, a --data that names nothing, an --eval_data
