@@ -141,7 +141,7 @@ def test_fixture_folder_is_found():
     """The parity tests above must not pass vacuously because PARITY_DIR points nowhere."""
     assert PARITY_CASES, f"no parity cases (*.pt) in PARITY_DIR={PARITY_DIR}"
 
-def run_maskgen_train_case(case, weights):
+def run_maskgen_train_case(case, weights, compiled=False):
     """One official training step through the very loss train_maskgen.py optimises, MaskGen's forward, with the
     fixture's draws passed in: -> the loss, the outputs it returns, the gradient of every parameter."""
     tc, inp = case['train_config'], case['inputs']
@@ -164,7 +164,10 @@ def run_maskgen_train_case(case, weights):
         draws['t'] = inp['t'].view(k, B, N).transpose(0, 1)
         draws['noise'] = f('noise').view(k, B, N, -1).transpose(0, 1)
     text = f('text_tokens'), f('text_pooled'), f('aes'), f('null_tokens'), f('null_pooled')
-    loss, stats = model(x, *text, draws=draws)
+    forward = model
+    if compiled:  # the capture and autograd graph of torch.compile (inductor's kernels take minutes on a CPU)
+        forward = torch.compile(model, backend='aot_eager')
+    loss, stats = forward(x, *text, draws=draws)
     loss.backward()
     out = dict(loss=loss, grads={n: p.grad for n, p in model.named_parameters()})
     if case['kind'] == 'maskgen_vq_train':  # the forward keeps no logits: the same pass, once more
@@ -180,7 +183,8 @@ PARITY_TRAIN_CASES = sorted(glob.glob(os.path.join(PARITY_DIR, 'train', '*.pt'))
 
 @pytest.mark.skipif(not PARITY_TRAIN_CASES, reason=f"no training-step cases in {PARITY_DIR}/train")
 @pytest.mark.parametrize('case_path', PARITY_TRAIN_CASES, ids=[os.path.basename(p)[:-3] for p in PARITY_TRAIN_CASES])
-def test_parity_training_step(case_path):
+@pytest.mark.parametrize('compiled', [False, True], ids=['eager', 'compiled'])
+def test_parity_training_step(case_path, compiled):
     """MaskGen's training loss and the gradient of every parameter equal the official code's for one step, its
     masking, caption dropout and diffusion draws forced; a reference moved by 0.1% fails (where 0.1% of it exceeds
     the tolerance, as it does for the loss and the largest gradient)."""
@@ -190,7 +194,7 @@ def test_parity_training_step(case_path):
     assert files, f"{case_path}: no .bin or .safetensors beside it"
     for weights in files:
         with one_thread():
-            ours = run_maskgen_train_case(case, weights)
+            ours = run_maskgen_train_case(case, weights, compiled)
         ref_grads = case['outputs'].pop('grads')
         assert set(ours['grads']) == set(ref_grads), sorted(set(ours['grads']) ^ set(ref_grads))
         # every output we produce (token_mse and token_vb, the two parts of token_loss, are compared as their sum)
