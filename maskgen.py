@@ -524,6 +524,36 @@ class MaskGen(nn.Module):
         groups = param_groups(self.named_parameters(), weight_decay)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)  # skips on the device (runtime.py)
 
+    def activation_bytes(self, text_len=77):
+        """The memory plan's bytes of a training step (runtime.memory_plan), under 16-bit autocast, from
+        the architecture; the tests check them against the bytes autograd really saves.
+        saved        per sample, what the backward pass needs. Per token and width unit of a block, the
+                     image stream (fp32) keeps 54 bytes: LayerNorm inputs and outputs (4 + 4, twice),
+                     16-bit copies of the matmul inputs (2 each: q, k, v, out, mlp), the MLP's hidden
+                     state and GELU's input (8 + 8), the attention's q, k, v and output (8); the text
+                     stream, 16-bit from its projection on, 42.5 (the last block's, 14)
+        checkpointed per sample with block checkpointing: each block's inputs, and one block's saved
+                     tensors while the backward pass recomputes it
+        casts        the 16-bit weight copies of the forward pass, 2 bytes a parameter
+        transient    per sample, the largest temporary of the backward pass (VQ: the logits' gradient)"""
+        cfg = self.config
+        D, L, T, K = cfg.width, cfg.num_tokens, text_len, cfg.codebook_size
+        lse = 4 * cfg.heads * (L + T)  # the attention's log-sum-exp, fp32
+        block = (54 * L + 42.5 * T) * D + lse
+        last = (54 * L + 14 * T) * D + lse
+        head = 10 * L * D + 4 * L * K + 8 * L  # final norm, lm_head input, log-softmax (fp32), ids
+        transient = 8 * L * K
+        if cfg.quantize == 'kl':  # the denoiser runs on k rows per token
+            W = cfg.diffloss_width
+            row = (22 * cfg.diffloss_depth + 16) * W + 11 * D + 33 * cfg.token_size
+            head = cfg.diffusion_batch_mul * L * row + 12 * L * D
+            transient = 0
+        cond = 2 * T * cfg.text_embed_dim
+        saved = (cfg.depth - 1) * block + last + head + cond
+        inputs = cfg.depth * (4 * L + 2 * T) * D  # fp32 image stream, 16-bit text stream
+        return dict(saved=saved, checkpointed=inputs + block + head + cond, casts=2 * self.get_num_params(),
+                    transient=transient)
+
     def estimate_flops(self, text_len=77):
         """FLOPs per image (2 per multiply-add of a matmul), counted from the architecture and checked against
         torch's FlopCounterMode in the tests: `conditioning`, the text and pooled projections (once per image);

@@ -2,6 +2,7 @@
 What the training scripts share to run on 1 to 64 processes: the split of the global batch, one
 process's decisions for all, the optimizer step that never waits on the host, and the memory plan.
 """
+import inspect
 import math
 
 import torch
@@ -9,6 +10,8 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tatitok import CheckpointError
+
+GiB = 2 ** 30
 
 # -----------------------------------------------------------------------------
 # processes
@@ -78,10 +81,29 @@ def optimizer_step(opt, scaler, params, grad_clip):
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     finite = torch.isfinite(gnorm)  # the same on every rank: the gradients are all-reduced
     if not scaler.is_enabled():  # fused AdamW skips its update, step count included, where found_inf
-        opt.found_inf = (~finite).float()
+        getattr(opt, 'optim', opt).found_inf = (~finite).float()  # (sharded: the AdamW inside)
     scaler.step(opt)  # float16: the scaler finds the non-finite gradients itself
     scaler.update()
     return gnorm, finite
+
+
+def shard_optimizer(opt):
+    """The same AdamW with its state split over the processes (torch's ZeroRedundancyOptimizer): its
+    8 bytes a parameter become 8 / processes; each process steps its share, then broadcasts it."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    known = inspect.signature(type(opt)).parameters  # (its defaults hold one more, decoupled_weight_decay)
+    defaults = {k: v for k, v in opt.defaults.items() if k in known}
+    return ZeroRedundancyOptimizer(opt.param_groups, optimizer_class=type(opt), **defaults)
+
+
+def optimizer_state(opt):
+    """The optimizer's whole state on rank 0, for a checkpoint (sharded: gathered first, every rank
+    calls this); it loads back into any number of processes, sharded or not."""
+    if hasattr(opt, 'consolidate_state_dict'):
+        opt.consolidate_state_dict(to=0)
+        if dist.get_rank() != 0:
+            return None
+    return opt.state_dict()
 
 
 @torch.no_grad()
@@ -93,3 +115,65 @@ def update_ema(ema, model, step, decay, finite):
     ema_params = list(ema.parameters())
     weight = [(1 - d) * finite.float()] * len(ema_params)  # a tensor per tensor: a scalar one syncs
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)
+
+
+# -----------------------------------------------------------------------------
+# the memory plan: what a training step holds on each GPU, before anything is allocated
+
+
+def memory_plan(model, act, frozen, micro_batch, world, checkpointing, zero):
+    """Bytes per GPU at the peak of a training step, by part: the trained model's fp32 weights,
+    gradients (DDP's buckets are views of them), AdamW's two moments and step counts (sharded over the
+    processes with zero), the EMA; `frozen`, what else sits on the GPU (frozen models, a discriminator
+    with its optimizer); the forward's 16-bit weight copies; the activations the backward pass needs
+    and its largest temporary, for a micro batch. act: the model's activation_bytes()."""
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    per_sample = act['saved']
+    if checkpointing:
+        per_sample = act['checkpointed']
+    optimizer = 8 * P + 4 * len(params)  # exp_avg and exp_avg_sq in fp32, a step count per tensor
+    if zero:
+        optimizer = math.ceil(optimizer / world)
+    return dict(weights=4 * P, grads=4 * P, optimizer=optimizer, ema=4 * P, frozen=frozen,
+                casts=act['casts'], activations=micro_batch * (per_sample + act['transient']))
+
+
+def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpointing='auto', zero='auto'):
+    """The micro batch and the levers of a run on GPUs of `memory` bytes (None: a CPU, no plan): the
+    largest micro batch, at most the recipe's (ceiling) and dividing a process's share of the global
+    batch, whose plan fits in 90% of the memory. Block checkpointing only when no micro batch of at
+    least a quarter of the recipe's fits without it; the optimizer state sharded over the processes
+    (zero) only when nothing fits without it. -> dict(micro_batch, grad_accum, checkpointing, zero,
+    plan (bytes by part)); CheckpointError when nothing fits."""
+    mb, _ = micro_batches(batch_size, ceiling, world)
+    per_rank = batch_size // world
+    sizes = [d for d in range(mb, 0, -1) if per_rank % d == 0]  # largest first
+    levers = [(c, z) for z in (False, True) for c in (False, True)
+              if checkpointing in ('auto', ('off', 'on')[c]) and zero in ('auto', ('off', 'on')[z])
+              and (world > 1 or not z)]
+    for c, z in levers:
+        for size in sizes:
+            plan = memory_plan(model, act, frozen, size, world, c, z)
+            small = not c and not z and checkpointing == 'auto' and size * 4 < mb
+            if memory is None or (sum(plan.values()) <= 0.9 * memory and not small):
+                return dict(micro_batch=size, grad_accum=per_rank // size, checkpointing=c, zero=z,
+                            plan=plan)
+    smallest = memory_plan(model, act, frozen, 1, world, levers[-1][0], levers[-1][1])
+    raise CheckpointError(f"nothing fits in {memory / GiB:.1f} GiB per GPU: a micro batch of 1 with "
+                          f"{describe(levers[-1])} plans {sum(smallest.values()) / GiB:.1f} GiB (a "
+                          f"smaller model, more processes with --zero on, or larger GPUs)")
+
+
+def describe(levers):
+    checkpointing, zero = levers
+    return f"checkpointing {('off', 'on')[checkpointing]}, zero {('off', 'on')[zero]}"
+
+
+def plan_lines(choice, memory):
+    """The plan as the trainers print it at start-up."""
+    plan = choice['plan']
+    parts = ', '.join(f"{k} {v / GiB:.1f}" for k, v in plan.items())
+    return (f"memory plan per GPU (GiB): {parts}; total {sum(plan.values()) / GiB:.1f} of "
+            f"{memory / GiB:.1f} (fits with 10% headroom) at micro batch {choice['micro_batch']}, "
+            f"{describe((choice['checkpointing'], choice['zero']))}")

@@ -346,6 +346,22 @@ class TATiTok(nn.Module):
         groups += [dict(g, lr_scale=1.0) for g in param_groups(rest, weight_decay)]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
 
+    def activation_bytes(self):
+        """The memory plan's bytes of a training step under 16-bit autocast (as MaskGen's): a block keeps
+        36 bytes per token and width unit (fp32 LayerNorm inputs, 16-bit q, k, v, attention output and
+        matmul inputs, the MLP's hidden state and GELU's input) and the attention's log-sum-exp; the rest
+        (patches, norms, projections, the output convs) is small at the releases' sizes."""
+        cfg = self.config
+        P, N, We, Wd = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_latent_tokens, cfg.enc_width, cfg.dec_width
+        Te, Td = 1 + P + N, 1 + P + N + cfg.text_context_length
+        enc = 36 * Te * We + 4 * cfg.enc_heads * Te
+        dec = 36 * Td * Wd + 4 * cfg.dec_heads * Td
+        rest = 4 * (Te * We + Td * Wd) + 10 * P * Wd + 20 * cfg.image_size ** 2
+        rest += 2 * cfg.text_context_length * cfg.text_embed_dim
+        inputs = 4 * (cfg.enc_layers * Te * We + cfg.dec_layers * Td * Wd)
+        return dict(saved=cfg.enc_layers * enc + cfg.dec_layers * dec + rest,
+                    checkpointed=inputs + max(enc, dec) + rest, casts=2 * self.get_num_params(), transient=0)
+
     def estimate_flops(self, encode=True, decode=True):
         """FLOPs per image (2 per multiply-add of a matmul or conv), counted from the architecture; checked against
         torch's FlopCounterMode in the tests. The VQ distances count; the decoder's text projection too."""

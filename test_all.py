@@ -43,6 +43,7 @@ PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, 'parity'))
 KEYS_DIR = os.path.join(PARITY_DIR, 'official_keys')
 torch.set_num_threads(2)
 ONE_THREAD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}  # subprocesses: 1 thread, like one_thread
+TORCHRUN = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 @contextmanager
 def one_thread():
@@ -55,13 +56,13 @@ def one_thread():
         torch.set_num_threads(n)
 
 def kill_after_checkpoint(argv, step):
-    """Run a training script in a subprocess and SIGKILL it right after it saves the checkpoint of `step`, i.e.
-    somewhere inside the steps that follow (the resume tests)."""
+    """Run a training script in a subprocess (argv may start with torchrun's module) and SIGKILL it, every process
+    of it, right after it saves the checkpoint of `step`, i.e. somewhere inside the steps that follow."""
     p = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=ONE_THREAD_ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in p.stdout:
         if line.startswith('saved') and f'(step {step})' in line:
-            p.send_signal(signal.SIGKILL)
+            os.killpg(p.pid, signal.SIGKILL)
             break
     p.wait(timeout=120)
     assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
@@ -2039,7 +2040,7 @@ def assert_like_control(ref, other, control, what, codebook=None):
         assert moved(other) <= 3 * moved(control) + 2, (what, moved(other), moved(control))
 
 def run_two_processes(script, argv):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script, *argv]
+    cmd = [sys.executable, *TORCHRUN, script, *argv]
     r = subprocess.run(cmd, cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
@@ -2139,19 +2140,49 @@ def test_train_maskgen_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path, 
     assert 'loss by timestep' in log and os.path.exists(tmp_path / 'samples_0000008.png')
     assert 'token rms' in log  # the drawn tokens' scale against the training tokens'
 
-def test_train_maskgen_two_processes_match_one(tm_tokenizers, tmp_path):
-    """torchrun with 2 gloo processes (micro batch 2, no accumulation) trains the model of 1 process (micro batch 2
-    x 2 accumulation steps) for the same global batch, to float rounding (see assert_like_control): KL on images,
-    whose masks (one ratio per block of 2 samples in this preset, so the two blocks fall on different ranks),
-    caption dropout, diffusion timesteps and noise, and posterior noise are drawn per global sample."""
-    common = ['--max_steps', 3, '--batch_size', 4]
-    run_two_processes('train_maskgen.py', _tm_args(tm_tokenizers, 'kl', tmp_path / 'two', *common,
-                                                   '--micro_batch_size', 2))
+def test_train_maskgen_two_processes_match_one_and_resume_on_the_other(tm_tokenizers, tmp_path):
+    """2 gloo processes (micro batch 2, AdamW's state split over them by torch's ZeroRedundancyOptimizer) train the
+    model of 1 process (micro batch 2 x 2 accumulation steps) for the same global batch, to float rounding (see
+    assert_like_control; the control: 1 process, micro batch 4): KL on images, whose masks (one ratio per block of
+    2 samples in this preset, so the two blocks fall on different ranks), caption dropout, diffusion draws and
+    posterior noise are drawn per global sample. And a run killed after its step-3 checkpoint continues on the
+    other number of processes (2 -> 1 and 1 -> 2, the data position carried over by stream) to the same model."""
+    common = ['--max_steps', 6, '--batch_size', 4, '--ckpt_every', 3]
     _tm_train(tm_tokenizers, 'kl', tmp_path / 'one', *common, '--micro_batch_size', 2)
     _tm_train(tm_tokenizers, 'kl', tmp_path / 'control', *common, '--micro_batch_size', 4)
-    assert_metrics_like_control(*(metrics(tmp_path / n) for n in ('one', 'two', 'control')), ['loss'])
-    weights = [checkpoint(tmp_path / n)['model'] for n in ('one', 'two', 'control')]
-    assert_like_control(*weights, 'maskgen')
+    kill_after_checkpoint([*TORCHRUN, 'train_maskgen.py', *_tm_args(tm_tokenizers, 'kl', tmp_path / 'two', *common,
+                                                                     '--micro_batch_size', 2, '--zero', 'on')], 3)
+    assert_metrics_like_control(*(metrics(tmp_path / n)[:3] for n in ('one', 'two', 'control')), ['loss'])
+    _tm_train(tm_tokenizers, 'kl', tmp_path / 'two', *common, '--micro_batch_size', 2, '--resume')  # on 1
+    kill_after_checkpoint(['train_maskgen.py', *_tm_args(tm_tokenizers, 'kl', tmp_path / 'cut', *common,
+                                                         '--micro_batch_size', 2)], 3)
+    run_two_processes('train_maskgen.py', _tm_args(tm_tokenizers, 'kl', tmp_path / 'cut', *common, '--resume'))
+    weights = {n: checkpoint(tmp_path / n) for n in ('one', 'two', 'cut', 'control')}
+    assert all(ck['step'] == 6 for ck in weights.values())
+    for other in ('two', 'cut'):
+        assert_like_control(*(weights[n]['model'] for n in ('one', other, 'control')), 'maskgen ' + other)
+
+def test_rank0_decides_for_ranks_that_see_other_files(tm_tokenizers, tmp_path):
+    """Two processes whose --out_dir (relative, each in its own working folder, as on two nodes without a shared
+    disk) hold different things agree on rank 0's decision: rank 0 resumes its run from step 2, while rank 1's
+    folder holds a stale ckpt.pt it never reads; rank 1 gets the state from rank 0, and writes nothing."""
+    a, b = tmp_path / 'node0', tmp_path / 'node1'
+    a.mkdir()
+    (b / 'run').mkdir(parents=True)
+    (b / 'run' / 'ckpt.pt').write_bytes(b'stale')
+    args = _tm_args(tm_tokenizers, 'kl', 'run', '--max_steps', 2)
+    subprocess.run([sys.executable, os.path.join(HERE, 'train_maskgen.py'), *args], cwd=a, env=ONE_THREAD_ENV,
+                   check=True, capture_output=True, timeout=120)
+    port = str(29500 + os.getpid() % 1000)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'train_maskgen.py'), *args[:-2], '--max_steps', '4',
+                               '--resume'], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ONE_THREAD_ENV, 'RANK': str(r), 'LOCAL_RANK': str(r), 'WORLD_SIZE': '2',
+                                   'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': port})
+             for r, cwd in ((0, a), (1, b))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert 'resuming at step 2' in outs[0][0] and checkpoint(a / 'run')['step'] == 4
+    assert sorted(os.listdir(b / 'run')) == ['ckpt.pt'] and (b / 'run' / 'ckpt.pt').read_bytes() == b'stale'
 
 def test_train_maskgen_vq_loss_does_not_depend_on_micro_batching(tm_tokenizers, tmp_path):
     """VQ: one micro batch of 4 or 2 accumulated micro batches of 2 train the same model: the weighted CE is

@@ -47,7 +47,8 @@ from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, training_draws
 from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
                   tokenizer_fingerprint, merge_states, encode_images)
-from runtime import micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema
+from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
+                     optimizer_state, choose_plan, plan_lines)
 
 USER_ERRORS = (CheckpointError, DataError)
 
@@ -57,11 +58,11 @@ USER_ERRORS = (CheckpointError, DataError)
 OFFICIAL_TOKENS = ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128')
 RECIPES = {
     # the release's configs/training/MaskGen/*.yaml; its global batch is not stated (the GPU batch x 8 assumed)
-    ('official', 'vq'): dict(batch_size=1024, max_steps=500_000, lr=4e-4, end_lr=1e-5, warmup_steps=10_000,
+    ('official', 'vq'): dict(batch_size=1024, micro_batch_size=128, max_steps=500_000, lr=4e-4, end_lr=1e-5, warmup_steps=10_000,
                              schedule='cosine', weight_decay=0.03, beta2=0.96, log_every=100, sample_every=10_000,
                              ckpt_every=5_000, num_workers=8, pool=0, sample_aes=6.0, guidance_scale=12.0,
                              sample_steps=16, temperature=2.0, diffusion_steps=100, x0_clip=0.0),
-    ('official', 'kl'): dict(batch_size=256, max_steps=1_000_000, lr=1e-4, end_lr=1e-4, warmup_steps=50_000,
+    ('official', 'kl'): dict(batch_size=256, micro_batch_size=32, max_steps=1_000_000, lr=1e-4, end_lr=1e-4, warmup_steps=50_000,
                              schedule='constant', weight_decay=0.02, beta2=0.95, log_every=100, sample_every=10_000,
                              ckpt_every=5_000, num_workers=8, pool=0, sample_aes=6.0, guidance_scale=3.0,
                              sample_steps=32, temperature=1.0, diffusion_steps=100, x0_clip=0.0),
@@ -120,8 +121,11 @@ def get_args(argv=None):
     g.add_argument('--batch_size', type=pos_int, help="the GLOBAL batch: samples per optimizer step, all processes")
     g.add_argument('--micro_batch_size', type=pos_int, help="at most this many samples per process per forward "
                    "(the largest that divides batch_size / processes); the rest is gradient accumulation")
-    g.add_argument('--checkpointing', choices=['on', 'off'], default='off', help="recompute each transformer "
-                   "block in the backward pass: a block's activations in memory instead of all (default off)")
+    g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto', help="recompute each "
+                   "transformer block in the backward pass, a block's activations in memory instead of all (auto: "
+                   "where the memory plan needs it)")
+    g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto', help="split AdamW's state over the "
+                   "processes (torch's ZeroRedundancyOptimizer; auto: where the memory plan needs it)")
     g.add_argument('--max_steps', type=pos_int, help="optimizer steps (also the length of the cosine schedule)")
     g.add_argument('--lr', type=pos, help="peak learning rate")
     g.add_argument('--end_lr', type=pos, help="learning rate at the end of the cosine decay")
@@ -246,6 +250,15 @@ def generator_config(size, tok_cfg, text_width):
         return maskgen_config(f"{q}-{size}", **over)
     return maskgen_config(f"{size}-{q}", **over)
 
+def plan_run(args, cfg, text_len, frozen, world, memory):
+    """The micro batch, levers and memory plan of a run on GPUs of `memory` bytes (None: the CPU), for
+    the generator of `cfg`, built on the meta device (nothing allocated) to count its parameters."""
+    with torch.device('meta'):
+        model = MaskGen.from_config(cfg)
+    return choose_plan(model, model.activation_bytes(text_len), frozen, args.batch_size,
+                       args.micro_batch_size, world, memory, args.checkpointing, args.zero)
+
+
 @torch.no_grad()
 def encode_pool(loader, n, tok, text_encoder, device, ctx):
     """--pool: n samples encoded once -> [tokens (VQ ids (n, N); KL the posterior's mean and logvar
@@ -346,7 +359,7 @@ def main(args):
     master = rank == 0
     dtype = pick_dtype(args.dtype, device)
     ctx = autocast(device, dtype)
-    mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
+    micro_batches(args.batch_size, args.micro_batch_size, world)  # a batch no split serves stops here
     expand_source(args.data)  # a missing or empty source stops here, before any model is loaded
 
     # rank 0 decides whether to resume, from its own --out_dir, and tells every rank what it found:
@@ -374,25 +387,39 @@ def main(args):
     vq = tok_cfg.quantize == 'vq'
     null = text_encoder([''])  # the "" encoding: caption dropout in training, the unconditional branch in sampling
 
-    # the generator (the same init on every rank), its EMA, the optimizer; rank 0 loads a checkpoint
-    torch.manual_seed(args.seed)
+    # the generator's config, and the micro batch and levers its memory plan chooses for this GPU
     if resumed:
         cfg = MaskGenConfig(**resumed['model_args'])
     else:
         cfg = generator_config(args.size, tok_cfg, text_encoder.width)
+    on_the_fly = not args.pool and token_shards_tokenizer(args.data) is None
+    frozen = 4 * sum(p.numel() for p in text_encoder.parameters())
+    if on_the_fly:  # the frozen tokenizer on the GPU only when it encodes every step
+        frozen += 4 * tok.get_num_params()
+    memory = None
+    if device.type == 'cuda':
+        memory = torch.cuda.get_device_properties(device).total_memory
+    choice = plan_run(args, cfg, text_encoder.context_length, frozen, world, memory)
+    mb, grad_accum = choice['micro_batch'], choice['grad_accum']
+
+    # the generator (the same init on every rank), its EMA, the optimizer; rank 0 loads a checkpoint
+    torch.manual_seed(args.seed)
     raw_model = MaskGen.from_config(cfg).to(device)
-    raw_model.checkpointing = args.checkpointing == 'on'
+    raw_model.checkpointing = choice['checkpointing']
     if args.init_from and not resumed and master:  # stage 2 from stage 1 (the release loads strict=False)
         load_official(raw_model, MaskGen.from_pretrained(args.init_from).state_dict(), args.init_from)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
+    if choice['zero']:
+        opt = shard_optimizer(opt)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_step, nonfinite = 0, torch.zeros((), dtype=torch.long, device=device)
     if ckpt:
         raw_model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
-        opt.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
+        if world == 1:
+            opt.load_state_dict(ckpt['optimizer'])
     if resumed:
         start_step = resumed['step']
         nonfinite.fill_(resumed['nonfinite'])
@@ -400,7 +427,7 @@ def main(args):
         for t in ema.state_dict().values():
             dist.broadcast(t, 0)
         if resumed:
-            opt.load_state_dict(broadcast_state(opt.state_dict() if master else None, device, world))
+            opt.load_state_dict(broadcast_state(ckpt and ckpt['optimizer'], device, world))
             scaler.load_state_dict(on_rank0(lambda: scaler.state_dict(), world, USER_ERRORS))
     ckpt = None  # free the memory
 
@@ -415,8 +442,7 @@ def main(args):
         pool_loader = make_loader(args.data, 256, tok_cfg.image_size, seed=args.seed)
     elif resumed:
         train_loader.load_state_dict(resumed['data'])
-    on_the_fly = not args.pool and token_shards_tokenizer(args.data) is None
-    if on_the_fly:  # the frozen tokenizer on the GPU only when it encodes every step
+    if on_the_fly:
         tok.to(device)
 
     model = raw_model
@@ -441,6 +467,8 @@ def main(args):
         print(f"global batch {args.batch_size} = {mb} per forward x {world} processes x {grad_accum} "
               f"accumulation; data: {train_loader.stream.streams} streams, "
               f"{train_loader.stream.num_workers} workers per process")
+        if memory:
+            print(plan_lines(choice, memory))
         if changed:
             print(f"resuming at step {start_step} with changed flags (saved, now): {changed}")
 
@@ -472,13 +500,14 @@ def main(args):
             data_states = None
             if not args.pool:
                 data_states = merge_states(all_gather_objects(train_loader.state_dict(), world))
+            opt_state = optimizer_state(opt)
             if master:
-                ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), optimizer=opt_state,
                             scaler=scaler.state_dict(), script='train_maskgen', model_args=asdict(cfg),
                             tokenizer=tok_ref, sampling=sampling, text_encoder=text_encoder.spec,
                             config=vars(args), step=step, nonfinite=nonfinite.item(), data=data_states)
                 save_checkpoint(ckpt, os.path.join(args.out_dir, 'ckpt.pt'))
-                ckpt = None
+                ckpt = opt_state = None
                 print(f"saved {args.out_dir}/ckpt.pt (step {step})", flush=True)
             if world > 1:  # within the process group's timeout, which init_distributed sized for it
                 dist.barrier()
