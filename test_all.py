@@ -4,6 +4,7 @@ The parity tests compare against the official numerics in the fixture folder nam
 (default: the repository's parity/); see parity/README.md for the contract they follow.
 """
 import argparse
+import copy
 import dataclasses
 import functools
 import glob
@@ -32,6 +33,7 @@ from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, TATIT
                      load_official)
 import bench
 import data
+import runtime
 import fid
 import train_maskgen as tm
 import train_tokenizer as tt
@@ -2234,6 +2236,85 @@ def test_train_maskgen_steps_never_wait_on_the_host(tm_tokenizers, tmp_path, mon
         '--num_workers', 1))
     assert len(steps) == 6 and steps[0] and steps[5]  # the log lines read
     assert steps[1:5] == [[]] * 4, steps[1:5]
+
+def saved_bytes(fn):
+    """The bytes of the distinct tensors autograd saves for the backward pass while fn() runs (parameters aside)."""
+    seen = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+def measured_per_sample(step, model):
+    """Saved bytes per sample of step(batch) under bf16 autocast: the difference between batches of 2 and 4, so that
+    what does not grow with the batch (the 16-bit weight copies) drops out; the parameters themselves never count."""
+    def run(B):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            seen = saved_bytes(lambda: step(B))
+        return seen
+    return (run(4) - run(2)) / 2
+
+@pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl', 'tokenizer-vq', 'tokenizer-kl'])
+def test_memory_plan_matches_what_the_model_holds(name):
+    """The memory plan against the real thing, on the CPU: the parameters, gradients, AdamW state and EMA bytes
+    exactly (after a real optimizer step), and the activations autograd saves per sample within 15% (measured
+    with saved-tensor hooks under bf16 autocast, the model at a small but real shape)."""
+    B, g = 2, torch.Generator().manual_seed(0)
+    if name.startswith('tokenizer'):
+        model = TATiTok(tatitok_config(f"tiny-{name[-2:]}", enc_width=128, dec_width=128, image_size=64,
+                                       num_latent_tokens=16)).train()
+        act, C = model.activation_bytes(), model.config.token_size
+
+        def step(B):
+            recon, aux = model(torch.rand(B, 3, 64, 64, generator=g), torch.randn(B, 77, 64, generator=g),
+                               noise=torch.randn(B, 16, C, generator=g))
+            return recon.float().square().mean() + aux.get('quantizer_loss', 0) + aux.get('kl_loss', 0)
+    else:
+        model = MaskGen.from_config(maskgen_config(name, width=128, depth=3, num_tokens=32, codebook_size=512,
+                                                   token_size=16, diffloss_width=128, diffloss_depth=3)).train()
+        act, cfg = model.activation_bytes(), model.config
+
+        def step(B):
+            x = torch.randint(0, cfg.codebook_size, (B, cfg.num_tokens), generator=g)
+            if cfg.quantize == 'kl':
+                x = torch.randn(B, cfg.num_tokens, cfg.token_size, generator=g)
+            return model(x, *_text(B), torch.full((B,), 6.0), *_text(1, seed=9), draws=model.draw_batch(0, range(B)))[0]
+    measured = measured_per_sample(step, model)
+    assert abs(act['saved'] / measured - 1) < 0.15, (act['saved'], measured)
+    plan = runtime.memory_plan(model, act, 0, B, 1, False, False)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    ema = copy.deepcopy(model)
+    step(B).backward()
+    opt.step()
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)
+    assert plan['weights'] == nbytes(model.parameters()) == plan['ema'] == nbytes(ema.parameters())
+    assert plan['grads'] == nbytes(p.grad for p in model.parameters())
+    assert plan['optimizer'] == nbytes(t for s in opt.state.values() for t in s.values())
+
+README_MASKGEN = [['--size', 'xl', '--tokens', 'kl32'], ['--size', 'xl', '--tokens', 'kl32', '--stage', '2'],
+                  ['--size', 'xl', '--tokens', 'vq128'], ['--size', 'l', '--tokens', 'vq128']]
+
+@pytest.mark.parametrize('world', [1, 2, 8, 16, 32, 64])
+def test_readme_training_commands_set_up_on_any_number_of_processes(world, tmp_path):
+    """Every README training command's set-up for `world` processes: the recipe, the micro batch and levers its
+    memory plan chooses on 40 and 80 GiB GPUs (the official models, built on the meta device), and the data split
+    (each rank's streams, together every stream once). Nothing refuses; on 8 processes everything fits a 40 GiB A100
+    without checkpointing or a sharded optimizer."""
+    clip = dict(context_length=77, width=768)
+    for argv in README_MASKGEN:
+        args = tm.get_args(argv)
+        cfg = tm.generator_config(args.size, tatitok_config(args.tokens), 768)
+        for memory in (40 * runtime.GiB, 80 * runtime.GiB):
+            choice = tm.plan_run(args, cfg, clip['context_length'], 0.5 * runtime.GiB, world, memory)
+            assert choice['micro_batch'] * choice['grad_accum'] * world == args.batch_size, (argv, world)
+            assert sum(choice['plan'].values()) <= 0.9 * memory
+            if world == 8 and memory == 40 * runtime.GiB:
+                assert not choice['checkpointing'] and not choice['zero'], (argv, choice)
+    streams = [data.make_loader('shapes', 4, 32, rank=r, world_size=world).stream.my_streams() for r in range(world)]
+    assert sorted(v for s in streams for v in s) == list(range(data.STREAMS))
 
 def test_training_bad_paths_stop_before_work(tmp_path):
     """Both training scripts: an --out_dir that is a file or read-only, a --data that names nothing, an --eval_data
