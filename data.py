@@ -1161,9 +1161,11 @@ def pretokenize(args):
     unit, existing outputs skipped (resume), input shards split over torchrun processes. The folder's
     tokenizer.json says which tokenizer made them (token_shards_tokenizer reads it)."""
     from tqdm import tqdm
+    from tatitok import use_device, pick_dtype, autocast
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
-    device = args.device  # a torch.device: main() parsed it
+    device = use_device(args.device)  # main() parsed it: this rank's GPU under torchrun
+    ctx = autocast(device, pick_dtype(args.dtype, device))  # bf16 on a GPU, as train_maskgen.py encodes
     own_group = world > 1 and not dist.is_initialized()
     if own_group:  # ranks end at different times: the first to end waits for the last at the gather
         dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
@@ -1223,7 +1225,7 @@ def pretokenize(args):
     counts = Counter()  # raw counts of this rank
     if loader is not None:
         pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
-        _write_token_shards(loader, model, args.out_dir, device, pbar)
+        _write_token_shards(loader, model, args.out_dir, device, ctx, pbar)
         pbar.close()
         counts = loader.raw_counts()
     if world == 1:
@@ -1239,7 +1241,7 @@ def pretokenize(args):
     if own_group:
         dist.destroy_process_group()
 
-def _write_token_shards(loader, model, out_dir, device, pbar):
+def _write_token_shards(loader, model, out_dir, device, ctx, pbar):
     """The pretokenizer's loop: encode each batch of images, and write an output shard per unit (an
     input shard, or this rank's share of a folder or of 'shapes'), renamed into place when complete."""
     cfg = model.config
@@ -1250,13 +1252,11 @@ def _write_token_shards(loader, model, out_dir, device, pbar):
         if name not in writers:
             writers[name] = tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT)
         if 'key' in b:
-            with torch.no_grad():
-                img = b['image'].to(device).float() / 255  # (B, 3, H, W)
-                if cfg.quantize == 'kl':
-                    mean, logvar = model.encode_posterior(img)  # (B, N, C) each
-                    tok = torch.stack([mean, logvar], 1).half().cpu().numpy()  # (B, 2, N, C)
-                else:
-                    tok = model.encode(img).cpu().numpy().astype(np.uint16)  # (B, N)
+            tok = encode_images(model, b['image'].to(device), ctx).cpu().numpy()
+            if cfg.quantize == 'kl':
+                tok = tok.astype(np.float16)  # (B, 2, N, C): the posterior's mean and logvar
+            else:
+                tok = tok.astype(np.uint16)  # (B, N)
             for i, key in enumerate(b['key']):
                 members = {'tokens.npy': tok[i], 'txt': b['txt'][i],
                            'json': {**b['meta'][i], 'key': key}}
@@ -1355,6 +1355,9 @@ def main(argv=None):
                    default=64, help="images per encoder forward pass")
     t.add_argument('--device', default='auto',
                    help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, mps")
+    t.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help="autocast dtype of the encoder (auto: bfloat16 on a GPU, float32 on the CPU), as "
+                        "train_maskgen.py encodes on the fly")
     t.add_argument('--seed', type=_number(int, lambda x: 0 <= x < 2 ** 63,
                                           "a whole number from 0 to 2**63 - 1"),
                    default=0, help="'shapes' only: the seed of the stream")
@@ -1364,9 +1367,10 @@ def main(argv=None):
     if args.num_samples and args.data.split(':')[0] != 'shapes':
         p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
     if args.cmd == 'pretokenize':
-        from tatitok import pick_device
+        from tatitok import pick_device, pick_dtype
         try:
             args.device = pick_device(args.device)
+            pick_dtype(args.dtype, args.device)
         except ValueError as e:
             p.error(str(e))
     try:

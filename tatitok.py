@@ -717,16 +717,21 @@ def pick_device(name='auto'):
         raise ValueError(f"--device {name}: MPS is not available on this machine (--device cpu?)")
     return device
 
+def use_device(device):
+    """This process's device from the first CUDA call on (under torchrun, each rank on its own GPU, never a
+    context on GPU 0), with TF32 for the fp32 parts (losses, quantizer, diffusion). -> device"""
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
 def init_distributed(device_name):
     """torchrun sets RANK and WORLD_SIZE: join the process group (nccl on CUDA, gloo on the CPU) and take this
     rank's device. One process without torchrun. -> (rank, world_size, device)"""
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
-    device = pick_device(device_name)
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 parts (losses, quantizer, diffusion)
-        torch.backends.cudnn.allow_tf32 = True
+    device = use_device(pick_device(device_name))
     if world > 1:  # an hour: the other ranks wait in a barrier while rank 0 writes a 20 GB checkpoint
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(hours=1))
     return rank, world, device
