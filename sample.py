@@ -23,15 +23,19 @@ import math
 import inspect
 import argparse
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file, load_official,
-                     checkpoint_weights, pick_device, pick_dtype, autocast, make_out_dir, number)
+                     checkpoint_weights, init_distributed, pick_dtype, autocast, make_out_dir, number,
+                     all_gather_objects)
 from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
+from runtime import on_rank0
 from data import (make_grid, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
 
@@ -150,20 +154,25 @@ def read_prompts(args):
         p.error(f"no prompts in {args.prompts}")
     return prompts
 
-def check_out_dir(args, world):
-    """Refuse a folder that holds files, or that cannot be made, before anything is loaded or drawn."""
-    if world == 1 and os.path.isdir(args.out_dir) and os.listdir(args.out_dir):  # torchrun: the ranks share it
-        p.error(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another folder")
+def check_out_dir(args):
+    """Refuse a folder that holds files, or that cannot be made, before anything is loaded or drawn (rank 0
+    checks, under torchrun, and every rank waits for it)."""
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+        raise CheckpointError(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another "
+                              f"folder")
     if args.grid:
         folder = os.path.dirname(args.grid) or '.'
         if os.path.abspath(folder) == os.path.abspath(args.out_dir):
-            p.error("--grid goes outside --out_dir, which holds the samples only (fid.py reads every image there)")
+            raise CheckpointError("--grid goes outside --out_dir, which holds the samples only (fid.py reads every "
+                                  "image there)")
         if os.path.exists(args.grid) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            p.error(f"--grid {args.grid}: a new file in an existing, writable folder is wanted")
-    try:
-        make_out_dir(args.out_dir)
-    except CheckpointError as e:
-        p.error(str(e))
+            raise CheckpointError(f"--grid {args.grid}: a new file in an existing, writable folder is wanted")
+    make_out_dir(args.out_dir)
+
+def save_png(img, path):
+    """One image to its final name whole or not at all: written beside it, then renamed."""
+    Image.fromarray(img).save(path + '.tmp', format='PNG')
+    os.replace(path + '.tmp', path)
 
 def open_image(path):
     """--image: the PIL RGB image, or a one-line error before any model loads."""
@@ -298,9 +307,8 @@ def shapes_report(captions, detections, size, tokenizer):
 
 def main(argv=None):
     args = p.parse_args(argv)
-    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # torchrun, or one process
-    master = rank == 0
-    if args.eval and world > 1:
+    master = os.environ.get('RANK', '0') == '0'  # torchrun, or one process
+    if args.eval and int(os.environ.get('WORLD_SIZE', 1)) > 1:
         p.error("--eval runs on one process (480 small images at 4 per prompt), not under torchrun")
     prompts = read_prompts(args)
     picture = None
@@ -309,11 +317,14 @@ def main(argv=None):
     if args.image:
         picture = open_image(args.image)
     try:
-        device = pick_device(args.device)
+        rank, world, device = init_distributed(args.device)  # under torchrun: each rank on its own GPU
         dtype = pick_dtype(args.dtype, device)
     except ValueError as e:
         p.error(str(e))
-    check_out_dir(args, world)
+    try:
+        on_rank0(lambda: check_out_dir(args), world, (CheckpointError,))
+    except CheckpointError as e:
+        p.exit(2, f"error: {e}\n" if master else '')
     try:
         gen, tok, te, sampling = load_models(args, device)
     except CheckpointError as e:
@@ -365,45 +376,56 @@ def main(argv=None):
     total, bs = len(prompts) * n, args.batch_size
     mine = list(range(rank, math.ceil(total / bs), world))
     bar = tqdm(total=len(mine) * sampling['num_steps'], desc='decoding steps', disable=not master)
-    paths, grid, results, strips = [], [], [], {}
-    with torch.no_grad(), autocast(device, dtype):
-        null = te([args.negative])  # the unconditional branch, computed once
+    paths, shown, results = [], {}, []  # shown: the images of the grid and the strips, by index
+    writer, written = ThreadPoolExecutor(1), []  # PNGs are written while the next batch samples
+    with torch.no_grad():
+        null = te([args.negative])  # the unconditional branch, once; CLIP in fp32, as in training
         for b in mine:
             images = list(range(b * bs, min(total, (b + 1) * bs)))
             feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
             generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
             given = {}
-            if start is not None:  # the image's tokens, a share --strength of them drawn anew
-                init = start.expand(len(images), *start.shape[1:])
-                keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
-                given = dict(init_tokens=init, keep=keep)
-            tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                  **given, generator=generators, callback=lambda *a: bar.update())
-            for i, img in zip(images, to_uint8(tok.decode_tokens(tokens, feats['guidance']))):
+            with autocast(device, dtype):
+                if start is not None:  # the image's tokens, a share --strength of them drawn anew
+                    init = start.expand(len(images), *start.shape[1:])
+                    keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
+                    given = dict(init_tokens=init, keep=keep)
+                tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'],
+                                      **sampling, **given, generator=generators, callback=lambda *a: bar.update())
+                decoded = to_uint8(tok.decode_tokens(tokens, feats['guidance']))
+            for i, img in zip(images, decoded):
                 paths.append(os.path.join(args.out_dir, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))
-                Image.fromarray(img).save(paths[-1])
-                if len(grid) < 64:
-                    grid.append(img)
+                written.append(writer.submit(save_png, img, paths[-1]))
+                if i < 64 or (start is not None and i % n < 8):
+                    shown[i] = img
                 if args.eval:
                     results.append(detect_shapes(img))
-                if start is not None and i % n < 8:
-                    strips.setdefault(i // n, []).append(img)
+    for f in written:  # every image written (an error in the writer surfaces here)
+        f.result()
     bar.close()
-    if world > 1:  # the images of one rank are a scattered subset: no grid, no report
+    if world > 1:  # rank 0 gathers the grid's and strips' images, the others are done
         print(f"rank {rank}: {len(paths)} images in {args.out_dir}/")
-        return
+        shown = {i: img for part in all_gather_objects(shown, world) for i, img in part.items()}
+        dist.destroy_process_group()
+        if not master:
+            return
+    grid = [shown[i] for i in sorted(shown) if i < 64]
+    strips = {}
+    for i in sorted(shown):
+        if start is not None and i % n < 8:
+            strips.setdefault(i // n, []).append(shown[i])
     if len(paths) <= 64:
         print('\n'.join(paths))
     print(f"{len(paths)} images in {args.out_dir}/")
     if args.grid:
-        Image.fromarray(make_grid(np.stack(grid), ncol=min(n, 8))).save(args.grid)
+        save_png(make_grid(np.stack(grid), ncol=min(n, 8)), args.grid)
         print(f"grid of the first {len(grid)}: {args.grid}")
     for k, samples in strips.items():  # --image: the input, its reconstruction under the prompt, the samples
         with torch.no_grad(), autocast(device, dtype):
             recon = to_uint8(tok.decode_tokens(start, te([prompts[k]])['guidance']))[0]
         row = [to_uint8(crop(picture, tok.config.image_size))[0], recon, *samples]
         path = os.path.join(args.out_dir, f"strip_{k:05d}.png")
-        Image.fromarray(make_grid(np.stack(row), ncol=len(row))).save(path)
+        save_png(make_grid(np.stack(row), ncol=len(row)), path)
         print(f"input, reconstruction, samples: {path}")
     if args.eval:
         with torch.no_grad(), autocast(device, dtype):

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import functools
 import glob
+import hashlib
 import importlib.util
 import io
 import json
@@ -1827,6 +1828,22 @@ def test_sample_cli_subprocesses(sample_ckpts, tmp_path):
     assert official.returncode == 2, f_err[-2000:]
     assert 'turkeyju/generator_maskgen_vq_xl' in f_err and 'turkeyju/tokenizer_tatitok_bl128_vq' in f_err
     assert '--model out/shapes-maskgen' in f_err and '--model FILE' in f_err and 'Traceback' not in f_err
+
+# sha256 (first 16 hex) of each PNG of the run below, the same before the images moved to a writer thread and CLIP
+# to fp32; portable kernels (no CPU-specific vector paths, MKL's reproducible mode) so that any x86 CPU agrees
+SAMPLE_HASHES = {'vq': ['bdbc06d363115783', 'f99b55b2f6692237', '09397644c3b87046', 'e24d48e309e4850c'],
+                 'kl': ['b94a1e8f1cf22893', 'c5ff020bec0146ce', '0e9330947968becd', 'e7967106c54a972a']}
+
+@pytest.mark.parametrize('kind', ['vq', 'kl'])
+def test_sample_files_are_unchanged(sample_ckpts, tmp_path, kind):
+    """sample.py writes byte for byte the PNGs it wrote before (2 prompts x 2, seed 0, batches of 3, the tiny
+    random generators of sample_ckpts): stored hashes."""
+    env = {**ONE_THREAD_ENV, 'ATEN_CPU_CAPABILITY': 'default', 'MKL_CBWR': 'COMPATIBLE', 'ONEDNN_MAX_CPU_ISA': 'SSE41'}
+    subprocess.run([sys.executable, 'sample.py', '--model', sample_ckpts[kind], 'a red circle', 'a blue square',
+                    '--per_prompt', '2', '--batch_size', '3', '--out_dir', str(tmp_path)], cwd=HERE, env=env,
+                   check=True, capture_output=True, timeout=300)
+    digests = [hashlib.sha256((tmp_path / f).read_bytes()).hexdigest()[:16] for f in _sample_pngs(tmp_path)]
+    assert digests == SAMPLE_HASHES[kind]
 
 @pytest.mark.parametrize('kind', ['vq', 'kl'])
 def test_sample_seed_determinism(sample_ckpts, tmp_path, capsys, monkeypatch, kind):
