@@ -593,7 +593,7 @@ def main(args):
                 recon, aux = model(img, guidance, noise=None if vq else noise[idx].to(device))
             loss, t = generator_loss(img, recon, aux, args, perceptual, disc_raw, disc_params)
             scaler.scale(loss / grad_accum).backward()
-            if vq:  # the encoder's features, for the codebook clustering after the step
+            if vq:  # the encoder's features, for the codebook clustering before the step
                 feats.append((aux['features'], aux['ids'], idx.to(device)))
             if gan:
                 loss_d, t_d = discriminator_loss(img, recon, disc, lecam_ema, args.lecam_weight)
@@ -617,10 +617,10 @@ def main(args):
             finite &= d_finite & (torch.isfinite(dnorm) | scaler_d.is_enabled())
         if finite.item():  # a sync point, once a step: every rank must make the same decision
             consecutive_bad = 0
+            if vq and args.cluster_vq == 'on':  # before the step, as the release's in-forward one
+                cluster_global(raw_model.quantize, embed_prob, feats, world)
             scaler.step(opt)
             scaler.update()
-            if vq and args.cluster_vq == 'on':
-                cluster_global(raw_model.quantize, embed_prob, feats, world)
             update_ema(ema, raw_model, step, args.ema_decay)
             if gan:
                 scaler_d.step(opt_d)
