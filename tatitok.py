@@ -112,6 +112,11 @@ class Encoder(nn.Module):
 # -----------------------------------------------------------------------------
 # the two bottlenecks
 
+def at_least_fp32(x):
+    """x in fp32 where autocast made it half precision; a float64 model (the tokenizer's
+    training-step parity test) stays float64, as the fixtures patched the official `.float()` to."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
 
@@ -130,7 +135,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
-        z = features = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
+        z = features = at_least_fp32(z)  # (B, N, C); distances in fp32: bf16 would tie near codes
         if self.use_l2_norm:
             z = F.normalize(z, dim=-1)
         e = self.codes()  # (K, C)
@@ -152,7 +157,7 @@ class DiagonalGaussian:
     """The KL ('vae') bottleneck: the encoder's 2C channels are a mean and a log-variance per token channel."""
 
     def __init__(self, params):
-        self.mean, logvar = params.float().chunk(2, dim=-1)  # (B, N, C) each; the first C channels are the mean
+        self.mean, logvar = at_least_fp32(params).chunk(2, dim=-1)  # (B, N, C) each
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 

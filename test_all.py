@@ -2197,7 +2197,8 @@ def test_perceptual_nets_match_torchvision_layout():
         torch.testing.assert_close(ours.features(x), ref(x))
         torch.testing.assert_close(blk(h), ref_blk(h))
         torch.testing.assert_close(tt.LayerNorm2d(96, eps=1e-6)(h), LayerNorm2d(96, eps=1e-6)(h))
-        assert ours(x, x).abs().item() < 1e-6 and ours(x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1)).item() > 0
+        assert ours(x, x)['lpips'].abs().max() < 1e-6
+        assert (ours(x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1))['lpips'] > 0).all()
 
 def test_perceptual_offline_exits_2(tmp_path):
     """Asking for the perceptual loss without cached weights and no internet: a short message, exit 2."""
@@ -2222,14 +2223,78 @@ def test_loss_networks_run_in_fp32_under_autocast():
     args.disc_weight, args.perceptual_weight = 0.1, 1.0
     aux = dict(quantizer_loss=torch.tensor(0.1), commitment_loss=torch.tensor(0.0), codebook_loss=torch.tensor(0.1),
                usage=torch.tensor(1.0), perplexity=torch.tensor(1.0))
-    params = {k: v.detach() for k, v in [*disc.named_parameters(), *disc.named_buffers()]}
+    no_scaling = torch.amp.GradScaler('cpu', enabled=False)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         recon = torch.nn.functional.conv2d(img, torch.eye(3)[..., None, None])  # bf16 under autocast
         assert recon.dtype == torch.bfloat16
-        loss, terms = tt.generator_loss(img, recon, aux, args, perceptual, disc, params)
-        loss_d, _ = tt.discriminator_loss(img, recon, disc, torch.zeros(2), 0.001)
-    assert {'perceptual', 'g_adv'} <= set(terms) and loss.dtype == loss_d.dtype == torch.float32
+        loss, terms = tt.generator_loss(img, recon, aux, args, perceptual, disc)
+        pairs = [(img, recon.detach())]
+        terms_d, _ = tt.discriminator_backward(disc, pairs, torch.zeros(2), 0.001, no_scaling, 1)
+    assert {'perceptual', 'g_adv'} <= set(terms)
+    assert loss.dtype == terms_d['d_loss'].dtype == torch.float32
     assert len(dtypes) > 60 and {d for _, d in dtypes} == {torch.float32}, {d for _, d in dtypes}
+
+def test_convnext_reads_an_antialiased_resize():
+    """ConvNeXt-S reads both images resized to 224 px, bilinear with antialias, as released
+    (perceptual_loss.py). The parity fixtures' images are smaller than 224, where antialias changes
+    nothing; at 256 px it changes the loss: ours must be the antialiased one, and the plain resize
+    must differ from it far beyond rounding."""
+    torch.manual_seed(0)
+    perceptual = tt.PerceptualLoss('lpips-convnext', pretrained=False)
+    x = torch.rand(1, 3, 256, 256)
+    y = x + 0.2 * torch.randn_like(x)  # (1, 3, 256, 256): detail a plain bilinear shrink aliases
+
+    def convnext_mse(antialias):
+        z = F.interpolate(torch.cat([x, y]), size=224, mode='bilinear', align_corners=False,
+                          antialias=antialias)  # (2, 3, 224, 224)
+        lx, ly = perceptual.convnext((z - perceptual.mean) / perceptual.std).chunk(2)  # (1, 1000)
+        return F.mse_loss(lx, ly).item()
+
+    with torch.no_grad(), one_thread():
+        ours = perceptual(x, y)['convnext_mse'].item()
+        release, plain = convnext_mse(True), convnext_mse(False)
+    assert abs(ours - release) <= 1e-5 * release  # float32 rounding
+    assert abs(plain - release) > 1e-2 * release, (plain, release)
+
+def test_discriminator_lecam_is_the_releases_for_any_micro_batches():
+    """discriminator_backward's loss and gradients are the release's, LeCAM on the mean logits of
+    the whole batch against the EMAs from before the step (losses.py, compute_lecam_loss), computed
+    here directly; the same with the batch in two micro batches (two processes all-reduce the same
+    sums: see the two-process test); the EMAs after the step move by 0.001 toward the batch's means.
+    LeCAM's weight is 1 here, so that its share of the gradient is large: without it the gradients
+    would differ by far more than the rounding allowed."""
+    with one_thread():  # small convolutions: a second thread only waits on a busy machine
+        torch.manual_seed(0)
+        disc = tt.Discriminator(32).double()
+        img = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+        recon = img + 0.3 * torch.randn_like(img)
+        with torch.no_grad():
+            mean_real, mean_fake = disc(img).mean().item(), disc(recon).mean().item()
+        # the EMAs (real, fake) where both LeCAM terms are on
+        ema = torch.tensor([mean_fake + 0.5, mean_real - 0.5], dtype=torch.float64)
+        grads = lambda: [p.grad.clone() for p in disc.parameters()]
+
+        real, fake = disc(img), disc(recon)  # the release's loss, by autograd
+        hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        lecam = F.relu(real.mean() - ema[1]) ** 2 + F.relu(ema[0] - fake.mean()) ** 2
+        hinge.backward(retain_graph=True)
+        hinge_only = grads()
+        disc.zero_grad()
+        (hinge + lecam).backward()
+        release = grads()
+        assert max((a - b).abs().max() / b.abs().max() for a, b in zip(hinge_only, release)) > 0.1
+        no_scaling = torch.amp.GradScaler('cpu', enabled=False)
+        halves = [(img[:2], recon[:2]), (img[2:], recon[2:])]  # micro batches are equal-sized
+        for pairs in ([(img, recon)], halves):
+            disc.zero_grad()
+            terms, ema_after = tt.discriminator_backward(disc, pairs, ema, 1.0, no_scaling, world=1)
+            for a, b in zip(grads(), release):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(terms['lecam'], lecam.detach())
+            torch.testing.assert_close(terms['d_loss'], (hinge + lecam).detach())
+            torch.testing.assert_close(terms['logits_real'], real.detach())
+            means = torch.tensor([mean_real, mean_fake], dtype=torch.float64)
+            torch.testing.assert_close(ema_after, 0.999 * ema + 0.001 * means)
 
 def test_train_tokenizer_reads_the_original_caption(tmp_path, monkeypatch):
     """The release's tokenizer trains on `txt` as it is: a shard with recaptions gives the tokenizer (its text
@@ -2249,7 +2314,7 @@ def test_discriminator_and_schedule():
     """The PatchGAN gives 16x16 logits at any size; warmup + cosine hits its ends; the release's no-decay groups."""
     from tatitok import get_lr, param_groups
     D = tt.Discriminator(32)
-    for s in (32, 64):
+    for s in (32, 64, 256):  # the release pools to 16 x 16: enlarged below 128 px, halved at 256
         assert D(torch.rand(2, 3, s, s)).shape == (2, 1, 16, 16)
     lr = lambda it: get_lr(it, 1.0, 10, 110, 0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(110) == pytest.approx(0.1)
