@@ -178,7 +178,8 @@ def run_maskgen_train_case(case, weights):
 
 # the tokenizer's training step: its perceptual networks get weights by the fixtures' rule
 # (parity/README.md), drawn in the release's key layout and renamed onto ours by load_official
-PERCEPTUAL_RENAME = [*((f'lpips.net.slice{s}.', 'features.') for s in range(1, 6)),  # VGG16's
+# (LPIPS' slices keep VGG16's layer numbers: lpips.net.slice2.5.weight is features.5.weight)
+PERCEPTUAL_RENAME = [*((f'lpips.net.slice{s}.', 'features.') for s in range(1, 6)),
                      *((f'lpips.lin{i}.model.1.', f'lins.{i}.') for i in range(5)),
                      ('lpips.scaling_layer.', ''), ('imagenet_mean', 'mean'),
                      ('imagenet_std', 'std')]
