@@ -123,6 +123,11 @@ class Encoder(nn.Module):
 # -----------------------------------------------------------------------------
 # the two bottlenecks
 
+def at_least_fp32(x):
+    """x in fp32 where autocast made it half precision; a float64 model (the tokenizer's
+    training-step parity test) stays float64, as the fixtures patched the official `.float()` to."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
 
@@ -141,7 +146,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
-        z = features = z.float()  # (B, N, C); distances in fp32: bf16 would tie near codes
+        z = features = at_least_fp32(z)  # (B, N, C); distances in fp32: bf16 would tie near codes
         if self.use_l2_norm:
             z = F.normalize(z, dim=-1)
         e = self.codes()  # (K, C)
@@ -151,7 +156,7 @@ class VectorQuantizer(nn.Module):
         commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
         codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
-        ones = torch.ones(ids.numel(), device=z.device)
+        ones = z.new_ones(ids.numel())
         counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # code usage; no sync
         p = counts / counts.sum()
         perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
@@ -164,7 +169,7 @@ class DiagonalGaussian:
     """The KL ('vae') bottleneck: the encoder's 2C channels are a mean and a log-variance per token channel."""
 
     def __init__(self, params):
-        self.mean, logvar = params.float().chunk(2, dim=-1)  # (B, N, C) each; the first C channels are the mean
+        self.mean, logvar = at_least_fp32(params).chunk(2, dim=-1)  # (B, N, C) each
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.flop_counter import FlopCounterMode
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, TATITOK_PRESETS, tatitok_config,
-                     load_official)
+                     load_official, load_state_dict_file, DiagonalGaussian)
 import bench
 import data
 import runtime
@@ -184,37 +184,183 @@ def run_maskgen_train_case(case, weights, compiled=False):
         out['cond'] = stats['cond']
     return out
 
+# the tokenizer's training step: its perceptual networks get weights by the fixtures' rule
+# (parity/README.md), drawn in the release's key layout and renamed onto ours by load_official
+# (LPIPS' slices keep VGG16's layer numbers: lpips.net.slice2.5.weight is features.5.weight)
+PERCEPTUAL_RENAME = [*((f'lpips.net.slice{s}.', 'features.') for s in range(1, 6)),
+                     *((f'lpips.lin{i}.model.1.', f'lins.{i}.') for i in range(5)),
+                     ('lpips.scaling_layer.', ''), ('imagenet_mean', 'mean'),
+                     ('imagenet_std', 'std')]
+PERCEPTUAL_BUFFERS = {'imagenet_mean': [0.485, 0.456, 0.406], 'imagenet_std': [0.229, 0.224, 0.225],
+                      'lpips.scaling_layer.shift': [-0.030, -0.088, -0.188],
+                      'lpips.scaling_layer.scale': [0.458, 0.448, 0.450]}
+
+def perceptual_by_rule(key, shape, k, seed):
+    """The fixtures' rule for the k-th key (sorted) of the release's PerceptualLoss, in float64."""
+    if key in PERCEPTUAL_BUFFERS:  # the release's float32 constants; they draw nothing
+        return torch.tensor(PERCEPTUAL_BUFFERS[key], dtype=torch.float32).view(shape).double()
+    r = torch.randn(shape, generator=torch.Generator().manual_seed(seed + k), dtype=torch.float64)
+    if key.startswith('lpips.lin'):
+        return 0.2 * r.abs()  # non-negative, like the trained heads
+    if key.endswith('.bias'):
+        return 0.1 * r
+    if key.endswith('.layer_scale'):
+        return 0.2 * r
+    if len(shape) == 1:  # ConvNeXt's LayerNorm weights
+        return 1 + 0.1 * r
+    gain = math.sqrt(2.0) if key.startswith('lpips.net.') else 1.0
+    return r * (gain / math.sqrt(math.prod(shape[1:])))
+
+@functools.lru_cache(maxsize=1)
+def perceptual_nets(seed, keys):
+    """Our PerceptualLoss with the rule's weights, built once per seed and key list (drawing 65M
+    values takes seconds) -> (the module, the checksums of the drawn tensors, per key
+    (sum w, sum w_i (i+1) / n))."""
+    sd, sums = {}, []
+    for k, (key, shape) in enumerate(keys):
+        sd[key] = perceptual_by_rule(key, shape, k, seed)
+        w = sd[key].flatten()
+        pos = torch.arange(1, len(w) + 1, dtype=torch.float64) / len(w)
+        sums.append(torch.stack([w.sum(), (w * pos).sum()]))
+    with torch.device('meta'):  # no init of 65M parameters that sd replaces anyway
+        perceptual = tt.PerceptualLoss('lpips-convnext', pretrained=False)
+    load_official(perceptual.to_empty(device='cpu'), sd, 'the rule', rename=PERCEPTUAL_RENAME)
+    return perceptual, torch.stack(sums)  # (keys, 2)
+
+def run_tatitok_train_case(case, weights, compiled=False):
+    """One official TA-TiTok iteration through the very code train_tokenizer.py trains with: the
+    tokenizer's forward (KL: the fixture's noise passed in), generator_loss and its backward, the
+    codebook clustering, then discriminator_backward on the same reconstructions -> every output of
+    the case, both gradient dicts. The tokenizer and the discriminator run in float64: D's gradients
+    jump where one of its LeakyReLU inputs crosses 0, and a float32 reconstruction (1e-6 off) moved
+    one across in tatitok_vq_train, 3x the tolerance. The perceptual nets stay float32 (ConvNeXt-S
+    costs 9x in float64): they add an fp32-rounded term to the tokenizer's gradients, no more."""
+    tc, inp = case['train_config'], case['inputs']
+    f = lambda k: inp[k].double()
+    vq = case['kind'] == 'tatitok_vq_train'
+    # constants we have no flag for: ours must be the case's
+    assert (tc['recon_loss'], tc['recon_weight'], tc['lecam_decay']) == ('mse', 1.0, 0.999), tc
+    assert (tc['convnext_input_size'], tc['disc_blur_kernel']) == (224, 4), tc
+    assert tc.get('clustering_decay', 0.99) == 0.99, tc
+    # the training .bin also holds the discriminator, under 'discriminator.': the tokenizer's keys
+    # load through the releases' path, the discriminator's strictly into ours
+    sd, prefix = load_state_dict_file(weights), 'discriminator.'
+    tok_sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+    disc_sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    over = dict(case['config'])
+    if vq:
+        over['commitment_cost'] = tc['commitment_cost']
+    model = TATiTok.from_pretrained(tok_sd, **over).train().double()
+    disc = tt.Discriminator(tc['disc_width'], tc['disc_stages'])
+    disc = load_official(disc, disc_sd, weights).double()
+    keys = tuple((k, tuple(shape)) for k, shape in case['perceptual_keys'])
+    nets, sums = perceptual_nets(case['perceptual_seed'], keys)
+    torch.testing.assert_close(sums, case['perceptual_checksums'], rtol=1e-9, atol=0)
+    perceptual = lambda x, y: nets(x.float(), y.float())
+    # the release's weights in our flags: its (lw lpips + cw convnext) / (lw + cw) at weight pw is
+    # lpips + (cw / lw) convnext at weight pw lw / (lw + cw)
+    args = tt.get_args(['--preset', 'tiny'])
+    lw, cw = tc['lpips_weight'], tc['convnext_weight']
+    args.perceptual_weight, args.convnext_weight = tc['perceptual_weight'] * lw / (lw + cw), cw / lw
+    args.disc_weight, args.lecam_weight = tc['gan_weight'] * tc['gan_factor'], tc['lecam_weight']
+    args.quantizer_weight = tc.get('quantizer_weight', 1.0)
+    args.kl_weight = tc.get('kl_weight', 1e-6)
+    assert tt.gan_on(inp['global_step'], tc['gan_start']), "the case pins a step of the GAN phase"
+
+    # the generator step (hooks: the encoder's output and the decoder's input, in the forward)
+    seen = {}
+    model.encoder.register_forward_hook(lambda m, i, o: seen.update(encoder=o))
+    model.decoder.register_forward_pre_hook(lambda m, i: seen.update(latents=i[0]))
+    img = f('images')
+    forward = model
+    if compiled:
+        forward = torch.compile(model, backend='aot_eager')
+    recon, aux = forward(img, f('text_guidance'), noise=None if vq else f('noise'))
+    loss, terms = tt.generator_loss(img, recon, aux, args, perceptual, disc)
+    loss.backward()
+    ours = dict(loss=loss, reconstruction_loss=terms['recon'], lpips=terms['lpips'],
+                convnext_mse=terms['convnext_mse'], gan_loss=terms['g_adv'],
+                reconstructions=recon, grads={n: p.grad for n, p in model.named_parameters()})
+    # in the release's units: its module's output, before its weight
+    ours['perceptual_loss'] = terms['perceptual'] * args.perceptual_weight / tc['perceptual_weight']
+    if vq:
+        ours.update(quantizer_loss=terms['quantizer'], commitment_loss=terms['commitment'],
+                    codebook_loss=terms['codebook'], ids=aux['ids'])
+        embed_prob = f('embed_prob')  # the clustering state
+        if tc['clustering_vq']:  # as the trainer does it: after backward, before the optimizer step
+            feats = [(aux['features'], aux['ids'], torch.arange(len(img)))]
+            tt.cluster_global(model.quantize, embed_prob, feats, world=1)
+        ours['codebook_after'] = model.quantize.embedding.weight.detach()
+        ours['embed_prob_after'] = embed_prob
+    else:
+        posterior = DiagonalGaussian(seen['encoder'])
+        ours.update(kl_loss=terms['kl'], posterior_mean=posterior.mean,
+                    posterior_logvar=posterior.logvar, latents=seen['latents'])
+
+    # the discriminator step, D's weights as they were: the generator's step left no gradient
+    assert all(p.grad is None for p in disc.parameters())
+    lecam_ema = torch.cat([f('ema_real_logits_mean'), f('ema_fake_logits_mean')])  # (2,)
+    no_scaling = torch.amp.GradScaler('cpu', enabled=False)
+    pairs = [(img, recon.detach())]
+    t, ema = tt.discriminator_backward(disc, pairs, lecam_ema, args.lecam_weight, no_scaling, 1)
+    ours.update(d_loss=t['d_loss'], hinge_loss=t['d_hinge'], lecam_loss=t['lecam'],
+                logits_real=t['logits_real'], logits_fake=t['logits_fake'],
+                ema_real_logits_mean_after=ema[:1], ema_fake_logits_mean_after=ema[1:],
+                disc_grads={'discriminator.' + n: p.grad for n, p in disc.named_parameters()})
+    return ours
+
+def flat_outputs(outputs):
+    """A case's outputs with each gradient dict spread out as 'grads[name]'."""
+    flat = {}
+    for name, v in outputs.items():
+        if isinstance(v, dict):
+            flat.update({f"{name}[{k}]": g for k, g in v.items()})
+        else:
+            flat[name] = v
+    return flat
+
+TRAIN_RUNNERS = {'maskgen_vq_train': run_maskgen_train_case,
+                 'maskgen_kl_train': run_maskgen_train_case,
+                 'tatitok_vq_train': run_tatitok_train_case,
+                 'tatitok_kl_train': run_tatitok_train_case}
 PARITY_TRAIN_CASES = sorted(glob.glob(os.path.join(PARITY_DIR, 'train', '*.pt')))
 
 @pytest.mark.skipif(not PARITY_TRAIN_CASES, reason=f"no training-step cases in {PARITY_DIR}/train")
 @pytest.mark.parametrize('case_path', PARITY_TRAIN_CASES, ids=[os.path.basename(p)[:-3] for p in PARITY_TRAIN_CASES])
 @pytest.mark.parametrize('compiled', [False, True], ids=['eager', 'compiled'])
 def test_parity_training_step(case_path, compiled):
-    """MaskGen's training loss and the gradient of every parameter equal the official code's for one step, its
-    masking, caption dropout and diffusion draws forced; a reference moved by 0.1% fails (where 0.1% of it exceeds
-    the tolerance, as it does for the loss and the largest gradient)."""
+    """One training step equals the official code's, eager and compiled (aot_eager: dynamo's capture and AOT
+    autograd's graphs). MaskGen: the loss and the gradient of every parameter, its masking, caption dropout and
+    diffusion draws forced. TA-TiTok: the generator step (the loss and each part, the VQ ids and the clustering's
+    codebook and usage, or the KL posterior, every gradient) and the discriminator step (hinge + LeCAM, the logits,
+    the LeCAM EMAs after it, every gradient). A reference moved by 0.1% fails (where 0.1% of it exceeds the
+    tolerance: every loss, the largest gradients)."""
     case = torch.load(case_path, weights_only=True)
-    assert case['kind'] in ('maskgen_vq_train', 'maskgen_kl_train'), case['kind']
+    assert case['kind'] in TRAIN_RUNNERS, case['kind']
     files = weight_files(case_path)
     assert files, f"{case_path}: no .bin or .safetensors beside it"
     for weights in files:
         with one_thread():
-            ours = run_maskgen_train_case(case, weights, compiled)
-        ref_grads = case['outputs'].pop('grads')
-        assert set(ours['grads']) == set(ref_grads), sorted(set(ours['grads']) ^ set(ref_grads))
-        # every output we produce (token_mse and token_vb, the two parts of token_loss, are compared as their sum)
-        assert set(case['outputs']) - set(ours) <= {'token_mse', 'token_vb'}, set(case['outputs']) - set(ours)
+            ours = flat_outputs(TRAIN_RUNNERS[case['kind']](case, weights, compiled))
+        refs = flat_outputs(case['outputs'])
+        grads = lambda names: {n for n in names if '[' in n}
+        assert grads(ours) == grads(refs), sorted(grads(ours) ^ grads(refs))
+        # every output we produce (token_mse and token_vb, token_loss's parts, are compared as it)
+        assert set(refs) - set(ours) <= {'token_mse', 'token_vb'}, set(refs) - set(ours)
         checked = []
-        outputs = [(n, ref) for n, ref in case['outputs'].items() if n in ours]
-        for name, ref in [*outputs, *ref_grads.items()]:
-            got = ours['grads'][name] if name in ref_grads else ours[name]
-            assert_parity(f"{os.path.basename(weights)}: {name}", got, ref)
-            if 1e-3 * ref.abs().max() > 1e-4 * max(1.0, ref.abs().max().item()):
+        for name, ref in refs.items():
+            if name not in ours:
+                continue
+            assert_parity(f"{os.path.basename(weights)}: {name}", ours[name], ref)
+            top = ref.abs().max().item()
+            if ref.is_floating_point() and 1e-3 * top > 1e-4 * max(1.0, top):
                 with pytest.raises(AssertionError):
-                    assert_parity(name, got, ref * 1.001)
+                    assert_parity(name, ours[name], ref * 1.001)
                 checked.append(name)
-        assert 'loss' in checked and any(n in ref_grads for n in checked), checked
-        case['outputs']['grads'] = ref_grads
+        # the sharpness check reached each loss and each kind of gradient
+        kinds = {n for n, v in case['outputs'].items() if isinstance(v, dict)}
+        assert {'loss', 'd_loss'} & set(refs) <= set(checked), checked
+        assert kinds == {n.split('[')[0] for n in grads(checked)}, checked
 
 # -----------------------------------------------------------------------------
 # the official key lists: every released tokenizer maps exactly onto its preset
@@ -2409,7 +2555,8 @@ def test_perceptual_nets_match_torchvision_layout():
         torch.testing.assert_close(ours.features(x), ref(x))
         torch.testing.assert_close(blk(h), ref_blk(h))
         torch.testing.assert_close(tt.LayerNorm2d(96, eps=1e-6)(h), LayerNorm2d(96, eps=1e-6)(h))
-        assert ours(x, x).abs().item() < 1e-6 and ours(x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1)).item() > 0
+        assert ours(x, x)['lpips'].abs().max() < 1e-6
+        assert (ours(x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1))['lpips'] > 0).all()
 
 def test_perceptual_offline_exits_2(tmp_path):
     """Asking for the perceptual loss without cached weights and no internet: a short message, exit 2."""
@@ -2434,14 +2581,78 @@ def test_loss_networks_run_in_fp32_under_autocast():
     args.disc_weight, args.perceptual_weight = 0.1, 1.0
     aux = dict(quantizer_loss=torch.tensor(0.1), commitment_loss=torch.tensor(0.0), codebook_loss=torch.tensor(0.1),
                usage=torch.tensor(1.0), perplexity=torch.tensor(1.0))
-    params = {k: v.detach() for k, v in [*disc.named_parameters(), *disc.named_buffers()]}
+    no_scaling = torch.amp.GradScaler('cpu', enabled=False)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         recon = torch.nn.functional.conv2d(img, torch.eye(3)[..., None, None])  # bf16 under autocast
         assert recon.dtype == torch.bfloat16
-        loss, terms = tt.generator_loss(img, recon, aux, args, perceptual, disc, params)
-        loss_d, _ = tt.discriminator_loss(img, recon, disc, torch.zeros(2), 0.001)
-    assert {'perceptual', 'g_adv'} <= set(terms) and loss.dtype == loss_d.dtype == torch.float32
+        loss, terms = tt.generator_loss(img, recon, aux, args, perceptual, disc)
+        pairs = [(img, recon.detach())]
+        terms_d, _ = tt.discriminator_backward(disc, pairs, torch.zeros(2), 0.001, no_scaling, 1)
+    assert {'perceptual', 'g_adv'} <= set(terms)
+    assert loss.dtype == terms_d['d_loss'].dtype == torch.float32
     assert len(dtypes) > 60 and {d for _, d in dtypes} == {torch.float32}, {d for _, d in dtypes}
+
+def test_convnext_reads_an_antialiased_resize():
+    """ConvNeXt-S reads both images resized to 224 px, bilinear with antialias, as released
+    (perceptual_loss.py). The parity fixtures' images are smaller than 224, where antialias changes
+    nothing; at 256 px it changes the loss: ours must be the antialiased one, and the plain resize
+    must differ from it far beyond rounding."""
+    torch.manual_seed(0)
+    perceptual = tt.PerceptualLoss('lpips-convnext', pretrained=False)
+    x = torch.rand(1, 3, 256, 256)
+    y = x + 0.2 * torch.randn_like(x)  # (1, 3, 256, 256): detail a plain bilinear shrink aliases
+
+    def convnext_mse(antialias):
+        z = F.interpolate(torch.cat([x, y]), size=224, mode='bilinear', align_corners=False,
+                          antialias=antialias)  # (2, 3, 224, 224)
+        lx, ly = perceptual.convnext((z - perceptual.mean) / perceptual.std).chunk(2)  # (1, 1000)
+        return F.mse_loss(lx, ly).item()
+
+    with torch.no_grad(), one_thread():
+        ours = perceptual(x, y)['convnext_mse'].item()
+        release, plain = convnext_mse(True), convnext_mse(False)
+    assert abs(ours - release) <= 1e-5 * release  # float32 rounding
+    assert abs(plain - release) > 1e-2 * release, (plain, release)
+
+def test_discriminator_lecam_is_the_releases_for_any_micro_batches():
+    """discriminator_backward's loss and gradients are the release's, LeCAM on the mean logits of
+    the whole batch against the EMAs from before the step (losses.py, compute_lecam_loss), computed
+    here directly; the same with the batch in two micro batches (two processes all-reduce the same
+    sums: see the two-process test); the EMAs after the step move by 0.001 toward the batch's means.
+    LeCAM's weight is 1 here, so that its share of the gradient is large: without it the gradients
+    would differ by far more than the rounding allowed."""
+    with one_thread():  # small convolutions: a second thread only waits on a busy machine
+        torch.manual_seed(0)
+        disc = tt.Discriminator(32).double()
+        img = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+        recon = img + 0.3 * torch.randn_like(img)
+        with torch.no_grad():
+            mean_real, mean_fake = disc(img).mean().item(), disc(recon).mean().item()
+        # the EMAs (real, fake) where both LeCAM terms are on
+        ema = torch.tensor([mean_fake + 0.5, mean_real - 0.5], dtype=torch.float64)
+        grads = lambda: [p.grad.clone() for p in disc.parameters()]
+
+        real, fake = disc(img), disc(recon)  # the release's loss, by autograd
+        hinge = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        lecam = F.relu(real.mean() - ema[1]) ** 2 + F.relu(ema[0] - fake.mean()) ** 2
+        hinge.backward(retain_graph=True)
+        hinge_only = grads()
+        disc.zero_grad()
+        (hinge + lecam).backward()
+        release = grads()
+        assert max((a - b).abs().max() / b.abs().max() for a, b in zip(hinge_only, release)) > 0.1
+        no_scaling = torch.amp.GradScaler('cpu', enabled=False)
+        halves = [(img[:2], recon[:2]), (img[2:], recon[2:])]  # micro batches are equal-sized
+        for pairs in ([(img, recon)], halves):
+            disc.zero_grad()
+            terms, ema_after = tt.discriminator_backward(disc, pairs, ema, 1.0, no_scaling, world=1)
+            for a, b in zip(grads(), release):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(terms['lecam'], lecam.detach())
+            torch.testing.assert_close(terms['d_loss'], (hinge + lecam).detach())
+            torch.testing.assert_close(terms['logits_real'], real.detach())
+            means = torch.tensor([mean_real, mean_fake], dtype=torch.float64)
+            torch.testing.assert_close(ema_after, 0.999 * ema + 0.001 * means)
 
 def test_train_tokenizer_reads_the_original_caption(tmp_path, monkeypatch):
     """The release's tokenizer trains on `txt` as it is: a shard with recaptions gives the tokenizer (its text
@@ -2461,7 +2672,7 @@ def test_discriminator_and_schedule():
     """The PatchGAN gives 16x16 logits at any size; warmup + cosine hits its ends; the release's no-decay groups."""
     from tatitok import get_lr, param_groups
     D = tt.Discriminator(32)
-    for s in (32, 64):
+    for s in (32, 64, 256):  # the release pools to 16 x 16: enlarged below 128 px, halved at 256
         assert D(torch.rand(2, 3, s, s)).shape == (2, 1, 16, 16)
     lr = lambda it: get_lr(it, 1.0, 10, 110, 0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(110) == pytest.approx(0.1)

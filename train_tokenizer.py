@@ -45,7 +45,7 @@ from PIL import Image
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
                      init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, update_ema,
                      param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
-                     micro_batches, number, add_system_flags, reachable)
+                     micro_batches, number, add_system_flags, reachable, at_least_fp32)
 from data import make_loader, make_grid, expand_source, DataError
 
 # -----------------------------------------------------------------------------
@@ -131,7 +131,8 @@ def vgg16_features():
     return nn.Sequential(*layers)
 
 class PerceptualLoss(nn.Module):
-    """lpips + convnext_weight * mse(logits): the release's (1.0 lpips + 0.1 convnext) / 1.1, times its weight 1.1."""
+    """The parts of the release's PerceptualLoss: LPIPS per image and the MSE of ConvNeXt-S's logits
+    (generator_loss weighs them)."""
     TAPS = (3, 8, 15, 22, 29)  # relu1_2 .. relu5_3
 
     def __init__(self, kind, pretrained=True):
@@ -156,6 +157,7 @@ class PerceptualLoss(nn.Module):
         self.requires_grad_(False).eval()
 
     def lpips(self, x, y):
+        """(B,) LPIPS of each image pair."""
         h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale  # (2B, 3, H, W): LPIPS wants [-1, 1], then scaling
         loss, lins = 0, iter(self.lins)
         for i, layer in enumerate(self.features):
@@ -164,15 +166,18 @@ class PerceptualLoss(nn.Module):
                 fx, fy = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)  # unit length over channels
                 w = next(lins).weight.view(1, -1, 1, 1)  # the 1x1 'lin' conv, as a weighted channel sum
                 loss = loss + ((fx - fy) ** 2 * w).sum(1).mean((1, 2))  # (B,) spatial average
-        return loss.mean()
+        return loss
 
-    def forward(self, x, y, convnext_weight=0.1):
-        loss = self.lpips(x, y)
+    def forward(self, x, y):
+        """-> dict(lpips=(B,), convnext_mse=() with ConvNeXt-S), the parts of the release's loss."""
+        parts = dict(lpips=self.lpips(x, y))
         if self.convnext is not None:
+            # both images resized to 224 as released (perceptual_loss.py): bilinear with
+            # antialias, which matters when 256 px images shrink
             z = F.interpolate(torch.cat([x, y]), size=224, mode='bilinear', align_corners=False, antialias=True)
             lx, ly = self.convnext((z - self.mean) / self.std).chunk(2)  # (B, 1000) logits each
-            loss = loss + convnext_weight * F.mse_loss(lx, ly)
-        return loss
+            parts['convnext_mse'] = F.mse_loss(lx, ly)
+        return parts
 
 # -----------------------------------------------------------------------------
 # the discriminator: the release's NLayerDiscriminator (MaskBit-style PatchGAN with blur downsampling)
@@ -214,16 +219,25 @@ class Discriminator(nn.Module):
 # -----------------------------------------------------------------------------
 # the losses, in fp32 as released (its loss module runs with autocast off, on float inputs)
 
-def generator_loss(img, recon, aux, args, perceptual, disc, disc_params):
-    """The tokenizer's loss (the release's ReconstructionLoss_Stage2, generator side) -> (loss, terms).
-    disc_params: the discriminator's weights, detached, once the GAN is on (None before): only the image gets a
-    gradient from the adversarial term."""
+def gan_on(step, disc_start):
+    """The release's should_discriminator_be_trained: from step disc_start on, that step included;
+    -1: never."""
+    return 0 <= disc_start <= step
+
+def generator_loss(img, recon, aux, args, perceptual, disc=None):
+    """The tokenizer's loss (the release's ReconstructionLoss_Single_Stage, generator side)
+    -> (loss, terms). recon goes into every term as the decoder gives it, unclamped, as released.
+    disc: the discriminator once the GAN is on (None before); its weights are taken detached, so
+    only the image gets a gradient from the adversarial term (the release turns theirs off)."""
     with torch.autocast(img.device.type, enabled=False):
-        recon = recon.float()
+        recon = at_least_fp32(recon)
         terms = dict(recon=F.mse_loss(recon, img))
         loss = terms['recon']
         if perceptual is not None:
-            terms['perceptual'] = perceptual(recon, img, args.convnext_weight)
+            terms.update(perceptual(img, recon))  # lpips (B,), convnext_mse
+            # the release's (1.0 lpips + 0.1 convnext) / 1.1 at weight 1.1: lpips + 0.1 convnext
+            convnext = terms.get('convnext_mse', 0.0)
+            terms['perceptual'] = terms['lpips'].mean() + args.convnext_weight * convnext
             loss = loss + args.perceptual_weight * terms['perceptual']
         if 'quantizer_loss' in aux:
             terms.update(quantizer=aux['quantizer_loss'], commitment=aux['commitment_loss'],
@@ -232,26 +246,55 @@ def generator_loss(img, recon, aux, args, perceptual, disc, disc_params):
         else:
             terms['kl'] = aux['kl_loss']
             loss = loss + args.kl_weight * terms['kl']
-        if disc_params is not None and args.disc_weight > 0:
-            logits_fake = torch.func.functional_call(disc, disc_params, (recon,))
-            terms['g_adv'] = -logits_fake.mean()  # hinge generator loss; no adaptive weight in the release
+        if disc is not None and args.disc_weight > 0:
+            params = {k: v.detach() for k, v in [*disc.named_parameters(), *disc.named_buffers()]}
+            logits_fake = torch.func.functional_call(disc, params, (recon,))  # (B, 1, 16, 16)
+            terms['g_adv'] = -logits_fake.mean()  # hinge generator loss
+            # a constant weight: the release has no adaptive (gradient-norm) weight
             loss = loss + args.disc_weight * terms['g_adv']
     terms['loss'] = loss
     return loss, terms
 
-def discriminator_loss(img, recon, disc, lecam_ema, lecam_weight):
-    """Hinge loss and LeCAM regularisation of the discriminator on real images and detached reconstructions."""
-    with torch.autocast(img.device.type, enabled=False):
-        logits = disc(torch.cat([img, recon.detach().float()]))  # (2B, 1, 16, 16)
-        real, fake = logits.chunk(2)
-        terms = dict(d_hinge=0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean()))
-        # LeCAM on each image's mean logit against the EMAs of the means (the release squares the batch mean's
-        # hinge; per image keeps the loss a plain mean, so micro batches and world size don't change it)
-        real_i, fake_i = real.mean((1, 2, 3)), fake.mean((1, 2, 3))  # (B,) each
-        terms['lecam'] = F.relu(real_i - lecam_ema[1]).pow(2).mean() + F.relu(lecam_ema[0] - fake_i).pow(2).mean()
-        terms['logits_real'] = real_i.mean()
-        terms['logits_fake'] = fake_i.mean()
-    return terms['d_hinge'] + lecam_weight * terms['lecam'], terms
+def discriminator_backward(disc, pairs, lecam_ema, lecam_weight, scaler, world):
+    """The discriminator's loss on the global batch, and its gradients (the optimizer step is the
+    caller's). pairs: [(images, detached reconstructions)], this process's micro batches;
+    lecam_ema: the EMAs of the mean real and fake logits. The release's loss (losses.py):
+    hinge + lecam_weight x LeCAM (https://arxiv.org/abs/2104.03310), where
+    LeCAM = relu(mean real - ema fake)^2 + relu(ema real - mean fake)^2
+    on the means over the whole batch -> (terms, the EMAs after the step)."""
+    n = len(pairs)
+    with torch.autocast(lecam_ema.device.type, enabled=False):
+        # 1. the global batch's mean real and fake logits, one all-reduce
+        sums = lecam_ema.new_zeros(3)  # real logits' sum, fake logits' sum, their count
+        with torch.no_grad():
+            for img, recon in pairs:
+                real, fake = disc(torch.cat([img, at_least_fp32(recon)])).chunk(2)  # (B, 1, 16, 16)
+                sums += torch.stack([real.sum(), fake.sum(), real.new_tensor(real.numel())])
+        if world > 1:
+            dist.all_reduce(sums)
+        mean_real, mean_fake = sums[:2] / sums[2]
+        ema_real, ema_fake = lecam_ema
+        lecam = F.relu(mean_real - ema_fake) ** 2 + F.relu(ema_real - mean_fake) ** 2
+        # d LeCAM / d logit is the same for every real logit, c_real / count (fake: c_fake / count),
+        # so c x mean(logits) per micro batch, averaged as the hinge is, has LeCAM's exact gradient
+        c_real = 2 * F.relu(mean_real - ema_fake)
+        c_fake = -2 * F.relu(ema_real - mean_fake)
+        # 2. per micro batch: the hinge loss and that stand-in for LeCAM, backward
+        hinge, logits = 0.0, []
+        for i, (img, recon) in enumerate(pairs):
+            if world > 1:  # all-reduce the gradients on the last micro step only
+                disc.require_backward_grad_sync = i == n - 1
+            real, fake = disc(torch.cat([img, at_least_fp32(recon)])).chunk(2)  # (B, 1, 16, 16)
+            h = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+            lecam_part = c_real * real.mean() + c_fake * fake.mean()
+            scaler.scale((h + lecam_weight * lecam_part) / n).backward()
+            hinge = hinge + h.detach() / n
+            logits.append((real.detach(), fake.detach()))
+    real, fake = (torch.cat(x) for x in zip(*logits))  # (B_process, 1, 16, 16) each
+    terms = dict(d_loss=hinge + lecam_weight * lecam, d_hinge=hinge, lecam=lecam, logits_real=real,
+                 logits_fake=fake)
+    ema = lecam_ema * 0.999 + torch.stack([mean_real, mean_fake]) * (1 - 0.999)  # decay 0.999
+    return terms, ema
 
 # -----------------------------------------------------------------------------
 # small runs and the codebook
@@ -566,41 +609,40 @@ def main(args):
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr)
         for group in opt.param_groups:
             group['lr'] = lr * group['lr_scale']
-        gan = 0 <= args.disc_start <= step  # the GAN phase: D trains, G gets the adversarial term, LeCAM is on
-        disc_params = None
+        gan = gan_on(step, args.disc_start)  # the GAN phase: D trains, G gets the adversarial term
         if gan:
             # the release's D schedule, from disc_start over the remaining steps (README: differences)
             lr_d = get_lr(step - args.disc_start, args.disc_lr, args.warmup_steps, args.max_steps - args.disc_start,
                           args.end_lr * args.disc_lr / args.lr)
             for group in opt_d.param_groups:
                 group['lr'] = lr_d
-            disc_params = {**dict(disc_raw.named_buffers()), **{k: v.detach() for k, v in disc_raw.named_parameters()}}
         # the KL posterior noise of every global sample, from the step's seed: any world size draws the same
         noise = None
         if not vq:
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             noise = torch.randn(args.batch_size, cfg.num_latent_tokens, cfg.token_size, generator=g)
-        terms, feats = {}, []
+        terms, feats, pairs = {}, [], []
         for micro in range(grad_accum):
             batch = next(train_iter)
             img = batch['image'].to(device, non_blocking=True).float() / 255
             idx = (micro * mb + torch.arange(len(img))) * world + rank  # this rank's samples' global slots
             if world > 1:  # all-reduce the gradients on the last micro step only (nanoGPT's flag)
                 model.require_backward_grad_sync = micro == grad_accum - 1
-                disc.require_backward_grad_sync = micro == grad_accum - 1
             guidance = text_encoder(batch['caption'])['guidance']  # (B, 77, W), frozen CLIP in fp32, as released
             with ctx:
                 recon, aux = model(img, guidance, noise=None if vq else noise[idx].to(device))
-            loss, t = generator_loss(img, recon, aux, args, perceptual, disc_raw, disc_params)
+            loss, t = generator_loss(img, recon, aux, args, perceptual, disc_raw if gan else None)
             scaler.scale(loss / grad_accum).backward()
-            if vq:  # the encoder's features, for the codebook clustering after the step
+            if vq:  # the encoder's features, for the codebook clustering before the step
                 feats.append((aux['features'], aux['ids'], idx.to(device)))
-            if gan:
-                loss_d, t_d = discriminator_loss(img, recon, disc, lecam_ema, args.lecam_weight)
-                scaler_d.scale(loss_d / grad_accum).backward()
-                t.update(t_d)
+            if gan:  # kept for the discriminator, which needs the whole batch's mean logits first
+                pairs.append((img, recon.detach()))
             for k, v in t.items():
-                terms[k] = terms.get(k, 0.0) + v.detach().float() / grad_accum
+                terms[k] = terms.get(k, 0.0) + v.detach().float().mean() / grad_accum
+        if gan:  # the discriminator on the same images and reconstructions, as released
+            t, lecam_ema_next = discriminator_backward(disc, pairs, lecam_ema, args.lecam_weight,
+                                                       scaler_d, world)
+            terms.update({k: v.float().mean() for k, v in t.items()})
         keys = sorted(terms)  # every term, averaged over micro steps and ranks
         vals = torch.stack([terms[k] for k in keys])
         if world > 1:
@@ -613,20 +655,19 @@ def main(args):
         if gan:
             scaler_d.unscale_(opt_d)
             dnorm = torch.nn.utils.clip_grad_norm_(disc_raw.parameters(), args.grad_clip)
-            d_finite = torch.isfinite(terms['d_hinge'] + terms['lecam'])
+            d_finite = torch.isfinite(terms['d_loss'])
             finite &= d_finite & (torch.isfinite(dnorm) | scaler_d.is_enabled())
         if finite.item():  # a sync point, once a step: every rank must make the same decision
             consecutive_bad = 0
+            if vq and args.cluster_vq == 'on':  # before the step, as the release's in-forward one
+                cluster_global(raw_model.quantize, embed_prob, feats, world)
             scaler.step(opt)
             scaler.update()
-            if vq and args.cluster_vq == 'on':
-                cluster_global(raw_model.quantize, embed_prob, feats, world)
             update_ema(ema, raw_model, step, args.ema_decay)
             if gan:
                 scaler_d.step(opt_d)
                 scaler_d.update()
-                means = torch.stack([terms['logits_real'], terms['logits_fake']])
-                lecam_ema.mul_(0.999).add_(means, alpha=0.001)
+                lecam_ema.copy_(lecam_ema_next)
         else:  # a non-finite loss or gradient: skip the step, count it, stop if it keeps happening
             consecutive_bad += 1
             nonfinite += 1
