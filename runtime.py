@@ -4,6 +4,7 @@ process's decisions for all, the optimizer step that never waits on the host, an
 """
 import inspect
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,18 @@ def micro_batches(batch_size, ceiling, world):
     limit = min(ceiling or per_rank, per_rank)
     mb = max(d for d in range(1, limit + 1) if per_rank % d == 0)
     return mb, per_rank // mb
+
+
+def to_device(x, device):
+    """A tensor, or a batch's tensors, on the device; from pinned memory, asynchronously: a blocking copy
+    would make the host wait for the GPU's queue."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if not torch.is_tensor(x) or device.type != 'cuda':
+        return x
+    if not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def on_rank0(fn, world, errors):
@@ -104,6 +117,18 @@ def optimizer_state(opt):
         if dist.get_rank() != 0:
             return None
     return opt.state_dict()
+
+
+def stop_if_nonfinite(run, limit, out_dir, master):
+    """At a log line: say that the last `run` steps were skipped as non-finite, and end the run (exit 1)
+    when that is `limit` or more."""
+    if run and master:
+        print(f"the last {run} steps were skipped: a non-finite loss or gradient", flush=True)
+    if run >= limit:
+        if master:
+            print(f"stopping: {run} non-finite steps in a row (lower --lr, or --dtype float32); the last "
+                  f"good checkpoint is in {out_dir}", file=sys.stderr)
+        sys.exit(1)
 
 
 @torch.no_grad()

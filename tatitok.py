@@ -789,22 +789,6 @@ def param_groups(named_parameters, weight_decay):
             decay.append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
-@torch.no_grad()
-def update_ema(ema, model, step, decay):
-    """The release's EMA of the weights (EMAModel): decay warmed up as (1 + step) / (10 + step), at most `decay`.
-    Parameters only: neither model has a buffer that training changes."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(d).add_(p.detach(), alpha=1 - d)
-
-def micro_batches(batch_size, micro_batch_size, world):
-    """-> (samples per process per forward, accumulation steps): the global batch stays fixed whatever the world
-    size, so 1, 8 or 32 GPUs train the same model (micro_batch_size None: one forward per process and step)."""
-    mb = micro_batch_size or max(1, batch_size // world)
-    if batch_size % (mb * world):
-        raise CheckpointError(f"--batch_size {batch_size} is not a multiple of {mb} (micro batch) x {world} processes")
-    return mb, batch_size // (mb * world)
-
 def all_gather_objects(obj, world):
     """Every rank's picklable `obj`, as a list in rank order (one process: [obj])."""
     if world == 1:
@@ -863,4 +847,9 @@ def add_system_flags(parser, model, draws):
     g.add_argument('--seed', type=number(int, 0), default=42, help=f"seed of the init, the data order and {draws} "
                    "(default 42)")
     g.add_argument('--max_nonfinite', type=number(int, 1), default=20, help="stop after this many non-finite steps "
-                   "in a row (default 20)")
+                   "in a row, checked at each log line (default 20)")
+    g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto', help="recompute each "
+                   "transformer block in the backward pass, a block's activations in memory instead of all (auto: "
+                   "where the memory plan needs it)")
+    g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto', help="split AdamW's state over the "
+                   "processes (torch's ZeroRedundancyOptimizer; auto: where the memory plan needs it)")

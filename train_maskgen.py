@@ -48,7 +48,7 @@ from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, tr
 from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
                   tokenizer_fingerprint, merge_states, encode_images)
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
-                     optimizer_state, choose_plan, plan_lines)
+                     optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite)
 
 USER_ERRORS = (CheckpointError, DataError)
 
@@ -121,11 +121,7 @@ def get_args(argv=None):
     g.add_argument('--batch_size', type=pos_int, help="the GLOBAL batch: samples per optimizer step, all processes")
     g.add_argument('--micro_batch_size', type=pos_int, help="at most this many samples per process per forward "
                    "(the largest that divides batch_size / processes); the rest is gradient accumulation")
-    g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto', help="recompute each "
-                   "transformer block in the backward pass, a block's activations in memory instead of all (auto: "
-                   "where the memory plan needs it)")
-    g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto', help="split AdamW's state over the "
-                   "processes (torch's ZeroRedundancyOptimizer; auto: where the memory plan needs it)")
+
     g.add_argument('--max_steps', type=pos_int, help="optimizer steps (also the length of the cosine schedule)")
     g.add_argument('--lr', type=pos, help="peak learning rate")
     g.add_argument('--end_lr', type=pos, help="learning rate at the end of the cosine decay")
@@ -281,18 +277,6 @@ def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
     draw of its training step (maskgen.training_draws)."""
     return dict(ids=clip_ids(tokenizer, sample['caption'], context_length),
                 **training_draws(cfg, seed, index))
-
-
-def to_device(x, device):
-    """A tensor, or a batch's tensors, on the device; from pinned memory, asynchronously: a blocking copy
-    would make the host wait for the GPU's queue."""
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if not torch.is_tensor(x) or device.type != 'cuda':
-        return x
-    if not x.is_pinned():
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -579,11 +563,7 @@ def main(args):
                 with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
                     f.write(json.dumps(row) + '\n')
             acc['buckets'].zero_()
-            if bad_run >= args.max_nonfinite:
-                if master:
-                    print(f"stopping: {bad_run} non-finite steps in a row (lower --lr, or --dtype "
-                          f"float32); the last good checkpoint is in {args.out_dir}", file=sys.stderr)
-                sys.exit(1)
+            stop_if_nonfinite(bad_run, args.max_nonfinite, args.out_dir, master)
     if world > 1:
         dist.destroy_process_group()
 

@@ -26,6 +26,7 @@ References:
 """
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -43,10 +44,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
-                     init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, update_ema,
-                     param_groups, save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir,
-                     micro_batches, number, add_system_flags, reachable, at_least_fp32)
-from data import make_loader, make_grid, expand_source, DataError
+                     init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, param_groups,
+                     save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number, add_system_flags,
+                     reachable, at_least_fp32, clip_ids)
+from data import make_loader, make_grid, expand_source, DataError, merge_states
+from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
+                     optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite)
+
+USER_ERRORS = (CheckpointError, DataError)
 
 # -----------------------------------------------------------------------------
 # perceptual loss: LPIPS (VGG16) + 0.1 x MSE of ConvNeXt-S logits, the release's "lpips-convnext_s-1.0-0.1".
@@ -156,27 +161,35 @@ class PerceptualLoss(nn.Module):
                 load_official(self.convnext, hub_weights('convnext_small-0c510722.pth'), 'convnext_small-0c510722.pth')
         self.requires_grad_(False).eval()
 
-    def lpips(self, x, y):
-        """(B,) LPIPS of each image pair."""
-        h = (torch.cat([x, y]) * 2 - 1 - self.shift) / self.scale  # (2B, 3, H, W): LPIPS wants [-1, 1], then scaling
-        loss, lins = 0, iter(self.lins)
+    def vgg_taps(self, x):
+        """The VGG16 features LPIPS compares, at relu1_2 .. relu5_3, each of unit length over channels."""
+        h = (x * 2 - 1 - self.shift) / self.scale  # LPIPS wants [-1, 1], then its scaling layer
+        taps = []
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in self.TAPS:
-                fx, fy = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)  # unit length over channels
-                w = next(lins).weight.view(1, -1, 1, 1)  # the 1x1 'lin' conv, as a weighted channel sum
-                loss = loss + ((fx - fy) ** 2 * w).sum(1).mean((1, 2))  # (B,) spatial average
-        return loss
+                taps.append(h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return taps
+
+    def convnext_logits(self, x):
+        # resized to 224 as released (perceptual_loss.py): bilinear with antialias, which matters when
+        # 256 px images shrink
+        x = F.interpolate(x, size=224, mode='bilinear', align_corners=False, antialias=True)
+        return self.convnext((x - self.mean) / self.std)  # (B, 1000)
 
     def forward(self, x, y):
-        """-> dict(lpips=(B,), convnext_mse=() with ConvNeXt-S), the parts of the release's loss."""
-        parts = dict(lpips=self.lpips(x, y))
+        """Targets x (no gradient reaches them: their features keep no graph) and reconstructions y ->
+        dict(lpips=(B,), convnext_mse=() with ConvNeXt-S), the parts of the release's loss."""
+        with torch.no_grad():
+            fx = self.vgg_taps(x)
+        lpips = 0
+        for a, b, lin in zip(fx, self.vgg_taps(y), self.lins):  # the 1x1 'lin' conv, a weighted channel sum
+            lpips = lpips + ((a - b) ** 2 * lin.weight.view(1, -1, 1, 1)).sum(1).mean((1, 2))  # (B,)
+        parts = dict(lpips=lpips)
         if self.convnext is not None:
-            # both images resized to 224 as released (perceptual_loss.py): bilinear with
-            # antialias, which matters when 256 px images shrink
-            z = F.interpolate(torch.cat([x, y]), size=224, mode='bilinear', align_corners=False, antialias=True)
-            lx, ly = self.convnext((z - self.mean) / self.std).chunk(2)  # (B, 1000) logits each
-            parts['convnext_mse'] = F.mse_loss(lx, ly)
+            with torch.no_grad():
+                lx = self.convnext_logits(x)
+            parts['convnext_mse'] = F.mse_loss(lx, self.convnext_logits(y))
         return parts
 
 # -----------------------------------------------------------------------------
@@ -319,14 +332,17 @@ def small_run_init(tok):
         pe[1:] = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(pe)  # (P, W)
 
 @torch.no_grad()
-def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99, l2=False):
+@torch.no_grad()
+def cluster_codebook(codebook, embed_prob, features, ids, apply, decay=0.99, l2=False):
     """The release's clustering_vq (CVQ-VAE, https://arxiv.org/abs/2307.15139), training only: each code moves toward
     its closest encoder feature in the batch, by exp(-10 K usage / (1 - decay)), so rarely used codes all the way.
     features (n, C) and ids (n,) of the whole global batch in global sample order: the update is the same function
-    of the global batch for any world size. l2: the quantizer's use_l2_norm (closeness on the sphere)."""
+    of the global batch for any world size. apply: a tensor, False leaves everything as it is (a skipped step), on
+    the device. l2: the quantizer's use_l2_norm (closeness on the sphere)."""
     K = codebook.shape[0]
-    counts = torch.bincount(ids, minlength=K).float()
-    embed_prob.mul_(decay).add_(counts / counts.sum(), alpha=1 - decay)  # EMA of each code's share of the tokens
+    counts = features.new_zeros(K).index_add_(0, ids, features.new_ones(len(ids)))  # no sync, unlike bincount
+    prob = embed_prob * decay + counts / counts.sum() * (1 - decay)  # EMA of each code's share of the tokens
+    embed_prob.copy_(torch.where(apply, prob, embed_prob))
     best_d = torch.full((K,), float('inf'), device=codebook.device)
     anchor = torch.zeros_like(codebook)
     e = F.normalize(codebook, dim=-1) if l2 else codebook
@@ -336,28 +352,68 @@ def cluster_codebook(codebook, embed_prob, features, ids, decay=0.99, l2=False):
         d_min, i = d.min(0)
         better = d_min < best_d
         best_d = torch.where(better, d_min, best_d)
-        anchor[better] = f[i[better]]
-    alpha = torch.exp(-embed_prob * K * 10 / (1 - decay) - 1e-3)[:, None]  # (K, 1)
+        anchor = torch.where(better[:, None], f[i], anchor)  # (K, C)
+    alpha = torch.exp(-embed_prob * K * 10 / (1 - decay) - 1e-3)[:, None] * apply  # (K, 1)
     codebook.mul_(1 - alpha).add_(anchor * alpha)
 
-def cluster_global(quantizer, embed_prob, feats, world):
+def cluster_global(quantizer, embed_prob, feats, world, apply):
     """cluster_codebook on the features of every rank's micro batches, feats = [(features, ids, global sample
-    slots)], in global sample order: the same update for any world size."""
-    parts = [torch.cat(x) for x in zip(*feats)]  # features (n, N, C), ids (n, N), slots (n,)
+    indices)], in global sample order: the same update for any world size."""
+    parts = [torch.cat(x) for x in zip(*feats)]  # features (n, N, C), ids (n, N), indices (n,)
     if world > 1:
         for j, x in enumerate(parts):
             gathered = [torch.empty_like(x) for _ in range(world)]
             dist.all_gather(gathered, x)
             parts[j] = torch.cat(gathered)
-    f, i, slot = parts
-    order = slot.argsort()
+    f, i, index = parts
+    order = index.argsort()
     cluster_codebook(quantizer.embedding.weight.data, embed_prob, f[order].flatten(0, 1), i[order].flatten(),
-                     l2=quantizer.use_l2_norm)
+                     apply, l2=quantizer.use_l2_norm)
 
-def build(args, ckpt):
+def prepare_sample(sample, index, tokenizer, context_length, noise, seed):
+    """A data worker's part of global sample `index`: its caption's CLIP token ids and, KL, the noise of its
+    posterior sample (noise: its shape), drawn from (seed, index) so any number of processes draws the same."""
+    out = dict(ids=clip_ids(tokenizer, sample['caption'], context_length))
+    if noise:
+        out['noise'] = np.random.default_rng([seed, index]).standard_normal(noise, dtype=np.float32)
+    return out
+
+def loss_activation_bytes(args, image_size):
+    """Per sample, what the losses keep for the backward pass, in fp32 as they run (the memory plan; checked
+    against autograd's saved tensors in the tests): the reconstruction, LPIPS's VGG16 on it (the target's
+    features keep no graph), ConvNeXt-S on it at 224 px, the discriminator on it once the GAN is on. The
+    discriminator's own step comes after the generator's backward, and needs less."""
+    pixels = image_size ** 2
+    saved = 12 * 3 * pixels  # the reconstruction, through the L2 loss
+    if args.perceptual != 'none':
+        saved += 1951 * pixels
+    if args.perceptual == 'lpips-convnext':
+        saved += 90.2e6  # at 224 px whatever the image size
+    if args.disc_start >= 0:  # its maps shrink by 2 per stage, then pool to 16 x 16
+        saved += args.disc_width * (20.9 * pixels + 22664)
+    return saved
+
+def plan_run(args, cfg, world, memory):
+    """The micro batch, levers and memory plan of a run on GPUs of `memory` bytes (None: the CPU): the
+    tokenizer built on the meta device (nothing allocated) to count its parameters; the frozen CLIP and
+    perceptual nets, and the discriminator with its AdamW, beside it."""
+    with torch.device('meta'):
+        model = TATiTok(cfg)
+        disc = Discriminator(args.disc_width)
+        perceptual = PerceptualLoss(args.perceptual, pretrained=False) if args.perceptual != 'none' else None
+    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
+    clip = 123.7e6 if args.clip.startswith('ViT-L-14-336') else 0  # the releases' text tower (tiny: nothing)
+    frozen = 4 * (clip + count(perceptual)) + 16 * count(disc)
+    act = model.activation_bytes()
+    losses = loss_activation_bytes(args, cfg.image_size)
+    act = dict(act, saved=act['saved'] + losses, checkpointed=act['checkpointed'] + losses)
+    return choose_plan(model, act, frozen, args.batch_size, args.micro_batch_size, world, memory,
+                       args.checkpointing, args.zero)
+
+def build(args, resumed):
     """-> the frozen text encoder and the tokenizer, new, or as the checkpoint being resumed has them."""
-    if ckpt:
-        return TextEncoder.from_spec(ckpt['text_encoder']), TATiTok(TATiTokConfig(**ckpt['model_args']))
+    if resumed:
+        return TextEncoder.from_spec(resumed['text_encoder']), TATiTok(TATiTokConfig(**resumed['model_args']))
     text_encoder = TextEncoder.from_name(args.clip, tatitok_config(args.model).text_context_length)
     # the decoder reads the text encoder's width and length
     cfg = tatitok_config(args.model, text_embed_dim=text_encoder.width, text_context_length=text_encoder.context_length)
@@ -448,8 +504,8 @@ def get_args(argv=None):
     g.add_argument('--num_workers', type=number(int, 0), help="data loader processes per GPU")
     g = p.add_argument_group('optimization')
     g.add_argument('--batch_size', type=pos_int, help="the GLOBAL batch: images per optimizer step, all processes")
-    g.add_argument('--micro_batch_size', type=pos_int, help="images per process per forward; gradient accumulation "
-                   "= batch_size / (micro_batch_size x processes). Default: none")
+    g.add_argument('--micro_batch_size', type=pos_int, help="at most this many images per process per forward "
+                   "(the largest that divides batch_size / processes); the rest is gradient accumulation")
     g.add_argument('--max_steps', type=pos_int, help="optimizer steps (also the length of the cosine schedule)")
     g.add_argument('--lr', type=pos, help="peak learning rate of the tokenizer")
     g.add_argument('--encoder_lr_scale', type=number(float, 1e-9), help="the encoder's (and latent tokens') lr is "
@@ -518,30 +574,49 @@ def main(args):
     master = rank == 0
     dtype = pick_dtype(args.dtype, device)
     ctx = autocast(device, dtype)
-    mb, grad_accum = micro_batches(args.batch_size, args.micro_batch_size, world)
-    ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_tokenizer', vars(args), MODEL_FLAGS)
-    make_out_dir(args.out_dir)
+    micro_batches(args.batch_size, args.micro_batch_size, world)  # a batch no split serves stops here
     expand_source(args.data)  # a missing or empty source stops here, before any model is built
     if args.eval_data != 'none':
         expand_source(args.eval_data)
 
+    # rank 0 decides whether to resume, from its own --out_dir, and reads the checkpoint; every rank
+    # gets what it says, and the state from rank 0
+    keep = {}
+
+    def decide():
+        make_out_dir(args.out_dir)
+        ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_tokenizer', vars(args), MODEL_FLAGS)
+        keep['ckpt'] = ckpt
+        return changed, ckpt and {k: ckpt[k] for k in ('model_args', 'text_encoder', 'step', 'nonfinite', 'data')}
+    changed, resumed = on_rank0(decide, world, USER_ERRORS)
+    ckpt = keep.get('ckpt')
+
     # the frozen text encoder and the tokenizer: the same init on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(args.seed)
-    text_encoder, raw_model = build(args, ckpt)
+    text_encoder, raw_model = build(args, resumed)
+    cfg = raw_model.config
+    vq = cfg.quantize == 'vq'
+    memory = None
+    if device.type == 'cuda':
+        memory = torch.cuda.get_device_properties(device).total_memory
+    choice = plan_run(args, cfg, world, memory)
+    mb, grad_accum = choice['micro_batch'], choice['grad_accum']
+    raw_model.encoder.checkpointing = raw_model.decoder.checkpointing = choice['checkpointing']
     text_encoder.to(device)
     raw_model.to(device)
-    cfg = raw_model.config
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     disc_raw = Discriminator(args.disc_width).to(device)
     perceptual = None
     if args.perceptual != 'none':
         perceptual = PerceptualLoss(args.perceptual).to(device)
-    vq = cfg.quantize == 'vq'
 
-    # data: rank r reads every world-th sample, so the union of a step's batches is the same for any world size;
+    # data: the global sample g is the same image, with the same KL noise, on any number of processes;
     # the release's tokenizer reads each image's caption as it is (recap_prob=0)
-    train_loader = make_loader(args.data, mb, cfg.image_size, train=True, seed=args.seed, rank=rank,
-                               world_size=world, num_workers=args.num_workers, flip=True, recap_prob=0)
+    prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer,
+                                context_length=text_encoder.context_length, noise=None if vq else
+                                (cfg.num_latent_tokens, cfg.token_size), seed=args.seed)
+    train_loader = make_loader(args.data, mb, cfg.image_size, seed=args.seed, rank=rank, world_size=world,
+                               num_workers=args.num_workers, flip=True, recap_prob=0, prepare=prepare)
     eval_loader = None
     if args.eval_data != 'none' and master:
         eval_loader = make_loader(args.eval_data, mb, cfg.image_size, train=False, seed=args.seed, recap_prob=0)
@@ -550,40 +625,63 @@ def main(args):
     betas = (args.beta1, args.beta2)
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, betas, device.type, args.encoder_lr_scale)
     opt_d = torch.optim.AdamW(param_groups(disc_raw.named_parameters(), args.weight_decay), lr=args.disc_lr,
-                              betas=betas, fused=device.type in ('cuda', 'cpu'))
+                              betas=betas, fused=True)
+    if choice['zero']:
+        opt, opt_d = shard_optimizer(opt), shard_optimizer(opt_d)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scaler_d = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     lecam_ema = torch.zeros(2, device=device)  # EMAs of the mean real and fake logits
     embed_prob = torch.zeros(cfg.codebook_size if vq else 0, device=device)  # VQ clustering: EMA of code usage
-    state = dict(model=raw_model, ema=ema, disc=disc_raw, optimizer=opt, disc_optimizer=opt_d, scaler=scaler,
-                 disc_scaler=scaler_d, data=train_loader)
-    start_step, nonfinite = 0, 0
+    start_step, nonfinite = 0, torch.zeros((), dtype=torch.long, device=device)
     if ckpt:
-        for k, obj in state.items():
-            obj.load_state_dict(ckpt[k])  # data: every rank's position; the loader takes its own
+        raw_model.load_state_dict(ckpt['model'])
+        ema.load_state_dict(ckpt['ema'])
+        disc_raw.load_state_dict(ckpt['disc'])
         lecam_ema.copy_(ckpt['lecam_ema'])
         embed_prob.copy_(ckpt['embed_prob'])
-        start_step, nonfinite = ckpt['step'], ckpt['nonfinite']
-        ckpt = None  # free the memory
+        for k, obj in (('scaler', scaler), ('disc_scaler', scaler_d)):
+            obj.load_state_dict(ckpt[k])
+        if world == 1:
+            opt.load_state_dict(ckpt['optimizer'])
+            opt_d.load_state_dict(ckpt['disc_optimizer'])
+    if resumed:
+        start_step = resumed['step']
+        nonfinite.fill_(resumed['nonfinite'])
+        train_loader.load_state_dict(resumed['data'])
+    if world > 1:  # rank 0's EMA, discriminator, clustering and LeCAM state, optimizers on every rank
+        for t in [*ema.state_dict().values(), *disc_raw.state_dict().values(), lecam_ema, embed_prob]:
+            dist.broadcast(t, 0)
+        if resumed:
+            opt.load_state_dict(broadcast_state(ckpt and ckpt['optimizer'], device, world))
+            opt_d.load_state_dict(broadcast_state(ckpt and ckpt['disc_optimizer'], device, world))
+            for k, obj in (('scaler', scaler), ('disc_scaler', scaler_d)):
+                obj.load_state_dict(on_rank0(lambda: obj.state_dict(), world, USER_ERRORS))
+    ckpt = None  # free the memory
 
     model, disc = raw_model, disc_raw
     if args.compile == 'on' or (args.compile == 'auto' and device.type == 'cuda'):
         model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-        disc = DDP(disc_raw, device_ids=[device.index] if device.type == 'cuda' else None)
+    if world > 1:  # rank 0's weights are broadcast here; no buffer changes in training
+        ddp = dict(device_ids=[device.index] if device.type == 'cuda' else None, gradient_as_bucket_view=True,
+                   broadcast_buffers=False)
+        model, disc = DDP(model, **ddp), DDP(disc_raw, **ddp)
 
     # the resolved configuration, printed and kept in every checkpoint
     if master:
         print(json.dumps(dict(**vars(args), model_args=asdict(cfg), world_size=world, grad_accum=grad_accum,
                               device_used=str(device), params=raw_model.get_num_params()), indent=1))
-        print(f"global batch {args.batch_size} = {mb} per forward x {world} processes x {grad_accum} accumulation")
+        print(f"global batch {args.batch_size} = {mb} per forward x {world} processes x {grad_accum} "
+              f"accumulation; data: {train_loader.stream.streams} streams, "
+              f"{train_loader.stream.num_workers} workers per process")
+        if memory:
+            print(plan_lines(choice, memory))
         if changed:
             print(f"resuming at step {start_step} with changed flags (saved, now): {changed}")
 
-    train_iter = iter(train_loader)
+    batches = iter(train_loader)
     flops = 3 * raw_model.estimate_flops() * args.batch_size  # per optimizer step; the tokenizer's matmuls only
-    consecutive_bad, smooth = 0, {}
+    # what the log reads, accumulated on the device and read every --log_every steps only
+    smooth, bad_run, t_log, step_log = {}, torch.zeros((), dtype=torch.long, device=device), time.time(), start_step
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
         # once in a while: held-out PSNR and a recon grid (rank 0, EMA weights)
@@ -591,21 +689,24 @@ def main(args):
             print(evaluate(ema, text_encoder, eval_loader, args, device, ctx, step), flush=True)
         # once in a while: a checkpoint (never at the start step: nothing new to save)
         if step > start_step and (last or step % args.ckpt_every == 0):
-            data_states = all_gather_objects(train_loader.state_dict(), world)
+            data_states = merge_states(all_gather_objects(train_loader.state_dict(), world))
+            opt_state, opt_d_state = optimizer_state(opt), optimizer_state(opt_d)
             if master:
-                ckpt = {k: obj.state_dict() for k, obj in state.items() if k != 'data'}
-                ckpt.update(script='train_tokenizer', model_args=asdict(cfg), text_encoder=text_encoder.spec,
-                            config=vars(args), step=step, nonfinite=nonfinite, data=data_states,
-                            lecam_ema=lecam_ema.cpu(), embed_prob=embed_prob.cpu())
+                ckpt = dict(model=raw_model.state_dict(), ema=ema.state_dict(), disc=disc_raw.state_dict(),
+                            optimizer=opt_state, disc_optimizer=opt_d_state, scaler=scaler.state_dict(),
+                            disc_scaler=scaler_d.state_dict(), script='train_tokenizer', model_args=asdict(cfg),
+                            text_encoder=text_encoder.spec, config=vars(args), step=step,
+                            nonfinite=nonfinite.item(), data=data_states, lecam_ema=lecam_ema.cpu(),
+                            embed_prob=embed_prob.cpu())
                 save_checkpoint(ckpt, os.path.join(args.out_dir, 'ckpt.pt'))
+                ckpt = opt_state = opt_d_state = None
                 print(f"saved {args.out_dir}/ckpt.pt (step {step})", flush=True)
-            if world > 1:
+            if world > 1:  # within the process group's timeout, which init_distributed sized for it
                 dist.barrier()
         if last:
             break
 
-        # one optimizer step over the global batch, in micro batches
-        t0 = time.time()
+        # one optimizer step over the global batch, in micro batches; nothing here waits on the GPU
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr)
         for group in opt.param_groups:
             group['lr'] = lr * group['lr_scale']
@@ -616,25 +717,19 @@ def main(args):
                           args.end_lr * args.disc_lr / args.lr)
             for group in opt_d.param_groups:
                 group['lr'] = lr_d
-        # the KL posterior noise of every global sample, from the step's seed: any world size draws the same
-        noise = None
-        if not vq:
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            noise = torch.randn(args.batch_size, cfg.num_latent_tokens, cfg.token_size, generator=g)
         terms, feats, pairs = {}, [], []
         for micro in range(grad_accum):
-            batch = next(train_iter)
-            img = batch['image'].to(device, non_blocking=True).float() / 255
-            idx = (micro * mb + torch.arange(len(img))) * world + rank  # this rank's samples' global slots
+            batch = to_device(next(batches), device)
+            img = batch['image'].float() / 255  # (B, 3, H, W), uint8 until here
             if world > 1:  # all-reduce the gradients on the last micro step only (nanoGPT's flag)
                 model.require_backward_grad_sync = micro == grad_accum - 1
-            guidance = text_encoder(batch['caption'])['guidance']  # (B, 77, W), frozen CLIP in fp32, as released
+            guidance = text_encoder(batch['ids'])['guidance']  # (B, 77, W), frozen CLIP in fp32, as released
             with ctx:
-                recon, aux = model(img, guidance, noise=None if vq else noise[idx].to(device))
+                recon, aux = model(img, guidance, noise=batch.get('noise'))
             loss, t = generator_loss(img, recon, aux, args, perceptual, disc_raw if gan else None)
             scaler.scale(loss / grad_accum).backward()
             if vq:  # the encoder's features, for the codebook clustering before the step
-                feats.append((aux['features'], aux['ids'], idx.to(device)))
+                feats.append((aux['features'], aux['ids'], batch['index']))
             if gan:  # kept for the discriminator, which needs the whole batch's mean logits first
                 pairs.append((img, recon.detach()))
             for k, v in t.items():
@@ -643,69 +738,53 @@ def main(args):
             t, lecam_ema_next = discriminator_backward(disc, pairs, lecam_ema, args.lecam_weight,
                                                        scaler_d, world)
             terms.update({k: v.float().mean() for k, v in t.items()})
-        keys = sorted(terms)  # every term, averaged over micro steps and ranks
-        vals = torch.stack([terms[k] for k in keys])
-        if world > 1:
-            dist.all_reduce(vals)
-            vals /= world
-        terms = dict(zip(keys, vals))
-        scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        finite = torch.isfinite(terms['loss']) & (torch.isfinite(gnorm) | scaler.is_enabled())
-        if gan:
-            scaler_d.unscale_(opt_d)
-            dnorm = torch.nn.utils.clip_grad_norm_(disc_raw.parameters(), args.grad_clip)
-            d_finite = torch.isfinite(terms['d_loss'])
-            finite &= d_finite & (torch.isfinite(dnorm) | scaler_d.is_enabled())
-        if finite.item():  # a sync point, once a step: every rank must make the same decision
-            consecutive_bad = 0
-            if vq and args.cluster_vq == 'on':  # before the step, as the release's in-forward one
-                cluster_global(raw_model.quantize, embed_prob, feats, world)
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, raw_model, step, args.ema_decay)
-            if gan:
-                scaler_d.step(opt_d)
-                scaler_d.update()
-                lecam_ema.copy_(lecam_ema_next)
-        else:  # a non-finite loss or gradient: skip the step, count it, stop if it keeps happening
-            consecutive_bad += 1
-            nonfinite += 1
-            scaler.update()  # float16: lowers the loss scale; a no-op otherwise
-            if gan:
-                scaler_d.update()
-            if master:
-                print(f"step {step}: non-finite loss or gradient, skipped ({consecutive_bad} in a row)", flush=True)
-            if consecutive_bad >= args.max_nonfinite:
-                print(f"stopping: {consecutive_bad} non-finite steps in a row (lower --lr, or --dtype float32); "
-                      f"the last good checkpoint is in {args.out_dir}", file=sys.stderr)
-                sys.exit(1)
+        gnorm, finite = optimizer_step(opt, scaler, raw_model.parameters(), args.grad_clip)
+        if gan:  # both step, or neither: a non-finite discriminator skips the tokenizer's step too
+            _, d_finite = optimizer_step(opt_d, scaler_d, disc_raw.parameters(), args.grad_clip)
+            finite = finite & d_finite
+            lecam_ema.copy_(torch.where(finite, lecam_ema_next, lecam_ema))
+        if vq and args.cluster_vq == 'on':  # the release's in-forward rewrite does not change the gradient
+            cluster_global(raw_model.quantize, embed_prob, feats, world, finite)
+        update_ema(ema, raw_model, step, args.ema_decay, finite)
         opt.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
+        bad = (~finite).long()
+        nonfinite += bad
+        bad_run = (bad_run + 1) * bad
+        for k, v in terms.items():  # a debiased EMA of each term, for reading
+            smooth[k] = 0.9 * smooth.get(k, 0.0) + 0.1 * v
 
-        # logging: a debiased EMA of each term for reading, the raw values in metrics.jsonl
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        dt = time.time() - t0  # the step alone, without evaluations and checkpoints
-        for k, v in terms.items():
-            s, n = smooth.get(k, (0.0, 0))
-            smooth[k] = (0.9 * s + 0.1 * v.item(), n + 1)
-        if master and (step % args.log_every == 0 or step == args.max_steps - 1):
-            c = train_loader.counts  # this rank's
-            line = ' | '.join(f"{k} {s / (1 - 0.9 ** n):.4g}" for k, (s, n) in smooth.items())
-            mfu = flops / dt / (peak_flops(device) * world)
-            print(f"step {step}/{args.max_steps} | {line} | gnorm {gnorm.item():.3g} | lr {lr:.2e} | "
-                  f"dt {dt * 1000:.0f}ms | img/s {args.batch_size / dt:.1f} | mfu {100 * mfu:.1f}% | "
-                  f"read {c['read']} skipped {c['filtered'] + c['corrupt']} | nonfinite {nonfinite}", flush=True)
-            row = dict(step=step, lr=lr, gnorm=gnorm.item(), **{k: v.item() for k, v in terms.items()})
-            with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(row) + '\n')
+        # logging, every --log_every steps: the one place the host reads what the GPU computed
+        if step % args.log_every == 0 or step == args.max_steps - 1:
+            keys = sorted(terms)  # every term, averaged over micro steps and ranks
+            vals = torch.stack([terms[k] for k in keys])
+            if world > 1:
+                dist.all_reduce(vals)
+                vals /= world
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+            dt = (time.time() - t_log) / (step + 1 - step_log)  # per step, since the last log line
+            t_log, step_log = time.time(), step + 1
+            debias = 1 - 0.9 ** (step + 1 - start_step)
+            if master:
+                c = train_loader.counts  # this rank's
+                line = ' | '.join(f"{k} {v.item() / debias:.4g}" for k, v in smooth.items())
+                mfu = flops / dt / (peak_flops(device) * world)
+                print(f"step {step}/{args.max_steps} | {line} | gnorm {gnorm.item():.3g} | lr {lr:.2e} | "
+                      f"dt {dt * 1000:.0f}ms | img/s {args.batch_size / dt:.1f} | mfu {100 * mfu:.1f}% | "
+                      f"read {c['read']} skipped {c['filtered'] + c['corrupt']} | nonfinite {nonfinite.item()}",
+                      flush=True)
+                row = dict(step=step, lr=lr, gnorm=gnorm.item(), **dict(zip(keys, vals.tolist())))
+                with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+            stop_if_nonfinite(bad_run.item(), args.max_nonfinite, args.out_dir, master)
     if world > 1:
         dist.destroy_process_group()
 
 if __name__ == '__main__':
     try:
         main(get_args())
-    except (CheckpointError, DataError) as e:  # user errors: one line, exit 2, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # user errors: one line (from rank 0 under torchrun), exit 2, no traceback
+        if os.environ.get('RANK', '0') == '0':
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
