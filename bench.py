@@ -17,6 +17,7 @@ The tokenizer's training step is the tokenizer alone with an L2 loss (no percept
 the generator's uses precomputed CLIP features, so both count only what they run.
 """
 import argparse
+import copy
 import json
 import resource
 import sys
@@ -31,8 +32,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatitok import TATiTok, TextEncoder, tatitok_config, pick_device, pick_dtype, autocast, peak_flops, number
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
+from runtime import optimizer_step, update_ema, GiB
 
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)  # ViT-L-14-336's tower
+CLIP_L14_PARAMS = 123.7e6  # its parameters
 TOKENS = ['vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128', 'vq', 'kl']
 
 def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
@@ -174,13 +177,21 @@ def compiled(module, args):
         return torch.compile(module, mode=args.compile_mode)
     return module
 
+def optimize(loss, model, opt, scaler, ema):
+    """The trainers' step after the loss: backward, clipping, the AdamW step skipped on the device when not
+    finite (runtime.optimizer_step), the EMA."""
+    scaler.scale(loss).backward()
+    _, finite = optimizer_step(opt, scaler, model.parameters(), 1.0)
+    update_ema(ema, model, 1000, 0.999, finite)
+    opt.zero_grad(set_to_none=True)
+
 def bench_train_tokenizer(args, device, ctx):
     """The tokenizer alone with an L2 loss: no perceptual networks, no discriminator."""
     _, tok, _ = build_models(args)
     tok.train()
     cfg = tok.config
     opt = tok.configure_optimizers(1e-4, 1e-4, (0.9, 0.999), device.type)
-    model = compiled(tok, args)
+    model, ema = compiled(tok, args), copy.deepcopy(tok).requires_grad_(False)
     g = torch.Generator(device).manual_seed(args.seed)
     img = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, generator=g, device=device)
     guidance = torch.randn(args.batch_size, cfg.text_context_length, cfg.text_embed_dim, generator=g, device=device)
@@ -190,11 +201,7 @@ def bench_train_tokenizer(args, device, ctx):
         with ctx:
             recon, aux = model(img, guidance)
         reg = aux['quantizer_loss'] if cfg.quantize == 'vq' else 1e-6 * aux['kl_loss']
-        loss = F.mse_loss(recon.float(), img) + reg
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        optimize(F.mse_loss(recon.float(), img) + reg, tok, opt, scaler, ema)
     return step, 3 * tok.estimate_flops(), dict(tokenizer=presets(args)[1], params=tok.get_num_params())
 
 def bench_train_maskgen(args, device, ctx):
@@ -203,7 +210,7 @@ def bench_train_maskgen(args, device, ctx):
     gen.train()
     cfg = gen.config
     opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), device.type)
-    model = compiled(gen, args)
+    model, ema = compiled(gen, args), copy.deepcopy(gen).requires_grad_(False)
     g = torch.Generator(device).manual_seed(args.seed)
     B, L, T = args.batch_size, te.context_length, cfg.text_embed_dim
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device)
@@ -219,10 +226,7 @@ def bench_train_maskgen(args, device, ctx):
     def step():
         with ctx:
             loss, _ = model(x, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=draws)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        optimize(loss, gen, opt, scaler, ema)
     flops = gen.estimate_flops(L)['train']
     return step, flops, dict(generator=presets(args)[0], tokenizer=presets(args)[1], params=gen.get_num_params())
 
@@ -260,25 +264,18 @@ def bench_sample(args, device, ctx):
         return images
 
     def breakdown():
-        """One instrumented run: ms per part, and on CUDA how many host-device syncs generate() made."""
+        """One instrumented run: ms per part."""
         timer, parts = Timer(device), [(gen, 'backbone', 'mmdit')]
         if not vq:
             parts.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
         with ExitStack() as stack:
             for obj, attr, name in parts:
                 stack.enter_context(patched(obj, attr, timer.wrap(name, getattr(obj, attr))))
-            caught = stack.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter('always')
-            if device.type == 'cuda':
-                stack.enter_context(patched(gen, 'generate', _sync_counting(gen.generate)))
             step(timer)
         sync(device)
         ms = timer.ms()
         ms['sampling_other'] = ms['generator'] - sum(ms.get(k, 0.0) for k in ('mmdit', 'diffusion_mlp'))
-        nsync = None
-        if device.type == 'cuda':
-            nsync = sum('synchroniz' in str(w.message) for w in caught)
-        return {k: round(v, 2) for k, v in ms.items()}, nsync
+        return {k: round(v, 2) for k, v in ms.items()}
 
     flops = sample_flops(gen, tok, te, args.batch_size, steps, args.diffusion_steps, guidance != 1.0)
     info = dict(generator=presets(args)[0], tokenizer=presets(args)[1], steps=steps, guidance=guidance,
@@ -287,23 +284,67 @@ def bench_sample(args, device, ctx):
         info['diffusion_steps'] = args.diffusion_steps
     return step, flops, info
 
-def _sync_counting(fn):
-    def counted(*args, **kwargs):
-        torch.cuda.set_sync_debug_mode('warn')  # each synchronising op inside generate() warns
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode('default')
-    return counted
+def count_syncs(step, device):
+    """One more step, counted -> (its host syncs: torch.cuda.set_sync_debug_mode's warnings on CUDA, SyncCounter's
+    count elsewhere; on CUDA the ms its kernels ran, from the profiler, else None)."""
+    if device.type != 'cuda':
+        with SyncCounter() as counter:
+            step()
+        return len(counter.ops), None
+    from torch.profiler import profile, ProfilerActivity
+    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')  # each synchronising op warns
+        step()
+        torch.cuda.set_sync_debug_mode('default')
+        sync(device)
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1000  # us -> ms
+    return sum('synchroniz' in str(w.message) for w in caught), busy
+
+# -----------------------------------------------------------------------------
+# the memory plan of every official recipe
+
+def plan_table(processes):
+    """The trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB GPUs: a
+    markdown table, a row per recipe and GPU size, and the rows as JSON last."""
+    import train_tokenizer
+    import train_maskgen
+    rows = []
+    for tokens in ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128'):
+        args = train_tokenizer.get_args(['--tokens', tokens, '--data', 'shards'])
+        for memory in (40, 80):
+            choice = train_tokenizer.plan_run(args, tatitok_config(tokens), CLIP_L14_PARAMS, processes,
+                                              memory * GiB)
+            rows.append((f"train_tokenizer.py --tokens {tokens}", memory, choice, args.batch_size))
+    for size, tokens in (('l', 'vq128'), ('xl', 'vq128'), ('l', 'kl32'), ('xl', 'kl32')):
+        args = train_maskgen.get_args(['--size', size, '--tokens', tokens])
+        cfg = train_maskgen.generator_config(size, tatitok_config(tokens), 768)
+        frozen = 4 * CLIP_L14_PARAMS  # CLIP's text tower; the tokenizer stays on the CPU (token shards)
+        for memory in (40, 80):
+            choice = train_maskgen.plan_run(args, cfg, 77, frozen, processes, memory * GiB)
+            rows.append((f"train_maskgen.py --size {size} --tokens {tokens}", memory, choice, args.batch_size))
+    print(f"| recipe, {processes} processes | GPU | batch: micro x processes x accumulation | checkpointing, "
+          f"zero | planned GiB: weights+grads+AdamW+EMA, frozen, 16-bit weights, activations | total |")
+    print("|---|---|---|---|---|---|")
+    for recipe, memory, c, batch in rows:
+        p = {k: v / GiB for k, v in c['plan'].items()}
+        state = p['weights'] + p['grads'] + p['optimizer'] + p['ema']
+        print(f"| `{recipe}` | {memory} GiB | {batch}: {c['micro_batch']} x {processes} x {c['grad_accum']} | "
+              f"{('off', 'on')[c['checkpointing']]}, {('off', 'on')[c['zero']]} | {state:.1f}, {p['frozen']:.1f}, "
+              f"{p['casts']:.1f}, {p['activations']:.1f} | {sum(p.values()):.1f} |")
+    print(json.dumps([dict(recipe=r, gib=m, micro_batch=c['micro_batch'], grad_accum=c['grad_accum'],
+                           checkpointing=c['checkpointing'], zero=c['zero'],
+                           total_gib=round(sum(c['plan'].values()) / GiB, 2)) for r, m, c, _ in rows]))
 
 # -----------------------------------------------------------------------------
 
 def make_parser():
     p = argparse.ArgumentParser(description="Training and sampling throughput and MFU of TA-TiTok / MaskGen, random "
                                 "weights, synthetic inputs.")
-    p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen', 'sample'],
-                   help="what to time: a tokenizer or a generator training step, or text-to-image sampling "
-                   "(default sample)")
+    p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen', 'sample', 'plan'],
+                   help="what to time: a tokenizer or a generator training step, or text-to-image sampling; or "
+                   "plan: the memory plan of every official recipe on 40 and 80 GiB GPUs (default sample)")
+    p.add_argument('--processes', type=number(int, 1), default=8, help="plan: the processes of the runs (default 8)")
     p.add_argument('--size', default='l', choices=['l', 'xl', 'tiny', 'shapes'], help="generator size (MaskGen-L / "
                    "XL), or a small preset, tiny (tests) or shapes (the CPU quickstart), which picks the small "
                    "tokenizer and text tower of that name too (default l)")
@@ -346,6 +387,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.what == 'plan':
+        return plan_table(args.processes)
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -363,15 +406,17 @@ def main(argv=None):
         for _ in range(args.warmup):
             step()
         sync(device)
-        times = []
+        times, host = [], []
         for _ in range(args.iters):
             t0 = time.perf_counter()
             step()
+            host.append(time.perf_counter() - t0)  # the host's part: the GPU may still be working
             sync(device)
             times.append(time.perf_counter() - t0)
-        breakdown, nsync = None, None
+        breakdown = None
         if 'breakdown' in info:
-            breakdown, nsync = info.pop('breakdown')()
+            breakdown = info.pop('breakdown')()
+        syncs, busy = count_syncs(step, device)
     except torch.cuda.OutOfMemoryError:
         print(f"error: out of GPU memory at --batch_size {args.batch_size}; try a smaller batch", file=sys.stderr)
         sys.exit(2)
@@ -392,14 +437,21 @@ def main(argv=None):
                   achieved_tflops=round(flops * images_per_s / 1e12, 3),
                   peak_flops=None if peak == float('inf') else peak, mfu=round(flops * images_per_s / peak, 4),
                   torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    host_ms = sorted(host)[len(host) // 2] * 1000
+    result.update(host_ms_per_step=round(host_ms, 2), syncs_per_step=syncs, device_wait=None)
+    if busy is not None:  # CUDA: the share of the step the GPU has no kernel to run
+        result['device_wait'] = round(max(0.0, 1 - busy / (1000 * dt)), 3)
     if breakdown is not None:
         result['ms_per_decoding_step'] = round(1000 * dt / result['steps'], 2)
         result['breakdown_ms'] = breakdown
-        result['syncs_in_decoding_loop'] = nsync  # CUDA only: counted with torch.cuda.set_sync_debug_mode
     mfu = 'n/a (no peak for this device)'
     if result['peak_flops']:
         mfu = f"{100 * result['mfu']:.1f}%"
+    wait = 'n/a (a CPU is its own host)'
+    if result['device_wait'] is not None:
+        wait = f"{100 * result['device_wait']:.1f}%"
     rows = [('images/s', f"{images_per_s:.3f}"), ('ms/step (median)', f"{1000 * dt:.1f}"),
+            ('host ms/step', f"{host_ms:.1f}"), ('syncs/step', str(syncs)), ('device waits', wait),
             ('peak memory', f"{mem:.2f} GB ({mem_kind})"), ('FLOPs/image', f"{flops / 1e9:.1f} G"), ('MFU', mfu)]
     rows += [(f"  {k} ms", f"{v:.1f}") for k, v in (breakdown or {}).items()]
     print(f"{args.what} | {info.get('generator', '')} {info.get('tokenizer', '')} | batch {args.batch_size} | "

@@ -559,7 +559,7 @@ class MaskGen(nn.Module):
         torch's FlopCounterMode in the tests: `conditioning`, the text and pooled projections (once per image);
         `backbone`, one MM-DiT pass over N image and text_len text tokens with its head; `denoiser`, the KL
         diffusion MLP on one token; `train`, a training step's forward and backward (3x forward), whose KL denoiser
-        runs k times on each masked token (2/pi of them on average: E[arccos(u)] / (pi / 2))."""
+        runs k times on every token (the visible ones weigh 0, as released)."""
         cfg = self.config
         D, L, N, T = cfg.width, cfg.depth, cfg.num_tokens, text_len
         cond = cfg.text_embed_dim * D * T + (cfg.text_embed_dim + cfg.aes_embed_dim) * D
@@ -573,8 +573,7 @@ class MaskGen(nn.Module):
             W, C = cfg.diffloss_width, cfg.token_size
             macs += C * D * N  # z_proj
             denoiser = 256 * W + W * W + D * W + C * W + cfg.diffloss_depth * 5 * W * W + 2 * W * W + 2 * C * W
-        masked_share = 2 / math.pi
-        train = 3 * 2 * (cond + macs + cfg.diffusion_batch_mul * N * masked_share * denoiser)
+        train = 3 * 2 * (cond + macs + cfg.diffusion_batch_mul * N * denoiser)
         return dict(conditioning=2 * cond, backbone=2 * macs, denoiser=2 * denoiser, train=train)
 
 # -----------------------------------------------------------------------------

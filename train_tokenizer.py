@@ -393,17 +393,18 @@ def loss_activation_bytes(args, image_size):
         saved += args.disc_width * (20.9 * pixels + 22664)
     return saved
 
-def plan_run(args, cfg, world, memory):
+def plan_run(args, cfg, clip_params, world, memory):
     """The micro batch, levers and memory plan of a run on GPUs of `memory` bytes (None: the CPU): the
-    tokenizer built on the meta device (nothing allocated) to count its parameters; the frozen CLIP and
-    perceptual nets, and the discriminator with its AdamW, beside it."""
+    tokenizer built on the meta device (nothing allocated) to count its parameters; the frozen CLIP text
+    tower (clip_params) and perceptual nets, and the discriminator with its AdamW, beside it."""
     with torch.device('meta'):
         model = TATiTok(cfg)
         disc = Discriminator(args.disc_width)
-        perceptual = PerceptualLoss(args.perceptual, pretrained=False) if args.perceptual != 'none' else None
-    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
-    clip = 123.7e6 if args.clip.startswith('ViT-L-14-336') else 0  # the releases' text tower (tiny: nothing)
-    frozen = 4 * (clip + count(perceptual)) + 16 * count(disc)
+        perceptual = nn.Module()  # none
+        if args.perceptual != 'none':
+            perceptual = PerceptualLoss(args.perceptual, pretrained=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    frozen = 4 * (clip_params + count(perceptual)) + 16 * count(disc)
     act = model.activation_bytes()
     losses = loss_activation_bytes(args, cfg.image_size)
     act = dict(act, saved=act['saved'] + losses, checkpointed=act['checkpointed'] + losses)
@@ -599,7 +600,7 @@ def main(args):
     memory = None
     if device.type == 'cuda':
         memory = torch.cuda.get_device_properties(device).total_memory
-    choice = plan_run(args, cfg, world, memory)
+    choice = plan_run(args, cfg, sum(p.numel() for p in text_encoder.parameters()), world, memory)
     mb, grad_accum = choice['micro_batch'], choice['grad_accum']
     raw_model.encoder.checkpointing = raw_model.decoder.checkpointing = choice['checkpointing']
     text_encoder.to(device)
