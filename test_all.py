@@ -895,6 +895,17 @@ def test_exact_resume(tmp_path, num_workers):
     with pytest.raises(data.DataError):
         data.make_loader(src, 5, 16, seed=4, num_workers=num_workers, streams=8).load_state_dict(sd)
 
+def test_workers_send_numpy_not_shared_memory(tmp_path):
+    """What a data worker sends the trainer is numpy (pickled through a pipe), never a torch tensor, which would go
+    through /dev/shm (64 MB in a default Docker container): uint8 images, the prepare hook's arrays."""
+    _shards(tmp_path, n_shards=2)
+    ld = data.make_loader(str(tmp_path / '*.tar'), 4, 16, prepare=lambda s, g: dict(ids=np.zeros(3)), streams=4)
+    ds = copy.copy(ld.stream)
+    ds.start = {}
+    chunk = next(iter(ds))
+    assert chunk['image'].dtype == np.uint8 and chunk['ids'].shape == (4, 3) and chunk['index'].tolist() == [0, 1, 2, 3]
+    assert not any(torch.is_tensor(v) for v in chunk.values())
+
 def test_resume_on_another_number_of_ranks_and_workers(tmp_path):
     """the same global samples, whatever the ranks and workers: 1 rank reads global samples 0..47, and 2 ranks (with
     2 and 1 workers) resumed from its state after 24 read 24..47 between them, each sample with the same content."""
@@ -2174,6 +2185,23 @@ def test_edit_captions_and_scores():
     assert s == dict(colour=True, shape=True, size=True, place=True, all=True)
     after[0]['x'] = 12.0  # 4 px off: more than a tenth of 32
     assert not data.score_edit('a small green circle on the left', before, after, 32)['place']
+
+def test_sample_under_torchrun(sample_ckpts, tmp_path):
+    """2 processes share the batches and write every image once; rank 0 writes the grid of the first images, gathered
+    from both; a non-empty --out_dir is refused under torchrun too, by rank 0 for all (exit 2, one line, nothing
+    written)."""
+    run = lambda out, *extra: subprocess.run([sys.executable, *TORCHRUN, 'sample.py', '--model', sample_ckpts['vq'],
+                                              'a red circle', 'a blue square', '--per_prompt', '3', '--batch_size',
+                                              '2', '--out_dir', str(out), *extra], cwd=HERE, env=ONE_THREAD_ENV,
+                                             capture_output=True, text=True, timeout=300)
+    r = run(tmp_path / 'two', '--grid', str(tmp_path / 'grid.png'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _sample_pngs(tmp_path / 'two') == [f"{p:05d}_{j:02d}_s0.png" for p in range(2) for j in range(3)]
+    images = np.stack([np.asarray(Image.open(tmp_path / 'two' / f)) for f in _sample_pngs(tmp_path / 'two')])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / 'grid.png')), data.make_grid(images, ncol=3))
+    r = run(tmp_path / 'two')
+    assert r.returncode == 2 and 'not empty' in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count('error: ') == 1 and len(_sample_pngs(tmp_path / 'two')) == 6
 
 def test_sample_flags_pass_through_torchrun():
     """torchrun's own parser reads the flags after the script too, and rejects an abbreviation of its options (a
