@@ -36,6 +36,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import tarfile
 import tempfile
@@ -44,7 +45,9 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+from tatitok import write_atomic
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION / DataComp / ours
@@ -540,6 +543,51 @@ def _caption(txt, recap, rng, recap_prob):
         return txt
     return c
 
+class ImageError(DataError):
+    """An image that cannot be used: not one, or too large (TooLarge), named."""
+
+
+class TooLarge(ImageError):
+    pass
+
+
+def open_image(src, name=None):
+    """Any image PIL reads (a path or a file object) as 8-bit RGB, as it was meant to be seen: its EXIF
+    orientation applied (phone photos), the first frame of an animation, 16-bit and float images scaled to
+    8 bits (not clipped), palette, grey and CMYK converted, transparency composited on white. ImageError
+    (one line, naming it) for what is not an image, or one over MAX_IMAGE_PIXELS pixels (an environment
+    variable; default PIL's 89.5M), whose header alone is read."""
+    name = name or src
+    limit = int(os.environ.get('MAX_IMAGE_PIXELS', 89_478_485))
+    Image.MAX_IMAGE_PIXELS = None  # checked here, from the header, with a message that says what to do
+    try:
+        img = Image.open(src)
+        w, h = img.size
+        if w * h > limit:
+            raise TooLarge(f"{name}: {w}x{h} is {w * h} pixels, over MAX_IMAGE_PIXELS={limit} (an "
+                           f"environment variable: raise it to read this image)")
+        img.seek(0)  # the first frame
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):  # 16-bit (or 32-bit) grey, float grey
+            x = np.asarray(img, dtype=np.float64)
+            top = 1.0  # float images in [0, 1] unless their values say [0, 255]
+            if img.mode != 'F':
+                top = 65535.0
+            elif x.max() > 1:
+                top = 255.0
+            img = Image.fromarray(np.clip(np.round(x / top * 255), 0, 255).astype(np.uint8))
+        if img.mode in ('P', 'PA') or 'transparency' in img.info:  # a palette, or a transparent colour
+            img = img.convert('RGBA')
+        if img.mode in ('RGBA', 'LA', 'La', 'RGBa'):  # on white
+            white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, img.convert('RGBA'))
+        return img.convert('RGB')
+    except ImageError:
+        raise
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, EOFError...)
+        raise ImageError(f"{name}: not an image PIL can read") from None
+
+
 def _resize_crop(img, size, rng, train, flip):
     """Shorter side to `size` (bicubic; PIL's resize is antialiased), random crop (train) or centre
     crop, maybe flip -> uint8 (size, size, 3)."""
@@ -755,12 +803,10 @@ class _Stream(torch.utils.data.IterableDataset):
             s['tokens'] = tok.astype(np.int64 if tok.dtype == np.uint16 else np.float32)
             return s
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()  # decode now: a corrupt or truncated file fails here, not later in a batch
-            # a palette image with a transparent colour converts through RGBA, as PIL asks
-            mode = 'RGBA' if 'transparency' in img.info else 'RGB'
-            img = img.convert(mode).convert('RGB')
-        except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+            img = open_image(io.BytesIO(data), key)  # decoded now: a corrupt file fails here, not in a batch
+        except TooLarge:
+            return 'filtered/too_large'
+        except ImageError:
             return 'corrupt/image'
         if not (w and h):  # no json sizes: the file is the original
             reason = self._size_filter(*img.size)
@@ -833,6 +879,12 @@ def _identity(x):
     return x  # the DataLoader's collate: chunks are batched already, and numpy stays numpy
 
 
+def _worker_init(worker_id):
+    # Ctrl-C reaches the workers too: the main process alone answers it; SIGTERM ends them quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _to_torch(chunk, pin):
     """A chunk's arrays as tensors (pinned for an asynchronous copy to the GPU)."""
     out = {}
@@ -885,11 +937,11 @@ class Loader:
         ds.start = copy.deepcopy(self.positions)
         nw = s.num_workers
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_identity,
-                                         prefetch_factor=4 if nw else None)
+                                         prefetch_factor=4 if nw else None, worker_init_fn=_worker_init)
         pin = torch.cuda.is_available()
         if not s.train:
             for c in dl:
-                self._consume(c.pop('_meta'))
+                self._consume(c['_meta'])
                 if 'key' in c or c['_end']:
                     yield _to_torch(c, pin)
             return
@@ -979,6 +1031,11 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
                      prepare)
     return Loader(stream, missing)
 
+def save_png(img, path):
+    """A uint8 (H, W, 3) image to `path`, whole or not at all (tatitok.write_atomic)."""
+    write_atomic(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
+
+
 def make_grid(images, ncol):
     """uint8 images (B, H, W, 3) -> one uint8 image, `ncol` per row, 2 px of white around each."""
     B, H, W, _ = images.shape
@@ -1015,10 +1072,11 @@ def _tar_add(tf, key, members):
 def write_shard(path, samples):
     """samples: iterable of (key, {ext: bytes | str | dict (json) | ndarray (.npy)}) -> one tar,
     written atomically."""
-    with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tf:
-        for key, members in samples:
-            _tar_add(tf, key, members)
-    os.replace(path + '.tmp', path)  # a killed run never leaves a half shard that resume would skip
+    def write(tmp):
+        with tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT) as tf:
+            for key, members in samples:
+                _tar_add(tf, key, members)
+    write_atomic(path, write)  # a killed run never leaves a half shard that resume would skip
 
 @torch.no_grad()
 def encode_images(tokenizer, images, ctx):
@@ -1156,7 +1214,7 @@ def _load_tokenizer(name):
     except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
         raise DataError(f"--tokenizer: {e}") from None
 
-def pretokenize(args):
+def pretokenize(args, state):
     """Encode each image once with the frozen TA-TiTok into token shards: one output shard per input
     unit, existing outputs skipped (resume), input shards split over torchrun processes. The folder's
     tokenizer.json says which tokenizer made them (token_shards_tokenizer reads it)."""
@@ -1193,10 +1251,8 @@ def pretokenize(args):
     if world > 1:
         dist.barrier()  # every rank has checked the folder before any rank writes to it
     if rank == 0:
-        path = os.path.join(args.out_dir, 'tokenizer.json')
-        with open(path + '.tmp', 'w') as fp:
-            json.dump(record, fp, indent=1)
-        os.replace(path + '.tmp', path)
+        write_atomic(os.path.join(args.out_dir, 'tokenizer.json'),
+                     lambda tmp: open(tmp, 'w').write(json.dumps(record, indent=1)))
     if world > 1:
         dist.barrier()  # no shard without the record of its tokenizer beside it
 
@@ -1222,59 +1278,83 @@ def pretokenize(args):
             source = 'shapes:train'
         loader = make_loader(source, args.batch_size, cfg.image_size, rank=rank, world_size=world,
                              num_samples=args.num_samples, max_objects=args.max_objects, **common)
-    counts = Counter()  # raw counts of this rank
+    counts, empty = Counter(), {}  # raw counts of this rank, its units that kept nothing
+    state['interrupted'] = lambda: (f"interrupted: {sum(f.endswith('.tar') for f in os.listdir(args.out_dir))} "
+                                    f"token shards complete in {args.out_dir} (a rerun goes on from there)")
     if loader is not None:
         pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
-        _write_token_shards(loader, model, args.out_dir, device, ctx, pbar)
+        empty = _write_token_shards(loader, model, args.out_dir, device, ctx, pbar)
         pbar.close()
         counts = loader.raw_counts()
-    if world == 1:
-        print(json.dumps(summarize_counts(counts, len(missing))))
-        return
-    # under torchrun every rank prints its own line, then rank 0 the total over all ranks, last
-    print(json.dumps(dict(rank=rank, **summarize_counts(counts, len(missing)))), flush=True)
-    all_counts = [None] * world
-    dist.all_gather_object(all_counts, counts)
+    line = dict(**summarize_counts(counts, len(missing)), empty_shards=sorted(empty))
+    if world > 1:  # under torchrun every rank prints its own line, then rank 0 the total, last
+        print(json.dumps(dict(rank=rank, **line)), flush=True)
+        every = [None] * world
+        dist.all_gather_object(every, (counts, empty))
+        counts = sum((c for c, _ in every), Counter())
+        empty = {name: why for _, e in every for name, why in e.items()}
+        line = dict(ranks=world, **summarize_counts(counts, len(missing)), empty_shards=sorted(empty))
     if rank == 0:
-        total = sum(all_counts, Counter())
-        print(json.dumps(dict(ranks=world, **summarize_counts(total, len(missing)))), flush=True)
+        print(json.dumps(line), flush=True)
     if own_group:
         dist.destroy_process_group()
+    if empty and args.strict:
+        raise DataError(f"--strict: {len(empty)} unit(s) kept no sample: {', '.join(sorted(empty)[:5])} (the rest "
+                        f"is written)")
 
 def _write_token_shards(loader, model, out_dir, device, ctx, pbar):
     """The pretokenizer's loop: encode each batch of images, and write an output shard per unit (an
-    input shard, or this rank's share of a folder or of 'shapes'), renamed into place when complete."""
+    input shard, or this rank's share of a folder or of 'shapes'), renamed into place when complete.
+    A unit that keeps no sample (an empty or broken shard, images without captions) writes nothing, so a
+    rerun tries it again -> {unit: its summarized counts} of those; an interrupt leaves no partial shard."""
     cfg = model.config
-    writers = {}  # unit name -> its open output shard
-    for b in loader:
-        name = (b.get('unit') or b['_end'])[0]
-        tmp = os.path.join(out_dir, name + '.tar.tmp')
-        if name not in writers:
-            writers[name] = tarfile.open(tmp, 'w', format=tarfile.USTAR_FORMAT)
-        if 'key' in b:
-            tok = encode_images(model, b['image'].to(device), ctx).cpu().numpy()
-            if cfg.quantize == 'kl':
-                tok = tok.astype(np.float16)  # (B, 2, N, C): the posterior's mean and logvar
-            else:
-                tok = tok.astype(np.uint16)  # (B, N)
-            for i, key in enumerate(b['key']):
-                members = {'tokens.npy': tok[i], 'txt': b['txt'][i],
-                           'json': {**b['meta'][i], 'key': key}}
-                if b['recap'][i]:
-                    members['recap_txt'] = b['recap'][i]
-                _tar_add(writers[name], key, members)
-            pbar.update(len(b['key']))
-        if b['_end']:
-            writers.pop(name).close()
-            os.replace(tmp, os.path.join(out_dir, name + '.tar'))
-        c = loader.counts
-        pbar.set_postfix(kept=c['kept'], filtered=c['filtered'], corrupt=c['corrupt'])
+    writers, counts, empty = {}, {}, {}  # unit -> its open output shard, its counts so far
+    try:
+        for b in loader:
+            name = (b.get('unit') or b['_end'])[0]
+            counts[name] = counts.get(name, Counter()) + sum((Counter(c) for _, _, c in b['_meta']), Counter())
+            if 'key' in b:
+                if name not in writers:  # opened with the unit's first sample
+                    writers[name] = tarfile.open(os.path.join(out_dir, name + '.tar.tmp'), 'w',
+                                                 format=tarfile.USTAR_FORMAT)
+                tok = encode_images(model, b['image'].to(device), ctx).cpu().numpy()
+                if cfg.quantize == 'kl':
+                    tok = tok.astype(np.float16)  # (B, 2, N, C): the posterior's mean and logvar
+                else:
+                    tok = tok.astype(np.uint16)  # (B, N)
+                for i, key in enumerate(b['key']):
+                    members = {'tokens.npy': tok[i], 'txt': b['txt'][i], 'json': {**b['meta'][i], 'key': key}}
+                    if b['recap'][i]:
+                        members['recap_txt'] = b['recap'][i]
+                    _tar_add(writers[name], key, members)
+                pbar.update(len(b['key']))
+            if b['_end'] and name in writers:
+                writers.pop(name).close()
+                os.replace(os.path.join(out_dir, name + '.tar.tmp'), os.path.join(out_dir, name + '.tar'))
+            elif b['_end']:
+                empty[name] = summarize_counts(counts[name])
+                print(f"warning: {name}: no sample kept ({_reasons(empty[name])}); nothing written, a rerun "
+                      f"tries it again", file=sys.stderr)
+            c = loader.counts
+            pbar.set_postfix(kept=c['kept'], filtered=c['filtered'], corrupt=c['corrupt'])
+    finally:  # an interrupt or an error: the shards being written are dropped
+        for name, writer in writers.items():
+            writer.close()
+            os.remove(os.path.join(out_dir, name + '.tar.tmp'))
+    return empty
+
+def _reasons(summary):
+    """'3 corrupt/no_caption, 1 bad shard' from a summarize_counts dict."""
+    parts = [f"{n} {kind}/{why}" for kind in ('filtered', 'corrupt') for why, n in summary[kind + '_by'].items()]
+    if summary['bad_shards']:
+        parts.append(f"{summary['bad_shards']} unreadable shard")
+    return ', '.join(parts) or 'nothing in it'
 
 def _warn_missing(missing, items):
     print(f"warning: {len(missing)} of the {len(items) + len(missing)} shards named do not exist "
           f"(first: {missing[0]}); counted as missing_shards", file=sys.stderr)
 
-def stats(args):
+def stats(args, state):
     from tqdm import tqdm
     kind, items, missing = _expand(args.data)
     if missing:
@@ -1363,6 +1443,8 @@ def main(argv=None):
                    default=0, help="'shapes' only: the seed of the stream")
     t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
                    help="'shapes' only: at most this many objects per image")
+    t.add_argument('--strict', action='store_true',
+                   help="an input unit (shard) that keeps no sample is an error (exit 2), not a warning")
     args = p.parse_args(argv)
     if args.num_samples and args.data.split(':')[0] != 'shapes':
         p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
@@ -1373,14 +1455,8 @@ def main(argv=None):
             pick_dtype(args.dtype, args.device)
         except ValueError as e:
             p.error(str(e))
-    try:
-        if args.cmd == 'stats':
-            stats(args)
-        else:
-            pretokenize(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from runtime import run_main
+    run_main(dict(stats=stats, pretokenize=pretokenize)[args.cmd], args, (DataError,))
 
 if __name__ == '__main__':
     main()

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from tatitok import TATiTok, TextEncoder, CheckpointError, number, pick_device
+from data import open_image, ImageError
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -310,16 +311,17 @@ def check_stats(data, path):
     return mu, sigma, str(data.get('resize', ''))
 
 def read_rgb(src):
-    """a path, or (tar shard, offset, size) of a member -> PIL RGB image"""
+    """a path, or (tar shard, offset, size) of a member -> PIL RGB image (data.open_image: EXIF, 16-bit, alpha...)"""
+    name = src
     try:
         if isinstance(src, tuple):
+            name = f"{src[0]} at byte {src[1]}"
             with open(src[0], 'rb') as f:
                 f.seek(src[1])
                 src = io.BytesIO(f.read(src[2]))
-        with Image.open(src) as img:
-            return img.convert('RGB')
-    except Exception as e:
-        raise FIDError(f"cannot read image {src}: {e}") from None
+        return open_image(src, name)
+    except (OSError, ImageError) as e:
+        raise FIDError(str(e)) from None
 
 def to_tensor(arr):
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> uint8 (3, H, W)
@@ -617,8 +619,16 @@ def run(args):
             print(f"CLIP score: {clip_score(clip, data, prompts, args.batch_size, args.device):.4f}")
     if args.save_stats:
         # np.savez, not _compressed: a float64 covariance hardly compresses and zlib takes seconds
-        with open(args.save_stats, 'xb') as f:  # x: never overwrite, should the file have appeared meanwhile
-            np.savez(f, mu=stats[0][0], sigma=stats[0][1], resize=stats[0][2])
+        tmp = args.save_stats + '.tmp'
+        try:  # whole or not at all: written aside, then a hard link, which never overwrites, names it
+            with open(tmp, 'wb') as f:
+                np.savez(f, mu=stats[0][0], sigma=stats[0][1], resize=stats[0][2])
+            os.link(tmp, args.save_stats)
+        except FileExistsError:
+            raise FIDError(f"--save_stats {args.save_stats} appeared meanwhile: not overwritten") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(f"saved statistics to {args.save_stats}")
     if len(stats) == 2:
         print(f"FID: {frechet_distance(*stats[0][:2], *stats[1][:2]):.4f}")

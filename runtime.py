@@ -4,6 +4,8 @@ process's decisions for all, the optimizer step that never waits on the host, an
 """
 import inspect
 import math
+import os
+import signal
 import sys
 
 import torch
@@ -202,3 +204,48 @@ def plan_lines(choice, memory):
     return (f"memory plan per GPU (GiB): {parts}; total {sum(plan.values()) / GiB:.1f} of "
             f"{memory / GiB:.1f} (fits with 10% headroom) at micro batch {choice['micro_batch']}, "
             f"{describe((choice['checkpointing'], choice['zero']))}")
+
+
+# -----------------------------------------------------------------------------
+# how a script ends: a user error in one line, an interrupt in one line, never a traceback
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM, raised in the main thread wherever it is; code: the shell's exit code for it,
+    128 + the signal (130, 143). A BaseException, as KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(128 + signum)
+
+
+def interrupted_at(step, saved, out_dir):
+    """A trainer's line for an interrupt: where it stopped, and the checkpoint it would resume from."""
+    where = "no checkpoint yet"
+    if saved is not None:
+        where = f"the last checkpoint is step {saved}, in {out_dir}/ckpt.pt"
+    return f"interrupted at step {step}: {where}"
+
+
+def run_main(main, args, errors):
+    """main(args, state) as a script's whole run. A user error (one of `errors`) ends in one line and exit 2;
+    Ctrl-C or SIGTERM in one line, state['interrupted']() saying what is on disk, and exit 130 or 143. Under
+    torchrun rank 0 alone prints."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    state = dict(interrupted=lambda: "interrupted: nothing written")
+    quiet = os.environ.get('RANK', '0') != '0'
+    try:
+        main(args, state)
+    except errors as e:
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        if not quiet:
+            print(state['interrupted'](), file=sys.stderr)
+        sys.exit(e.code)

@@ -35,8 +35,8 @@ from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, loa
                      checkpoint_weights, init_distributed, pick_dtype, autocast, make_out_dir, number,
                      all_gather_objects)
 from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
-from runtime import on_rank0
-from data import (make_grid, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
+from runtime import on_rank0, run_main
+from data import (make_grid, save_png, open_image, ImageError, DataError, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
@@ -169,19 +169,6 @@ def check_out_dir(args):
             raise CheckpointError(f"--grid {args.grid}: a new file in an existing, writable folder is wanted")
     make_out_dir(args.out_dir)
 
-def save_png(img, path):
-    """One image to its final name whole or not at all: written beside it, then renamed."""
-    Image.fromarray(img).save(path + '.tmp', format='PNG')
-    os.replace(path + '.tmp', path)
-
-def open_image(path):
-    """--image: the PIL RGB image, or a one-line error before any model loads."""
-    try:
-        with Image.open(path) as img:
-            return img.convert('RGB')
-    except (OSError, ValueError) as e:
-        p.error(f"--image {path}: not a readable image ({type(e).__name__})")
-
 def crop(img, size):
     """(1, 3, size, size) in [0, 1]: the shorter side resized to `size` (bicubic), centre-cropped."""
     if min(img.size) < size / 2:
@@ -306,7 +293,9 @@ def shapes_report(captions, detections, size, tokenizer):
     return lines + [json.dumps(rounded)]
 
 def main(argv=None):
-    args = p.parse_args(argv)
+    run_main(sample, p.parse_args(argv), (CheckpointError, DataError))
+
+def sample(args, state):
     master = os.environ.get('RANK', '0') == '0'  # torchrun, or one process
     if args.eval and int(os.environ.get('WORLD_SIZE', 1)) > 1:
         p.error("--eval runs on one process (480 small images at 4 per prompt), not under torchrun")
@@ -315,7 +304,10 @@ def main(argv=None):
     if args.image and args.eval:
         p.error("--eval draws its own images: give no --image with it")
     if args.image:
-        picture = open_image(args.image)
+        try:
+            picture = open_image(args.image, f"--image {args.image}")
+        except ImageError as e:
+            p.error(str(e))
     try:
         rank, world, device = init_distributed(args.device)  # under torchrun: each rank on its own GPU
         dtype = pick_dtype(args.dtype, device)
@@ -378,30 +370,37 @@ def main(argv=None):
     bar = tqdm(total=len(mine) * sampling['num_steps'], desc='decoding steps', disable=not master)
     paths, shown, results = [], {}, []  # shown: the images of the grid and the strips, by index
     writer, written = ThreadPoolExecutor(1), []  # PNGs are written while the next batch samples
-    with torch.no_grad():
-        null = te([args.negative])  # the unconditional branch, once; CLIP in fp32, as in training
-        for b in mine:
-            images = list(range(b * bs, min(total, (b + 1) * bs)))
-            feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
-            generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
-            given = {}
-            with autocast(device, dtype):
-                if start is not None:  # the image's tokens, a share --strength of them drawn anew
-                    init = start.expand(len(images), *start.shape[1:])
-                    keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
-                    given = dict(init_tokens=init, keep=keep)
-                tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'],
-                                      **sampling, **given, generator=generators, callback=lambda *a: bar.update())
-                decoded = to_uint8(tok.decode_tokens(tokens, feats['guidance']))
-            for i, img in zip(images, decoded):
-                paths.append(os.path.join(args.out_dir, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))
-                written.append(writer.submit(save_png, img, paths[-1]))
-                if i < 64 or (start is not None and i % n < 8):
-                    shown[i] = img
-                if args.eval:
-                    results.append(detect_shapes(img))
-    for f in written:  # every image written (an error in the writer surfaces here)
-        f.result()
+    state['interrupted'] = lambda: (f"interrupted: {sum(f.endswith('.png') for f in os.listdir(args.out_dir))} "
+                                    f"images written to {args.out_dir}/")
+    try:
+        with torch.no_grad():
+            null = te([args.negative])  # the unconditional branch, once; CLIP in fp32, as in training
+            for b in mine:
+                images = list(range(b * bs, min(total, (b + 1) * bs)))
+                feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
+                generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
+                given = {}
+                with autocast(device, dtype):
+                    if start is not None:  # the image's tokens, a share --strength of them drawn anew
+                        init = start.expand(len(images), *start.shape[1:])
+                        keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
+                        given = dict(init_tokens=init, keep=keep)
+                    tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'],
+                                          **sampling, **given, generator=generators, callback=lambda *a: bar.update())
+                    decoded = to_uint8(tok.decode_tokens(tokens, feats['guidance']))
+                for i, img in zip(images, decoded):
+                    paths.append(os.path.join(args.out_dir, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))
+                    written.append(writer.submit(save_png, img, paths[-1]))
+                    if i < 64 or (start is not None and i % n < 8):
+                        shown[i] = img
+                    if args.eval:
+                        results.append(detect_shapes(img))
+        for f in written:  # every image written (an error in the writer surfaces here)
+            f.result()
+    except BaseException:  # an interrupt: the image being written is finished, those queued are dropped
+        writer.shutdown(cancel_futures=True)
+        bar.close()
+        raise
     bar.close()
     if world > 1:  # rank 0 gathers the grid's and strips' images, the others are done
         print(f"rank {rank}: {len(paths)} images in {args.out_dir}/")

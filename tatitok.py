@@ -24,6 +24,7 @@ import os
 import math
 import argparse
 import socket
+import tempfile
 import functools
 import warnings
 from dataclasses import dataclass, fields
@@ -684,20 +685,30 @@ def checkpoint_weights(ckpt):
     return ckpt['model']
 
 def make_out_dir(path):
-    """Make --out_dir, or say in one line why it cannot be (a file, a read-only place) before any work starts."""
+    """Make --out_dir and write a file into it, or say in one line why not (a file, a read-only place, a full
+    disk) before any work starts: os.access says yes to root everywhere."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"--out_dir {path} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise CheckpointError(f"cannot make --out_dir {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise CheckpointError(f"--out_dir {path} is not writable")
+        raise CheckpointError(f"--out_dir {path} cannot be written ({e.strerror})") from None
+
+def write_atomic(path, write):
+    """write(a temporary path), then a rename: the file is there whole or not at all, and a failure or an
+    interrupt (Ctrl-C, SIGTERM) leaves no temporary file behind."""
+    tmp = path + '.tmp'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 def save_checkpoint(ckpt, path):
-    """torch.save to a temporary file, then a rename: a job killed meanwhile leaves the old file or the new one."""
-    torch.save(ckpt, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 # -----------------------------------------------------------------------------
 # what every script shares: the device, the precision, the processes, a GPU's peak; the training schedule and EMA

@@ -844,6 +844,58 @@ def test_captions_recaption_as_released(tmp_path):
     got = captions()  # 0.95: 190 recaptions expected, 180 is 3.3 standard deviations (3.1) below
     assert all(got[k] in (want[k], txt[k]) for k in got) and 180 <= sum(got[k] == want[k] for k in got) < 200
 
+def _png_claiming(w, h):
+    """A small PNG whose header claims w x h pixels (its IHDR rewritten, CRC included): what a decompression bomb
+    looks like to a reader of headers."""
+    import struct
+    import zlib
+    raw = bytearray(_jpg(1, 1, fmt='PNG'))
+    ihdr = raw[12:29]  # chunk type + 13 bytes of data
+    ihdr[4:12] = struct.pack('>II', w, h)
+    raw[12:29] = ihdr
+    raw[29:33] = struct.pack('>I', zlib.crc32(bytes(ihdr)))
+    return bytes(raw)
+
+def test_open_image_in_every_form(tmp_path, monkeypatch):
+    """data.open_image, which sample.py, fid.py and the loaders share, reads images as they come: 16-bit grey and float
+    images scaled (not clipped to white), EXIF orientation applied, palette transparency, RGBA and LA composited on
+    white, CMYK, the first frame of a GIF; a header over MAX_IMAGE_PIXELS refused naming the limit and the variable,
+    and raised with it; a file that is no image refused by name."""
+    ramp = np.linspace(0, 1, 64 * 32).reshape(32, 64)
+    forms = {'grey16.png': Image.fromarray((ramp * 65535).astype(np.uint16)),
+             'float.tif': Image.fromarray(ramp.astype(np.float32)),
+             'rgba.png': Image.new('RGBA', (64, 32), (255, 0, 0, 0)),
+             'la.png': Image.new('LA', (64, 32), (0, 0)),
+             'cmyk.jpg': Image.new('CMYK', (64, 32), (0, 255, 255, 0))}
+    palette = Image.new('P', (64, 32), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.info['transparency'] = 1
+    forms['palette.png'] = palette
+    for name, img in forms.items():
+        img.save(tmp_path / name)
+    got = {name: np.asarray(data.open_image(str(tmp_path / name))) for name in forms}
+    assert all(g.dtype == np.uint8 and g.shape == (32, 64, 3) for g in got.values())
+    for name in ('grey16.png', 'float.tif'):  # the ramp, 0 to 255, not clipped
+        assert got[name][0, 0, 0] == 0 and got[name][-1, -1, 0] == 255 and abs(got[name].mean() - 127.5) < 1, name
+    assert (got['rgba.png'] == 255).all() and (got['la.png'] == 255).all() and (got['palette.png'] == 255).all()
+    assert tuple(got['cmyk.jpg'][16, 32]) == pytest.approx((255, 0, 0), abs=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned 90 degrees
+    Image.new('RGB', (64, 32), (0, 0, 255)).save(tmp_path / 'phone.jpg', exif=exif)
+    assert np.asarray(data.open_image(str(tmp_path / 'phone.jpg'))).shape == (64, 32, 3)
+    frames = [Image.new('RGB', (16, 16), c) for c in ((0, 255, 0), (255, 0, 0))]
+    frames[0].save(tmp_path / 'anim.gif', save_all=True, append_images=frames[1:])
+    assert tuple(np.asarray(data.open_image(str(tmp_path / 'anim.gif')))[0, 0]) == (0, 255, 0)
+    (tmp_path / 'bomb.png').write_bytes(_png_claiming(20000, 20000))
+    with pytest.raises(data.ImageError, match='bomb.png: 20000x20000 .*MAX_IMAGE_PIXELS=89478485'):
+        data.open_image(str(tmp_path / 'bomb.png'))
+    monkeypatch.setenv('MAX_IMAGE_PIXELS', str(10 ** 9))
+    with pytest.raises(data.ImageError, match='not an image'):  # past the limit: its pixels are not there
+        data.open_image(str(tmp_path / 'bomb.png'))
+    (tmp_path / 'notes.txt').write_text('hello')
+    with pytest.raises(data.ImageError, match='notes.txt: not an image'):
+        data.open_image(str(tmp_path / 'notes.txt'))
+
 def test_transforms():
     """shorter side to the target, centre crop for eval (deterministic), random crop for training, flip on request."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
@@ -1090,6 +1142,28 @@ def test_pretokenize_two_ranks_print_the_total(tmp_path):
     assert (total['read'], total['kept'], total['filtered'], total['corrupt']) == (16, 12, 2, 2), total
     assert total['read'] == sum(c['read'] for c in ranks) and total['missing_shards'] == 1  # 00004
     assert sorted(os.listdir(out)) == ['00000.tar', '00001.tar', '00002.tar', '00003.tar', 'tokenizer.json']
+
+def test_pretokenize_never_records_empty_work_as_done(tmp_path, capsys):
+    """A shard that keeps no sample (a zero-byte .tar, images without captions) is named in a warning, written as
+    nothing and listed in the closing line, so that once fixed a rerun tokenizes it; --strict makes it an error."""
+    _, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
+    src = tmp_path / 'src'
+    src.mkdir()
+    _shards(src, n_shards=1, per_shard=2, bad=False)
+    (src / '00001.tar').write_bytes(b'')
+    data.write_shard(str(src / '00002.tar'), [(f"n{i}", {'jpg': _jpg(), 'json': _meta()}) for i in range(3)])
+    out = str(tmp_path / 'tok')
+    _pretokenize(tmp_path, ckpt, str(src), out)
+    o, err = capsys.readouterr()
+    assert sorted(os.listdir(out)) == ['00000.tar', 'tokenizer.json']
+    assert '00001: no sample kept (1 unreadable shard)' in err and '00002: no sample kept (3 corrupt/no_caption)' in err
+    assert json.loads(o.strip().splitlines()[-1])['empty_shards'] == ['00001', '00002']
+    with pytest.raises(SystemExit) as e:
+        _pretokenize(tmp_path, ckpt, str(src), out, '--strict')
+    assert e.value.code == 2 and '--strict: 2 unit(s) kept no sample' in capsys.readouterr().err
+    _shards(src, n_shards=3, per_shard=2, bad=False)  # fixed: captions for 00002, a real 00001
+    _pretokenize(tmp_path, ckpt, str(src), out)
+    assert sorted(os.listdir(out)) == ['00000.tar', '00001.tar', '00002.tar', 'tokenizer.json']
 
 def test_token_shards_tokenizer_record(tmp_path):
     """pretokenize records the tokenizer's config and weight fingerprint; token_shards_tokenizer reads it for a folder
@@ -2153,7 +2227,7 @@ def test_sample_image_bad_inputs(sample_ckpts, tmp_path, capsys):
     Image.new('RGB', (40, 30)).save(tmp_path / 'ok.png')
     vq, kl = (['--model', sample_ckpts[q], 'a red circle'] for q in ('vq', 'kl'))
     cases = [([*vq, '--image', str(tmp_path / 'missing.png')], '--image'),
-             ([*vq, '--image', str(tmp_path / 'junk.png')], 'not a readable image'),
+             ([*vq, '--image', str(tmp_path / 'junk.png')], 'not an image'),
              ([*vq, '--image', str(tmp_path / 'ok.png'), '--strength', '1.5'], '--strength'),
              ([*vq, '--image', str(tmp_path / 'ok.png'), '--strength', 'nan'], '--strength'),
              ([*vq, '--image', str(tmp_path / 'tiny.png')], 'under half'),
@@ -2202,6 +2276,69 @@ def test_sample_under_torchrun(sample_ckpts, tmp_path):
     r = run(tmp_path / 'two')  # torchrun reports its ranks' exit code 2 as a failure of its own
     assert r.returncode != 0 and 'exitcode: 2' in r.stderr and 'sample.py", line' not in r.stderr, r.stderr[-2000:]
     assert r.stderr.count('error: --out_dir') == 1 and len(_sample_pngs(tmp_path / 'two')) == 6
+
+@pytest.fixture
+def signals():
+    """The scripts answer SIGINT and SIGTERM themselves (runtime.run_main): pytest's handlers come back after."""
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGINT, old[0])
+    signal.signal(signal.SIGTERM, old[1])
+
+def test_sample_interrupted_mid_write(sample_ckpts, tmp_path, capsys, monkeypatch, signals):
+    """SIGTERM while sample.py's writer thread is half way through a PNG: the PNG is finished (whole under its name,
+    none half-written, no temporary file), the queued ones dropped, one line says how many are on disk, exit 143."""
+    save, calls = Image.Image.save, []
+    def slow_save(img, path, **kw):
+        calls.append(path)
+        if len(calls) == 3:  # the third image: half of it on disk, then the signal, then the rest
+            buf = io.BytesIO()
+            save(img, buf, **kw)
+            with open(path, 'wb') as f:
+                f.write(buf.getvalue()[:100])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+                f.write(buf.getvalue()[100:])
+            return
+        save(img, path, **kw)
+    monkeypatch.setattr(Image.Image, 'save', slow_save)
+    code, out, err = _sample_main(['--model', sample_ckpts['vq'], 'a red circle', 'a blue square', '--per_prompt', '4',
+                                   '--batch_size', '8', '--out_dir', str(tmp_path)], capsys)
+    names = os.listdir(tmp_path)
+    assert code == 143 and err.strip().splitlines()[-1] == f"interrupted: {len(names)} images written to {tmp_path}/"
+    assert 3 <= len(names) < 8 and all(n.endswith('.png') for n in names)
+    for n in names:
+        Image.open(tmp_path / n).load()  # whole
+
+def test_training_interrupted_mid_checkpoint_and_mid_step(tmp_path, capsys, monkeypatch, signals):
+    """SIGTERM in the middle of writing a checkpoint: the last whole one stays, no temporary file, one line saying
+    where the run stopped and what it resumes from, exit 143; Ctrl-C (SIGINT) in a step: exit 130, one line; and the
+    run resumes."""
+    save, calls = torch.save, []
+    def half_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:  # the step-6 checkpoint: half written, then the signal
+            with open(f, 'wb') as fh:
+                fh.write(b'x' * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, 'save', half_save)
+    with pytest.raises(SystemExit) as e, one_thread():
+        runtime.run_main(tt.main, tt.get_args(TT_TINY + ['--out_dir', str(tmp_path), '--ckpt_every', '3']),
+                         (CheckpointError,))
+    assert e.value.code == 143 and sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'metrics.jsonl']
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"interrupted at step 6: the last checkpoint is step 3, in {tmp_path}/ckpt.pt"
+    assert checkpoint(tmp_path)['step'] == 3
+    monkeypatch.setattr(torch, 'save', save)
+    gan_on = tt.gan_on
+    monkeypatch.setattr(tt, 'gan_on', lambda step, start: os.kill(os.getpid(), signal.SIGINT) if step == 4 else
+                        gan_on(step, start))
+    with pytest.raises(SystemExit) as e, one_thread():
+        runtime.run_main(tt.main, tt.get_args(TT_TINY + ['--out_dir', str(tmp_path), '--resume']), (CheckpointError,))
+    assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"interrupted at step 4: the last checkpoint is step 3, in {tmp_path}/ckpt.pt"
 
 def test_sample_flags_pass_through_torchrun():
     """torchrun's own parser reads the flags after the script too, and rejects an abbreviation of its options (a
@@ -2273,7 +2410,7 @@ def _tm_args(tok, q, out, *extra):
 
 def _tm_train(tok, q, out, *extra):
     with one_thread():
-        tm.main(tm.get_args(_tm_args(tok, q, out, *extra)))
+        tm.main(tm.get_args(_tm_args(tok, q, out, *extra)), {})
 
 def test_train_maskgen_title_command_parses_and_fails_cleanly_offline(tmp_path):
     """`train_maskgen.py --size xl --tokens kl32` takes the KL recipe and MaskGen-XL's config; offline with an empty
@@ -2307,11 +2444,11 @@ def test_train_maskgen_user_errors_exit_2(tmp_path, monkeypatch):
         assert e.value.code == 2, argv
     monkeypatch.chdir(tmp_path)  # no out/shapes-tokenizer here: say how to make it
     with pytest.raises(CheckpointError, match='python train_tokenizer.py --preset shapes'):
-        tm.main(tm.get_args(['--preset', 'shapes']))
+        tm.main(tm.get_args(['--preset', 'shapes']), {})
     (tmp_path / 'o').mkdir()
     (tmp_path / 'o' / 'ckpt.pt').write_bytes(b'')
     with pytest.raises(CheckpointError, match='--resume'):  # a run exists there: not overwritten without --resume
-        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', 'o']))
+        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', 'o']), {})
 
 def test_train_maskgen_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path, capsys):
     """The loss falls; ckpt.pt loads with MaskGen.from_pretrained (EMA weights) and carries the tokenizer (embedded),
@@ -2531,8 +2668,9 @@ def test_memory_plan_of_the_tokenizer_losses():
     assert abs(tt.loss_activation_bytes(args, 64) / measured - 1) < 0.15, (tt.loss_activation_bytes(args, 64), measured)
 
 def test_training_bad_paths_stop_before_work(tmp_path):
-    """Both training scripts: an --out_dir that is a file or read-only, a --data that names nothing, an --eval_data
-    with no usable image: one line (CheckpointError / DataError, exit 2 in the scripts), and nothing written."""
+    """Both training scripts: an --out_dir that is a file or cannot be written (for root too), a --data that names
+    nothing, an --eval_data with no usable image: one line (CheckpointError / DataError, exit 2 in the scripts), and
+    nothing written."""
     (tmp_path / 'afile').write_text('x')
     locked = tmp_path / 'locked'
     locked.mkdir()
@@ -2541,16 +2679,20 @@ def test_training_bad_paths_stop_before_work(tmp_path):
     small.mkdir()
     (small / 'a.png').write_bytes(_jpg(40, 30, fmt='PNG'))  # below the 256 px minimum size
     (small / 'a.txt').write_text('a caption')
+    unwritable = str(locked)
+    if os.geteuid() == 0:  # root writes into a read-only folder: sysfs refuses it
+        unwritable = '/sys/kernel'
     cases = [(['--out_dir', str(tmp_path / 'afile')], 'is a file'),
              (['--out_dir', str(tmp_path / 'o1'), '--data', str(tmp_path / 'none_*.tar')], 'no files match'),
-             (['--out_dir', str(tmp_path / 'o2'), '--eval_data', str(small)], 'no usable image')]
-    if os.geteuid() != 0:  # root writes into a read-only folder anyway
-        cases.append((['--out_dir', str(locked / 'o')], 'cannot make'))
+             (['--out_dir', str(tmp_path / 'o2'), '--eval_data', str(small)], 'no usable image'),
+             (['--out_dir', unwritable], 'cannot be written')]
     for argv, needle in cases:
         with pytest.raises((CheckpointError, data.DataError), match=needle):
             _tt_train(argv[1], *argv[2:], '--max_steps', 1)
     with pytest.raises(data.DataError, match='no files match'):
-        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', str(tmp_path / 'o3'), '--data', 'nowhere/*.tar']))
+        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', str(tmp_path / 'o3'), '--data', 'nowhere/*.tar']), {})
+    with pytest.raises(CheckpointError, match='cannot be written'):  # tested by writing: os.access says yes to root
+        tm.main(tm.get_args(['--preset', 'tiny', '--out_dir', unwritable]), {})
     assert not (tmp_path / 'o1' / 'ckpt.pt').exists()
     r = subprocess.run([sys.executable, 'train_tokenizer.py', *TT_TINY, '--out_dir', str(tmp_path / 'afile')],
                        cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=120)
@@ -2580,7 +2722,7 @@ TT_TINY = ['--preset', 'tiny', '--eval_data', 'none', '--log_every', '1']
 
 def _tt_train(out, *extra):
     with one_thread():
-        tt.main(tt.get_args(TT_TINY + ['--out_dir', str(out), *map(str, extra)]))
+        tt.main(tt.get_args(TT_TINY + ['--out_dir', str(out), *map(str, extra)]), {})
 
 def test_perceptual_nets_match_torchvision_layout():
     """Our hand-written VGG16 / ConvNeXt-S carry torchvision's key names and shapes and compute the same function,
@@ -2839,11 +2981,11 @@ def test_train_tokenizer_sigkill_then_resume_is_bitwise(tmp_path):
     args = ['--preset', 'tiny', '--tokens', 'kl', '--eval_data', 'none', '--log_every', '1', '--max_steps', '10',
             '--disc_start', '4', '--ckpt_every', '3']
     with one_thread():
-        tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'full')]))
+        tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'full')]), {})
     kill_after_checkpoint(['train_tokenizer.py', *args, '--out_dir', str(tmp_path / 'cut')], step=6)
     assert checkpoint(tmp_path / 'cut')['step'] in (6, 9)
     with one_thread():
-        tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'cut'), '--resume']))
+        tt.main(tt.get_args(args + ['--out_dir', str(tmp_path / 'cut'), '--resume']), {})
     a, b = checkpoint(tmp_path / 'full'), checkpoint(tmp_path / 'cut')
     assert a['step'] == b['step'] == 10
     for part in ('model', 'ema', 'disc'):

@@ -38,7 +38,6 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from PIL import Image
 
 from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, load_state_dict_file,
                      checkpoint_weights, init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
@@ -46,9 +45,10 @@ from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load
                      add_system_flags, clip_ids)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, training_draws
 from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
-                  tokenizer_fingerprint, merge_states, encode_images)
+                  tokenizer_fingerprint, merge_states, encode_images, save_png)
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
-                     optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite)
+                     optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite, run_main,
+                     interrupted_at)
 
 USER_ERRORS = (CheckpointError, DataError)
 
@@ -327,7 +327,7 @@ def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, pa
                               generator=gens)
         images = tok.decode_tokens(tokens, text['guidance']).float().clamp(0, 1)
     u8 = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (P, H, W, 3)
-    Image.fromarray(make_grid(u8, ncol=6)).save(path)
+    save_png(make_grid(u8, ncol=6), path)
     msg = f"samples | {path}"
     if tok.config.quantize == 'kl':
         rms = tokens.float().pow(2).mean().sqrt().item()
@@ -338,7 +338,7 @@ def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, pa
 
 # -----------------------------------------------------------------------------
 
-def main(args):
+def main(args, state):
     rank, world, device = init_distributed(args.device)
     master = rank == 0
     dtype = pick_dtype(args.dtype, device)
@@ -468,6 +468,8 @@ def main(args):
     acc = dict(loss=torch.zeros((), device=device), buckets=torch.zeros(2, 4, device=device),
                bad_run=torch.zeros((), dtype=torch.long, device=device), x_sq=torch.ones((), device=device))
     smooth, gnorm, t_log, step_log = torch.zeros((), device=device), None, time.time(), start_step
+    step, saved = start_step, resumed and start_step
+    state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
         # once in a while: a sample grid of the fixed prompts (rank 0, EMA weights)
@@ -493,6 +495,7 @@ def main(args):
                 save_checkpoint(ckpt, os.path.join(args.out_dir, 'ckpt.pt'))
                 ckpt = opt_state = None
                 print(f"saved {args.out_dir}/ckpt.pt (step {step})", flush=True)
+            saved = step
             if world > 1:  # within the process group's timeout, which init_distributed sized for it
                 dist.barrier()
         if last:
@@ -568,9 +571,4 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == '__main__':
-    try:
-        main(get_args())
-    except USER_ERRORS as e:  # user errors: one line (from rank 0 under torchrun), exit 2, no traceback
-        if os.environ.get('RANK', '0') == '0':
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, get_args(), USER_ERRORS)

@@ -41,15 +41,15 @@ import torch.nn as nn
 import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from PIL import Image
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
                      init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, param_groups,
                      save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number, add_system_flags,
                      reachable, at_least_fp32, clip_ids)
-from data import make_loader, make_grid, expand_source, DataError, merge_states
+from data import make_loader, make_grid, expand_source, DataError, merge_states, save_png
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
-                     optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite)
+                     optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite, run_main,
+                     interrupted_at)
 
 USER_ERRORS = (CheckpointError, DataError)
 
@@ -447,7 +447,7 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
         raise DataError(f"--eval_data {args.eval_data}: no usable image in it ({loader.counts}); --eval_data none "
                         f"trains without evaluations")
     path = os.path.join(args.out_dir, f"recon_{step:07d}.png")
-    Image.fromarray(grid).save(path)
+    save_png(grid, path)
     msg = f"eval step {step} | psnr {torch.cat(psnr).mean().item():.2f} dB on {n} held-out images | grid {path}"
     if ids:
         counts = torch.bincount(torch.cat(ids), minlength=ema.config.codebook_size).float()
@@ -570,7 +570,7 @@ def get_args(argv=None):
 
 # -----------------------------------------------------------------------------
 
-def main(args):
+def main(args, state):
     rank, world, device = init_distributed(args.device)
     master = rank == 0
     dtype = pick_dtype(args.dtype, device)
@@ -683,6 +683,8 @@ def main(args):
     flops = 3 * raw_model.estimate_flops() * args.batch_size  # per optimizer step; the tokenizer's matmuls only
     # what the log reads, accumulated on the device and read every --log_every steps only
     smooth, bad_run, t_log, step_log = {}, torch.zeros((), dtype=torch.long, device=device), time.time(), start_step
+    step, saved = start_step, resumed and start_step
+    state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
         # once in a while: held-out PSNR and a recon grid (rank 0, EMA weights)
@@ -702,6 +704,7 @@ def main(args):
                 save_checkpoint(ckpt, os.path.join(args.out_dir, 'ckpt.pt'))
                 ckpt = opt_state = opt_d_state = None
                 print(f"saved {args.out_dir}/ckpt.pt (step {step})", flush=True)
+            saved = step
             if world > 1:  # within the process group's timeout, which init_distributed sized for it
                 dist.barrier()
         if last:
@@ -783,9 +786,4 @@ def main(args):
         dist.destroy_process_group()
 
 if __name__ == '__main__':
-    try:
-        main(get_args())
-    except USER_ERRORS as e:  # user errors: one line (from rank 0 under torchrun), exit 2, no traceback
-        if os.environ.get('RANK', '0') == '0':
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, get_args(), USER_ERRORS)
