@@ -532,6 +532,10 @@ class TiedLMHead(nn.Module):
     def forward(self, x):
         return x @ self.weight[:self.codebook_size].t()  # (B, N, K): the mask and class rows are never predicted
 
+def tie_lm_head(model, incompatible_keys):
+    """After any load_state_dict: assign=True gave lm_head a Parameter of its own; tie it again."""
+    model.lm_head.weight = model.embeddings.weight
+
 class MaskGenVQ(MaskGen):
 
     def __init__(self, config):
@@ -546,6 +550,7 @@ class MaskGenVQ(MaskGen):
         self.embeddings = nn.Embedding(config.codebook_size + 1 + config.condition_num_classes + 1, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, D))
         self.lm_head = TiedLMHead(self.embeddings, config.codebook_size)
+        self.register_load_state_dict_post_hook(tie_lm_head)
         self.init_weights()
 
     @torch.no_grad()
@@ -852,7 +857,8 @@ def load_maskgen(name_or_path, **overrides):
     tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
     if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
         raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
-    model = MaskGen.from_config(config)
+    with torch.device('meta'):  # no weights drawn only to be replaced by the file's
+        model = MaskGen.from_config(config)
     print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # lm_head.weight: the VQ head, tied to the embedding table; .bin files hold it, safetensors drop the twin
     optional = ('lm_head.weight',) if config.quantize == 'vq' else ()

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file, load_official,
-                     checkpoint_weights, pick_device, pick_dtype, autocast, make_out_dir, number)
-from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
+from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file,
+                     pick_device, pick_dtype, autocast, make_out_dir, number)
+from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
 from data import (make_grid, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
 
@@ -104,12 +104,10 @@ def load_models(args, device):
         if not isinstance(ck, dict) or ck.get('script') != 'train_maskgen':
             raise CheckpointError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
                                   f"--tokenizer)")
-        config = MaskGenConfig(**ck['model_args'])
-        optional = ('lm_head.weight',) if config.quantize == 'vq' else ()  # the tied LM head
-        gen = load_official(MaskGen.from_config(config), checkpoint_weights(ck), path, optional=optional)
+        gen = MaskGen.from_pretrained(path)  # the file again: memory-mapped, nothing read twice
+        config = gen.config
         tokenizer, spec = ck['tokenizer'], ck['text_encoder']
         sampling = {**SAMPLING[config.quantize], **ck['sampling']}
-        del ck  # the optimizer state can be large
     else:  # an official release, by name, repo id or file
         gen = MaskGen.from_pretrained(args.model)
         config = gen.config

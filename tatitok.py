@@ -528,14 +528,16 @@ class CheckpointError(Exception):
     """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
 
 def load_state_dict_file(path):
-    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file."""
+    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file, memory-mapped: a
+    tensor's bytes stay in the file until read, and a model that takes the tensors themselves
+    (load_official) holds its weights once."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
         if path.endswith('.safetensors'):
-            from safetensors.torch import load_file  # arrives with open_clip_torch
+            from safetensors.torch import load_file  # arrives with open_clip_torch; maps the file
             return load_file(path)
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
@@ -567,9 +569,11 @@ def hf_download(repo_id, filenames):
         f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
 
 def load_official(model, sd, source, ignore=(), optional=(), rename=()):
-    """Copy state dict `sd` (official key layout) into `model`, checking every key and shape; strict, never silent.
-    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (tied weights);
-    rename: (official_prefix, our_prefix) rules."""
+    """Put state dict `sd` (official key layout) into `model`, checking every key and shape; strict,
+    never silent. The tensors of `sd` become the model's parameters (cast to its dtype where they
+    differ): a model built on the meta device from a memory-mapped file holds each weight once.
+    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (a
+    tied weight, which the model ties again once loaded); rename: (official, our) prefix rules."""
     sd = {k: v for k, v in sd.items() if k not in ignore}
     for old, new in rename:
         sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
@@ -582,10 +586,11 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
     if wrong:
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
-    for k in optional:  # a tied weight missing from the file stays tied to its twin
+    sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where the dtypes agree
+    for k in optional:  # a tied weight missing from the file: a placeholder, tied again once loaded
         if k not in sd and k in ours:
             sd[k] = ours[k]
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves, no copy
     return model
 
 def load_tatitok(name_or_path, **overrides):
@@ -612,7 +617,8 @@ def load_tatitok(name_or_path, **overrides):
         sd = checkpoint_weights(sd)
     else:  # a bare state dict in the official layout carries no config: read it off the shapes
         config = TATiTokConfig(**{**config_from_state_dict(sd, path), **overrides})
-    model = TATiTok(config)
+    with torch.device('meta'):  # no weights drawn only to be replaced by the file's
+        model = TATiTok(config)
     print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
     return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()

@@ -349,9 +349,10 @@ def main(args):
         cfg = MaskGenConfig(**ckpt['model_args'])
     else:
         cfg = generator_config(args.size, tok_cfg, text_encoder.width)
-    raw_model = MaskGen.from_config(cfg).to(device)
+    raw_model = MaskGen.from_config(cfg)
     if args.init_from and not ckpt:  # stage 2 from stage 1 (the release loads strict=False; we check every key)
         load_official(raw_model, MaskGen.from_pretrained(args.init_from).state_dict(), args.init_from)
+    raw_model = raw_model.to(device)  # after loading: it puts the file's CPU tensors in the model
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
