@@ -358,6 +358,27 @@ class TATiTok(nn.Module):
 # -----------------------------------------------------------------------------
 # the frozen CLIP text encoder and its three views
 
+def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0):
+    """open_clip's CLIP text tower, built alone (the vision tower is most of a CLIP model), with the
+    weights of `weights` (a file of the tower or of the whole model), or random ones from `seed`."""
+    from open_clip.model import _build_text_tower, _build_vision_tower
+    if weights:
+        with torch.device('meta'):  # no weight drawn only to be replaced by the file's
+            tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
+        sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith('visual.')}
+        load_official(tower, sd, weights, ignore=('logit_scale', 'logit_bias'))  # CLIP's, unused
+        if tower.attn_mask is not None:  # the causal mask is in no file: built again, off meta
+            tower.attn_mask = tower.build_causal_mask()
+        return tower
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed)  # the same seed gives the same tower, so a checkpoint can rebuild it
+    # open_clip's CLIP(...) draws a vision tower before the text tower, and our checkpoints' seeds
+    # were drawn that way: draw a tiny one and drop it, so that each seed gives the same text tower
+    _build_vision_tower(embed_dim, dict(layers=1, width=64, patch_size=8, image_size=16))
+    tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
+    torch.set_rng_state(rng)
+    return tower
+
 class TextEncoder(nn.Module):
     """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
     guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
@@ -398,42 +419,33 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai'):
-        """Any open_clip CLIP model; pretrained is an open_clip tag (downloaded and cached) or a local file."""
+        """The text tower of any open_clip CLIP model, built alone from open_clip's config of it.
+        pretrained: an open_clip tag (downloaded, cached) or a local file of the model or tower."""
         import open_clip  # imported here: only building the text encoder needs it
-        path, quick_gelu = pretrained, False
+        cfg = open_clip.get_model_config(model)
+        if cfg is None:
+            raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
+        path, quick_gelu = pretrained, cfg.get('quick_gelu', False)
         if not os.path.isfile(pretrained):
-            if model not in open_clip.list_models():
-                raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
-            cfg = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
-            if not cfg.get('hf_hub'):
+            tag = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
+            if not tag.get('hf_hub'):
                 raise CheckpointError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
-            repo, filename = os.path.split(cfg['hf_hub'])
+            repo, filename = os.path.split(tag['hf_hub'])
             candidates = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
             path = hf_download(repo, candidates)
-            quick_gelu = cfg.get('quick_gelu', False)  # the OpenAI weights were trained with QuickGELU
-        try:
-            clip = open_clip.create_model(model, pretrained=path, force_quick_gelu=quick_gelu)
-        except Exception as e:  # a wrong or corrupt file: open_clip raises whatever torch.load or the model raised
-            raise CheckpointError(f"{path}: not open_clip {model} weights ({type(e).__name__})") from None
-        del clip.visual  # the text tower is all we need
-        return cls(clip, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
+            # the OpenAI weights were trained with QuickGELU
+            quick_gelu = quick_gelu or tag.get('quick_gelu', False)
+        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, weights=path)
+        return cls(tower, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
 
     @classmethod
     def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336'):
         """A CLIP text tower of any size (open_clip's text_cfg): random weights drawn from `seed`, or loaded from
-        `weights`, a file with the keys of an open_clip text tower."""
+        `weights`, a file of an open_clip text tower or of a whole CLIP model."""
         import open_clip
-        from open_clip.model import CLIP
-        rng = torch.get_rng_state()
-        torch.manual_seed(seed)  # the same seed always gives the same tower, so a checkpoint can rebuild it
-        vision_cfg = dict(layers=1, width=64, patch_size=8, image_size=16)  # deleted below
-        clip = CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
-        torch.set_rng_state(rng)
-        del clip.visual
-        if weights:
-            load_official(clip, load_state_dict_file(weights), weights)
+        tower = text_tower(text_cfg, embed_dim, weights=weights, seed=seed)
         spec = dict(text_cfg=text_cfg, embed_dim=embed_dim, weights=weights, seed=seed, tokenizer=tokenizer)
-        return cls(clip, open_clip.get_tokenizer(tokenizer), spec)
+        return cls(tower, open_clip.get_tokenizer(tokenizer), spec)
 
     @classmethod
     def tiny(cls, seed=0, context_length=77):

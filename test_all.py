@@ -279,6 +279,48 @@ def test_offline_download_message(monkeypatch, tmp_path):
 # -----------------------------------------------------------------------------
 # loading holds each weight once: modules built on the meta device take a mapped file's tensors
 
+def _register_clip(tmp_path, name, text_width, vision_width):
+    """An open_clip model config of these widths (QuickGELU, as the releases' CLIP), as `name`."""
+    import open_clip
+    text_cfg = dict(context_length=77, vocab_size=49408, width=text_width, heads=8, layers=4)
+    vision_cfg = dict(image_size=64, layers=6, width=vision_width, patch_size=16)
+    cfg = dict(embed_dim=text_width, quick_gelu=True, vision_cfg=vision_cfg, text_cfg=text_cfg)
+    (tmp_path / f'{name}.json').write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / f'{name}.json'))
+    return name
+
+def test_clip_text_tower_alone_matches_open_clip(tmp_path):
+    """The text tower built alone from a whole CLIP file (no vision tower built or read) gives
+    bit-identical views to open_clip's whole model with its vision tower deleted (the text encoder
+    as it was built before); and a random tower (TextEncoder.tiny) has the very weights CLIP(...)
+    drew, so that a checkpoint's seed rebuilds it."""
+    import open_clip
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+    name = _register_clip(tmp_path, 'tower-test-clip', text_width=64, vision_width=64)
+    torch.manual_seed(0)
+    whole = open_clip.create_model(name)
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # no layer norm left at 1 and 0
+    path = str(tmp_path / 'clip.safetensors')
+    save_file(whole.state_dict(), path)
+    before = open_clip.create_model(name, pretrained=path)
+    del before.visual
+    captions = ['a red fox', 'two dogs on a green sofa', '']
+    ref = TextEncoder(before, open_clip.get_tokenizer(name), {})(captions)
+    te = TextEncoder.from_open_clip(name, path)
+    assert not any('visual' in n for n, _ in te.named_parameters())
+    views = te(captions)
+    for k, v in ref.items():
+        assert torch.equal(views[k], v), k
+    torch.manual_seed(0)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=4)  # tiny()'s
+    vision_cfg = dict(layers=1, width=64, patch_size=8, image_size=16)
+    drawn = CLIP(64, vision_cfg=vision_cfg, text_cfg=text_cfg).state_dict()
+    for k, v in TextEncoder.tiny().clip.state_dict().items():
+        assert torch.equal(v, drawn[k]), k
+
 def test_maskgen_tied_head_after_loading(tmp_path):
     """assign=True would give lm_head a Parameter of its own: after any load it is the embedding
     table again, from a .bin holding both keys, a .safetensors holding one, or a state dict."""
@@ -297,7 +339,7 @@ def test_maskgen_tied_head_after_loading(tmp_path):
 LOAD_AND_MEASURE = r"""
 import json, sys
 import torch
-from tatitok import TATiTok
+from tatitok import TATiTok, TextEncoder
 from maskgen import MaskGen
 
 def mib(field):
@@ -305,10 +347,15 @@ def mib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
 kind, path = sys.argv[1:3]
+if kind == 'clip':
+    import open_clip  # imported before the baseline, as torch is
+    open_clip.add_model_config(sys.argv[3])
 with torch.device('meta'):  # the meta device's Python kernels, imported once: ~150 MiB of code
     torch.nn.Embedding(1, 1)
 before = mib('VmRSS')
-if kind == 'tokenizer':
+if kind == 'clip':
+    model = TextEncoder.from_open_clip('lean-test-clip', path)
+elif kind == 'tokenizer':
     model = TATiTok.from_pretrained(path)
 else:
     model = MaskGen.from_pretrained(path)
@@ -322,17 +369,24 @@ print(json.dumps(dict(weights=weights, growth=mib('VmHWM') - before)))
 @pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason="reads memory from /proc")
 @pytest.mark.parametrize('kind,file', [('generator', 'model.safetensors'),
                                        ('tokenizer', 'pytorch_model.bin'),
-                                       ('generator', 'ckpt.pt')])
+                                       ('generator', 'ckpt.pt'),
+                                       ('clip', 'open_clip_model.safetensors')])
 def test_loading_holds_the_weights_once(tmp_path, kind, file):
-    """Each way weights load (a release's .safetensors or .bin, a checkpoint of ours) builds the
-    module without weights of its own and takes the file's memory-mapped tensors. Measured in a fresh process: its peak resident memory over what it
+    """Each way weights load (a release's .safetensors or .bin, a checkpoint of ours, CLIP's text
+    tower from the whole model's file) builds the module without weights of its own and takes the
+    file's memory-mapped tensors. Measured in a fresh process: its peak resident memory over what it
     held before loading, every weight read, stays under 1.5 W for W bytes of weights (~140 MiB).
     One copy costs W and a few MiB of Python objects; a second (an init overwritten, a state dict
-    beside the module, the checkpoint's other weights) costs W or more: 2 W in all. The bound sits
-    halfway."""
+    beside the module, the checkpoint's other weights, CLIP's vision tower) costs W or more: 2 W in
+    all. The bound sits halfway."""
     from safetensors.torch import save_file
-    path = str(tmp_path / file)
-    if kind == 'tokenizer':
+    path, extra = str(tmp_path / file), []
+    if kind == 'clip':  # the vision tower in the file (a third of it) must not be built or read
+        import open_clip
+        name = _register_clip(tmp_path, 'lean-test-clip', text_width=512, vision_width=512)
+        save_file(open_clip.create_model(name).state_dict(), path)
+        extra = [str(tmp_path / f'{name}.json')]
+    elif kind == 'tokenizer':
         wide = dict(enc_width=512, enc_layers=6, enc_heads=8, dec_width=512, dec_layers=6,
                     dec_heads=8)
         torch.save(TATiTok(tatitok_config('tiny-vq', **wide)).state_dict(), path)
@@ -344,7 +398,7 @@ def test_loading_holds_the_weights_once(tmp_path, kind, file):
         else:  # ours: the model and its EMA, of which only the EMA is read
             ema = {k: v.clone() for k, v in sd.items()}
             torch.save(dict(model_args=asdict(gen.config), model=sd, ema=ema), path)
-    out = subprocess.run([sys.executable, '-c', LOAD_AND_MEASURE, kind, path], cwd=HERE,
+    out = subprocess.run([sys.executable, '-c', LOAD_AND_MEASURE, kind, path, *extra], cwd=HERE,
                          env=ONE_THREAD_ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.splitlines()[-1])
