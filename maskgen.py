@@ -484,11 +484,12 @@ class MaskGen(nn.Module):
         return [(step, n) for step, n in steps if n < todo[0]]
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **overrides):
-        """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official release, a
-        local .bin / .safetensors file in the official key layout (sizes read off its shapes), or a checkpoint (or
-        its folder) written by train_maskgen.py. Returns the model in eval mode. See load_maskgen at the end."""
-        return load_maskgen(name_or_path, **overrides)
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
+        """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official
+        release, a local .bin / .safetensors file in the official key layout (sizes read off its
+        shapes), or a checkpoint (or its folder) of train_maskgen.py; its weights in `dtype`.
+        Returns the model in eval mode. See load_maskgen at the end."""
+        return load_maskgen(name_or_path, dtype, **overrides)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
         # the release's no-decay rules; KL's text_emb is "emb", not "embed", so it decays (as released)
@@ -830,7 +831,7 @@ def maskgen_config(name, **overrides):
 # -----------------------------------------------------------------------------
 # loading the official releases and our checkpoints
 
-def load_maskgen(name_or_path, **overrides):
+def load_maskgen(name_or_path, dtype=torch.float32, **overrides):
     """MaskGen.from_pretrained: the file behind a preset, repo id, file or run folder, its config (ours: saved;
     official: read off the shapes), then every key and shape checked."""
     if os.path.isdir(name_or_path):
@@ -846,7 +847,7 @@ def load_maskgen(name_or_path, **overrides):
         raise CheckpointError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
                               f"releases {official} (a new model from a preset: "
                               f"MaskGen.from_config(maskgen_config(name)))")
-    sd = load_state_dict_file(path)
+    sd = load_state_dict_file(path, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_tokens' not in sd['model_args']:
             raise CheckpointError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
@@ -858,7 +859,7 @@ def load_maskgen(name_or_path, **overrides):
     if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
         raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
     with torch.device('meta'):  # no weights drawn only to be replaced by the file's
-        model = MaskGen.from_config(config)
+        model = MaskGen.from_config(config).to(dtype)
     print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # lm_head.weight: the VQ head, tied to the embedding table; .bin files hold it, safetensors drop the twin
     optional = ('lm_head.weight',) if config.quantize == 'vq' else ()

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file,
-                     pick_device, pick_dtype, autocast, make_out_dir, number)
+from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, DTYPES,
+                     load_state_dict_file, pick_device, pick_dtype, autocast, make_out_dir, number)
 from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
 from data import (make_grid, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
@@ -80,7 +80,12 @@ p.add_argument('--batch_size', type=number(int, 1), default=16, help='images per
                '(default 16)')
 p.add_argument('--device', default='auto', help='auto (this process\'s GPU, else the CPU), cpu, cuda, cuda:1, mps')
 p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-               help='autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)')
+               help='autocast dtype (auto: bfloat16 on a GPU or with --weights_dtype bfloat16, '
+               'float32 elsewhere)')
+p.add_argument('--weights_dtype', default='float32', choices=['float32', 'bfloat16'],
+               help='dtype the weights are kept in: bfloat16 halves their memory and computes in '
+               'bfloat16, which pays on a CPU with bfloat16 instructions, see TUNING.md (default '
+               'float32, as released)')
 p.add_argument('--compile', default='off', choices=['on', 'off'], help='torch.compile the transformer blocks, '
                'worth it for thousands of images (default off)')
 p.add_argument('--out_dir', default='samples', help='output folder, new or empty (default samples/)')
@@ -96,6 +101,7 @@ p.add_argument('--remask', choices=['random', 'likelihood'], help="with --image:
 
 def load_models(args, device):
     """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
+    dtype = DTYPES[args.weights_dtype]
     path = args.model
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
@@ -104,21 +110,21 @@ def load_models(args, device):
         if not isinstance(ck, dict) or ck.get('script') != 'train_maskgen':
             raise CheckpointError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
                                   f"--tokenizer)")
-        gen = MaskGen.from_pretrained(path)  # the file again: memory-mapped, nothing read twice
+        gen = MaskGen.from_pretrained(path, dtype)  # the file again: mapped, nothing read twice
         config = gen.config
         tokenizer, spec = ck['tokenizer'], ck['text_encoder']
         sampling = {**SAMPLING[config.quantize], **ck['sampling']}
     else:  # an official release, by name, repo id or file
-        gen = MaskGen.from_pretrained(args.model)
+        gen = MaskGen.from_pretrained(args.model, dtype)
         config = gen.config
         tokenizer = MASKGEN_PRESETS.get(args.model, {}).get('tokenizer') or OFFICIAL_TOKENIZER[config.quantize]
         spec = dict(model='ViT-L-14-336', pretrained='openai')  # as released
         sampling = dict(SAMPLING[config.quantize])
-    tok = TATiTok.from_pretrained(args.tokenizer or tokenizer)
+    tok = TATiTok.from_pretrained(args.tokenizer or tokenizer, dtype)
     if args.clip:
-        te = TextEncoder.from_name(args.clip, tok.config.text_context_length)
+        te = TextEncoder.from_name(args.clip, tok.config.text_context_length, dtype)
     else:
-        te = TextEncoder.from_spec(spec)
+        te = TextEncoder.from_spec(spec, dtype)
     t = tok.config
     fits = (t.num_latent_tokens, t.quantize, t.text_embed_dim, te.context_length) == \
         (config.num_tokens, config.quantize, te.width, t.text_context_length)
@@ -311,6 +317,10 @@ def main(argv=None):
         dtype = pick_dtype(args.dtype, device)
     except ValueError as e:
         p.error(str(e))
+    if args.weights_dtype == 'bfloat16' and args.dtype not in ('auto', 'bfloat16'):
+        p.error(f"--weights_dtype bfloat16 computes in bfloat16, not --dtype {args.dtype}")
+    if args.weights_dtype == 'bfloat16':
+        dtype = torch.bfloat16
     check_out_dir(args, world)
     try:
         gen, tok, te, sampling = load_models(args, device)

@@ -21,6 +21,7 @@ References:
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """
 import os
+import json
 import math
 import argparse
 import socket
@@ -318,12 +319,13 @@ class TATiTok(nn.Module):
         return self.decoder(tokens, text_guidance)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **overrides):
-        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a local .bin /
-        .safetensors file in the official key layout (its sizes read off the tensors), a checkpoint (or its folder)
-        written by train_tokenizer.py, or such a checkpoint's dict already in memory (a generator checkpoint embeds
-        its tokenizer that way). Returns the model in eval mode. See load_tatitok at the end of the file."""
-        return load_tatitok(name_or_path, **overrides)
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
+        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a
+        local .bin / .safetensors file in the official key layout (its sizes read off the tensors),
+        a checkpoint (or its folder) written by train_tokenizer.py, or such a checkpoint's dict in
+        memory (a generator checkpoint embeds its tokenizer that way); its weights in `dtype`.
+        Returns the model in eval mode. See load_tatitok at the end of the file."""
+        return load_tatitok(name_or_path, dtype, **overrides)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', encoder_lr_scale=1.0):
         """AdamW with the release's no-decay rules; the encoder and the latent tokens can train at a share of the
@@ -358,13 +360,14 @@ class TATiTok(nn.Module):
 # -----------------------------------------------------------------------------
 # the frozen CLIP text encoder and its three views
 
-def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0):
+def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtype=torch.float32):
     """open_clip's CLIP text tower, built alone (the vision tower is most of a CLIP model), with the
     weights of `weights` (a file of the tower or of the whole model), or random ones from `seed`."""
     from open_clip.model import _build_text_tower, _build_vision_tower
     if weights:
         with torch.device('meta'):  # no weight drawn only to be replaced by the file's
-            tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
+            tower = _build_text_tower(embed_dim, text_cfg, quick_gelu).to(dtype)
+        # mapped even for another dtype: reading the file to cast it would read the vision tower too
         sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith('visual.')}
         load_official(tower, sd, weights, ignore=('logit_scale', 'logit_bias'))  # CLIP's, unused
         if tower.attn_mask is not None:  # the causal mask is in no file: built again, off meta
@@ -377,7 +380,7 @@ def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0):
     _build_vision_tower(embed_dim, dict(layers=1, width=64, patch_size=8, image_size=16))
     tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
     torch.set_rng_state(rng)
-    return tower
+    return tower.to(dtype)
 
 class TextEncoder(nn.Module):
     """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
@@ -399,26 +402,26 @@ class TextEncoder(nn.Module):
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_name(cls, name, context_length=77):
+    def from_name(cls, name, context_length=77, dtype=torch.float32):
         """--clip of every script: 'tiny' (random weights, built here, `context_length` positions), MODEL:PRETRAINED
         of open_clip (PRETRAINED: a tag, downloaded once, or a local file), MODEL alone ('openai' weights), or a
-        local file of the releases' text encoder, ViT-L-14-336."""
+        local file of the releases' text encoder, ViT-L-14-336. Its weights in `dtype`."""
         if name == 'tiny':
-            return cls.tiny(context_length=context_length)
+            return cls.tiny(context_length=context_length).to(dtype)
         model, _, pretrained = name.partition(':')
         if not pretrained and os.path.isfile(name):
-            return cls.from_open_clip('ViT-L-14-336', name)
-        return cls.from_open_clip(model, pretrained or 'openai')
+            return cls.from_open_clip('ViT-L-14-336', name, dtype)
+        return cls.from_open_clip(model, pretrained or 'openai', dtype)
 
     @classmethod
-    def from_spec(cls, spec):
+    def from_spec(cls, spec, dtype=torch.float32):
         """Rebuild from self.spec (kept in checkpoints): an open_clip model and tag, or a text_cfg."""
         if 'text_cfg' in spec:
-            return cls.from_text_cfg(**spec)
-        return cls.from_open_clip(**spec)
+            return cls.from_text_cfg(**spec, dtype=dtype)
+        return cls.from_open_clip(**spec, dtype=dtype)
 
     @classmethod
-    def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai'):
+    def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai', dtype=torch.float32):
         """The text tower of any open_clip CLIP model, built alone from open_clip's config of it.
         pretrained: an open_clip tag (downloaded, cached) or a local file of the model or tower."""
         import open_clip  # imported here: only building the text encoder needs it
@@ -435,15 +438,16 @@ class TextEncoder(nn.Module):
             path = hf_download(repo, candidates)
             # the OpenAI weights were trained with QuickGELU
             quick_gelu = quick_gelu or tag.get('quick_gelu', False)
-        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, weights=path)
+        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, weights=path, dtype=dtype)
         return cls(tower, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
 
     @classmethod
-    def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336'):
+    def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336',
+                      dtype=torch.float32):
         """A CLIP text tower of any size (open_clip's text_cfg): random weights drawn from `seed`, or loaded from
         `weights`, a file of an open_clip text tower or of a whole CLIP model."""
         import open_clip
-        tower = text_tower(text_cfg, embed_dim, weights=weights, seed=seed)
+        tower = text_tower(text_cfg, embed_dim, weights=weights, seed=seed, dtype=dtype)
         spec = dict(text_cfg=text_cfg, embed_dim=embed_dim, weights=weights, seed=seed, tokenizer=tokenizer)
         return cls(tower, open_clip.get_tokenizer(tokenizer), spec)
 
@@ -539,13 +543,40 @@ def tatitok_config(name, **overrides):
 class CheckpointError(Exception):
     """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
 
-def load_state_dict_file(path):
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+def read_safetensors(path, dtype):
+    """A .safetensors file's tensors read one at a time, the floating-point ones cast to `dtype`.
+    Mapped instead, every float32 page read for the cast would stay in memory beside the copies."""
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')  # the format: header length, JSON header, bytes
+        header = json.loads(f.read(n))
+        header.pop('__metadata__', None)
+        # one buffer for every read: a new one per tensor would leave the allocator's heap in pieces
+        buf = torch.empty(max(h['data_offsets'][1] - h['data_offsets'][0] for h in header.values()),
+                          dtype=torch.uint8)
+        sd = {}
+        for k, h in header.items():
+            start, end = h['data_offsets']
+            f.seek(8 + n + start)
+            if f.readinto(buf[:end - start].numpy()) != end - start:
+                raise ValueError(f"the file ends inside {k}")
+            x = buf[:end - start].view(SAFETENSORS_DTYPES[h['dtype']]).view(h['shape'])
+            sd[k] = x.to(dtype, copy=True) if x.is_floating_point() else x.clone()
+    return sd
+
+def load_state_dict_file(path, dtype=torch.float32):
     """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file, memory-mapped: a
     tensor's bytes stay in the file until read, and a model that takes the tensors themselves
-    (load_official) holds its weights once."""
+    (load_official) holds its weights once. For weights in another dtype than the releases'
+    float32, a .safetensors file is read and cast instead (read_safetensors)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
+        if path.endswith('.safetensors') and dtype != torch.float32:
+            return read_safetensors(path, dtype)
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file  # arrives with open_clip_torch; maps the file
             return load_file(path)
@@ -605,7 +636,7 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves, no copy
     return model
 
-def load_tatitok(name_or_path, **overrides):
+def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
     """TATiTok.from_pretrained: the weights and config of a preset, repo id, file, run folder or checkpoint dict."""
     if isinstance(name_or_path, dict):
         sd, path = name_or_path, 'the embedded tokenizer'
@@ -621,7 +652,7 @@ def load_tatitok(name_or_path, **overrides):
         elif not os.path.exists(path):
             raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
                                   f"releases {official}")
-        sd = load_state_dict_file(path)
+        sd = load_state_dict_file(path, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_latent_tokens' not in sd['model_args']:
             raise CheckpointError(f"{path}: a generator's checkpoint, not a tokenizer's")
@@ -630,7 +661,7 @@ def load_tatitok(name_or_path, **overrides):
     else:  # a bare state dict in the official layout carries no config: read it off the shapes
         config = TATiTokConfig(**{**config_from_state_dict(sd, path), **overrides})
     with torch.device('meta'):  # no weights drawn only to be replaced by the file's
-        model = TATiTok(config)
+        model = TATiTok(config).to(dtype)
     print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
     return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
