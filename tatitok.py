@@ -25,6 +25,7 @@ import json
 import math
 import argparse
 import socket
+import zipfile
 import functools
 import warnings
 from dataclasses import dataclass, fields
@@ -425,9 +426,9 @@ class TextEncoder(nn.Module):
         """The text tower of any open_clip CLIP model, built alone from open_clip's config of it.
         pretrained: an open_clip tag (downloaded, cached) or a local file of the model or tower."""
         import open_clip  # imported here: only building the text encoder needs it
-        cfg = open_clip.get_model_config(model)
-        if cfg is None:
+        if model not in open_clip.list_models():
             raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
+        cfg = open_clip.get_model_config(model)
         path, quick_gelu = pretrained, cfg.get('quick_gelu', False)
         if not os.path.isfile(pretrained):
             tag = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
@@ -576,13 +577,18 @@ def load_state_dict_file(path, dtype=torch.float32):
         raise CheckpointError(f"{path}: no such file")
     try:
         if path.endswith('.safetensors') and dtype != torch.float32:
-            return read_safetensors(path, dtype)
-        if path.endswith('.safetensors'):
+            sd = read_safetensors(path, dtype)
+        elif path.endswith('.safetensors'):
             from safetensors.torch import load_file  # arrives with open_clip_torch; maps the file
-            return load_file(path)
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            sd = load_file(path)
+        else:  # torch.save's zip format (torch >= 1.6) can be mapped; an older file is read whole
+            mapped = zipfile.is_zipfile(path)
+            sd = torch.load(path, map_location='cpu', weights_only=True, mmap=mapped)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    return sd
 
 def reachable(host, timeout=3.0):
     # a dead network makes download libraries retry for ~25 s; a 3 s socket probe lets us fail fast and clearly

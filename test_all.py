@@ -265,6 +265,12 @@ def test_load_errors(tmp_path):
         TATiTok.from_pretrained(path, **{**cfg, 'text_embed_dim': 32})
     with pytest.raises(CheckpointError, match='unknown tokenizer'):
         TATiTok.from_pretrained('no-such-model')
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pt')
+    with pytest.raises(CheckpointError, match='holds a Tensor, not a state dict'):
+        TATiTok.from_pretrained(str(tmp_path / 'tensor.pt'))
+    # torch < 1.6's format cannot be memory-mapped: read whole, it still loads
+    torch.save(model.state_dict(), tmp_path / 'old.bin', _use_new_zipfile_serialization=False)
+    TATiTok.from_pretrained(str(tmp_path / 'old.bin'), **cfg)
 
 def test_offline_download_message(monkeypatch, tmp_path):
     """Offline, an official release that is not cached fails at once with one clear message."""
