@@ -513,11 +513,12 @@ class MaskGen(nn.Module):
         return [(step, n) for step, n in steps if n < todo[0]]
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **overrides):
-        """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official release, a
-        local .bin / .safetensors file in the official key layout (sizes read off its shapes), or a checkpoint (or
-        its folder) written by train_maskgen.py. Returns the model in eval mode. See load_maskgen at the end."""
-        return load_maskgen(name_or_path, **overrides)
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
+        """A preset name ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'), the Hugging Face repo id of an official
+        release, a local .bin / .safetensors file in the official key layout (sizes read off its
+        shapes), or a checkpoint (or its folder) of train_maskgen.py; its weights in `dtype`.
+        Returns the model in eval mode. See load_maskgen at the end."""
+        return load_maskgen(name_or_path, dtype, **overrides)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu'):
         # the release's no-decay rules; KL's text_emb is "emb", not "embed", so it decays (as released)
@@ -590,6 +591,10 @@ class TiedLMHead(nn.Module):
     def forward(self, x):
         return x @ self.weight[:self.codebook_size].t()  # (B, N, K): the mask and class rows are never predicted
 
+def tie_lm_head(model, incompatible_keys):
+    """After any load_state_dict: assign=True gave lm_head a Parameter of its own; tie it again."""
+    model.lm_head.weight = model.embeddings.weight
+
 class MaskGenVQ(MaskGen):
 
     def __init__(self, config):
@@ -604,6 +609,7 @@ class MaskGenVQ(MaskGen):
         self.embeddings = nn.Embedding(config.codebook_size + 1 + config.condition_num_classes + 1, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, D))
         self.lm_head = TiedLMHead(self.embeddings, config.codebook_size)
+        self.register_load_state_dict_post_hook(tie_lm_head)
         self.init_weights()
 
     @torch.no_grad()
@@ -882,7 +888,7 @@ def maskgen_config(name, **overrides):
 # -----------------------------------------------------------------------------
 # loading the official releases and our checkpoints
 
-def load_maskgen(name_or_path, **overrides):
+def load_maskgen(name_or_path, dtype=torch.float32, **overrides):
     """MaskGen.from_pretrained: the file behind a preset, repo id, file or run folder, its config (ours: saved;
     official: read off the shapes), then every key and shape checked."""
     if os.path.isdir(name_or_path):
@@ -898,7 +904,7 @@ def load_maskgen(name_or_path, **overrides):
         raise CheckpointError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
                               f"releases {official} (a new model from a preset: "
                               f"MaskGen.from_config(maskgen_config(name)))")
-    sd = load_state_dict_file(path)
+    sd = load_state_dict_file(path, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_tokens' not in sd['model_args']:
             raise CheckpointError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
@@ -909,7 +915,8 @@ def load_maskgen(name_or_path, **overrides):
     tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
     if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
         raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
-    model = MaskGen.from_config(config)
+    with torch.device('meta'):  # no weights drawn only to be replaced by the file's
+        model = MaskGen.from_config(config).to(dtype)
     print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # lm_head.weight: the VQ head, tied to the embedding table; .bin files hold it, safetensors drop the twin
     optional = ('lm_head.weight',) if config.quantize == 'vq' else ()

@@ -31,10 +31,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file, load_official,
-                     checkpoint_weights, init_distributed, pick_dtype, autocast, make_out_dir, number,
-                     all_gather_objects)
-from maskgen import MaskGen, MaskGenConfig, MASKGEN_PRESETS, image_generators
+from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, DTYPES, load_state_dict_file,
+                     init_distributed, pick_dtype, autocast, make_out_dir, number, all_gather_objects)
+from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
 from runtime import on_rank0, run_main
 from data import (make_grid, save_png, open_image, ImageError, DataError, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
@@ -84,7 +83,12 @@ p.add_argument('--batch_size', type=number(int, 1), default=16, help='images per
                '(default 16)')
 p.add_argument('--device', default='auto', help='auto (this process\'s GPU, else the CPU), cpu, cuda, cuda:1, mps')
 p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-               help='autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)')
+               help='autocast dtype (auto: bfloat16 on a GPU or with --weights_dtype bfloat16, '
+               'float32 elsewhere)')
+p.add_argument('--weights_dtype', default='float32', choices=['float32', 'bfloat16'],
+               help='dtype the weights are kept in: bfloat16 halves their memory and computes in '
+               'bfloat16, which pays on a CPU with bfloat16 instructions, see TUNING.md (default '
+               'float32, as released)')
 p.add_argument('--compile', default='off', choices=['on', 'off'], help='torch.compile the transformer blocks, '
                'worth it for thousands of images (default off)')
 p.add_argument('--out_dir', default='samples', help='output folder, new or empty (default samples/)')
@@ -100,6 +104,7 @@ p.add_argument('--remask', choices=['random', 'likelihood'], help="with --image:
 
 def load_models(args, device):
     """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
+    dtype = DTYPES[args.weights_dtype]
     path = args.model
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
@@ -108,23 +113,21 @@ def load_models(args, device):
         if not isinstance(ck, dict) or ck.get('script') != 'train_maskgen':
             raise CheckpointError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
                                   f"--tokenizer)")
-        config = MaskGenConfig(**ck['model_args'])
-        optional = ('lm_head.weight',) if config.quantize == 'vq' else ()  # the tied LM head
-        gen = load_official(MaskGen.from_config(config), checkpoint_weights(ck), path, optional=optional)
+        gen = MaskGen.from_pretrained(path, dtype)  # the file again: mapped, nothing read twice
+        config = gen.config
         tokenizer, spec = ck['tokenizer'], ck['text_encoder']
         sampling = {**SAMPLING[config.quantize], **ck['sampling']}
-        del ck  # the optimizer state can be large
     else:  # an official release, by name, repo id or file
-        gen = MaskGen.from_pretrained(args.model)
+        gen = MaskGen.from_pretrained(args.model, dtype)
         config = gen.config
         tokenizer = MASKGEN_PRESETS.get(args.model, {}).get('tokenizer') or OFFICIAL_TOKENIZER[config.quantize]
         spec = dict(model='ViT-L-14-336', pretrained='openai')  # as released
         sampling = dict(SAMPLING[config.quantize])
-    tok = TATiTok.from_pretrained(args.tokenizer or tokenizer)
+    tok = TATiTok.from_pretrained(args.tokenizer or tokenizer, dtype)
     if args.clip:
-        te = TextEncoder.from_name(args.clip, tok.config.text_context_length)
+        te = TextEncoder.from_name(args.clip, tok.config.text_context_length, dtype)
     else:
-        te = TextEncoder.from_spec(spec)
+        te = TextEncoder.from_spec(spec, dtype)
     t = tok.config
     fits = (t.num_latent_tokens, t.quantize, t.text_embed_dim, te.context_length) == \
         (config.num_tokens, config.quantize, te.width, t.text_context_length)
@@ -313,6 +316,10 @@ def sample(args, state):
         dtype = pick_dtype(args.dtype, device)
     except ValueError as e:
         p.error(str(e))
+    if args.weights_dtype == 'bfloat16' and args.dtype not in ('auto', 'bfloat16'):
+        p.error(f"--weights_dtype bfloat16 computes in bfloat16, not --dtype {args.dtype}")
+    if args.weights_dtype == 'bfloat16':
+        dtype = torch.bfloat16
     try:
         on_rank0(lambda: check_out_dir(args), world, (CheckpointError,))
     except CheckpointError as e:

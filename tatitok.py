@@ -21,10 +21,12 @@ References:
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """
 import os
+import json
 import math
 import argparse
 import socket
 import tempfile
+import zipfile
 import functools
 import warnings
 from dataclasses import dataclass, fields
@@ -336,12 +338,13 @@ class TATiTok(nn.Module):
         return self.decoder(tokens, text_guidance)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, **overrides):
-        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a local .bin /
-        .safetensors file in the official key layout (its sizes read off the tensors), a checkpoint (or its folder)
-        written by train_tokenizer.py, or such a checkpoint's dict already in memory (a generator checkpoint embeds
-        its tokenizer that way). Returns the model in eval mode. See load_tatitok at the end of the file."""
-        return load_tatitok(name_or_path, **overrides)
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
+        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a
+        local .bin / .safetensors file in the official key layout (its sizes read off the tensors),
+        a checkpoint (or its folder) written by train_tokenizer.py, or such a checkpoint's dict in
+        memory (a generator checkpoint embeds its tokenizer that way); its weights in `dtype`.
+        Returns the model in eval mode. See load_tatitok at the end of the file."""
+        return load_tatitok(name_or_path, dtype, **overrides)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', encoder_lr_scale=1.0):
         """AdamW with the release's no-decay rules; the encoder and the latent tokens can train at a share of the
@@ -402,6 +405,28 @@ def clip_ids(tokenizer, caption, context_length=77):
                       f"{caption[:60]!r}...")
     return ids
 
+def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtype=torch.float32):
+    """open_clip's CLIP text tower, built alone (the vision tower is most of a CLIP model), with the
+    weights of `weights` (a file of the tower or of the whole model), or random ones from `seed`."""
+    from open_clip.model import _build_text_tower, _build_vision_tower
+    if weights:
+        with torch.device('meta'):  # no weight drawn only to be replaced by the file's
+            tower = _build_text_tower(embed_dim, text_cfg, quick_gelu).to(dtype)
+        # mapped even for another dtype: reading the file to cast it would read the vision tower too
+        sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith('visual.')}
+        load_official(tower, sd, weights, ignore=('logit_scale', 'logit_bias'))  # CLIP's, unused
+        if tower.attn_mask is not None:  # the causal mask is in no file: built again, off meta
+            tower.attn_mask = tower.build_causal_mask()
+        return tower
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed)  # the same seed gives the same tower, so a checkpoint can rebuild it
+    # open_clip's CLIP(...) draws a vision tower before the text tower, and our checkpoints' seeds
+    # were drawn that way: draw a tiny one and drop it, so that each seed gives the same text tower
+    _build_vision_tower(embed_dim, dict(layers=1, width=64, patch_size=8, image_size=16))
+    tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
+    torch.set_rng_state(rng)
+    return tower.to(dtype)
+
 class TextEncoder(nn.Module):
     """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
     guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
@@ -422,62 +447,54 @@ class TextEncoder(nn.Module):
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_name(cls, name, context_length=77):
+    def from_name(cls, name, context_length=77, dtype=torch.float32):
         """--clip of every script: 'tiny' (random weights, built here, `context_length` positions), MODEL:PRETRAINED
         of open_clip (PRETRAINED: a tag, downloaded once, or a local file), MODEL alone ('openai' weights), or a
-        local file of the releases' text encoder, ViT-L-14-336."""
+        local file of the releases' text encoder, ViT-L-14-336. Its weights in `dtype`."""
         if name == 'tiny':
-            return cls.tiny(context_length=context_length)
+            return cls.tiny(context_length=context_length).to(dtype)
         model, _, pretrained = name.partition(':')
         if not pretrained and os.path.isfile(name):
-            return cls.from_open_clip('ViT-L-14-336', name)
-        return cls.from_open_clip(model, pretrained or 'openai')
+            return cls.from_open_clip('ViT-L-14-336', name, dtype)
+        return cls.from_open_clip(model, pretrained or 'openai', dtype)
 
     @classmethod
-    def from_spec(cls, spec):
+    def from_spec(cls, spec, dtype=torch.float32):
         """Rebuild from self.spec (kept in checkpoints): an open_clip model and tag, or a text_cfg."""
         if 'text_cfg' in spec:
-            return cls.from_text_cfg(**spec)
-        return cls.from_open_clip(**spec)
+            return cls.from_text_cfg(**spec, dtype=dtype)
+        return cls.from_open_clip(**spec, dtype=dtype)
 
     @classmethod
-    def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai'):
-        """Any open_clip CLIP model; pretrained is an open_clip tag (downloaded and cached) or a local file."""
+    def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai', dtype=torch.float32):
+        """The text tower of any open_clip CLIP model, built alone from open_clip's config of it.
+        pretrained: an open_clip tag (downloaded, cached) or a local file of the model or tower."""
         import open_clip  # imported here: only building the text encoder needs it
-        path, quick_gelu = pretrained, False
+        if model not in open_clip.list_models():
+            raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
+        cfg = open_clip.get_model_config(model)
+        path, quick_gelu = pretrained, cfg.get('quick_gelu', False)
         if not os.path.isfile(pretrained):
-            if model not in open_clip.list_models():
-                raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
-            cfg = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
-            if not cfg.get('hf_hub'):
+            tag = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
+            if not tag.get('hf_hub'):
                 raise CheckpointError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
-            repo, filename = os.path.split(cfg['hf_hub'])
+            repo, filename = os.path.split(tag['hf_hub'])
             candidates = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
             path = hf_download(repo, candidates)
-            quick_gelu = cfg.get('quick_gelu', False)  # the OpenAI weights were trained with QuickGELU
-        try:
-            clip = open_clip.create_model(model, pretrained=path, force_quick_gelu=quick_gelu)
-        except Exception as e:  # a wrong or corrupt file: open_clip raises whatever torch.load or the model raised
-            raise CheckpointError(f"{path}: not open_clip {model} weights ({type(e).__name__})") from None
-        del clip.visual  # the text tower is all we need
-        return cls(clip, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
+            # the OpenAI weights were trained with QuickGELU
+            quick_gelu = quick_gelu or tag.get('quick_gelu', False)
+        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, weights=path, dtype=dtype)
+        return cls(tower, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
 
     @classmethod
-    def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336'):
+    def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336',
+                      dtype=torch.float32):
         """A CLIP text tower of any size (open_clip's text_cfg): random weights drawn from `seed`, or loaded from
-        `weights`, a file with the keys of an open_clip text tower."""
+        `weights`, a file of an open_clip text tower or of a whole CLIP model."""
         import open_clip
-        from open_clip.model import CLIP
-        rng = torch.get_rng_state()
-        torch.manual_seed(seed)  # the same seed always gives the same tower, so a checkpoint can rebuild it
-        vision_cfg = dict(layers=1, width=64, patch_size=8, image_size=16)  # deleted below
-        clip = CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg)
-        torch.set_rng_state(rng)
-        del clip.visual
-        if weights:
-            load_official(clip, load_state_dict_file(weights), weights)
+        tower = text_tower(text_cfg, embed_dim, weights=weights, seed=seed, dtype=dtype)
         spec = dict(text_cfg=text_cfg, embed_dim=embed_dim, weights=weights, seed=seed, tokenizer=tokenizer)
-        return cls(clip, open_clip.get_tokenizer(tokenizer), spec)
+        return cls(tower, open_clip.get_tokenizer(tokenizer), spec)
 
     @classmethod
     def tiny(cls, seed=0, context_length=77):
@@ -567,17 +584,51 @@ def tatitok_config(name, **overrides):
 class CheckpointError(Exception):
     """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
 
-def load_state_dict_file(path):
-    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file."""
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
+                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
+                      'U8': torch.uint8, 'BOOL': torch.bool}
+
+def read_safetensors(path, dtype):
+    """A .safetensors file's tensors read one at a time, the floating-point ones cast to `dtype`.
+    Mapped instead, every float32 page read for the cast would stay in memory beside the copies."""
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')  # the format: header length, JSON header, bytes
+        header = json.loads(f.read(n))
+        header.pop('__metadata__', None)
+        # one buffer for every read: a new one per tensor would leave the allocator's heap in pieces
+        buf = torch.empty(max(h['data_offsets'][1] - h['data_offsets'][0] for h in header.values()),
+                          dtype=torch.uint8)
+        sd = {}
+        for k, h in header.items():
+            start, end = h['data_offsets']
+            f.seek(8 + n + start)
+            if f.readinto(buf[:end - start].numpy()) != end - start:
+                raise ValueError(f"the file ends inside {k}")
+            x = buf[:end - start].view(SAFETENSORS_DTYPES[h['dtype']]).view(h['shape'])
+            sd[k] = x.to(dtype, copy=True) if x.is_floating_point() else x.clone()
+    return sd
+
+def load_state_dict_file(path, dtype=torch.float32):
+    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file, memory-mapped: a
+    tensor's bytes stay in the file until read, and a model that takes the tensors themselves
+    (load_official) holds its weights once. For weights in another dtype than the releases'
+    float32, a .safetensors file is read and cast instead (read_safetensors)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file  # arrives with open_clip_torch
-            return load_file(path)
-        return torch.load(path, map_location='cpu', weights_only=True)
+        if path.endswith('.safetensors') and dtype != torch.float32:
+            sd = read_safetensors(path, dtype)
+        elif path.endswith('.safetensors'):
+            from safetensors.torch import load_file  # arrives with open_clip_torch; maps the file
+            sd = load_file(path)
+        else:  # torch.save's zip format (torch >= 1.6) can be mapped; an older file is read whole
+            mapped = zipfile.is_zipfile(path)
+            sd = torch.load(path, map_location='cpu', weights_only=True, mmap=mapped)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    return sd
 
 def reachable(host, timeout=3.0):
     # a dead network makes download libraries retry for ~25 s; a 3 s socket probe lets us fail fast and clearly
@@ -607,9 +658,11 @@ def hf_download(repo_id, filenames):
         f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
 
 def load_official(model, sd, source, ignore=(), optional=(), rename=()):
-    """Copy state dict `sd` (official key layout) into `model`, checking every key and shape; strict, never silent.
-    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (tied weights);
-    rename: (official_prefix, our_prefix) rules."""
+    """Put state dict `sd` (official key layout) into `model`, checking every key and shape; strict,
+    never silent. The tensors of `sd` become the model's parameters (cast to its dtype where they
+    differ): a model built on the meta device from a memory-mapped file holds each weight once.
+    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (a
+    tied weight, which the model ties again once loaded); rename: (official, our) prefix rules."""
     sd = {k: v for k, v in sd.items() if k not in ignore}
     for old, new in rename:
         sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
@@ -622,13 +675,14 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
     if wrong:
         raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
-    for k in optional:  # a tied weight missing from the file stays tied to its twin
+    sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where the dtypes agree
+    for k in optional:  # a tied weight missing from the file: a placeholder, tied again once loaded
         if k not in sd and k in ours:
             sd[k] = ours[k]
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves, no copy
     return model
 
-def load_tatitok(name_or_path, **overrides):
+def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
     """TATiTok.from_pretrained: the weights and config of a preset, repo id, file, run folder or checkpoint dict."""
     if isinstance(name_or_path, dict):
         sd, path = name_or_path, 'the embedded tokenizer'
@@ -644,7 +698,7 @@ def load_tatitok(name_or_path, **overrides):
         elif not os.path.exists(path):
             raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
                                   f"releases {official}")
-        sd = load_state_dict_file(path)
+        sd = load_state_dict_file(path, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_latent_tokens' not in sd['model_args']:
             raise CheckpointError(f"{path}: a generator's checkpoint, not a tokenizer's")
@@ -652,7 +706,8 @@ def load_tatitok(name_or_path, **overrides):
         sd = checkpoint_weights(sd)
     else:  # a bare state dict in the official layout carries no config: read it off the shapes
         config = TATiTokConfig(**{**config_from_state_dict(sd, path), **overrides})
-    model = TATiTok(config)
+    with torch.device('meta'):  # no weights drawn only to be replaced by the file's
+        model = TATiTok(config).to(dtype)
     print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
     return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()

@@ -420,6 +420,12 @@ def test_load_errors(tmp_path):
         TATiTok.from_pretrained(path, **{**cfg, 'text_embed_dim': 32})
     with pytest.raises(CheckpointError, match='unknown tokenizer'):
         TATiTok.from_pretrained('no-such-model')
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pt')
+    with pytest.raises(CheckpointError, match='holds a Tensor, not a state dict'):
+        TATiTok.from_pretrained(str(tmp_path / 'tensor.pt'))
+    # torch < 1.6's format cannot be memory-mapped: read whole, it still loads
+    torch.save(model.state_dict(), tmp_path / 'old.bin', _use_new_zipfile_serialization=False)
+    TATiTok.from_pretrained(str(tmp_path / 'old.bin'), **cfg)
 
 def test_offline_download_message(monkeypatch, tmp_path):
     """Offline, an official release that is not cached fails at once with one clear message."""
@@ -430,6 +436,161 @@ def test_offline_download_message(monkeypatch, tmp_path):
         TATiTok.from_pretrained('vq32')
     with pytest.raises(CheckpointError, match=r'local file'):
         TATiTok.from_pretrained('turkeyju/tokenizer_tatitok_sl128_vae')
+
+# -----------------------------------------------------------------------------
+# loading holds each weight once: modules built on the meta device take a mapped file's tensors
+
+def _register_clip(tmp_path, name, text_width, vision_width):
+    """An open_clip model config of these widths (QuickGELU, as the releases' CLIP), as `name`."""
+    import open_clip
+    text_cfg = dict(context_length=77, vocab_size=49408, width=text_width, heads=8, layers=4)
+    vision_cfg = dict(image_size=64, layers=6, width=vision_width, patch_size=16)
+    cfg = dict(embed_dim=text_width, quick_gelu=True, vision_cfg=vision_cfg, text_cfg=text_cfg)
+    (tmp_path / f'{name}.json').write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / f'{name}.json'))
+    return name
+
+def test_clip_text_tower_alone_matches_open_clip(tmp_path):
+    """The text tower built alone from a whole CLIP file (no vision tower built or read) gives
+    bit-identical views to open_clip's whole model with its vision tower deleted (the text encoder
+    as it was built before); and a random tower (TextEncoder.tiny) has the very weights CLIP(...)
+    drew, so that a checkpoint's seed rebuilds it."""
+    import open_clip
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+    name = _register_clip(tmp_path, 'tower-test-clip', text_width=64, vision_width=64)
+    torch.manual_seed(0)
+    whole = open_clip.create_model(name)
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # no layer norm left at 1 and 0
+    path = str(tmp_path / 'clip.safetensors')
+    save_file(whole.state_dict(), path)
+    before = open_clip.create_model(name, pretrained=path)
+    del before.visual
+    captions = ['a red fox', 'two dogs on a green sofa', '']
+    ref = TextEncoder(before, open_clip.get_tokenizer(name), {})(captions)
+    te = TextEncoder.from_open_clip(name, path)
+    assert not any('visual' in n for n, _ in te.named_parameters())
+    views = te(captions)
+    for k, v in ref.items():
+        assert torch.equal(views[k], v), k
+    torch.manual_seed(0)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=4)  # tiny()'s
+    vision_cfg = dict(layers=1, width=64, patch_size=8, image_size=16)
+    drawn = CLIP(64, vision_cfg=vision_cfg, text_cfg=text_cfg).state_dict()
+    for k, v in TextEncoder.tiny().clip.state_dict().items():
+        assert torch.equal(v, drawn[k]), k
+
+def test_maskgen_tied_head_after_loading(tmp_path):
+    """assign=True would give lm_head a Parameter of its own: after any load it is the embedding
+    table again, from a .bin holding both keys, a .safetensors holding one, or a state dict."""
+    from safetensors.torch import save_file
+    model = _tiny('tiny-vq')
+    sd = model.state_dict()
+    torch.save(sd, tmp_path / 'both.bin')
+    save_file({k: v for k, v in sd.items() if k != 'lm_head.weight'}, tmp_path / 'one.safetensors')
+    for path in ('both.bin', 'one.safetensors'):
+        gen = MaskGen.from_pretrained(str(tmp_path / path), heads=4)  # tiny-vq's
+        assert gen.lm_head.weight is gen.embeddings.weight, path
+        assert gen.get_num_params() == model.get_num_params(), path
+    other = load_official(MaskGen.from_config(maskgen_config('tiny-vq')), sd, 'a state dict')
+    assert other.lm_head.weight is other.embeddings.weight
+
+def test_load_bfloat16_weights_are_the_files_cast(tmp_path):
+    """dtype=torch.bfloat16 reads a .safetensors file a tensor at a time: each is the file's, cast
+    (integers as they are), and MaskGen-VQ's head stays tied."""
+    from safetensors.torch import save_file
+    from tatitok import read_safetensors
+    sd = dict(w=torch.randn(3, 5), s=torch.tensor(2.5), i=torch.arange(4),
+              b=torch.randn(7).bfloat16())
+    save_file(sd, tmp_path / 'x.safetensors')
+    got = read_safetensors(str(tmp_path / 'x.safetensors'), torch.bfloat16)
+    for k, v in sd.items():
+        want = v
+        if v.is_floating_point():
+            want = v.bfloat16()
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+    model = _tiny('tiny-vq')
+    sd = model.state_dict()
+    save_file({k: v for k, v in sd.items() if k != 'lm_head.weight'}, tmp_path / 'g.safetensors')
+    gen = MaskGen.from_pretrained(str(tmp_path / 'g.safetensors'), torch.bfloat16, heads=4)
+    assert gen.lm_head.weight is gen.embeddings.weight
+    for k, v in gen.state_dict().items():
+        assert torch.equal(v, sd[k].bfloat16()), k
+
+LOAD_AND_MEASURE = r"""
+import json, sys
+import torch
+from tatitok import TATiTok, TextEncoder
+from maskgen import MaskGen
+
+def mib(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+kind, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if kind == 'clip':
+    import open_clip  # imported before the baseline, as torch is
+    open_clip.add_model_config(sys.argv[4])
+with torch.device('meta'):  # the meta device's Python kernels, imported once: ~150 MiB of code
+    torch.nn.Embedding(1, 1)
+before = mib('VmRSS')
+if kind == 'clip':
+    model = TextEncoder.from_open_clip('lean-test-clip', path, dtype)
+elif kind == 'tokenizer':
+    model = TATiTok.from_pretrained(path, dtype)
+else:
+    model = MaskGen.from_pretrained(path, dtype)
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()  # every page of the weights read
+weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+print(json.dumps(dict(weights=weights, growth=mib('VmHWM') - before)))
+"""
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'), reason="reads memory from /proc")
+@pytest.mark.parametrize('kind,file,dtype', [('generator', 'model.safetensors', 'float32'),
+                                             ('tokenizer', 'pytorch_model.bin', 'float32'),
+                                             ('generator', 'ckpt.pt', 'float32'),
+                                             ('clip', 'open_clip_model.safetensors', 'float32'),
+                                             ('generator', 'model.safetensors', 'bfloat16')])
+def test_loading_holds_the_weights_once(tmp_path, kind, file, dtype):
+    """Each way weights load (a release's .safetensors or .bin, a checkpoint of ours, CLIP's text
+    tower from the whole model's file) builds the module without weights of its own and takes the
+    file's memory-mapped tensors; in bfloat16, a .safetensors file is read and cast a tensor at a
+    time. Measured in a fresh process: its peak resident memory over what it held before loading,
+    every weight read, stays under 1.5 W for W bytes of weights kept (~140 MiB, ~70 in bfloat16).
+    One copy costs W and a few MiB of Python objects; a second (an init overwritten, a state dict
+    beside the module, the checkpoint's other weights, CLIP's vision tower, the float32 file beside
+    its bfloat16 cast) costs W or more: 2 W in all. The bound sits halfway."""
+    from safetensors.torch import save_file
+    path, extra = str(tmp_path / file), []
+    if kind == 'clip':  # the vision tower in the file (a third of it) must not be built or read
+        import open_clip
+        name = _register_clip(tmp_path, 'lean-test-clip', text_width=512, vision_width=512)
+        save_file(open_clip.create_model(name).state_dict(), path)
+        extra = [str(tmp_path / f'{name}.json')]
+    elif kind == 'tokenizer':
+        wide = dict(enc_width=512, enc_layers=6, enc_heads=8, dec_width=512, dec_layers=6,
+                    dec_heads=8)
+        torch.save(TATiTok(tatitok_config('tiny-vq', **wide)).state_dict(), path)
+    else:
+        gen = MaskGen.from_config(maskgen_config('tiny-vq', width=512, depth=4, heads=16))
+        sd = gen.state_dict()
+        if file.endswith('.safetensors'):  # as released: the tied head's twin dropped
+            save_file({k: v for k, v in sd.items() if k != 'lm_head.weight'}, path)
+        else:  # ours: the model and its EMA, of which only the EMA is read
+            ema = {k: v.clone() for k, v in sd.items()}
+            torch.save(dict(model_args=asdict(gen.config), model=sd, ema=ema), path)
+    argv = [sys.executable, '-c', LOAD_AND_MEASURE, kind, path, dtype, *extra]
+    out = subprocess.run(argv, cwd=HERE, env=ONE_THREAD_ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads(out.stdout.splitlines()[-1])
+    assert m['weights'] > 60, m  # big enough that a second copy stands out of the noise
+    grew = f"{file}: grew {m['growth']:.0f} MiB for {m['weights']:.0f} MiB of weights"
+    assert m['growth'] < 1.5 * m['weights'], grew
 
 # -----------------------------------------------------------------------------
 # unit tests of the tokenizer
@@ -2176,6 +2337,7 @@ def test_sample_bad_inputs(sample_ckpts, tmp_path, capsys):
              (['--model', str(tmp_path / 'junk.pt'), 'a fox'], 'not a readable checkpoint'),
              ([*ck, '--device', 'gpu0'], '--device'), ([*ck, '--device', 'cuda:7'], '--device'),
              ([*ck, '--device', 'mps'], '--device'), ([*ck, '--dtype', 'float16', '--device', 'cpu'], '--dtype'),
+             ([*ck, '--weights_dtype', 'bfloat16', '--dtype', 'float32'], '--weights_dtype'),
              ([*ck, '--out_dir', str(tmp_path / 'afile')], 'is a file'),
              ([*ck, '--out_dir', str(tmp_path / 'full')], 'not empty'),
              ([*ck, '--out_dir', str(tmp_path / 'o2'), '--grid', str(tmp_path / 'o2' / 'g.png')], '--grid')]
@@ -2189,6 +2351,19 @@ def test_sample_bad_inputs(sample_ckpts, tmp_path, capsys):
     code, _, err = _sample_main(['--model', 'vq-xxl', 'a fox', '--out_dir', str(tmp_path / 'o3')], capsys)
     assert code == 2 and all(name in err for name in ('vq-l', 'vq-xl', 'kl-l', 'kl-xl'))  # lists the valid names
     assert len(err.strip().splitlines()) == 1  # and nothing about downloads
+
+@pytest.mark.parametrize('kind', ['vq', 'kl'])
+def test_sample_weights_dtype_bfloat16(sample_ckpts, tmp_path, capsys, kind):
+    """--weights_dtype bfloat16: the three models' weights in bfloat16 (cast from the checkpoint's
+    float32 and the random text tower's), drawn under bfloat16 autocast into images."""
+    import sample
+    argv = ['--model', sample_ckpts[kind], 'a red circle', '--per_prompt', '2', '--weights_dtype',
+            'bfloat16', '--out_dir', str(tmp_path / 'o')]
+    models = sample.load_models(sample.p.parse_args(argv), torch.device('cpu'))[:3]
+    assert {p.dtype for m in models for p in m.parameters()} == {torch.bfloat16}
+    code, out, err = _sample_main(argv, capsys)
+    assert code == 0, err
+    assert 'torch.bfloat16' in out and len(_sample_pngs(tmp_path / 'o')) == 2
 
 @pytest.mark.parametrize('kind', ['vq', 'kl'])
 def test_sample_from_an_image(sample_ckpts, tmp_path, capsys, monkeypatch, kind):

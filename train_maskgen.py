@@ -388,10 +388,11 @@ def main(args, state):
 
     # the generator (the same init on every rank), its EMA, the optimizer; rank 0 loads a checkpoint
     torch.manual_seed(args.seed)
-    raw_model = MaskGen.from_config(cfg).to(device)
+    raw_model = MaskGen.from_config(cfg)
     raw_model.checkpointing = choice['checkpointing']
     if args.init_from and not resumed and master:  # stage 2 from stage 1 (the release loads strict=False)
         load_official(raw_model, MaskGen.from_pretrained(args.init_from).state_dict(), args.init_from)
+    raw_model = raw_model.to(device)  # after loading: it puts the file's CPU tensors in the model
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
     if choice['zero']:
