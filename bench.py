@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import resource
-import sys
 import time
 import warnings
 from contextlib import nullcontext, contextmanager, ExitStack
@@ -30,13 +29,15 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tatitok import TATiTok, TextEncoder, tatitok_config, pick_device, pick_dtype, autocast, peak_flops, number
+from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, pick_device, pick_dtype, autocast,
+                     peak_flops, number)
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
-from runtime import optimizer_step, update_ema, GiB
+from runtime import optimizer_step, update_ema, run_main, GiB
 
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)  # ViT-L-14-336's tower
 CLIP_L14_PARAMS = 123.7e6  # its parameters
 TOKENS = ['vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128', 'vq', 'kl']
+USER_ERRORS = (CheckpointError, torch.cuda.OutOfMemoryError)  # one line, exit 2 (runtime.run_main)
 
 def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
     """FLOPs per image of text-to-image sampling, from the models' own estimates: CLIP on the prompt (and on "" once
@@ -385,8 +386,7 @@ def get_args(argv=None):
         p.error(str(e))
     return args
 
-def main(argv=None):
-    args = get_args(argv)
+def main(args, state):
     if args.what == 'plan':
         return plan_table(args.processes)
     device = args.device
@@ -418,8 +418,8 @@ def main(argv=None):
             breakdown = info.pop('breakdown')()
         syncs, busy = count_syncs(step, device)
     except torch.cuda.OutOfMemoryError:
-        print(f"error: out of GPU memory at --batch_size {args.batch_size}; try a smaller batch", file=sys.stderr)
-        sys.exit(2)
+        raise torch.cuda.OutOfMemoryError(f"out of GPU memory at --batch_size {args.batch_size}; "
+                                          "try a smaller batch") from None
 
     dt = sorted(times)[len(times) // 2]  # median seconds per step
     name = f"cpu ({torch.get_num_threads()} threads)"
@@ -462,4 +462,4 @@ def main(argv=None):
     return result
 
 if __name__ == '__main__':
-    main()
+    run_main(main, get_args(), USER_ERRORS)
