@@ -3093,15 +3093,16 @@ def test_flop_estimates_match_flop_counter(gname, tname):
         assert f_enc + f_dec + B * f_vq == B * tok.estimate_flops()
         assert _flops(lambda: te(['a cat', 'a dog'])) == B * te.estimate_flops()
 
-def test_peak_flops_table():
-    """MFU's denominator: bf16 dense peaks for the GPUs we name (H100 PCIe is not an SXM H100), inf elsewhere."""
-    from tatitok import PEAK_FLOPS
-    lookup = lambda name: next((v for k, v in PEAK_FLOPS if k in name), float('inf'))
-    assert lookup('NVIDIA A100-SXM4-80GB') == 312e12 and lookup('NVIDIA H100 80GB HBM3') == 989e12
-    assert lookup('NVIDIA H100 PCIe') == 756e12 and lookup('NVIDIA H200') == 989e12
-    assert lookup('Tesla T4') == float('inf')
-    from tatitok import peak_flops
-    assert peak_flops(torch.device('cpu')) == float('inf')
+@pytest.mark.parametrize('name,peak', [('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                                       ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H200', 989e12),
+                                       ('NVIDIA A100-SXM4-80GB', 312e12), ('Tesla T4', float('inf'))])
+def test_peak_flops_by_gpu_name(monkeypatch, name, peak):
+    """MFU's denominator from the name torch gives the GPU (tatitok.peak_flops, as bench.py calls it): an H100 PCIe
+    or NVL is not an SXM H100, so its row must match before the plain 'H100' one; an unknown GPU or a CPU has no
+    peak (inf: MFU 0, not a guess)."""
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    assert bench.peak_flops(torch.device('cuda')) == peak
+    assert bench.peak_flops(torch.device('cpu')) == float('inf')
 
 def test_bench_user_errors_end_in_one_line(capsys, monkeypatch, signals):
     """bench.py's run (runtime.run_main with bench.USER_ERRORS): running out of GPU memory, or a plan that cannot split
