@@ -22,7 +22,6 @@ import json
 import resource
 import time
 import warnings
-from contextlib import nullcontext, contextmanager, ExitStack
 
 import torch
 from torch import Tensor
@@ -56,55 +55,45 @@ def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
     return flops + tok.estimate_flops(encode=False)
 
 # -----------------------------------------------------------------------------
-# timing: CUDA events on GPU (no host-device sync inside what they time), the clock on CPU
+# timing: the clock on a CPU, CUDA events on a GPU (no host-device sync inside what they time)
 
-class Timer:
-    """Sums the time of named spans; `with timer('clip'):` or timer.wrap('mmdit', fn). Read with ms() after a sync."""
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
-    def __init__(self, device):
-        self.cuda, self.spans = device.type == 'cuda', {}
+def time_parts(step, parts, device):
+    """One more step, each method of parts [(object, method name, part)] timed -> ms per part, its
+    calls summed. A GPU's marks are CUDA events: the timing adds no wait for the device."""
+    cuda = device.type == 'cuda'
+    marks = []
 
-    def now(self):
-        if not self.cuda:
+    def now():
+        if not cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
-    @contextmanager
-    def __call__(self, name):
-        start = self.now()
-        yield
-        self.spans.setdefault(name, []).append((start, self.now()))
+    def timed(fn, name):
+        def call(*args, **kwargs):
+            start = now()
+            out = fn(*args, **kwargs)
+            marks.append((name, start, now()))
+            return out
+        return call
 
-    def wrap(self, name, fn):
-        def timed(*args, **kwargs):
-            with self(name):
-                return fn(*args, **kwargs)
-        return timed
-
-    def ms(self):
-        elapsed = (lambda a, b: a.elapsed_time(b)) if self.cuda else (lambda a, b: 1000 * (b - a))
-        out = {name: sum(elapsed(a, b) for a, b in spans) for name, spans in self.spans.items()}
-        self.spans = {}
-        return out
-
-@contextmanager
-def patched(obj, attr, value):
-    # an instance attribute shadowing a method for the duration (timing wrappers, compiled functions)
-    old = obj.__dict__.get(attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        if old is None:
-            delattr(obj, attr)
-        else:
-            setattr(obj, attr, old)
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    methods = [getattr(obj, method) for obj, method, _ in parts]
+    for (obj, method, name), fn in zip(parts, methods):
+        setattr(obj, method, timed(fn, name))  # an instance attribute hides the class's method
+    step()
+    for (obj, method, _), fn in zip(parts, methods):
+        setattr(obj, method, fn)  # the bound method, or the compiled function, back
+    sync(device)
+    ms = {}
+    for name, start, end in marks:
+        elapsed = start.elapsed_time(end) if cuda else 1000 * (end - start)
+        ms[name] = ms.get(name, 0.0) + elapsed
+    return ms
 
 # -----------------------------------------------------------------------------
 # host syncs: what makes the host wait for the device
@@ -241,41 +230,30 @@ def bench_sample(args, device, ctx):
     guidance = args.guidance_scale
     if guidance is None:
         guidance = 12.0 if vq else 3.0
-    if args.compile == 'on':  # the per-step work: generator pass, denoiser MLP, decoder (CUDA graphs: reduce-overhead)
-        parts = [(gen, 'backbone'), (tok.decoder, 'forward')]
-        if not vq:
-            parts.append((gen.diffloss.net, 'forward'))
-        for obj, attr in parts:
-            setattr(obj, attr, torch.compile(getattr(obj, attr), mode=args.compile_mode))
+    work = [(gen, 'backbone', 'mmdit'), (tok.decoder, 'forward', 'decode')]  # every step's work
+    if not vq:
+        work.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
+    if args.compile == 'on':  # (CUDA graphs: reduce-overhead)
+        for obj, method, _ in work:
+            setattr(obj, method, torch.compile(getattr(obj, method), mode=args.compile_mode))
     captions = [f"a photo of a red fox number {i}, studio light" for i in range(args.batch_size)]
     kwargs = dict(aes=6.5, num_steps=steps, guidance_scale=guidance, seed=args.seed, temperature=2.0)
     if not vq:
         kwargs.update(temperature=1.0, diffusion_steps=args.diffusion_steps)
 
     @torch.no_grad()
-    def step(timer=None):
-        timer = timer or (lambda name: nullcontext())
+    def step():
         with ctx:
-            with timer('clip'):  # once per prompt and once for "": the decoder's guidance comes from the same pass
-                text, null = te(captions), te([''])
-            with timer('generator'):
-                tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'], **kwargs)
-            with timer('decode'):
-                images = (tok.decode_tokens(tokens, text['guidance']).clamp(0, 1) * 255).to(torch.uint8)
-        return images
+            text, null = te(captions), te([''])  # the decoder's guidance comes from the same pass
+            tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'], **kwargs)
+            images = tok.decode_tokens(tokens, text['guidance'])
+            return (images.clamp(0, 1) * 255).to(torch.uint8)
 
     def breakdown():
-        """One instrumented run: ms per part."""
-        timer, parts = Timer(device), [(gen, 'backbone', 'mmdit')]
-        if not vq:
-            parts.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
-        with ExitStack() as stack:
-            for obj, attr, name in parts:
-                stack.enter_context(patched(obj, attr, timer.wrap(name, getattr(obj, attr))))
-            step(timer)
-        sync(device)
-        ms = timer.ms()
-        ms['sampling_other'] = ms['generator'] - sum(ms.get(k, 0.0) for k in ('mmdit', 'diffusion_mlp'))
+        """One more step, timed in parts: ms per part."""
+        parts = [(te, 'forward', 'clip'), (gen, 'generate', 'generator')] + work
+        ms = time_parts(step, parts, device)
+        ms['sampling_other'] = ms['generator'] - ms['mmdit'] - ms.get('diffusion_mlp', 0.0)
         return {k: round(v, 2) for k, v in ms.items()}
 
     flops = sample_flops(gen, tok, te, args.batch_size, steps, args.diffusion_steps, guidance != 1.0)
