@@ -139,129 +139,103 @@ class SyncCounter(TorchDispatchMode):
 
 
 # -----------------------------------------------------------------------------
-# the three benchmarks: each returns (step function, FLOPs per image, extras for the report)
+# the benchmarks: each -> (step, FLOPs per image, facts for the report, a breakdown or None)
 
-def presets(args):
-    """-> (generator preset, tokenizer preset); the paper's pairs for the official sizes (VQ: vq128, KL: kl32)."""
-    q = args.tokens[:2]
-    if args.size in ('tiny', 'shapes'):
-        return f"{args.size}-{q}", f"{args.size}-{q}"
-    if args.tokens in ('vq', 'kl'):
-        return f"{q}-{args.size}", {'vq': 'vq128', 'kl': 'kl32'}[q]
-    return f"{q}-{args.size}", args.tokens
+def train_step(model, opt, loss, args):
+    """The trainers' step: loss(model) (compiled with --compile on), backward, clipping, the AdamW
+    step skipped on the device when not finite, the EMA."""
+    model.train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    run = model
+    if args.compile == 'on':
+        run = torch.compile(model, mode=args.compile_mode)
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.dtype == torch.float16)
 
-def build_models(args):
-    """Random models of the presets: generator, tokenizer, text encoder (the small tokenizer's own text length for
-    the small presets; ViT-L-14-336's text sizes otherwise)."""
-    gname, tname = presets(args)
-    tcfg = tatitok_config(tname)
-    gen = MaskGen.from_config(maskgen_config(gname, num_tokens=tcfg.num_latent_tokens))
-    if args.size in ('tiny', 'shapes'):
+    def step():
+        with autocast(args.device, args.dtype):
+            value = loss(run)
+        scaler.scale(value).backward()
+        _, finite = optimizer_step(opt, scaler, model.parameters(), 1.0)
+        update_ema(ema, model, 1000, 0.999, finite)
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train_tokenizer(args):
+    tok = TATiTok(tatitok_config(args.tokenizer))
+    cfg = tok.config
+    img = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size)
+    guidance = torch.randn(args.batch_size, cfg.text_context_length, cfg.text_embed_dim)
+
+    def loss(model):
+        recon, aux = model(img, guidance)
+        reg = aux['quantizer_loss'] if cfg.quantize == 'vq' else 1e-6 * aux['kl_loss']
+        return F.mse_loss(recon.float(), img) + reg
+    opt = tok.configure_optimizers(1e-4, 1e-4, (0.9, 0.999), args.device.type)
+    step = train_step(tok, opt, loss, args)
+    return step, 3 * tok.estimate_flops(), dict(params=tok.get_num_params()), None
+
+
+def bench_train_maskgen(args):
+    tcfg = tatitok_config(args.tokenizer)  # the tokens' count, the text's length
+    gen = MaskGen.from_config(maskgen_config(args.generator, num_tokens=tcfg.num_latent_tokens))
+    cfg = gen.config
+    B, L, T = args.batch_size, tcfg.text_context_length, cfg.text_embed_dim
+    if cfg.quantize == 'vq':
+        x = torch.randint(0, cfg.codebook_size, (B, cfg.num_tokens))
+    else:
+        x = torch.randn(B, cfg.num_tokens, cfg.token_size)
+    text = torch.randn(B, L, T), torch.randn(B, T), 5 + torch.rand(B)  # tokens, pooled, aesthetics
+    null = torch.randn(1, L, T), torch.randn(1, T)
+    draws = gen.draw_batch(args.seed, range(B))  # caption dropout, masks, noise: as the trainer's
+    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), args.device.type)
+    step = train_step(gen, opt, lambda model: model(x, *text, *null, draws=draws)[0], args)
+    return step, gen.estimate_flops(L)['train'], dict(params=gen.get_num_params()), None
+
+
+def bench_sample(args):
+    tcfg = tatitok_config(args.tokenizer)
+    tok = TATiTok(tcfg).eval()
+    gen = MaskGen.from_config(maskgen_config(args.generator, num_tokens=tcfg.num_latent_tokens))
+    gen.eval()
+    if args.size in ('tiny', 'shapes'):  # the small tokenizer's own text tower
         te = TextEncoder.tiny(context_length=tcfg.text_context_length)
     else:
         te = TextEncoder.from_text_cfg(CLIP_L14_TEXT, 768)
-    return gen, TATiTok(tcfg), te
-
-def compiled(module, args):
-    if args.compile == 'on':
-        return torch.compile(module, mode=args.compile_mode)
-    return module
-
-def optimize(loss, model, opt, scaler, ema):
-    """The trainers' step after the loss: backward, clipping, the AdamW step skipped on the device when not
-    finite (runtime.optimizer_step), the EMA."""
-    scaler.scale(loss).backward()
-    _, finite = optimizer_step(opt, scaler, model.parameters(), 1.0)
-    update_ema(ema, model, 1000, 0.999, finite)
-    opt.zero_grad(set_to_none=True)
-
-def bench_train_tokenizer(args, device, ctx):
-    """The tokenizer alone with an L2 loss: no perceptual networks, no discriminator."""
-    _, tok, _ = build_models(args)
-    tok.train()
-    cfg = tok.config
-    opt = tok.configure_optimizers(1e-4, 1e-4, (0.9, 0.999), device.type)
-    model, ema = compiled(tok, args), copy.deepcopy(tok).requires_grad_(False)
-    g = torch.Generator(device).manual_seed(args.seed)
-    img = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, generator=g, device=device)
-    guidance = torch.randn(args.batch_size, cfg.text_context_length, cfg.text_embed_dim, generator=g, device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == torch.float16)
-
-    def step():
-        with ctx:
-            recon, aux = model(img, guidance)
-        reg = aux['quantizer_loss'] if cfg.quantize == 'vq' else 1e-6 * aux['kl_loss']
-        optimize(F.mse_loss(recon.float(), img) + reg, tok, opt, scaler, ema)
-    return step, 3 * tok.estimate_flops(), dict(tokenizer=presets(args)[1], params=tok.get_num_params())
-
-def bench_train_maskgen(args, device, ctx):
-    """The generator's training step on precomputed CLIP features, caption dropout on, as train_maskgen.py runs it."""
-    gen, tok, te = build_models(args)
-    gen.train()
-    cfg = gen.config
-    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), device.type)
-    model, ema = compiled(gen, args), copy.deepcopy(gen).requires_grad_(False)
-    g = torch.Generator(device).manual_seed(args.seed)
-    B, L, T = args.batch_size, te.context_length, cfg.text_embed_dim
-    randn = lambda *shape: torch.randn(*shape, generator=g, device=device)
-    if cfg.quantize == 'vq':
-        x = torch.randint(0, cfg.codebook_size, (B, cfg.num_tokens), generator=g, device=device)
-    else:
-        x = randn(B, cfg.num_tokens, cfg.token_size)
-    text_tokens, text_pooled, aes = randn(B, L, T), randn(B, T), 5 + torch.rand(B, generator=g, device=device)
-    null_tokens, null_pooled = randn(1, L, T), randn(1, T)
-    draws = {k: v.to(device) for k, v in gen.draw_batch(args.seed, range(B)).items()}
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == torch.float16)
-
-    def step():
-        with ctx:
-            loss, _ = model(x, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=draws)
-        optimize(loss, gen, opt, scaler, ema)
-    flops = gen.estimate_flops(L)['train']
-    return step, flops, dict(generator=presets(args)[0], tokenizer=presets(args)[1], params=gen.get_num_params())
-
-def bench_sample(args, device, ctx):
-    """The whole text-to-image path: CLIP, the generator's decoding steps, the tokenizer's decoder."""
-    gen, tok, te = build_models(args)
-    gen.eval()
-    tok.eval()
     vq = gen.config.quantize == 'vq'
     steps = args.sample_steps or (16 if vq else 32)
     guidance = args.guidance_scale
     if guidance is None:
         guidance = 12.0 if vq else 3.0
+    kwargs = dict(aes=6.5, num_steps=steps, guidance_scale=guidance, seed=args.seed, temperature=2.0)
     work = [(gen, 'backbone', 'mmdit'), (tok.decoder, 'forward', 'decode')]  # every step's work
     if not vq:
+        kwargs.update(temperature=1.0, diffusion_steps=args.diffusion_steps)
         work.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
-    if args.compile == 'on':  # (CUDA graphs: reduce-overhead)
+    if args.compile == 'on':
         for obj, method, _ in work:
             setattr(obj, method, torch.compile(getattr(obj, method), mode=args.compile_mode))
     captions = [f"a photo of a red fox number {i}, studio light" for i in range(args.batch_size)]
-    kwargs = dict(aes=6.5, num_steps=steps, guidance_scale=guidance, seed=args.seed, temperature=2.0)
-    if not vq:
-        kwargs.update(temperature=1.0, diffusion_steps=args.diffusion_steps)
 
     @torch.no_grad()
     def step():
-        with ctx:
+        with autocast(args.device, args.dtype):
             text, null = te(captions), te([''])  # the decoder's guidance comes from the same pass
-            tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'], **kwargs)
+            tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'],
+                                  **kwargs)
             images = tok.decode_tokens(tokens, text['guidance'])
             return (images.clamp(0, 1) * 255).to(torch.uint8)
 
     def breakdown():
-        """One more step, timed in parts: ms per part."""
         parts = [(te, 'forward', 'clip'), (gen, 'generate', 'generator')] + work
-        ms = time_parts(step, parts, device)
+        ms = time_parts(step, parts, args.device)
         ms['sampling_other'] = ms['generator'] - ms['mmdit'] - ms.get('diffusion_mlp', 0.0)
         return {k: round(v, 2) for k, v in ms.items()}
 
-    flops = sample_flops(gen, tok, te, args.batch_size, steps, args.diffusion_steps, guidance != 1.0)
-    info = dict(generator=presets(args)[0], tokenizer=presets(args)[1], steps=steps, guidance=guidance,
-                params=gen.get_num_params(), tokenizer_params=tok.get_num_params(), breakdown=breakdown)
-    if not vq:
-        info['diffusion_steps'] = args.diffusion_steps
-    return step, flops, info
+    flops = sample_flops(gen, tok, te, args.batch_size, steps, args.diffusion_steps, guidance != 1)
+    info = dict(steps=steps, guidance=guidance, params=gen.get_num_params(),
+                tokenizer_params=tok.get_num_params())
+    return step, flops, info, breakdown
 
 def count_syncs(step, device):
     """One more step, counted -> (its host syncs: torch.cuda.set_sync_debug_mode's warnings on CUDA, SyncCounter's
@@ -355,8 +329,13 @@ def make_parser():
 def get_args(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    if args.size in ('tiny', 'shapes') and args.tokens not in ('vq', 'kl'):
-        p.error(f"--size {args.size} takes --tokens vq or kl (its own small tokenizer), not {args.tokens}")
+    q = args.tokens[:2]
+    args.generator = f"{q}-{args.size}"  # the presets; vq / kl: the paper's pairs
+    args.tokenizer = dict(vq='vq128', kl='kl32').get(args.tokens, args.tokens)
+    if args.size in ('tiny', 'shapes'):  # a small generator with its own tokenizer
+        if args.tokens != q:
+            p.error(f"--size {args.size} takes --tokens vq or kl, not {args.tokens}")
+        args.generator = args.tokenizer = f"{args.size}-{q}"
     try:
         args.device = pick_device(args.device)
         args.dtype = pick_dtype(args.dtype, args.device)
@@ -370,17 +349,16 @@ def main(args, state):
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the weights and the inputs
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
-    ctx = autocast(device, args.dtype)
-    build = dict(zip(['train-tokenizer', 'train-maskgen', 'sample'],
-                     [bench_train_tokenizer, bench_train_maskgen, bench_sample]))[args.what]
+    bench = {'train-tokenizer': bench_train_tokenizer, 'train-maskgen': bench_train_maskgen,
+             'sample': bench_sample}[args.what]
     try:
-        with torch.device(device):  # built in place: a 600M model's init on the GPU, not on the CPU then copied
-            step, flops, info = build(args, device, ctx)
+        with torch.device(device):  # made on the device: a 600M model's init not copied there
+            step, flops, info, breakdown = bench(args)
         for _ in range(args.warmup):
             step()
         sync(device)
@@ -391,53 +369,40 @@ def main(args, state):
             host.append(time.perf_counter() - t0)  # the host's part: the GPU may still be working
             sync(device)
             times.append(time.perf_counter() - t0)
-        breakdown = None
-        if 'breakdown' in info:
-            breakdown = info.pop('breakdown')()
+        if breakdown is not None:
+            info['breakdown_ms'] = breakdown()
         syncs, busy = count_syncs(step, device)
     except torch.cuda.OutOfMemoryError:
         raise torch.cuda.OutOfMemoryError(f"out of GPU memory at --batch_size {args.batch_size}; "
                                           "try a smaller batch") from None
 
-    dt = sorted(times)[len(times) // 2]  # median seconds per step
+    dt = sorted(times)[len(times) // 2]  # the median step, in seconds
     name = f"cpu ({torch.get_num_threads()} threads)"
     mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 'process max RSS'
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
         mem, mem_kind = torch.cuda.max_memory_allocated(device) / 1e9, 'cuda max allocated'
-    peak = peak_flops(device)
-    images_per_s = args.batch_size / dt
-    result = dict(what=args.what, size=args.size, tokens=args.tokens, **info, batch_size=args.batch_size,
-                  dtype=str(args.dtype).removeprefix('torch.'), compile=args.compile, compile_mode=args.compile_mode,
-                  device=name, images_per_s=round(images_per_s, 3), ms_per_step=round(1000 * dt, 2),
-                  ms_per_step_min=round(1000 * min(times), 2), iters=args.iters, peak_mem_gb=round(mem, 3),
-                  peak_mem_kind=mem_kind, flops_per_image=int(flops),
-                  achieved_tflops=round(flops * images_per_s / 1e12, 3),
-                  peak_flops=None if peak == float('inf') else peak, mfu=round(flops * images_per_s / peak, 4),
-                  torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
-    host_ms = sorted(host)[len(host) // 2] * 1000
-    result.update(host_ms_per_step=round(host_ms, 2), syncs_per_step=syncs, device_wait=None)
+    wait = None
     if busy is not None:  # CUDA: the share of the step the GPU has no kernel to run
-        result['device_wait'] = round(max(0.0, 1 - busy / (1000 * dt)), 3)
-    if breakdown is not None:
-        result['ms_per_decoding_step'] = round(1000 * dt / result['steps'], 2)
-        result['breakdown_ms'] = breakdown
-    mfu = 'n/a (no peak for this device)'
-    if result['peak_flops']:
-        mfu = f"{100 * result['mfu']:.1f}%"
-    wait = 'n/a (a CPU is its own host)'
-    if result['device_wait'] is not None:
-        wait = f"{100 * result['device_wait']:.1f}%"
-    rows = [('images/s', f"{images_per_s:.3f}"), ('ms/step (median)', f"{1000 * dt:.1f}"),
-            ('host ms/step', f"{host_ms:.1f}"), ('syncs/step', str(syncs)), ('device waits', wait),
-            ('peak memory', f"{mem:.2f} GB ({mem_kind})"), ('FLOPs/image', f"{flops / 1e9:.1f} G"), ('MFU', mfu)]
-    rows += [(f"  {k} ms", f"{v:.1f}") for k, v in (breakdown or {}).items()]
-    print(f"{args.what} | {info.get('generator', '')} {info.get('tokenizer', '')} | batch {args.batch_size} | "
+        wait = round(max(0.0, 1 - busy / (1000 * dt)), 3)
+    peak = peak_flops(device)
+    result = dict(vars(args), **info, device=name, dtype=str(args.dtype).removeprefix('torch.'),
+                  images_per_s=round(args.batch_size / dt, 3), ms_per_step=round(1000 * dt, 2),
+                  ms_per_step_min=round(1000 * min(times), 2),
+                  host_ms_per_step=round(1000 * sorted(host)[len(host) // 2], 2),
+                  syncs_per_step=syncs, device_wait=wait, peak_mem_gb=round(mem, 3),
+                  peak_mem_kind=mem_kind, flops_per_image=int(flops),
+                  peak_flops=None if peak == float('inf') else peak,
+                  mfu=round(flops * args.batch_size / dt / peak, 4),  # 0 without a known peak: no made-up MFU
+                  torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    print(f"{args.what} | {args.generator} {args.tokenizer} | batch {args.batch_size} | "
           f"{result['dtype']} | compile {args.compile} | {name}")
-    for k, v in rows:
-        print(f"{k:<22}{v}")
+    for k in ('images_per_s', 'ms_per_step', 'host_ms_per_step', 'syncs_per_step', 'device_wait',
+              'peak_mem_gb', 'flops_per_image', 'mfu', 'breakdown_ms'):
+        print(f"{k:<18}{result.get(k, '')}")
     print(json.dumps(result))
     return result
+
 
 if __name__ == '__main__':
     run_main(main, get_args(), USER_ERRORS)
