@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, pick_device, pick_dtype, autocast,
                      peak_flops, number)
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
-from runtime import optimizer_step, update_ema, run_main, GiB
+from runtime import optimizer_step, update_ema, describe, run_main, GiB
 
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)  # ViT-L-14-336's tower
 CLIP_L14_PARAMS = 123.7e6  # its parameters
@@ -258,36 +258,34 @@ def count_syncs(step, device):
 # the memory plan of every official recipe
 
 def plan_table(processes):
-    """The trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB GPUs: a
-    markdown table, a row per recipe and GPU size, and the rows as JSON last."""
+    """The trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB
+    GPUs: a markdown table, then its rows as JSON."""
     import train_tokenizer
     import train_maskgen
     rows = []
     for tokens in ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128'):
         args = train_tokenizer.get_args(['--tokens', tokens, '--data', 'shards'])
-        for memory in (40, 80):
-            choice = train_tokenizer.plan_run(args, tatitok_config(tokens), CLIP_L14_PARAMS, processes,
-                                              memory * GiB)
-            rows.append((f"train_tokenizer.py --tokens {tokens}", memory, choice, args.batch_size))
+        for gib in (40, 80):
+            c = train_tokenizer.plan_run(args, tatitok_config(tokens), CLIP_L14_PARAMS, processes,
+                                         gib * GiB)
+            rows.append(dict(c, recipe=f"train_tokenizer.py --tokens {tokens}", gib=gib))
     for size, tokens in (('l', 'vq128'), ('xl', 'vq128'), ('l', 'kl32'), ('xl', 'kl32')):
         args = train_maskgen.get_args(['--size', size, '--tokens', tokens])
         cfg = train_maskgen.generator_config(size, tatitok_config(tokens), 768)
         frozen = 4 * CLIP_L14_PARAMS  # CLIP's text tower; the tokenizer stays on the CPU (token shards)
-        for memory in (40, 80):
-            choice = train_maskgen.plan_run(args, cfg, 77, frozen, processes, memory * GiB)
-            rows.append((f"train_maskgen.py --size {size} --tokens {tokens}", memory, choice, args.batch_size))
-    print(f"| recipe, {processes} processes | GPU | batch: micro x processes x accumulation | checkpointing, "
-          f"zero | planned GiB: weights+grads+AdamW+EMA, frozen, 16-bit weights, activations | total |")
-    print("|---|---|---|---|---|---|")
-    for recipe, memory, c, batch in rows:
-        p = {k: v / GiB for k, v in c['plan'].items()}
-        state = p['weights'] + p['grads'] + p['optimizer'] + p['ema']
-        print(f"| `{recipe}` | {memory} GiB | {batch}: {c['micro_batch']} x {processes} x {c['grad_accum']} | "
-              f"{('off', 'on')[c['checkpointing']]}, {('off', 'on')[c['zero']]} | {state:.1f}, {p['frozen']:.1f}, "
-              f"{p['casts']:.1f}, {p['activations']:.1f} | {sum(p.values()):.1f} |")
-    print(json.dumps([dict(recipe=r, gib=m, micro_batch=c['micro_batch'], grad_accum=c['grad_accum'],
-                           checkpointing=c['checkpointing'], zero=c['zero'],
-                           total_gib=round(sum(c['plan'].values()) / GiB, 2)) for r, m, c, _ in rows]))
+        for gib in (40, 80):
+            c = train_maskgen.plan_run(args, cfg, 77, frozen, processes, gib * GiB)
+            rows.append(dict(c, recipe=f"train_maskgen.py --size {size} --tokens {tokens}", gib=gib))
+    print(f"| recipe, {processes} processes | GPU | micro batch x processes x accumulation | levers "
+          "| planned GiB per GPU | total |\n|---|---|---|---|---|---|")
+    for r in rows:
+        plan = r.pop('plan')
+        r['total_gib'] = round(sum(plan.values()) / GiB, 2)
+        parts = ', '.join(f"{k} {v / GiB:.1f}" for k, v in plan.items())
+        print(f"| `{r['recipe']}` | {r['gib']} GiB | {r['micro_batch']} x {processes} x "
+              f"{r['grad_accum']} | {describe((r['checkpointing'], r['zero']))} | {parts} | "
+              f"{r['total_gib']} |")
+    print(json.dumps(rows))
 
 # -----------------------------------------------------------------------------
 
