@@ -1,20 +1,19 @@
 """
-Benchmark training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT bench.py way: random weights built
-from a preset (nothing downloaded), synthetic inputs, a few warm-up steps, then timed steps with the device
-synchronised, a small table, and one JSON line last (images/s, ms per step, peak memory, FLOPs per image, MFU).
+Training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT bench.py way: random weights
+(nothing downloaded), synthetic inputs, warm-up steps, then timed steps; a table, a JSON line last.
 
-$ python bench.py --what sample --size l --tokens vq128 --batch_size 64      # MaskGen-L VQ, 16 steps (paper: A100)
-$ python bench.py --what sample --size l --tokens kl32 --batch_size 64       # MaskGen-L KL, 32 steps
+$ python bench.py --what sample --size l --tokens vq128 --batch_size 64  # MaskGen-L VQ, 16 steps
+$ python bench.py --what sample --size l --tokens kl32 --batch_size 64   # MaskGen-L KL, 32 steps
 $ python bench.py --what train-maskgen --size l --tokens vq128 --batch_size 64 --compile on
 $ python bench.py --what train-tokenizer --tokens vq128 --batch_size 32
-$ python bench.py --what sample --size tiny --tokens vq --batch_size 2 --sample_steps 2  # seconds on a CPU
+$ python bench.py --what sample --size tiny --tokens vq --batch_size 2 --sample_steps 2  # a CPU
+$ python bench.py --what plan  # the memory plan of every official recipe
 
-Sampling is the whole text-to-image path: CLIP on the prompts (once, and once on ""), the generator's decoding
-steps, the tokenizer's decoder; one extra, instrumented run splits its time into those parts, the MM-DiT passes
-and the KL diffusion MLP apart. FLOPs are counted from the architecture (multiply-adds of every matmul, 2 FLOPs
-each, backward = 2x forward); MFU is against the bf16 dense peak of the GPU (unknown GPU or CPU: 0).
-The tokenizer's training step is the tokenizer alone with an L2 loss (no perceptual nets, no discriminator), and
-the generator's uses precomputed CLIP features, so both count only what they run.
+MFU: the FLOPs of the architecture (2 per multiply-add, backward 2x forward) against the GPU's
+bf16 dense peak (0 on a CPU or an unknown GPU). The host's ms per step and syncs (each a wait for
+the device) show what keeps a GPU idle; on CUDA, also its share of the step without work. The
+training steps run the models alone: the tokenizer with an L2 loss, the generator on precomputed
+CLIP features. Sampling is CLIP, the generator's decoding steps and the decoder, once timed apart.
 """
 import argparse
 import copy
@@ -24,42 +23,43 @@ import time
 import warnings
 
 import torch
-from torch import Tensor
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, pick_device, pick_dtype, autocast,
-                     peak_flops, number)
+from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, pick_device,
+                     pick_dtype, autocast, peak_flops, number)
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
 from runtime import optimizer_step, update_ema, describe, run_main, GiB
 
-CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)  # ViT-L-14-336's tower
-CLIP_L14_PARAMS = 123.7e6  # its parameters
+CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
+CLIP_L14_PARAMS = 123.7e6  # ViT-L-14-336's text tower (the official CLIP): its parameters
 TOKENS = ['vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128', 'vq', 'kl']
 USER_ERRORS = (CheckpointError, torch.cuda.OutOfMemoryError)  # one line, exit 2 (runtime.run_main)
 
+
 def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
-    """FLOPs per image of text-to-image sampling, from the models' own estimates: CLIP on the prompt (and on "" once
-    per batch), the generator's conditioning once and its backbone at every step (both halves when guided), the
-    KL denoiser at every diffusion step of every token, then the tokenizer's decoder."""
-    N, vq = gen.config.num_tokens, gen.config.quantize == 'vq'
+    """FLOPs per image of sampling: CLIP on the prompt (and on "" once a batch), the generator's
+    conditioning once and its backbone at every step, the KL denoiser at every diffusion step of
+    every token (the generator's twice when guided), the tokenizer's decoder."""
+    N = gen.config.num_tokens
     f = gen.estimate_flops(te.context_length)
     reps = 2 if guided else 1
-    schedule = mask_schedule(N, steps, 'arccos' if vq else 'cosine')
-    passes = sum(a > b for a, b in zip([N] + schedule, schedule))  # KL skips a step that commits nothing
-    if vq:
-        passes = steps
-    flops = te.estimate_flops() * (batch + 1) / batch + reps * (f['conditioning'] + passes * f['backbone'])
-    if not vq:  # every token is denoised once, over all diffusion steps, both halves in one batch
-        flops += reps * N * len(GaussianDiffusion(1000, diffusion_steps).timestep_map) * f['denoiser']
-    return flops + tok.estimate_flops(encode=False)
+    flops = te.estimate_flops() * (batch + 1) / batch + tok.estimate_flops(encode=False)
+    passes = steps
+    if gen.config.quantize != 'vq':
+        schedule = mask_schedule(N, steps, 'cosine')
+        passes = sum(a > b for a, b in zip([N] + schedule, schedule))  # none if none is committed
+        timesteps = len(GaussianDiffusion(1000, diffusion_steps).timestep_map)
+        flops += reps * N * timesteps * f['denoiser']
+    return flops + reps * (f['conditioning'] + passes * f['backbone'])
 
 # -----------------------------------------------------------------------------
-# timing: the clock on a CPU, CUDA events on a GPU (no host-device sync inside what they time)
+# timing: a step's parts, and what makes the host wait for the device
 
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
 
 def time_parts(step, parts, device):
     """One more step, each method of parts [(object, method name, part)] timed -> ms per part, its
@@ -95,8 +95,6 @@ def time_parts(step, parts, device):
         ms[name] = ms.get(name, 0.0) + elapsed
     return ms
 
-# -----------------------------------------------------------------------------
-# host syncs: what makes the host wait for the device
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.equal,
@@ -105,9 +103,9 @@ SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bin
 
 class SyncCounter(TorchDispatchMode):
     """Counts the ops after which the host waits for the device: a value read (.item(), float(),
-    .tolist()), an output whose size depends on the data (nonzero, boolean indexing, bincount...) and
-    torch.cuda.synchronize. They cost nothing on a CPU: this counts, there, what a GPU would wait for
-    (bench.py and the tests; on CUDA, bench.py asks torch.cuda.set_sync_debug_mode too)."""
+    .tolist()), an output whose size depends on the data (nonzero, boolean indexing, bincount...)
+    and torch.cuda.synchronize. They cost nothing on a CPU: there, this counts what a GPU would
+    wait for."""
 
     def __init__(self):
         super().__init__()
@@ -122,13 +120,13 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
-        self._wrapped = Tensor.tolist, torch.cuda.synchronize  # not seen by the dispatcher
-        Tensor.tolist = self._counted('tolist', Tensor.tolist)
+        self._wrapped = torch.Tensor.tolist, torch.cuda.synchronize  # the dispatcher sees neither
+        torch.Tensor.tolist = self._counted('tolist', torch.Tensor.tolist)
         torch.cuda.synchronize = self._counted('synchronize', torch.cuda.synchronize)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        Tensor.tolist, torch.cuda.synchronize = self._wrapped
+        torch.Tensor.tolist, torch.cuda.synchronize = self._wrapped
         return super().__exit__(*exc)
 
     def _counted(self, name, fn):
@@ -137,6 +135,24 @@ class SyncCounter(TorchDispatchMode):
             return fn(*args, **kwargs)
         return counted
 
+
+def count_syncs(step, device):
+    """One more step -> (its host syncs, on CUDA the ms its kernels ran, else None). On CUDA each
+    sync is a warning of set_sync_debug_mode, and the profiler times the kernels."""
+    if device.type != 'cuda':
+        with SyncCounter() as counter:
+            step()
+        return len(counter.ops), None
+    from torch.profiler import profile, ProfilerActivity
+    with warnings.catch_warnings(record=True) as caught, \
+            profile(activities=[ProfilerActivity.CUDA]) as prof:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        step()
+        torch.cuda.set_sync_debug_mode('default')
+        sync(device)
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1000  # us -> ms
+    return sum('synchroniz' in str(w.message) for w in caught), busy
 
 # -----------------------------------------------------------------------------
 # the benchmarks: each -> (step, FLOPs per image, facts for the report, a breakdown or None)
@@ -237,23 +253,6 @@ def bench_sample(args):
                 tokenizer_params=tok.get_num_params())
     return step, flops, info, breakdown
 
-def count_syncs(step, device):
-    """One more step, counted -> (its host syncs: torch.cuda.set_sync_debug_mode's warnings on CUDA, SyncCounter's
-    count elsewhere; on CUDA the ms its kernels ran, from the profiler, else None)."""
-    if device.type != 'cuda':
-        with SyncCounter() as counter:
-            step()
-        return len(counter.ops), None
-    from torch.profiler import profile, ProfilerActivity
-    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')  # each synchronising op warns
-        step()
-        torch.cuda.set_sync_debug_mode('default')
-        sync(device)
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1000  # us -> ms
-    return sum('synchroniz' in str(w.message) for w in caught), busy
-
 # -----------------------------------------------------------------------------
 # the memory plan of every official recipe
 
@@ -288,44 +287,47 @@ def plan_table(processes):
     print(json.dumps(rows))
 
 # -----------------------------------------------------------------------------
-
-def make_parser():
-    p = argparse.ArgumentParser(description="Training and sampling throughput and MFU of TA-TiTok / MaskGen, random "
-                                "weights, synthetic inputs.")
-    p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen', 'sample', 'plan'],
-                   help="what to time: a tokenizer or a generator training step, or text-to-image sampling; or "
-                   "plan: the memory plan of every official recipe on 40 and 80 GiB GPUs (default sample)")
-    p.add_argument('--processes', type=number(int, 1), default=8, help="plan: the processes of the runs (default 8)")
-    p.add_argument('--size', default='l', choices=['l', 'xl', 'tiny', 'shapes'], help="generator size (MaskGen-L / "
-                   "XL), or a small preset, tiny (tests) or shapes (the CPU quickstart), which picks the small "
-                   "tokenizer and text tower of that name too (default l)")
-    p.add_argument('--tokens', default='vq128', choices=TOKENS, help="the tokenizer (an official release's "
-                   "architecture), whose tokens the generator models; vq / kl: the paper's pairs (vq128 / kl32), "
-                   "and the only choice for --size tiny / shapes (default vq128)")
-    p.add_argument('--batch_size', type=number(int, 1), default=64, help="images per step (default 64)")
-    p.add_argument('--sample_steps', type=number(int, 1), help="sampling: decoding steps (default 16 VQ, 32 KL, as in "
-                   "the paper's speed table)")
-    p.add_argument('--diffusion_steps', type=number(int, 1), default=100, help="sampling, KL: denoising steps per "
-                   "token (default 100)")
-    p.add_argument('--guidance_scale', type=number(float, 0), help="sampling: guidance scale (default 12 VQ, 3 KL); "
-                   "1 runs the conditional model alone, half the batch")
-    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-                   help="autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
-    p.add_argument('--compile', default='off', choices=['on', 'off'], help="torch.compile the step (sampling: the "
-                   "generator pass, the diffusion MLP and the decoder; default off)")
-    p.add_argument('--compile_mode', default='default', choices=['default', 'reduce-overhead', 'max-autotune'],
-                   help="torch.compile mode; reduce-overhead uses CUDA graphs (default: default)")
-    p.add_argument('--device', default='auto', help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1")
-    p.add_argument('--warmup', type=number(int, 0), default=2, help="untimed steps first: compilation, allocator, "
-                   "caches (default 2)")
-    p.add_argument('--iters', type=number(int, 1), default=5, help="timed steps; the median is reported (default 5)")
-    p.add_argument('--threads', type=number(int, 0), default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument('--seed', type=number(int, 0), default=0, help="seed of the random weights, the inputs and "
-                   "sampling (default 0)")
-    return p
+# the command line
 
 def get_args(argv=None):
-    p = make_parser()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen',
+                   'sample', 'plan'], help="a training step, sampling, or the memory plan "
+                   "(default sample)")
+    p.add_argument('--processes', type=number(int, 1), default=8,
+                   help="plan: processes per run (default 8)")
+    p.add_argument('--size', default='l', choices=['l', 'xl', 'tiny', 'shapes'],
+                   help="MaskGen-L / XL, or a small preset: tiny (tests), shapes (the CPU "
+                   "quickstart) (default l)")
+    p.add_argument('--tokens', default='vq128', choices=TOKENS, help="the tokenizer (an official "
+                   "release's); vq / kl: the paper's pair (vq128 / kl32), the only choice for "
+                   "tiny / shapes (default vq128)")
+    p.add_argument('--batch_size', type=number(int, 1), default=64,
+                   help="images per step (default 64)")
+    p.add_argument('--sample_steps', type=number(int, 1),
+                   help="sampling: decoding steps (default 16 VQ, 32 KL)")
+    p.add_argument('--diffusion_steps', type=number(int, 1), default=100,
+                   help="sampling, KL: denoising steps per token (default 100)")
+    p.add_argument('--guidance_scale', type=number(float, 0),
+                   help="sampling (default 12 VQ, 3 KL); 1: the conditional model alone")
+    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help="autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
+    p.add_argument('--compile', default='off', choices=['on', 'off'],
+                   help="torch.compile the step, or sampling's networks (default off)")
+    p.add_argument('--compile_mode', default='default',
+                   choices=['default', 'reduce-overhead', 'max-autotune'],
+                   help="reduce-overhead: CUDA graphs (default: default)")
+    p.add_argument('--device', default='auto',
+                   help="auto (a GPU if any, else the CPU), cpu, cuda, cuda:1")
+    p.add_argument('--warmup', type=number(int, 0), default=2,
+                   help="untimed steps first: compilation, allocator, caches (default 2)")
+    p.add_argument('--iters', type=number(int, 1), default=5,
+                   help="timed steps, their median reported (default 5)")
+    p.add_argument('--threads', type=number(int, 0), default=0,
+                   help="CPU threads (0: torch's default)")
+    p.add_argument('--seed', type=number(int, 0), default=0,
+                   help="of the weights, the inputs and sampling (default 0)")
     args = p.parse_args(argv)
     q = args.tokens[:2]
     args.generator = f"{q}-{args.size}"  # the presets; vq / kl: the paper's pairs
@@ -340,6 +342,7 @@ def get_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     return args
+
 
 def main(args, state):
     if args.what == 'plan':
