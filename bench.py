@@ -1,112 +1,100 @@
 """
-Benchmark training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT bench.py way: random weights built
-from a preset (nothing downloaded), synthetic inputs, a few warm-up steps, then timed steps with the device
-synchronised, a small table, and one JSON line last (images/s, ms per step, peak memory, FLOPs per image, MFU).
+Training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT bench.py way: random weights
+(nothing downloaded), synthetic inputs, warm-up steps, then timed steps; a table, a JSON line last.
 
-$ python bench.py --what sample --size l --tokens vq128 --batch_size 64      # MaskGen-L VQ, 16 steps (paper: A100)
-$ python bench.py --what sample --size l --tokens kl32 --batch_size 64       # MaskGen-L KL, 32 steps
+$ python bench.py --what sample --size l --tokens vq128 --batch_size 64  # MaskGen-L VQ, 16 steps
+$ python bench.py --what sample --size l --tokens kl32 --batch_size 64   # MaskGen-L KL, 32 steps
 $ python bench.py --what train-maskgen --size l --tokens vq128 --batch_size 64 --compile on
 $ python bench.py --what train-tokenizer --tokens vq128 --batch_size 32
-$ python bench.py --what sample --size tiny --tokens vq --batch_size 2 --sample_steps 2  # seconds on a CPU
+$ python bench.py --what sample --size tiny --tokens vq --batch_size 2 --sample_steps 2  # a CPU
+$ python bench.py --what plan  # the memory plan of every official recipe
 
-Sampling is the whole text-to-image path: CLIP on the prompts (once, and once on ""), the generator's decoding
-steps, the tokenizer's decoder; one extra, instrumented run splits its time into those parts, the MM-DiT passes
-and the KL diffusion MLP apart. FLOPs are counted from the architecture (multiply-adds of every matmul, 2 FLOPs
-each, backward = 2x forward); MFU is against the bf16 dense peak of the GPU (unknown GPU or CPU: 0).
-The tokenizer's training step is the tokenizer alone with an L2 loss (no perceptual nets, no discriminator), and
-the generator's uses precomputed CLIP features, so both count only what they run.
+MFU: the FLOPs of the architecture (2 per multiply-add, backward 2x forward) against the GPU's
+bf16 dense peak (0 on a CPU or an unknown GPU). The host's ms per step and syncs (each a wait for
+the device) show what keeps a GPU idle; on CUDA, also its share of the step without work. The
+training steps run the models alone: the tokenizer with an L2 loss, the generator on precomputed
+CLIP features. Sampling is CLIP, the generator's decoding steps and the decoder, once timed apart.
 """
 import argparse
 import copy
 import json
 import resource
-import sys
 import time
 import warnings
-from contextlib import nullcontext, contextmanager, ExitStack
 
 import torch
-from torch import Tensor
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tatitok import TATiTok, TextEncoder, tatitok_config, pick_device, pick_dtype, autocast, peak_flops, number
+from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, pick_device,
+                     pick_dtype, autocast, peak_flops, number)
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
-from runtime import optimizer_step, update_ema, GiB
+from runtime import optimizer_step, update_ema, describe, run_main, GiB
 
-CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)  # ViT-L-14-336's tower
-CLIP_L14_PARAMS = 123.7e6  # its parameters
+CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
+CLIP_L14_PARAMS = 123.7e6  # ViT-L-14-336's text tower (the official CLIP): its parameters
 TOKENS = ['vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128', 'vq', 'kl']
+USER_ERRORS = (CheckpointError, torch.cuda.OutOfMemoryError)  # one line, exit 2 (runtime.run_main)
+
 
 def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
-    """FLOPs per image of text-to-image sampling, from the models' own estimates: CLIP on the prompt (and on "" once
-    per batch), the generator's conditioning once and its backbone at every step (both halves when guided), the
-    KL denoiser at every diffusion step of every token, then the tokenizer's decoder."""
-    N, vq = gen.config.num_tokens, gen.config.quantize == 'vq'
+    """FLOPs per image of sampling: CLIP on the prompt (and on "" once a batch), the generator's
+    conditioning once and its backbone at every step, the KL denoiser at every diffusion step of
+    every token (the generator's twice when guided), the tokenizer's decoder."""
+    N = gen.config.num_tokens
     f = gen.estimate_flops(te.context_length)
     reps = 2 if guided else 1
-    schedule = mask_schedule(N, steps, 'arccos' if vq else 'cosine')
-    passes = sum(a > b for a, b in zip([N] + schedule, schedule))  # KL skips a step that commits nothing
-    if vq:
-        passes = steps
-    flops = te.estimate_flops() * (batch + 1) / batch + reps * (f['conditioning'] + passes * f['backbone'])
-    if not vq:  # every token is denoised once, over all diffusion steps, both halves in one batch
-        flops += reps * N * len(GaussianDiffusion(1000, diffusion_steps).timestep_map) * f['denoiser']
-    return flops + tok.estimate_flops(encode=False)
+    flops = te.estimate_flops() * (batch + 1) / batch + tok.estimate_flops(encode=False)
+    passes = steps
+    if gen.config.quantize != 'vq':
+        schedule = mask_schedule(N, steps, 'cosine')
+        passes = sum(a > b for a, b in zip([N] + schedule, schedule))  # none if none is committed
+        timesteps = len(GaussianDiffusion(1000, diffusion_steps).timestep_map)
+        flops += reps * N * timesteps * f['denoiser']
+    return flops + reps * (f['conditioning'] + passes * f['backbone'])
 
 # -----------------------------------------------------------------------------
-# timing: CUDA events on GPU (no host-device sync inside what they time), the clock on CPU
-
-class Timer:
-    """Sums the time of named spans; `with timer('clip'):` or timer.wrap('mmdit', fn). Read with ms() after a sync."""
-
-    def __init__(self, device):
-        self.cuda, self.spans = device.type == 'cuda', {}
-
-    def now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    @contextmanager
-    def __call__(self, name):
-        start = self.now()
-        yield
-        self.spans.setdefault(name, []).append((start, self.now()))
-
-    def wrap(self, name, fn):
-        def timed(*args, **kwargs):
-            with self(name):
-                return fn(*args, **kwargs)
-        return timed
-
-    def ms(self):
-        elapsed = (lambda a, b: a.elapsed_time(b)) if self.cuda else (lambda a, b: 1000 * (b - a))
-        out = {name: sum(elapsed(a, b) for a, b in spans) for name, spans in self.spans.items()}
-        self.spans = {}
-        return out
-
-@contextmanager
-def patched(obj, attr, value):
-    # an instance attribute shadowing a method for the duration (timing wrappers, compiled functions)
-    old = obj.__dict__.get(attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        if old is None:
-            delattr(obj, attr)
-        else:
-            setattr(obj, attr, old)
+# timing: a step's parts, and what makes the host wait for the device
 
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
-# -----------------------------------------------------------------------------
-# host syncs: what makes the host wait for the device
+
+def time_parts(step, parts, device):
+    """One more step, each method of parts [(object, method name, part)] timed -> ms per part, its
+    calls summed. A GPU's marks are CUDA events: the timing adds no wait for the device."""
+    cuda = device.type == 'cuda'
+    marks = []
+
+    def now():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def timed(fn, name):
+        def call(*args, **kwargs):
+            start = now()
+            out = fn(*args, **kwargs)
+            marks.append((name, start, now()))
+            return out
+        return call
+
+    methods = [getattr(obj, method) for obj, method, _ in parts]
+    for (obj, method, name), fn in zip(parts, methods):
+        setattr(obj, method, timed(fn, name))  # an instance attribute hides the class's method
+    step()
+    for (obj, method, _), fn in zip(parts, methods):
+        setattr(obj, method, fn)  # the bound method, or the compiled function, back
+    sync(device)
+    ms = {}
+    for name, start, end in marks:
+        elapsed = start.elapsed_time(end) if cuda else 1000 * (end - start)
+        ms[name] = ms.get(name, 0.0) + elapsed
+    return ms
+
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.equal,
@@ -115,9 +103,9 @@ SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bin
 
 class SyncCounter(TorchDispatchMode):
     """Counts the ops after which the host waits for the device: a value read (.item(), float(),
-    .tolist()), an output whose size depends on the data (nonzero, boolean indexing, bincount...) and
-    torch.cuda.synchronize. They cost nothing on a CPU: this counts, there, what a GPU would wait for
-    (bench.py and the tests; on CUDA, bench.py asks torch.cuda.set_sync_debug_mode too)."""
+    .tolist()), an output whose size depends on the data (nonzero, boolean indexing, bincount...)
+    and torch.cuda.synchronize. They cost nothing on a CPU: there, this counts what a GPU would
+    wait for."""
 
     def __init__(self):
         super().__init__()
@@ -132,13 +120,13 @@ class SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
-        self._wrapped = Tensor.tolist, torch.cuda.synchronize  # not seen by the dispatcher
-        Tensor.tolist = self._counted('tolist', Tensor.tolist)
+        self._wrapped = torch.Tensor.tolist, torch.cuda.synchronize  # the dispatcher sees neither
+        torch.Tensor.tolist = self._counted('tolist', torch.Tensor.tolist)
         torch.cuda.synchronize = self._counted('synchronize', torch.cuda.synchronize)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        Tensor.tolist, torch.cuda.synchronize = self._wrapped
+        torch.Tensor.tolist, torch.cuda.synchronize = self._wrapped
         return super().__exit__(*exc)
 
     def _counted(self, name, fn):
@@ -148,153 +136,18 @@ class SyncCounter(TorchDispatchMode):
         return counted
 
 
-# -----------------------------------------------------------------------------
-# the three benchmarks: each returns (step function, FLOPs per image, extras for the report)
-
-def presets(args):
-    """-> (generator preset, tokenizer preset); the paper's pairs for the official sizes (VQ: vq128, KL: kl32)."""
-    q = args.tokens[:2]
-    if args.size in ('tiny', 'shapes'):
-        return f"{args.size}-{q}", f"{args.size}-{q}"
-    if args.tokens in ('vq', 'kl'):
-        return f"{q}-{args.size}", {'vq': 'vq128', 'kl': 'kl32'}[q]
-    return f"{q}-{args.size}", args.tokens
-
-def build_models(args):
-    """Random models of the presets: generator, tokenizer, text encoder (the small tokenizer's own text length for
-    the small presets; ViT-L-14-336's text sizes otherwise)."""
-    gname, tname = presets(args)
-    tcfg = tatitok_config(tname)
-    gen = MaskGen.from_config(maskgen_config(gname, num_tokens=tcfg.num_latent_tokens))
-    if args.size in ('tiny', 'shapes'):
-        te = TextEncoder.tiny(context_length=tcfg.text_context_length)
-    else:
-        te = TextEncoder.from_text_cfg(CLIP_L14_TEXT, 768)
-    return gen, TATiTok(tcfg), te
-
-def compiled(module, args):
-    if args.compile == 'on':
-        return torch.compile(module, mode=args.compile_mode)
-    return module
-
-def optimize(loss, model, opt, scaler, ema):
-    """The trainers' step after the loss: backward, clipping, the AdamW step skipped on the device when not
-    finite (runtime.optimizer_step), the EMA."""
-    scaler.scale(loss).backward()
-    _, finite = optimizer_step(opt, scaler, model.parameters(), 1.0)
-    update_ema(ema, model, 1000, 0.999, finite)
-    opt.zero_grad(set_to_none=True)
-
-def bench_train_tokenizer(args, device, ctx):
-    """The tokenizer alone with an L2 loss: no perceptual networks, no discriminator."""
-    _, tok, _ = build_models(args)
-    tok.train()
-    cfg = tok.config
-    opt = tok.configure_optimizers(1e-4, 1e-4, (0.9, 0.999), device.type)
-    model, ema = compiled(tok, args), copy.deepcopy(tok).requires_grad_(False)
-    g = torch.Generator(device).manual_seed(args.seed)
-    img = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, generator=g, device=device)
-    guidance = torch.randn(args.batch_size, cfg.text_context_length, cfg.text_embed_dim, generator=g, device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == torch.float16)
-
-    def step():
-        with ctx:
-            recon, aux = model(img, guidance)
-        reg = aux['quantizer_loss'] if cfg.quantize == 'vq' else 1e-6 * aux['kl_loss']
-        optimize(F.mse_loss(recon.float(), img) + reg, tok, opt, scaler, ema)
-    return step, 3 * tok.estimate_flops(), dict(tokenizer=presets(args)[1], params=tok.get_num_params())
-
-def bench_train_maskgen(args, device, ctx):
-    """The generator's training step on precomputed CLIP features, caption dropout on, as train_maskgen.py runs it."""
-    gen, tok, te = build_models(args)
-    gen.train()
-    cfg = gen.config
-    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), device.type)
-    model, ema = compiled(gen, args), copy.deepcopy(gen).requires_grad_(False)
-    g = torch.Generator(device).manual_seed(args.seed)
-    B, L, T = args.batch_size, te.context_length, cfg.text_embed_dim
-    randn = lambda *shape: torch.randn(*shape, generator=g, device=device)
-    if cfg.quantize == 'vq':
-        x = torch.randint(0, cfg.codebook_size, (B, cfg.num_tokens), generator=g, device=device)
-    else:
-        x = randn(B, cfg.num_tokens, cfg.token_size)
-    text_tokens, text_pooled, aes = randn(B, L, T), randn(B, T), 5 + torch.rand(B, generator=g, device=device)
-    null_tokens, null_pooled = randn(1, L, T), randn(1, T)
-    draws = {k: v.to(device) for k, v in gen.draw_batch(args.seed, range(B)).items()}
-    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == torch.float16)
-
-    def step():
-        with ctx:
-            loss, _ = model(x, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws=draws)
-        optimize(loss, gen, opt, scaler, ema)
-    flops = gen.estimate_flops(L)['train']
-    return step, flops, dict(generator=presets(args)[0], tokenizer=presets(args)[1], params=gen.get_num_params())
-
-def bench_sample(args, device, ctx):
-    """The whole text-to-image path: CLIP, the generator's decoding steps, the tokenizer's decoder."""
-    gen, tok, te = build_models(args)
-    gen.eval()
-    tok.eval()
-    vq = gen.config.quantize == 'vq'
-    steps = args.sample_steps or (16 if vq else 32)
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = 12.0 if vq else 3.0
-    if args.compile == 'on':  # the per-step work: generator pass, denoiser MLP, decoder (CUDA graphs: reduce-overhead)
-        parts = [(gen, 'backbone'), (tok.decoder, 'forward')]
-        if not vq:
-            parts.append((gen.diffloss.net, 'forward'))
-        for obj, attr in parts:
-            setattr(obj, attr, torch.compile(getattr(obj, attr), mode=args.compile_mode))
-    captions = [f"a photo of a red fox number {i}, studio light" for i in range(args.batch_size)]
-    kwargs = dict(aes=6.5, num_steps=steps, guidance_scale=guidance, seed=args.seed, temperature=2.0)
-    if not vq:
-        kwargs.update(temperature=1.0, diffusion_steps=args.diffusion_steps)
-
-    @torch.no_grad()
-    def step(timer=None):
-        timer = timer or (lambda name: nullcontext())
-        with ctx:
-            with timer('clip'):  # once per prompt and once for "": the decoder's guidance comes from the same pass
-                text, null = te(captions), te([''])
-            with timer('generator'):
-                tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'], **kwargs)
-            with timer('decode'):
-                images = (tok.decode_tokens(tokens, text['guidance']).clamp(0, 1) * 255).to(torch.uint8)
-        return images
-
-    def breakdown():
-        """One instrumented run: ms per part."""
-        timer, parts = Timer(device), [(gen, 'backbone', 'mmdit')]
-        if not vq:
-            parts.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
-        with ExitStack() as stack:
-            for obj, attr, name in parts:
-                stack.enter_context(patched(obj, attr, timer.wrap(name, getattr(obj, attr))))
-            step(timer)
-        sync(device)
-        ms = timer.ms()
-        ms['sampling_other'] = ms['generator'] - sum(ms.get(k, 0.0) for k in ('mmdit', 'diffusion_mlp'))
-        return {k: round(v, 2) for k, v in ms.items()}
-
-    flops = sample_flops(gen, tok, te, args.batch_size, steps, args.diffusion_steps, guidance != 1.0)
-    info = dict(generator=presets(args)[0], tokenizer=presets(args)[1], steps=steps, guidance=guidance,
-                params=gen.get_num_params(), tokenizer_params=tok.get_num_params(), breakdown=breakdown)
-    if not vq:
-        info['diffusion_steps'] = args.diffusion_steps
-    return step, flops, info
-
 def count_syncs(step, device):
-    """One more step, counted -> (its host syncs: torch.cuda.set_sync_debug_mode's warnings on CUDA, SyncCounter's
-    count elsewhere; on CUDA the ms its kernels ran, from the profiler, else None)."""
+    """One more step -> (its host syncs, on CUDA the ms its kernels ran, else None). On CUDA each
+    sync is a warning of set_sync_debug_mode, and the profiler times the kernels."""
     if device.type != 'cuda':
         with SyncCounter() as counter:
             step()
         return len(counter.ops), None
     from torch.profiler import profile, ProfilerActivity
-    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with warnings.catch_warnings(record=True) as caught, \
+            profile(activities=[ProfilerActivity.CUDA]) as prof:
         warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')  # each synchronising op warns
+        torch.cuda.set_sync_debug_mode('warn')
         step()
         torch.cuda.set_sync_debug_mode('default')
         sync(device)
@@ -302,82 +155,187 @@ def count_syncs(step, device):
     return sum('synchroniz' in str(w.message) for w in caught), busy
 
 # -----------------------------------------------------------------------------
+# the benchmarks: each -> (step, FLOPs per image, facts for the report, a breakdown or None)
+
+def train_step(model, opt, loss, args):
+    """The trainers' step: loss(model) (compiled with --compile on), backward, clipping, the AdamW
+    step skipped on the device when not finite, the EMA."""
+    model.train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    run = model
+    if args.compile == 'on':
+        run = torch.compile(model, mode=args.compile_mode)
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.dtype == torch.float16)
+
+    def step():
+        with autocast(args.device, args.dtype):
+            value = loss(run)
+        scaler.scale(value).backward()
+        _, finite = optimizer_step(opt, scaler, model.parameters(), 1.0)
+        update_ema(ema, model, 1000, 0.999, finite)
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train_tokenizer(args):
+    tok = TATiTok(tatitok_config(args.tokenizer))
+    cfg = tok.config
+    img = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size)
+    guidance = torch.randn(args.batch_size, cfg.text_context_length, cfg.text_embed_dim)
+
+    def loss(model):
+        recon, aux = model(img, guidance)
+        reg = aux['quantizer_loss'] if cfg.quantize == 'vq' else 1e-6 * aux['kl_loss']
+        return F.mse_loss(recon.float(), img) + reg
+    opt = tok.configure_optimizers(1e-4, 1e-4, (0.9, 0.999), args.device.type)
+    step = train_step(tok, opt, loss, args)
+    return step, 3 * tok.estimate_flops(), dict(params=tok.get_num_params()), None
+
+
+def bench_train_maskgen(args):
+    tcfg = tatitok_config(args.tokenizer)  # the tokens' count, the text's length
+    gen = MaskGen.from_config(maskgen_config(args.generator, num_tokens=tcfg.num_latent_tokens))
+    cfg = gen.config
+    B, L, T = args.batch_size, tcfg.text_context_length, cfg.text_embed_dim
+    if cfg.quantize == 'vq':
+        x = torch.randint(0, cfg.codebook_size, (B, cfg.num_tokens))
+    else:
+        x = torch.randn(B, cfg.num_tokens, cfg.token_size)
+    text = torch.randn(B, L, T), torch.randn(B, T), 5 + torch.rand(B)  # tokens, pooled, aesthetics
+    null = torch.randn(1, L, T), torch.randn(1, T)
+    draws = gen.draw_batch(args.seed, range(B))  # caption dropout, masks, noise: as the trainer's
+    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), args.device.type)
+    step = train_step(gen, opt, lambda model: model(x, *text, *null, draws=draws)[0], args)
+    return step, gen.estimate_flops(L)['train'], dict(params=gen.get_num_params()), None
+
+
+def bench_sample(args):
+    tcfg = tatitok_config(args.tokenizer)
+    tok = TATiTok(tcfg).eval()
+    gen = MaskGen.from_config(maskgen_config(args.generator, num_tokens=tcfg.num_latent_tokens))
+    gen.eval()
+    if args.size in ('tiny', 'shapes'):  # the small tokenizer's own text tower
+        te = TextEncoder.tiny(context_length=tcfg.text_context_length)
+    else:
+        te = TextEncoder.from_text_cfg(CLIP_L14_TEXT, 768)
+    vq = gen.config.quantize == 'vq'
+    steps = args.sample_steps or (16 if vq else 32)
+    guidance = args.guidance_scale
+    if guidance is None:
+        guidance = 12.0 if vq else 3.0
+    kwargs = dict(aes=6.5, num_steps=steps, guidance_scale=guidance, seed=args.seed, temperature=2.0)
+    work = [(gen, 'backbone', 'mmdit'), (tok.decoder, 'forward', 'decode')]  # every step's work
+    if not vq:
+        kwargs.update(temperature=1.0, diffusion_steps=args.diffusion_steps)
+        work.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
+    if args.compile == 'on':
+        for obj, method, _ in work:
+            setattr(obj, method, torch.compile(getattr(obj, method), mode=args.compile_mode))
+    captions = [f"a photo of a red fox number {i}, studio light" for i in range(args.batch_size)]
+
+    @torch.no_grad()
+    def step():
+        with autocast(args.device, args.dtype):
+            text, null = te(captions), te([''])  # the decoder's guidance comes from the same pass
+            tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'],
+                                  **kwargs)
+            images = tok.decode_tokens(tokens, text['guidance'])
+            return (images.clamp(0, 1) * 255).to(torch.uint8)
+
+    def breakdown():
+        parts = [(te, 'forward', 'clip'), (gen, 'generate', 'generator')] + work
+        ms = time_parts(step, parts, args.device)
+        ms['sampling_other'] = ms['generator'] - ms['mmdit'] - ms.get('diffusion_mlp', 0.0)
+        return {k: round(v, 2) for k, v in ms.items()}
+
+    flops = sample_flops(gen, tok, te, args.batch_size, steps, args.diffusion_steps, guidance != 1)
+    info = dict(steps=steps, guidance=guidance, params=gen.get_num_params(),
+                tokenizer_params=tok.get_num_params())
+    return step, flops, info, breakdown
+
+# -----------------------------------------------------------------------------
 # the memory plan of every official recipe
 
 def plan_table(processes):
-    """The trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB GPUs: a
-    markdown table, a row per recipe and GPU size, and the rows as JSON last."""
+    """The trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB
+    GPUs: a markdown table, then its rows as JSON."""
     import train_tokenizer
     import train_maskgen
     rows = []
     for tokens in ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128'):
         args = train_tokenizer.get_args(['--tokens', tokens, '--data', 'shards'])
-        for memory in (40, 80):
-            choice = train_tokenizer.plan_run(args, tatitok_config(tokens), CLIP_L14_PARAMS, processes,
-                                              memory * GiB)
-            rows.append((f"train_tokenizer.py --tokens {tokens}", memory, choice, args.batch_size))
+        for gib in (40, 80):
+            c = train_tokenizer.plan_run(args, tatitok_config(tokens), CLIP_L14_PARAMS, processes,
+                                         gib * GiB)
+            rows.append(dict(c, recipe=f"train_tokenizer.py --tokens {tokens}", gib=gib))
     for size, tokens in (('l', 'vq128'), ('xl', 'vq128'), ('l', 'kl32'), ('xl', 'kl32')):
         args = train_maskgen.get_args(['--size', size, '--tokens', tokens])
         cfg = train_maskgen.generator_config(size, tatitok_config(tokens), 768)
         frozen = 4 * CLIP_L14_PARAMS  # CLIP's text tower; the tokenizer stays on the CPU (token shards)
-        for memory in (40, 80):
-            choice = train_maskgen.plan_run(args, cfg, 77, frozen, processes, memory * GiB)
-            rows.append((f"train_maskgen.py --size {size} --tokens {tokens}", memory, choice, args.batch_size))
-    print(f"| recipe, {processes} processes | GPU | batch: micro x processes x accumulation | checkpointing, "
-          f"zero | planned GiB: weights+grads+AdamW+EMA, frozen, 16-bit weights, activations | total |")
-    print("|---|---|---|---|---|---|")
-    for recipe, memory, c, batch in rows:
-        p = {k: v / GiB for k, v in c['plan'].items()}
-        state = p['weights'] + p['grads'] + p['optimizer'] + p['ema']
-        print(f"| `{recipe}` | {memory} GiB | {batch}: {c['micro_batch']} x {processes} x {c['grad_accum']} | "
-              f"{('off', 'on')[c['checkpointing']]}, {('off', 'on')[c['zero']]} | {state:.1f}, {p['frozen']:.1f}, "
-              f"{p['casts']:.1f}, {p['activations']:.1f} | {sum(p.values()):.1f} |")
-    print(json.dumps([dict(recipe=r, gib=m, micro_batch=c['micro_batch'], grad_accum=c['grad_accum'],
-                           checkpointing=c['checkpointing'], zero=c['zero'],
-                           total_gib=round(sum(c['plan'].values()) / GiB, 2)) for r, m, c, _ in rows]))
+        for gib in (40, 80):
+            c = train_maskgen.plan_run(args, cfg, 77, frozen, processes, gib * GiB)
+            rows.append(dict(c, recipe=f"train_maskgen.py --size {size} --tokens {tokens}", gib=gib))
+    print(f"| recipe, {processes} processes | GPU | micro batch x processes x accumulation | levers "
+          "| planned GiB per GPU | total |\n|---|---|---|---|---|---|")
+    for r in rows:
+        plan = r.pop('plan')
+        r['total_gib'] = round(sum(plan.values()) / GiB, 2)
+        parts = ', '.join(f"{k} {v / GiB:.1f}" for k, v in plan.items())
+        print(f"| `{r['recipe']}` | {r['gib']} GiB | {r['micro_batch']} x {processes} x "
+              f"{r['grad_accum']} | {describe((r['checkpointing'], r['zero']))} | {parts} | "
+              f"{r['total_gib']} |")
+    print(json.dumps(rows))
 
 # -----------------------------------------------------------------------------
-
-def make_parser():
-    p = argparse.ArgumentParser(description="Training and sampling throughput and MFU of TA-TiTok / MaskGen, random "
-                                "weights, synthetic inputs.")
-    p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen', 'sample', 'plan'],
-                   help="what to time: a tokenizer or a generator training step, or text-to-image sampling; or "
-                   "plan: the memory plan of every official recipe on 40 and 80 GiB GPUs (default sample)")
-    p.add_argument('--processes', type=number(int, 1), default=8, help="plan: the processes of the runs (default 8)")
-    p.add_argument('--size', default='l', choices=['l', 'xl', 'tiny', 'shapes'], help="generator size (MaskGen-L / "
-                   "XL), or a small preset, tiny (tests) or shapes (the CPU quickstart), which picks the small "
-                   "tokenizer and text tower of that name too (default l)")
-    p.add_argument('--tokens', default='vq128', choices=TOKENS, help="the tokenizer (an official release's "
-                   "architecture), whose tokens the generator models; vq / kl: the paper's pairs (vq128 / kl32), "
-                   "and the only choice for --size tiny / shapes (default vq128)")
-    p.add_argument('--batch_size', type=number(int, 1), default=64, help="images per step (default 64)")
-    p.add_argument('--sample_steps', type=number(int, 1), help="sampling: decoding steps (default 16 VQ, 32 KL, as in "
-                   "the paper's speed table)")
-    p.add_argument('--diffusion_steps', type=number(int, 1), default=100, help="sampling, KL: denoising steps per "
-                   "token (default 100)")
-    p.add_argument('--guidance_scale', type=number(float, 0), help="sampling: guidance scale (default 12 VQ, 3 KL); "
-                   "1 runs the conditional model alone, half the batch")
-    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-                   help="autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
-    p.add_argument('--compile', default='off', choices=['on', 'off'], help="torch.compile the step (sampling: the "
-                   "generator pass, the diffusion MLP and the decoder; default off)")
-    p.add_argument('--compile_mode', default='default', choices=['default', 'reduce-overhead', 'max-autotune'],
-                   help="torch.compile mode; reduce-overhead uses CUDA graphs (default: default)")
-    p.add_argument('--device', default='auto', help="auto (a GPU if there is one, else the CPU), cpu, cuda, cuda:1")
-    p.add_argument('--warmup', type=number(int, 0), default=2, help="untimed steps first: compilation, allocator, "
-                   "caches (default 2)")
-    p.add_argument('--iters', type=number(int, 1), default=5, help="timed steps; the median is reported (default 5)")
-    p.add_argument('--threads', type=number(int, 0), default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument('--seed', type=number(int, 0), default=0, help="seed of the random weights, the inputs and "
-                   "sampling (default 0)")
-    return p
+# the command line
 
 def get_args(argv=None):
-    p = make_parser()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen',
+                   'sample', 'plan'], help="a training step, sampling, or the memory plan "
+                   "(default sample)")
+    p.add_argument('--processes', type=number(int, 1), default=8,
+                   help="plan: processes per run (default 8)")
+    p.add_argument('--size', default='l', choices=['l', 'xl', 'tiny', 'shapes'],
+                   help="MaskGen-L / XL, or a small preset: tiny (tests), shapes (the CPU "
+                   "quickstart) (default l)")
+    p.add_argument('--tokens', default='vq128', choices=TOKENS, help="the tokenizer (an official "
+                   "release's); vq / kl: the paper's pair (vq128 / kl32), the only choice for "
+                   "tiny / shapes (default vq128)")
+    p.add_argument('--batch_size', type=number(int, 1), default=64,
+                   help="images per step (default 64)")
+    p.add_argument('--sample_steps', type=number(int, 1),
+                   help="sampling: decoding steps (default 16 VQ, 32 KL)")
+    p.add_argument('--diffusion_steps', type=number(int, 1), default=100,
+                   help="sampling, KL: denoising steps per token (default 100)")
+    p.add_argument('--guidance_scale', type=number(float, 0),
+                   help="sampling (default 12 VQ, 3 KL); 1: the conditional model alone")
+    p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help="autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
+    p.add_argument('--compile', default='off', choices=['on', 'off'],
+                   help="torch.compile the step, or sampling's networks (default off)")
+    p.add_argument('--compile_mode', default='default',
+                   choices=['default', 'reduce-overhead', 'max-autotune'],
+                   help="reduce-overhead: CUDA graphs (default: default)")
+    p.add_argument('--device', default='auto',
+                   help="auto (a GPU if any, else the CPU), cpu, cuda, cuda:1")
+    p.add_argument('--warmup', type=number(int, 0), default=2,
+                   help="untimed steps first: compilation, allocator, caches (default 2)")
+    p.add_argument('--iters', type=number(int, 1), default=5,
+                   help="timed steps, their median reported (default 5)")
+    p.add_argument('--threads', type=number(int, 0), default=0,
+                   help="CPU threads (0: torch's default)")
+    p.add_argument('--seed', type=number(int, 0), default=0,
+                   help="of the weights, the inputs and sampling (default 0)")
     args = p.parse_args(argv)
-    if args.size in ('tiny', 'shapes') and args.tokens not in ('vq', 'kl'):
-        p.error(f"--size {args.size} takes --tokens vq or kl (its own small tokenizer), not {args.tokens}")
+    q = args.tokens[:2]
+    args.generator = f"{q}-{args.size}"  # the presets; vq / kl: the paper's pairs
+    args.tokenizer = dict(vq='vq128', kl='kl32').get(args.tokens, args.tokens)
+    if args.size in ('tiny', 'shapes'):  # a small generator with its own tokenizer
+        if args.tokens != q:
+            p.error(f"--size {args.size} takes --tokens vq or kl, not {args.tokens}")
+        args.generator = args.tokenizer = f"{args.size}-{q}"
     try:
         args.device = pick_device(args.device)
         args.dtype = pick_dtype(args.dtype, args.device)
@@ -385,24 +343,23 @@ def get_args(argv=None):
         p.error(str(e))
     return args
 
-def main(argv=None):
-    args = get_args(argv)
+
+def main(args, state):
     if args.what == 'plan':
         return plan_table(args.processes)
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the weights and the inputs
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
-    ctx = autocast(device, args.dtype)
-    build = dict(zip(['train-tokenizer', 'train-maskgen', 'sample'],
-                     [bench_train_tokenizer, bench_train_maskgen, bench_sample]))[args.what]
+    bench = {'train-tokenizer': bench_train_tokenizer, 'train-maskgen': bench_train_maskgen,
+             'sample': bench_sample}[args.what]
     try:
-        with torch.device(device):  # built in place: a 600M model's init on the GPU, not on the CPU then copied
-            step, flops, info = build(args, device, ctx)
+        with torch.device(device):  # made on the device: a 600M model's init not copied there
+            step, flops, info, breakdown = bench(args)
         for _ in range(args.warmup):
             step()
         sync(device)
@@ -413,53 +370,40 @@ def main(argv=None):
             host.append(time.perf_counter() - t0)  # the host's part: the GPU may still be working
             sync(device)
             times.append(time.perf_counter() - t0)
-        breakdown = None
-        if 'breakdown' in info:
-            breakdown = info.pop('breakdown')()
+        if breakdown is not None:
+            info['breakdown_ms'] = breakdown()
         syncs, busy = count_syncs(step, device)
     except torch.cuda.OutOfMemoryError:
-        print(f"error: out of GPU memory at --batch_size {args.batch_size}; try a smaller batch", file=sys.stderr)
-        sys.exit(2)
+        raise torch.cuda.OutOfMemoryError(f"out of GPU memory at --batch_size {args.batch_size}; "
+                                          "try a smaller batch") from None
 
-    dt = sorted(times)[len(times) // 2]  # median seconds per step
+    dt = sorted(times)[len(times) // 2]  # the median step, in seconds
     name = f"cpu ({torch.get_num_threads()} threads)"
     mem, mem_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 'process max RSS'
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
         mem, mem_kind = torch.cuda.max_memory_allocated(device) / 1e9, 'cuda max allocated'
-    peak = peak_flops(device)
-    images_per_s = args.batch_size / dt
-    result = dict(what=args.what, size=args.size, tokens=args.tokens, **info, batch_size=args.batch_size,
-                  dtype=str(args.dtype).removeprefix('torch.'), compile=args.compile, compile_mode=args.compile_mode,
-                  device=name, images_per_s=round(images_per_s, 3), ms_per_step=round(1000 * dt, 2),
-                  ms_per_step_min=round(1000 * min(times), 2), iters=args.iters, peak_mem_gb=round(mem, 3),
-                  peak_mem_kind=mem_kind, flops_per_image=int(flops),
-                  achieved_tflops=round(flops * images_per_s / 1e12, 3),
-                  peak_flops=None if peak == float('inf') else peak, mfu=round(flops * images_per_s / peak, 4),
-                  torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
-    host_ms = sorted(host)[len(host) // 2] * 1000
-    result.update(host_ms_per_step=round(host_ms, 2), syncs_per_step=syncs, device_wait=None)
+    wait = None
     if busy is not None:  # CUDA: the share of the step the GPU has no kernel to run
-        result['device_wait'] = round(max(0.0, 1 - busy / (1000 * dt)), 3)
-    if breakdown is not None:
-        result['ms_per_decoding_step'] = round(1000 * dt / result['steps'], 2)
-        result['breakdown_ms'] = breakdown
-    mfu = 'n/a (no peak for this device)'
-    if result['peak_flops']:
-        mfu = f"{100 * result['mfu']:.1f}%"
-    wait = 'n/a (a CPU is its own host)'
-    if result['device_wait'] is not None:
-        wait = f"{100 * result['device_wait']:.1f}%"
-    rows = [('images/s', f"{images_per_s:.3f}"), ('ms/step (median)', f"{1000 * dt:.1f}"),
-            ('host ms/step', f"{host_ms:.1f}"), ('syncs/step', str(syncs)), ('device waits', wait),
-            ('peak memory', f"{mem:.2f} GB ({mem_kind})"), ('FLOPs/image', f"{flops / 1e9:.1f} G"), ('MFU', mfu)]
-    rows += [(f"  {k} ms", f"{v:.1f}") for k, v in (breakdown or {}).items()]
-    print(f"{args.what} | {info.get('generator', '')} {info.get('tokenizer', '')} | batch {args.batch_size} | "
+        wait = round(max(0.0, 1 - busy / (1000 * dt)), 3)
+    peak = peak_flops(device)
+    result = dict(vars(args), **info, device=name, dtype=str(args.dtype).removeprefix('torch.'),
+                  images_per_s=round(args.batch_size / dt, 3), ms_per_step=round(1000 * dt, 2),
+                  ms_per_step_min=round(1000 * min(times), 2),
+                  host_ms_per_step=round(1000 * sorted(host)[len(host) // 2], 2),
+                  syncs_per_step=syncs, device_wait=wait, peak_mem_gb=round(mem, 3),
+                  peak_mem_kind=mem_kind, flops_per_image=int(flops),
+                  peak_flops=None if peak == float('inf') else peak,
+                  mfu=round(flops * args.batch_size / dt / peak, 4),  # 0 without a known peak: no made-up MFU
+                  torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
+    print(f"{args.what} | {args.generator} {args.tokenizer} | batch {args.batch_size} | "
           f"{result['dtype']} | compile {args.compile} | {name}")
-    for k, v in rows:
-        print(f"{k:<22}{v}")
+    for k in ('images_per_s', 'ms_per_step', 'host_ms_per_step', 'syncs_per_step', 'device_wait',
+              'peak_mem_gb', 'flops_per_image', 'mfu', 'breakdown_ms'):
+        print(f"{k:<18}{result.get(k, '')}")
     print(json.dumps(result))
     return result
 
+
 if __name__ == '__main__':
-    main()
+    run_main(main, get_args(), USER_ERRORS)

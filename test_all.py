@@ -3185,7 +3185,7 @@ def _bench(capsys, *argv):
     # one thread: the numbers don't matter here, and 2 threads on a loaded 2-core machine run 50x slower
     threads = torch.get_num_threads()
     try:
-        result = bench.main(list(argv) + ['--warmup', '1', '--iters', '1', '--threads', '1'])
+        result = bench.main(bench.get_args(list(argv) + ['--warmup', '1', '--iters', '1', '--threads', '1']), {})
     finally:
         torch.set_num_threads(threads)
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -3229,7 +3229,7 @@ def test_bench_train(capsys, what, tokens):
 def test_bench_plan_table(capsys):
     """`bench.py --what plan`: every official recipe on 40 and 80 GiB GPUs, 8 processes, each fitting its GPU with 10%
     headroom, as a table and JSON last."""
-    bench.main(['--what', 'plan'])
+    bench.main(bench.get_args(['--what', 'plan']), {})
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(rows) == 2 * (6 + 4) and all(r['total_gib'] <= 0.9 * r['gib'] for r in rows)
 
@@ -3268,15 +3268,29 @@ def test_flop_estimates_match_flop_counter(gname, tname):
         assert f_enc + f_dec + B * f_vq == B * tok.estimate_flops()
         assert _flops(lambda: te(['a cat', 'a dog'])) == B * te.estimate_flops()
 
-def test_peak_flops_table():
-    """MFU's denominator: bf16 dense peaks for the GPUs we name (H100 PCIe is not an SXM H100), inf elsewhere."""
-    from tatitok import PEAK_FLOPS
-    lookup = lambda name: next((v for k, v in PEAK_FLOPS if k in name), float('inf'))
-    assert lookup('NVIDIA A100-SXM4-80GB') == 312e12 and lookup('NVIDIA H100 80GB HBM3') == 989e12
-    assert lookup('NVIDIA H100 PCIe') == 756e12 and lookup('NVIDIA H200') == 989e12
-    assert lookup('Tesla T4') == float('inf')
-    from tatitok import peak_flops
-    assert peak_flops(torch.device('cpu')) == float('inf')
+@pytest.mark.parametrize('name,peak', [('NVIDIA H100 PCIe', 756e12), ('NVIDIA H100 NVL', 835e12),
+                                       ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H200', 989e12),
+                                       ('NVIDIA A100-SXM4-80GB', 312e12), ('Tesla T4', float('inf'))])
+def test_peak_flops_by_gpu_name(monkeypatch, name, peak):
+    """MFU's denominator from the name torch gives the GPU (tatitok.peak_flops, as bench.py calls it): an H100 PCIe
+    or NVL is not an SXM H100, so its row must match before the plain 'H100' one; an unknown GPU or a CPU has no
+    peak (inf: MFU 0, not a guess)."""
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    assert bench.peak_flops(torch.device('cuda')) == peak
+    assert bench.peak_flops(torch.device('cpu')) == float('inf')
+
+def test_bench_user_errors_end_in_one_line(capsys, monkeypatch, signals):
+    """bench.py's run (runtime.run_main with bench.USER_ERRORS): running out of GPU memory, or a plan that cannot split
+    a recipe's batch over --processes, ends in one line and exit 2, no traceback."""
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(bench, 'bench_sample', out_of_memory)
+    for argv, line in [(['--batch_size', '512'], "error: out of GPU memory at --batch_size 512; try a smaller batch"),
+                       (['--what', 'plan', '--processes', '3'], "cannot be split over 3 processes")]:
+        with pytest.raises(SystemExit) as e:
+            runtime.run_main(bench.main, bench.get_args(argv + ['--device', 'cpu']), bench.USER_ERRORS)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and line in err and len(err.strip().splitlines()) == 1, err
 
 @pytest.mark.parametrize('argv', [['--batch_size', '0'], ['--size', 'tiny', '--tokens', 'vq128'],
                                   ['--device', 'nosuch'], ['--what', 'train'], ['--dtype', 'float16', '--device', 'cpu'],
