@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from tatitok import TATiTok, TextEncoder, CheckpointError, number, pick_device
-from data import open_image, ImageError
+from data import open_image, ImageError, _worker_init
+from runtime import run_main
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -46,6 +47,9 @@ IMAGE_EXTS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', 
 
 class FIDError(Exception):
     """a user error (missing folder, bad file, no weights): the CLI prints it and exits with code 2"""
+
+    def __init__(self, message):
+        super().__init__(' '.join(message.split()))  # one line, whatever it quotes
 
 # -----------------------------------------------------------------------------
 # the FID-Inception (TF inception-2015-12-05), module names as in pytorch-fid's pt_inception-*.pth
@@ -343,8 +347,22 @@ def imagenet_input(item, size):  # (source, label) -> uint8 (3, size, size), lab
     return to_tensor(center_crop_arr(read_rgb(item[0]), size)), item[1]
 
 def collate(fn, items):
-    """a DataLoader's batch of fn(item), made in its workers (fn: a partial of a module-level function: it pickles)"""
-    return torch.utils.data.default_collate([fn(item) for item in items])
+    """a DataLoader's batch of fn(item), made in its workers (fn: a partial of a module-level function: it pickles);
+    an unreadable image gives its FIDError as the batch, a value for batches() to raise: raised in a worker, it
+    would come back wrapped in the worker's traceback"""
+    try:
+        return torch.utils.data.default_collate([fn(item) for item in items])
+    except FIDError as e:
+        return e
+
+def batches(items, fn, args, desc):
+    """the batches of fn(item), made in args.num_workers processes"""
+    loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=partial(collate, fn), worker_init_fn=_worker_init)
+    for batch in tqdm(loader, desc=desc, leave=False):
+        if isinstance(batch, FIDError):
+            raise batch
+        yield batch
 
 def imagenet_items(path):
     """[(file, label)] from class folders (sorted wnids = labels 0..999), or [((shard, offset, size), label)] from
@@ -372,10 +390,8 @@ def imagenet_items(path):
 @torch.no_grad()
 def get_features(model, images, args):
     """files or uint8 (H, W, 3) arrays -> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
-    to_input = partial(collate, partial(inception_input, resize=args.resize))
     feats, logits = [], []
-    loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
-    for x in tqdm(loader, desc='inception', leave=False):
+    for x in batches(images, partial(inception_input, resize=args.resize), args, 'inception'):
         f, l = model(x.to(args.device))
         feats.append(f.double().cpu())
         logits.append(l)
@@ -462,17 +478,21 @@ def clip_score(clip, files, prompts, batch_size=50, device='cpu'):
 
 def rfid_models(args):
     """--tokenizer and the text encoder of its captions, checked together before any image is read"""
-    tokenizer = TATiTok.from_pretrained(args.tokenizer)
-    cfg, ckpt = tokenizer.config, args.tokenizer
+    ckpt = args.tokenizer
     if os.path.isdir(ckpt):  # a training run's folder
         ckpt = os.path.join(ckpt, 'ckpt.pt')
-    spec = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
-    if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its own
-        spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder') or spec
-    if args.clip:
-        text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
-    else:
-        text_encoder = TextEncoder.from_spec(spec)
+    try:
+        tokenizer = TATiTok.from_pretrained(args.tokenizer)
+        cfg = tokenizer.config
+        spec = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
+        if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its own
+            spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder') or spec
+        if args.clip:
+            text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
+        else:
+            text_encoder = TextEncoder.from_spec(spec)
+    except CheckpointError as e:  # tatitok.py's refusal of --tokenizer or --clip, made one line
+        raise FIDError(str(e)) from None
     if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
         raise FIDError(f"the text encoder gives {text_encoder.context_length} x {text_encoder.width} guidance, "
                        f"the tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
@@ -486,10 +506,8 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
     "A photo of a {class}.", -> pool3 of the reconstructions and of the crops, (N, 2048) float64 each"""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order, like the class folders
     size = tokenizer.config.image_size
-    to_input = partial(collate, partial(imagenet_input, size=size))
-    loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
     feats = {'recon': [], 'orig': []}
-    for img, label in tqdm(loader, desc='rfid'):
+    for img, label in batches(items, partial(imagenet_input, size=size), args, 'rfid'):
         img = img.to(args.device)  # uint8 (B, 3, S, S)
         guidance = text_encoder([f"A photo of a {IMAGENET_CLASSNAMES[i]}." for i in label.tolist()])['guidance']
         tokens = tokenizer.encode(img.float() / 255, sample=False)  # KL: the posterior mean, so rFID is deterministic
@@ -533,13 +551,7 @@ def main(argv=None):
         args.device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    try:
-        run(args)
-    except (FIDError, CheckpointError) as e:  # CheckpointError: a --tokenizer or --clip that tatitok.py refused
-        msg = str(e).strip()
-        if 'Original Traceback' in msg:  # raised in a loader worker: comes back wrapped with its traceback
-            msg = msg.splitlines()[-1].split('FIDError: ')[-1]
-        p.exit(2, f"error: {' '.join(msg.split())}\n")  # one line
+    run_main(run, args, (FIDError,))
 
 def refuse(rules):
     """rules: (bad, message) pairs, in order; the first bad one is the error"""
@@ -589,7 +601,7 @@ def check_inputs(args):
     warn_few(args.imagenet, len(items))
     return inputs, items
 
-def run(args):
+def run(args, state):
     inputs, items = check_inputs(args)
     if items:
         tokenizer, text_encoder = rfid_models(args)
@@ -629,6 +641,7 @@ def run(args):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        state['interrupted'] = lambda: f"interrupted: the statistics were written to {args.save_stats}"
         print(f"saved statistics to {args.save_stats}")
     if len(stats) == 2:
         print(f"FID: {frechet_distance(*stats[0][:2], *stats[1][:2]):.4f}")
