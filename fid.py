@@ -237,10 +237,9 @@ def tf1_resize(x, size=299):
         scale = torch.tensor(n / size, dtype=torch.float32)
         src = torch.arange(size, dtype=torch.float32, device=x.device) * scale  # (size,)
         lo = src.floor().long()
-        frac = (src - lo).view([-1] + [1] * (3 - dim))  # broadcasts along dim
-        a = x.index_select(dim, lo)
-        b = x.index_select(dim, (lo + 1).clamp(max=n - 1))
-        x = a + (b - a) * frac
+        frac = (src - lo).view([-1] + [1] * (3 - dim))  # (size, 1[, 1]): along dim
+        a, b = x.index_select(dim, lo), x.index_select(dim, (lo + 1).clamp(max=n - 1))
+        x = a + (b - a) * frac  # size along dim
     return x
 
 def preprocess(x, resize='tf'):
@@ -418,7 +417,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid, TTUR, ADM"""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin
-        raise FIDError("the statistics hold NaN or inf (from fewer than 2 images, or broken weights)")
+        raise FIDError("the statistics hold NaN or inf (one image? broken weights?)")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (d, d)
     if not np.isfinite(covmean).all():
@@ -505,7 +504,8 @@ def rfid_models(args):
         raise FIDError(str(e)) from None
     if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
         raise FIDError(f"the text encoder gives {te.context_length} x {te.width} guidance, the "
-                       f"tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
+                       f"tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: "
+                       "pass its --clip")
     if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
         raise FIDError(f"--image_size {args.image_size}: the tokenizer works at "
                        f"{cfg.image_size}x{cfg.image_size}")
@@ -593,8 +593,9 @@ def check_inputs(args):
     one = args.save_stats or args.isc or args.clip_score  # what one path is for
     both = args.tokenizer and args.imagenet
     refuse([(rfid and (not both or args.paths or args.isc or args.clip_score),
-             "rFID mode takes both --tokenizer and --imagenet, and no paths, --isc or --clip_score"),
-            (not rfid and (args.clip or args.image_size), "--clip and --image_size are for rFID mode"),
+             "rFID mode takes both --tokenizer and --imagenet, no paths, --isc or --clip_score"),
+            (not rfid and (args.clip or args.image_size),
+             "--clip and --image_size are for rFID mode"),
             (not rfid and len(args.paths) != 2 and not (len(args.paths) == 1 and one),
              "give two paths for FID, or one with --save_stats, --isc or --clip_score"),
             (args.weights and not os.path.isfile(args.weights),
