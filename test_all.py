@@ -2090,6 +2090,33 @@ def test_fid_cli_refuses_bad_numbers_paths_and_artifacts(tmp_path, capsys, monke
         _fid_refuses(argv, capsys, expect)
     assert (tmp_path / 'old.npz').read_bytes() == b'statistics'
 
+def test_fid_cli_worker_error_and_interrupts(fid_weights, fid_image, tmp_path, capfd, monkeypatch, signals):
+    """an unreadable image read in a DataLoader worker ends in one line naming it (exit 2, no traceback from
+    either process: capfd sees the worker's stderr too); SIGTERM ends in one line saying what is on disk
+    (exit 143): nothing, or the statistics --save_stats wrote"""
+    for name in ('bad', 'good'):
+        (tmp_path / name).mkdir()
+        Image.fromarray(fid_image[0].permute(1, 2, 0).numpy()).save(tmp_path / name / 'a.png')
+    (tmp_path / 'bad' / 'b.png').write_bytes(b'not a png')
+    Image.fromarray(fid_image[0].permute(1, 2, 0).numpy()[::-1].copy()).save(tmp_path / 'good' / 'b.png')
+    common = ['--weights', fid_weights, '--device', 'cpu', '--batch_size', '1']
+    code, _, err = _run_fid_cli([str(tmp_path / 'bad'), '--save_stats', str(tmp_path / 'x.npz'),
+                                 '--num_workers', '1'] + common, capfd)
+    assert code == 2 and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == f"error: {tmp_path / 'bad' / 'b.png'}: not an image PIL can read", err
+    assert not (tmp_path / 'x.npz').exists()
+    ref = str(tmp_path / 'ref.npz')
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    monkeypatch.setattr(fid, 'frechet_distance', lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    code, stdout, err = _run_fid_cli([ref, ref], capfd)
+    assert code == 143 and err.strip().splitlines()[-1] == "interrupted: nothing written", err
+    assert 'FID' not in stdout
+    out = str(tmp_path / 's.npz')
+    code, _, err = _run_fid_cli([str(tmp_path / 'good'), ref, '--save_stats', out, '--num_workers', '0'] + common,
+                                capfd)
+    assert code == 143 and err.strip().splitlines()[-1] == f"interrupted: the statistics were written to {out}"
+    assert np.load(out)['sigma'].shape == (2048, 2048)
+
 def test_fid_read_prompts_pairs_files_with_prompts(tmp_path):
     """--clip_score prompts: lines follow the sorted files; a json (MJHQ meta_data.json) is keyed by file stem"""
     files = [str(tmp_path / 'x' / f'{k}.png') for k in ('a1', 'b2')]
