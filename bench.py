@@ -26,8 +26,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, pick_device,
-                     pick_dtype, autocast, peak_flops, number)
+from tatitok import TATiTok, TextEncoder, CheckpointError, tatitok_config
+from runtime import pick_device, pick_dtype, autocast, peak_flops, number
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
 from runtime import optimizer_step, update_ema, describe, run_main, GiB
 

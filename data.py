@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from tatitok import write_atomic
+from runtime import write_atomic
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION / DataComp / ours
@@ -1032,7 +1032,7 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
     return Loader(stream, missing)
 
 def save_png(img, path):
-    """A uint8 (H, W, 3) image to `path`, whole or not at all (tatitok.write_atomic)."""
+    """A uint8 (H, W, 3) image to `path`, whole or not at all (runtime.write_atomic)."""
     write_atomic(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
 
 
@@ -1219,7 +1219,7 @@ def pretokenize(args, state):
     unit, existing outputs skipped (resume), input shards split over torchrun processes. The folder's
     tokenizer.json says which tokenizer made them (token_shards_tokenizer reads it)."""
     from tqdm import tqdm
-    from tatitok import use_device, pick_dtype, autocast
+    from runtime import use_device, pick_dtype, autocast
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = use_device(args.device)  # main() parsed it: this rank's GPU under torchrun
@@ -1449,7 +1449,7 @@ def main(argv=None):
     if args.num_samples and args.data.split(':')[0] != 'shapes':
         p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
     if args.cmd == 'pretokenize':
-        from tatitok import pick_device, pick_dtype
+        from runtime import pick_device, pick_dtype
         try:
             args.device = pick_device(args.device)
             pick_dtype(args.dtype, args.device)

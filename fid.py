@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from data import ImageError, open_image, _worker_init
 from runtime import run_main
-from tatitok import TATiTok, TextEncoder, CheckpointError, number, pick_device
+from tatitok import TATiTok, TextEncoder, CheckpointError
+from runtime import number, pick_device
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')

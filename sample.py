@@ -31,8 +31,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from tatitok import (CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, DTYPES, load_state_dict_file,
-                     init_distributed, pick_dtype, autocast, make_out_dir, number, all_gather_objects)
+from tatitok import CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file
+from runtime import (DTYPES, init_distributed, pick_dtype, autocast, make_out_dir, number,
+                     all_gather_objects)
 from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
 from runtime import on_rank0, run_main
 from data import (make_grid, save_png, open_image, ImageError, DataError, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,

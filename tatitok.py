@@ -23,18 +23,14 @@ References:
 import os
 import json
 import math
-import argparse
-import socket
-import tempfile
+import http.client
 import zipfile
 import functools
 import warnings
 from dataclasses import dataclass, fields
-from datetime import timedelta
 
 import torch
 import torch.nn as nn
-import torch.distributed as dist
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -631,9 +627,9 @@ def load_state_dict_file(path, dtype=torch.float32):
     return sd
 
 def reachable(host, timeout=3.0):
-    # a dead network makes download libraries retry for ~25 s; a 3 s socket probe lets us fail fast and clearly
+    # a dead network makes download libraries retry for ~25 s; a 3 s connection lets us fail fast and clearly
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        http.client.HTTPSConnection(host, timeout=timeout).connect()
         return True
     except OSError:
         return False
@@ -739,110 +735,6 @@ def checkpoint_weights(ckpt):
         return ckpt['ema']
     return ckpt['model']
 
-def make_out_dir(path):
-    """Make --out_dir and write a file into it, or say in one line why not (a file, a read-only place, a full
-    disk) before any work starts: os.access says yes to root everywhere."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"--out_dir {path} is a file, not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise CheckpointError(f"--out_dir {path} cannot be written ({e.strerror})") from None
-
-def write_atomic(path, write):
-    """write(a temporary path), then a rename: the file is there whole or not at all, and a failure or an
-    interrupt (Ctrl-C, SIGTERM) leaves no temporary file behind."""
-    tmp = path + '.tmp'
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-def save_checkpoint(ckpt, path):
-    write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
-
-# -----------------------------------------------------------------------------
-# what every script shares: the device, the precision, the processes, a GPU's peak; the training schedule and EMA
-
-def pick_device(name='auto'):
-    """The torch.device of --device. 'auto': this process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else
-    the CPU; 'cuda' is this process's GPU too. A name torch does not know, or a device this machine lacks:
-    ValueError with a one-line message."""
-    if name == 'auto' and not torch.cuda.is_available():
-        name = 'cpu'
-    if name in ('auto', 'cuda'):
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, mps") from None
-    if device.type not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
-    if device.type == 'cuda' and not 0 <= (device.index or 0) < torch.cuda.device_count():  # cuda:999 wraps below 0
-        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here (--device cpu?)")
-    if device.type == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine (--device cpu?)")
-    return device
-
-def use_device(device):
-    """This process's device from the first CUDA call on (under torchrun, each rank on its own GPU, never a
-    context on GPU 0), with TF32 for the fp32 parts (losses, quantizer, diffusion). -> device"""
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-def init_distributed(device_name):
-    """torchrun sets RANK and WORLD_SIZE: join the process group (nccl on CUDA, gloo on the CPU) and take this
-    rank's device. One process without torchrun. -> (rank, world_size, device)"""
-    rank = int(os.environ.get('RANK', 0))
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    device = use_device(pick_device(device_name))
-    if world > 1:  # an hour: the other ranks wait in a barrier while rank 0 writes a 20 GB checkpoint
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(hours=1))
-    return rank, world, device
-
-DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
-
-def pick_dtype(name, device):
-    """The autocast dtype of --dtype. 'auto': bfloat16 on a GPU that has it (else float16), float32 elsewhere."""
-    if name == 'auto' and device.type == 'cuda':
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == 'auto':
-        return torch.float32
-    if name == 'float16' and device.type != 'cuda':
-        raise ValueError("--dtype float16 needs a CUDA GPU (its loss scaling is CUDA's); use bfloat16 or float32")
-    return DTYPES[name]
-
-def autocast(device, dtype):
-    """The mixed-precision context of the forward passes (none for float32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-# bf16 dense tensor-core peaks; matched in this order against torch.cuda.get_device_name(), so PCIe and NVL first
-PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
-
-def peak_flops(device):
-    """The bf16 peak FLOP/s of a GPU, for MFU; inf for a CPU or an unknown GPU, so MFU reads 0 rather than a guess."""
-    if device.type != 'cuda':
-        return float('inf')
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS if key in name), float('inf'))
-
-def get_lr(step, peak, warmup, total, end, schedule='cosine'):
-    """The release's schedule (utils/lr_schedulers.py): linear warm-up to `peak`, then cosine down to `end` at step
-    `total`, or constant."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    if schedule == 'constant':
-        return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
-
 def param_groups(named_parameters, weight_decay):
     """The release's AdamW groups (utils/train_utils.py): no decay for vectors, and for every name holding one of
     these words (so the adaLN linears, whose names hold 'norm', and anything *embed* go undecayed)."""
@@ -854,68 +746,3 @@ def param_groups(named_parameters, weight_decay):
         else:
             decay.append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-def all_gather_objects(obj, world):
-    """Every rank's picklable `obj`, as a list in rank order (one process: [obj])."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-def open_checkpoint(out_dir, resume, script, config, model_keys):
-    """The checkpoint a run continues from, or None for a new run. A run is never overwritten without --resume,
-    nor continued by the other training script or with other flags in `model_keys` (the ones that define the
-    model). -> (checkpoint or None, the other flags that changed: {flag: (saved, now)})"""
-    path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        return None, {}
-    if not resume:
-        raise CheckpointError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
-    ckpt = load_state_dict_file(path)
-    if not isinstance(ckpt, dict) or ckpt.get('script') != script:
-        raise CheckpointError(f"{path} was not written by {script}.py: choose another --out_dir")
-    saved = ckpt['config']
-    other = {k: (saved.get(k), config[k]) for k in model_keys if saved.get(k) != config[k]}
-    if other:
-        raise CheckpointError(f"{path} trains another model ({other}, saved vs now): resume with the flags it was "
-                              f"started with, or choose another --out_dir")
-    changed = {k: (v, config.get(k)) for k, v in saved.items() if k != 'resume' and config.get(k) != v}
-    return ckpt, changed
-
-def number(kind=float, low=None, high=None):
-    """An argparse type: a finite number of `kind` within [low, high], so that --lr nan, --batch_size 0 or
-    --guidance_scale inf stop at once with a one-line message (exit 2), before anything is built."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
-        if kind is float and not math.isfinite(value):  # (an int is finite, however long)
-            raise argparse.ArgumentTypeError(f"{text!r}: a finite number is wanted")
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: at least {low} is wanted")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text!r}: at most {high} is wanted")
-        return value
-    return parse
-
-def add_system_flags(parser, model, draws):
-    """The training scripts' 'system' flags, one spelling for both: model names what is compiled and autocast,
-    draws what --seed seeds besides the init and the data order."""
-    g = parser.add_argument_group('system')
-    g.add_argument('--resume', action='store_true', help="continue the run in --out_dir")
-    g.add_argument('--device', default='auto', help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
-    g.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'], help="autocast "
-                   f"dtype of the {model} (auto: bfloat16 on a GPU, float32 on the CPU); the losses stay fp32")
-    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help=f"torch.compile the {model} "
-                   "(auto: on for CUDA)")
-    g.add_argument('--seed', type=number(int, 0), default=42, help=f"seed of the init, the data order and {draws} "
-                   "(default 42)")
-    g.add_argument('--max_nonfinite', type=number(int, 1), default=20, help="stop after this many non-finite steps "
-                   "in a row, checked at each log line (default 20)")
-    g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto', help="recompute each "
-                   "transformer block in the backward pass, a block's activations in memory instead of all (auto: "
-                   "where the memory plan needs it)")
-    g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto', help="split AdamW's state over the "
-                   "processes (torch's ZeroRedundancyOptimizer; auto: where the memory plan needs it)")

@@ -3065,7 +3065,8 @@ def test_train_tokenizer_reads_the_original_caption(tmp_path, monkeypatch):
 
 def test_discriminator_and_schedule():
     """The PatchGAN gives 16x16 logits at any size; warmup + cosine hits its ends; the release's no-decay groups."""
-    from tatitok import get_lr, param_groups
+    from tatitok import param_groups
+    from runtime import get_lr
     D = tt.Discriminator(32)
     for s in (32, 64, 256):  # the release pools to 16 x 16: enlarged below 128 px, halved at 256
         assert D(torch.rand(2, 3, s, s)).shape == (2, 1, 16, 16)
@@ -3299,7 +3300,7 @@ def test_flop_estimates_match_flop_counter(gname, tname):
                                        ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H200', 989e12),
                                        ('NVIDIA A100-SXM4-80GB', 312e12), ('Tesla T4', float('inf'))])
 def test_peak_flops_by_gpu_name(monkeypatch, name, peak):
-    """MFU's denominator from the name torch gives the GPU (tatitok.peak_flops, as bench.py calls it): an H100 PCIe
+    """MFU's denominator from the name torch gives the GPU (runtime.peak_flops, as bench.py calls it): an H100 PCIe
     or NVL is not an SXM H100, so its row must match before the plain 'H100' one; an unknown GPU or a CPU has no
     peak (inf: MFU 0, not a guess)."""
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)

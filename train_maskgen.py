@@ -39,10 +39,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official, load_state_dict_file,
-                     checkpoint_weights, init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
+from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official,
+                     load_state_dict_file, checkpoint_weights, clip_ids)
+from runtime import (init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
                      save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
-                     add_system_flags, clip_ids)
+                     add_system_flags)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, training_draws
 from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
                   tokenizer_fingerprint, merge_states, encode_images, save_png)

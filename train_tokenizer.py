@@ -42,10 +42,11 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config, load_official,
-                     init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr, param_groups,
-                     save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number, add_system_flags,
-                     reachable, at_least_fp32, clip_ids)
+from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config,
+                     load_official, param_groups, reachable, at_least_fp32, clip_ids)
+from runtime import (init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
+                     save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
+                     add_system_flags)
 from data import make_loader, make_grid, expand_source, DataError, merge_states, save_png
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
                      optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite, run_main,
