@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tatitok import TATiTok, TextEncoder, CheckpointError, tatitok_config
+from tatitok import TATiTok, TextEncoder, UserError, tatitok_config
 from runtime import pick_device, pick_dtype, autocast, peak_flops, number
 from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
 from runtime import optimizer_step, update_ema, describe, run_main, GiB
@@ -34,7 +34,7 @@ from runtime import optimizer_step, update_ema, describe, run_main, GiB
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
 CLIP_L14_PARAMS = 123.7e6  # ViT-L-14-336's text tower (the official CLIP): its parameters
 TOKENS = ['vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128', 'vq', 'kl']
-USER_ERRORS = (CheckpointError, torch.cuda.OutOfMemoryError)  # one line, exit 2 (runtime.run_main)
+USER_ERRORS = (UserError, torch.cuda.OutOfMemoryError)  # one line, exit 2 (runtime.run_main)
 
 
 def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from tatitok import UserError
 from runtime import write_atomic
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -57,10 +58,6 @@ DEFAULT_AES = 6.0  # the official sample_aesthetic_score for stage 1, for a samp
 # the phrases a recaption may start with; in this order, so 'showcases' is tried before 'shows'
 RECAP_PREFIXES = tuple(f"The image {verb}"
                        for verb in ('depicts', 'displays', 'showcases', 'features', 'shows'))
-
-class DataError(ValueError):
-    """A user-caused problem (no files, too few shards, a state from another layout, a misplaced
-    artifact); the CLI prints it in one line and exits 2."""
 
 # -----------------------------------------------------------------------------
 # the procedural shapes set: coloured circles / squares / triangles on grey, captions that name them
@@ -418,7 +415,7 @@ def _braceexpand(pattern):
 
 def expand_source(source):
     """-> ('shapes', split) | ('folder', [(image, caption, key)]) | ('tar', [shard paths]);
-    DataError if empty."""
+    UserError if empty."""
     kind, items, _ = _expand(source)
     return kind, items
 
@@ -443,7 +440,7 @@ def _expand(source):
                 key = os.path.relpath(os.path.join(d, stem), source)
                 items.append((os.path.join(d, f), os.path.join(d, stem + '.txt'), key))
         if not items:
-            raise DataError(f"no images (.jpg/.png/.webp) or .tar shards in folder {source}")
+            raise UserError(f"no images (.jpg/.png/.webp) or .tar shards in folder {source}")
         return 'folder', items, []
     patterns = [source] if isinstance(source, str) else source
     found, missing = set(), set()
@@ -457,7 +454,7 @@ def _expand(source):
             if not files:
                 missing.add(path)
     if not found:
-        raise DataError(f"no files match {source!r}")
+        raise UserError(f"no files match {source!r}")
     return 'tar', sorted(found), sorted(missing)
 
 def _tar_index(path, counts):
@@ -543,7 +540,7 @@ def _caption(txt, recap, rng, recap_prob):
         return txt
     return c
 
-class ImageError(DataError):
+class ImageError(UserError):
     """An image that cannot be used: not one, or too large (TooLarge), named."""
 
 
@@ -667,7 +664,7 @@ class _Stream(torch.utils.data.IterableDataset):
         while True:
             if self.train and t % passes == 0 and j == 0:
                 if t > 0 and p == mark:
-                    raise DataError(f"stream {v}: {passes} unit(s) in a row kept no sample (all "
+                    raise UserError(f"stream {v}: {passes} unit(s) in a row kept no sample (all "
                                     f"filtered or corrupt?)")
                 mark = p
             unit = self._unit(v, t, counts if j == 0 else Counter())  # a bad shard counts once
@@ -977,7 +974,7 @@ class Loader:
             sd = merge_states(sd)
         diff = {k: (sd.get(k), v) for k, v in self._layout().items() if sd.get(k) != v}
         if diff:
-            raise DataError(f"data state was saved with another layout (saved, now): {diff}")
+            raise UserError(f"data state was saved with another layout (saved, now): {diff}")
         mine = set(self.stream.my_streams())
         self.positions = {int(v): list(p) for v, p in sd['positions'].items() if int(v) in mine}
         self.stream_counts = {int(v): Counter(c) for v, c in sd['counts'].items() if int(v) in mine}
@@ -1023,7 +1020,7 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
     if not train:  # one stream per worker, each its share of the units
         streams = world_size * max(1, num_workers)
     elif streams % world_size:
-        raise DataError(f"{world_size} processes do not divide the data's {streams} streams evenly")
+        raise UserError(f"{world_size} processes do not divide the data's {streams} streams evenly")
     per_rank = streams // world_size
     num_workers = max(w for w in range(min(num_workers, per_rank) + 1) if w == 0 or per_rank % w == 0)
     stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
@@ -1109,16 +1106,16 @@ def _read_record(folder):
         with open(path) as fp:
             record = json.load(fp)
     except (OSError, ValueError):
-        raise DataError(f"{path}: not a readable tokenizer record (json)") from None
+        raise UserError(f"{path}: not a readable tokenizer record (json)") from None
     if not isinstance(record, dict):
-        raise DataError(f"{path}: not a tokenizer record (a json object)")
+        raise UserError(f"{path}: not a tokenizer record (a json object)")
     return record
 
 def token_shards_tokenizer(source):
     """The record of the tokenizer that made the token shards of `source` (a folder, or a pattern or
     list of shards; read from their folder's tokenizer.json): {'tokenizer': the name it was given,
     'model_args': its config, 'fingerprint': tokenizer_fingerprint of its weights}. None for images,
-    a folder of images, 'shapes', or shards without a record. DataError if the shards' folders hold
+    a folder of images, 'shapes', or shards without a record. UserError if the shards' folders hold
     different records (or some none), or a record cannot be read."""
     kind, items = expand_source(source)
     if kind != 'tar':
@@ -1130,7 +1127,7 @@ def token_shards_tokenizer(source):
             records[folder] = _read_record(folder)
     fingerprints = {None if r is None else r.get('fingerprint') for r in records.values()}
     if len(fingerprints) > 1:
-        raise DataError(f"the shards of {source!r} were made by different tokenizers (or some have "
+        raise UserError(f"the shards of {source!r} were made by different tokenizers (or some have "
                         f"no tokenizer.json): folders {sorted(records)}")
     return next(iter(records.values()))
 
@@ -1148,56 +1145,56 @@ def _first_members(path, n=8):
 def _check_input(source, kind, items):
     """pretokenize's --data: image shards, a folder of images or 'shapes', not another artifact."""
     if kind == 'folder' and os.path.exists(os.path.join(source, 'ckpt.pt')):
-        raise DataError(f"--data {source}: a training run's folder (it holds ckpt.pt), not a folder "
+        raise UserError(f"--data {source}: a training run's folder (it holds ckpt.pt), not a folder "
                         f"of images")
     if kind != 'tar':
         return
     for path in items:
         if not path.endswith('.tar'):
-            raise DataError(f"--data {source}: {path} is not a .tar shard of images")
+            raise UserError(f"--data {source}: {path} is not a .tar shard of images")
     if any(name.endswith('.tokens.npy') for name in _first_members(items[0])):
-        raise DataError(f"--data {source}: token shards (data.py pretokenize made them), not images")
+        raise UserError(f"--data {source}: token shards (data.py pretokenize made them), not images")
     stems = [os.path.basename(p)[:-len('.tar')] for p in items]
     if len(set(stems)) < len(stems):
-        raise DataError(f"--data {source}: shards in different folders share file names, so their "
+        raise UserError(f"--data {source}: shards in different folders share file names, so their "
                         f"token shards would too")
 
 def _check_out_dir(out_dir, items):
     """pretokenize's --out_dir: a new or empty folder, or one that pretokenize wrote (to resume), and
     one it can write to. Created here, before the tokenizer loads."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"--out_dir {out_dir} is a file, not a folder")
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder")
     if os.path.isdir(out_dir):
         names = sorted(os.listdir(out_dir))
         ours = ('tokenizer.json', 'tokenizer.json.tmp')  # and the shards, .tar.tmp while written
         others = [f for f in names if f not in ours and not f.endswith(('.tar', '.tar.tmp'))]
         if others:
-            raise DataError(f"--out_dir {out_dir} holds files that are not token shards (e.g. "
+            raise UserError(f"--out_dir {out_dir} holds files that are not token shards (e.g. "
                             f"{others[0]}): give a new or empty folder")
         shards = [f for f in names if f.endswith('.tar')]
         if shards and 'tokenizer.json' not in names:
-            raise DataError(f"--out_dir {out_dir} holds .tar shards that pretokenize did not write (no "
+            raise UserError(f"--out_dir {out_dir} holds .tar shards that pretokenize did not write (no "
                             f"tokenizer.json): give a new or empty folder")
         for path in items:  # image shards
             if os.path.samefile(os.path.dirname(os.path.abspath(path)), out_dir):
-                raise DataError(f"--out_dir {out_dir} is the folder of the --data shards")
+                raise UserError(f"--out_dir {out_dir} is the folder of the --data shards")
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # a write test: permissions, a read-only disk
     except OSError as e:
-        raise DataError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from None
+        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from None
 
 def _load_tokenizer(name):
-    """TATiTok.from_pretrained(name), with a one-line DataError for what is not a tokenizer: a
+    """TATiTok.from_pretrained(name), with a one-line UserError for what is not a tokenizer: a
     generator's checkpoint, a token-shard folder, a folder without a checkpoint, an unreadable file."""
-    from tatitok import TATiTok, TATiTokConfig, CheckpointError
+    from tatitok import TATiTok, TATiTokConfig
     path = name
     if os.path.isdir(name):
         if _read_record(name) is not None:
-            raise DataError(f"--tokenizer {name} is a folder of token shards, not a tokenizer")
+            raise UserError(f"--tokenizer {name} is a folder of token shards, not a tokenizer")
         path = os.path.join(name, 'ckpt.pt')
         if not os.path.isfile(path):
-            raise DataError(f"--tokenizer {name} is a folder without a ckpt.pt (as the --out_dir of "
+            raise UserError(f"--tokenizer {name} is a folder without a ckpt.pt (as the --out_dir of "
                             f"train_tokenizer.py holds)")
     if os.path.isfile(path) and not path.endswith('.safetensors'):
         try:  # mmap: the tensors are not read
@@ -1207,12 +1204,12 @@ def _load_tokenizer(name):
         if isinstance(ck, dict) and isinstance(ck.get('model_args'), dict):
             ours = {f.name for f in dataclasses.fields(TATiTokConfig)}
             if 'tokenizer' in ck or not set(ck['model_args']) <= ours:
-                raise DataError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), "
+                raise UserError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), "
                                 f"not a tokenizer: give the tokenizer it was trained with")
     try:
         return TATiTok.from_pretrained(name)
-    except CheckpointError as e:  # a wrong name or path, or offline: a user error like any other
-        raise DataError(f"--tokenizer: {e}") from None
+    except UserError as e:  # a wrong name or path, or offline: a user error like any other
+        raise UserError(f"--tokenizer: {e}") from None
 
 def pretokenize(args, state):
     """Encode each image once with the frozen TA-TiTok into token shards: one output shard per input
@@ -1230,8 +1227,8 @@ def pretokenize(args, state):
     # what the user may have got wrong is checked before the tokenizer loads
     try:
         kind, items, missing = _expand(args.data)
-    except DataError as e:
-        raise DataError(f"--data: {e}") from None
+    except UserError as e:
+        raise UserError(f"--data: {e}") from None
     if missing and rank == 0:
         _warn_missing(missing, items)
     _check_input(args.data, kind, items)
@@ -1239,14 +1236,14 @@ def pretokenize(args, state):
     model = _load_tokenizer(args.tokenizer).requires_grad_(False).to(device)
     cfg = model.config
     if cfg.quantize == 'vq' and cfg.codebook_size > 2 ** 16:
-        raise DataError(f"--tokenizer {args.tokenizer}: {cfg.codebook_size} codes do not fit the "
+        raise UserError(f"--tokenizer {args.tokenizer}: {cfg.codebook_size} codes do not fit the "
                         f"uint16 ids that token shards store")
     record = dict(tokenizer=args.tokenizer, model_args=dataclasses.asdict(cfg),
                   fingerprint=tokenizer_fingerprint(model))
     old = _read_record(args.out_dir)
     done_any = any(f.endswith('.tar') for f in os.listdir(args.out_dir))
     if done_any and old is not None and old.get('fingerprint') != record['fingerprint']:
-        raise DataError(f"--out_dir {args.out_dir} holds token shards of another tokenizer "
+        raise UserError(f"--out_dir {args.out_dir} holds token shards of another tokenizer "
                         f"({old.get('tokenizer')}): give a new folder, or that tokenizer")
     if world > 1:
         dist.barrier()  # every rank has checked the folder before any rank writes to it
@@ -1299,7 +1296,7 @@ def pretokenize(args, state):
     if own_group:
         dist.destroy_process_group()
     if empty and args.strict:
-        raise DataError(f"--strict: {len(empty)} unit(s) kept no sample: {', '.join(sorted(empty)[:5])} (the rest "
+        raise UserError(f"--strict: {len(empty)} unit(s) kept no sample: {', '.join(sorted(empty)[:5])} (the rest "
                         f"is written)")
 
 def _write_token_shards(loader, model, out_dir, device, ctx, pbar):
@@ -1456,7 +1453,7 @@ def main(argv=None):
         except ValueError as e:
             p.error(str(e))
     from runtime import run_main
-    run_main(dict(stats=stats, pretokenize=pretokenize)[args.cmd], args, (DataError,))
+    run_main(dict(stats=stats, pretokenize=pretokenize)[args.cmd], args, (UserError,))
 
 if __name__ == '__main__':
     main()

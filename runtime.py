@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tatitok import CheckpointError, load_state_dict_file
+from tatitok import UserError, load_state_dict_file
 
 # -----------------------------------------------------------------------------
 # devices, precision, output folders, checkpoints, flags
@@ -24,12 +24,12 @@ def make_out_dir(path):
     """Make --out_dir and write a file into it, or say in one line why not (a file, a read-only place, a full
     disk) before any work starts: os.access says yes to root everywhere."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise CheckpointError(f"--out_dir {path} is a file, not a folder")
+        raise UserError(f"--out_dir {path} is a file, not a folder")
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise CheckpointError(f"--out_dir {path} cannot be written ({e.strerror})") from None
+        raise UserError(f"--out_dir {path} cannot be written ({e.strerror})") from None
 
 def write_atomic(path, write):
     """write(a temporary path), then a rename: the file is there whole or not at all, and a failure or an
@@ -137,14 +137,14 @@ def open_checkpoint(out_dir, resume, script, config, model_keys):
     if not os.path.exists(path):
         return None, {}
     if not resume:
-        raise CheckpointError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
+        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
     ckpt = load_state_dict_file(path)
     if not isinstance(ckpt, dict) or ckpt.get('script') != script:
-        raise CheckpointError(f"{path} was not written by {script}.py: choose another --out_dir")
+        raise UserError(f"{path} was not written by {script}.py: choose another --out_dir")
     saved = ckpt['config']
     other = {k: (saved.get(k), config[k]) for k in model_keys if saved.get(k) != config[k]}
     if other:
-        raise CheckpointError(f"{path} trains another model ({other}, saved vs now): resume with the flags it was "
+        raise UserError(f"{path} trains another model ({other}, saved vs now): resume with the flags it was "
                               f"started with, or choose another --out_dir")
     changed = {k: (v, config.get(k)) for k, v in saved.items() if k != 'resume' and config.get(k) != v}
     return ckpt, changed
@@ -198,7 +198,7 @@ def micro_batches(batch_size, ceiling, world):
     number of processes trains the same model: each takes batch_size / world samples a step, in the
     largest micro batch at most `ceiling` (None: all at once) that divides them evenly."""
     if batch_size % world:
-        raise CheckpointError(f"--batch_size {batch_size} cannot be split over {world} processes: give a "
+        raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: give a "
                          f"multiple of {world}")
     per_rank = batch_size // world
     limit = min(ceiling or per_rank, per_rank)
@@ -345,7 +345,7 @@ def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpoi
     batch, whose plan fits in 90% of the memory. Block checkpointing only when no micro batch of at
     least a quarter of the recipe's fits without it; the optimizer state sharded over the processes
     (zero) only when nothing fits without it. -> dict(micro_batch, grad_accum, checkpointing, zero,
-    plan (bytes by part)); CheckpointError when nothing fits."""
+    plan (bytes by part)); UserError when nothing fits."""
     mb, _ = micro_batches(batch_size, ceiling, world)
     per_rank = batch_size // world
     sizes = [d for d in range(mb, 0, -1) if per_rank % d == 0]  # largest first
@@ -360,7 +360,7 @@ def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpoi
                 return dict(micro_batch=size, grad_accum=per_rank // size, checkpointing=c, zero=z,
                             plan=plan)
     smallest = memory_plan(model, act, frozen, 1, world, levers[-1][0], levers[-1][1])
-    raise CheckpointError(f"nothing fits in {memory / GiB:.1f} GiB per GPU: a micro batch of 1 with "
+    raise UserError(f"nothing fits in {memory / GiB:.1f} GiB per GPU: a micro batch of 1 with "
                           f"{describe(levers[-1])} plans {sum(smallest.values()) / GiB:.1f} GiB (a "
                           f"smaller model, more processes with --zero on, or larger GPUs)")
 

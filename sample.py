@@ -31,12 +31,12 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from tatitok import CheckpointError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file
+from tatitok import UserError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file
 from runtime import (DTYPES, init_distributed, pick_dtype, autocast, make_out_dir, number,
                      all_gather_objects)
 from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
 from runtime import on_rank0, run_main
-from data import (make_grid, save_png, open_image, ImageError, DataError, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
+from data import (make_grid, save_png, open_image, ImageError, UserError, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
@@ -112,7 +112,7 @@ def load_models(args, device):
     if os.path.isfile(path) and not path.endswith(('.bin', '.safetensors')):  # one of ours: everything is inside
         ck = load_state_dict_file(path)
         if not isinstance(ck, dict) or ck.get('script') != 'train_maskgen':
-            raise CheckpointError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
+            raise UserError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
                                   f"--tokenizer)")
         gen = MaskGen.from_pretrained(path, dtype)  # the file again: mapped, nothing read twice
         config = gen.config
@@ -133,7 +133,7 @@ def load_models(args, device):
     fits = (t.num_latent_tokens, t.quantize, t.text_embed_dim, te.context_length) == \
         (config.num_tokens, config.quantize, te.width, t.text_context_length)
     if not fits or config.text_embed_dim != te.width:
-        raise CheckpointError(f"these do not fit together: a tokenizer of {t.num_latent_tokens} {t.quantize} tokens "
+        raise UserError(f"these do not fit together: a tokenizer of {t.num_latent_tokens} {t.quantize} tokens "
                               f"reading {t.text_context_length} x {t.text_embed_dim} text features, a generator of "
                               f"{config.num_tokens} {config.quantize} tokens reading width {config.text_embed_dim}, "
                               f"a text encoder of {te.context_length} x {te.width}")
@@ -162,15 +162,15 @@ def check_out_dir(args):
     """Refuse a folder that holds files, or that cannot be made, before anything is loaded or drawn (rank 0
     checks, under torchrun, and every rank waits for it)."""
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
-        raise CheckpointError(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another "
+        raise UserError(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): choose another "
                               f"folder")
     if args.grid:
         folder = os.path.dirname(args.grid) or '.'
         if os.path.abspath(folder) == os.path.abspath(args.out_dir):
-            raise CheckpointError("--grid goes outside --out_dir, which holds the samples only (fid.py reads every "
+            raise UserError("--grid goes outside --out_dir, which holds the samples only (fid.py reads every "
                                   "image there)")
         if os.path.exists(args.grid) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise CheckpointError(f"--grid {args.grid}: a new file in an existing, writable folder is wanted")
+            raise UserError(f"--grid {args.grid}: a new file in an existing, writable folder is wanted")
     make_out_dir(args.out_dir)
 
 def crop(img, size):
@@ -297,7 +297,7 @@ def shapes_report(captions, detections, size, tokenizer):
     return lines + [json.dumps(rounded)]
 
 def main(argv=None):
-    run_main(sample, p.parse_args(argv), (CheckpointError, DataError))
+    run_main(sample, p.parse_args(argv), UserError)
 
 def sample(args, state):
     master = os.environ.get('RANK', '0') == '0'  # torchrun, or one process
@@ -322,12 +322,12 @@ def sample(args, state):
     if args.weights_dtype == 'bfloat16':
         dtype = torch.bfloat16
     try:
-        on_rank0(lambda: check_out_dir(args), world, (CheckpointError,))
-    except CheckpointError as e:
+        on_rank0(lambda: check_out_dir(args), world, (UserError,))
+    except UserError as e:
         p.exit(2, f"error: {e}\n" if master else '')
     try:
         gen, tok, te, sampling = load_models(args, device)
-    except CheckpointError as e:
+    except UserError as e:
         msg = f"error: {e}"
         if 'from the Hugging Face repo' in str(e):  # a download failed: say all that is needed
             preset = MASKGEN_PRESETS.get(args.model, MASKGEN_PRESETS['vq-xl'])

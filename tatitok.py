@@ -467,13 +467,13 @@ class TextEncoder(nn.Module):
         pretrained: an open_clip tag (downloaded, cached) or a local file of the model or tower."""
         import open_clip  # imported here: only building the text encoder needs it
         if model not in open_clip.list_models():
-            raise CheckpointError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
+            raise UserError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
         cfg = open_clip.get_model_config(model)
         path, quick_gelu = pretrained, cfg.get('quick_gelu', False)
         if not os.path.isfile(pretrained):
             tag = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
             if not tag.get('hf_hub'):
-                raise CheckpointError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
+                raise UserError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
             repo, filename = os.path.split(tag['hf_hub'])
             candidates = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
             path = hf_download(repo, candidates)
@@ -569,7 +569,7 @@ TATITOK_PRESETS = {
 def tatitok_config(name, **overrides):
     """TATiTokConfig of a preset, with any field overridden."""
     if name not in TATITOK_PRESETS:
-        raise CheckpointError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TATITOK_PRESETS)}")
+        raise UserError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TATITOK_PRESETS)}")
     known = {f.name for f in fields(TATiTokConfig)}
     args = {**TATITOK_PRESETS[name], **overrides}
     return TATiTokConfig(**{k: v for k, v in args.items() if k in known})
@@ -577,8 +577,12 @@ def tatitok_config(name, **overrides):
 # -----------------------------------------------------------------------------
 # loading official weights and our checkpoints (shared with maskgen.py)
 
-class CheckpointError(Exception):
-    """A weights file or download the user pointed at is missing or wrong. Scripts print it and exit 2."""
+class UserError(Exception):
+    """A mistake of the user's (a flag's value, a path, a file, a missing download): every script prints it
+    in one line and exits 2 (runtime.run_main)."""
+
+    def __init__(self, message):
+        super().__init__(' '.join(str(message).split()))  # one line, whatever it quotes
 
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
                       'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
@@ -610,7 +614,7 @@ def load_state_dict_file(path, dtype=torch.float32):
     (load_official) holds its weights once. For weights in another dtype than the releases'
     float32, a .safetensors file is read and cast instead (read_safetensors)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     try:
         if path.endswith('.safetensors') and dtype != torch.float32:
             sd = read_safetensors(path, dtype)
@@ -621,9 +625,9 @@ def load_state_dict_file(path, dtype=torch.float32):
             mapped = zipfile.is_zipfile(path)
             sd = torch.load(path, map_location='cpu', weights_only=True, mmap=mapped)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+        raise UserError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     return sd
 
 def reachable(host, timeout=3.0):
@@ -648,7 +652,7 @@ def hf_download(repo_id, filenames):
             return hf_hub_download(repo_id, name)
         except Exception:
             pass
-    raise CheckpointError(
+    raise UserError(
         f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id}: not in the local cache and the "
         f"download failed (offline?). Download it on a machine with internet, or pass a local file instead "
         f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
@@ -666,11 +670,11 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     missing = [k for k in ours if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in ours]
     if missing or unexpected:
-        raise CheckpointError(f"{source}: keys do not match the {type(model).__name__} architecture (missing "
+        raise UserError(f"{source}: keys do not match the {type(model).__name__} architecture (missing "
                               f"{len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
     wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
     if wrong:
-        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
+        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
     sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where the dtypes agree
     for k in optional:  # a tied weight missing from the file: a placeholder, tied again once loaded
         if k not in sd and k in ours:
@@ -692,12 +696,12 @@ def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
         if name in official:
             path = hf_download(TATITOK_PRESETS[name]['repo'], ['model.safetensors'])
         elif not os.path.exists(path):
-            raise CheckpointError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
+            raise UserError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
                                   f"releases {official}")
         sd = load_state_dict_file(path, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_latent_tokens' not in sd['model_args']:
-            raise CheckpointError(f"{path}: a generator's checkpoint, not a tokenizer's")
+            raise UserError(f"{path}: a generator's checkpoint, not a tokenizer's")
         config = TATiTokConfig(**{**sd['model_args'], **overrides})
         sd = checkpoint_weights(sd)
     else:  # a bare state dict in the official layout carries no config: read it off the shapes
@@ -726,7 +730,7 @@ def config_from_state_dict(sd, path):
                     dec_heads=dec_width // 64, text_embed_dim=text_embed_dim,
                     text_context_length=sd['decoder.text_guidance_positional_embedding'].shape[0])
     except (KeyError, ValueError, AttributeError):
-        raise CheckpointError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
+        raise UserError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
                               f"'encoder.patch_embed.weight', 'decoder.text_guidance_proj.weight')") from None
 
 def checkpoint_weights(ckpt):

@@ -39,19 +39,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tatitok import (TATiTok, TextEncoder, CheckpointError, tatitok_config, load_official,
+from tatitok import (TATiTok, TextEncoder, UserError, tatitok_config, load_official,
                      load_state_dict_file, checkpoint_weights, clip_ids)
 from runtime import (init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
                      save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
                      add_system_flags)
 from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, training_draws
-from data import (make_loader, make_grid, expand_source, DataError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
+from data import (make_loader, make_grid, expand_source, UserError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
                   tokenizer_fingerprint, merge_states, encode_images, save_png)
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
                      optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite, run_main,
                      interrupted_at)
-
-USER_ERRORS = (CheckpointError, DataError)
 
 # -----------------------------------------------------------------------------
 # recipes and flags: every flag left unset takes its value from the recipe
@@ -199,7 +197,7 @@ def load_tokenizer(name_or_path):
         return TATiTok.from_pretrained(name_or_path), ref, None
     ck = load_state_dict_file(path)
     if 'num_latent_tokens' not in ck.get('model_args', {}):
-        raise CheckpointError(f"{path}: not a train_tokenizer.py checkpoint (a generator's, or a bare state dict?)")
+        raise UserError(f"{path}: not a train_tokenizer.py checkpoint (a generator's, or a bare state dict?)")
     small = dict(model_args=ck['model_args'], model=checkpoint_weights(ck))
     size = sum(v.numel() * v.element_size() for v in small['model'].values())
     ref = small if size < 50 * 2 ** 20 else os.path.abspath(path)
@@ -215,22 +213,22 @@ def frozen_models(args, resumed):
     cfg = tok.config
     record = token_shards_tokenizer(args.data)  # token shards say which tokenizer made them
     if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
-        raise DataError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) than "
+        raise UserError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) than "
                         f"{args.tokenizer}: pretokenize with this one, or train with that one")
     if args.tokens in OFFICIAL_TOKENS and asdict(cfg) != asdict(tatitok_config(args.tokens)):
-        raise CheckpointError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} architecture")
+        raise UserError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} architecture")
     if args.tokens in ('vq', 'kl') and cfg.quantize != args.tokens:
-        raise CheckpointError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, "
+        raise UserError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, "
                               f"not {args.tokens.upper()}")
     if args.clip and not resumed:
         text_encoder = TextEncoder.from_name(args.clip, cfg.text_context_length)
     else:
         text_encoder = TextEncoder.from_spec(te_spec or dict(model='ViT-L-14-336', pretrained='openai'))
     if text_encoder.width != text_encoder.embed_dim:
-        raise CheckpointError(f"MaskGen reads text tokens and pooled features of one width; this text encoder has "
+        raise UserError(f"MaskGen reads text tokens and pooled features of one width; this text encoder has "
                               f"{text_encoder.width} and {text_encoder.embed_dim}")
     if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
-        raise CheckpointError(f"the tokenizer's decoder reads {cfg.text_context_length} x {cfg.text_embed_dim} "
+        raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x {cfg.text_embed_dim} "
                               f"text features, this text encoder gives {text_encoder.context_length} x "
                               f"{text_encoder.width}")
     return tok, tok_ref, text_encoder
@@ -263,7 +261,7 @@ def encode_pool(loader, n, tok, text_encoder, device, ctx):
     parts, count = [], 0
     for batch in loader:
         if 'tokens' in batch:
-            raise DataError("the data holds tokens: --pool is for images (token shards are read as they "
+            raise UserError("the data holds tokens: --pool is for images (token shards are read as they "
                             "come)")
         x = encode_images(tok, batch['image'].to(device), ctx)
         text = text_encoder(batch['caption'])
@@ -356,12 +354,12 @@ def main(args, state):
         ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_maskgen', vars(args), MODEL_FLAGS)
         if not ckpt and args.preset and not os.path.exists(args.tokenizer):
             suffix = ' --tokens kl' if args.tokens == 'kl' else ''
-            raise CheckpointError(f"{args.tokenizer} not found: train the tokenizer first, "
+            raise UserError(f"{args.tokenizer} not found: train the tokenizer first, "
                                   f"`python train_tokenizer.py --preset {args.preset}{suffix}`")
         keep['ckpt'] = ckpt
         keys = ('model_args', 'tokenizer', 'text_encoder', 'step', 'nonfinite', 'data')
         return changed, ckpt and {k: ckpt[k] for k in keys}
-    changed, resumed = on_rank0(decide, world, USER_ERRORS)
+    changed, resumed = on_rank0(decide, world, UserError)
     ckpt = keep.get('ckpt')
 
     # the frozen tokenizer (encodes images, decodes samples) and text encoder
@@ -414,7 +412,7 @@ def main(args, state):
             dist.broadcast(t, 0)
         if resumed:
             opt.load_state_dict(broadcast_state(ckpt and ckpt['optimizer'], device, world))
-            scaler.load_state_dict(on_rank0(lambda: scaler.state_dict(), world, USER_ERRORS))
+            scaler.load_state_dict(on_rank0(lambda: scaler.state_dict(), world, UserError))
     ckpt = None  # free the memory
 
     # data: token shards, or images the tokenizer encodes; the global sample g = step * batch_size + i
@@ -573,4 +571,4 @@ def main(args, state):
         dist.destroy_process_group()
 
 if __name__ == '__main__':
-    run_main(main, get_args(), USER_ERRORS)
+    run_main(main, get_args(), UserError)

@@ -42,17 +42,15 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tatitok import (TATiTok, TATiTokConfig, TextEncoder, CheckpointError, tatitok_config,
+from tatitok import (TATiTok, TATiTokConfig, TextEncoder, UserError, tatitok_config,
                      load_official, param_groups, reachable, at_least_fp32, clip_ids)
 from runtime import (init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
                      save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
                      add_system_flags)
-from data import make_loader, make_grid, expand_source, DataError, merge_states, save_png
+from data import make_loader, make_grid, expand_source, UserError, merge_states, save_png
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
                      optimizer_state, choose_plan, plan_lines, to_device, stop_if_nonfinite, run_main,
                      interrupted_at)
-
-USER_ERRORS = (CheckpointError, DataError)
 
 # -----------------------------------------------------------------------------
 # perceptual loss: LPIPS (VGG16) + 0.1 x MSE of ConvNeXt-S logits, the release's "lpips-convnext_s-1.0-0.1".
@@ -72,14 +70,14 @@ def hub_weights(name):
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
     hint = f"download {url} to {path} on a machine with internet, or train without it: --perceptual none"
     if not os.path.exists(path) and not reachable(url.split('/')[2]):
-        raise CheckpointError(f"cannot get the perceptual-loss weights {name} (offline?); {hint}")
+        raise UserError(f"cannot get the perceptual-loss weights {name} (offline?); {hint}")
     try:
         sd = torch.hub.load_state_dict_from_url(url, file_name=name, map_location='cpu', check_hash=md5 is None,
                                                 weights_only=True, progress=False)
     except Exception as e:  # a proxy, a truncated file: all the same to the user
-        raise CheckpointError(f"cannot get the perceptual-loss weights {name} ({type(e).__name__}); {hint}") from None
+        raise UserError(f"cannot get the perceptual-loss weights {name} ({type(e).__name__}); {hint}") from None
     if md5 and hashlib.md5(open(path, 'rb').read()).hexdigest() != md5:
-        raise CheckpointError(f"{path}: md5 mismatch, delete it and retry")
+        raise UserError(f"{path}: md5 mismatch, delete it and retry")
     return sd
 
 class LayerNorm2d(nn.LayerNorm):
@@ -445,7 +443,7 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
         if n >= args.eval_images:
             break
     if n == 0:
-        raise DataError(f"--eval_data {args.eval_data}: no usable image in it ({loader.counts}); --eval_data none "
+        raise UserError(f"--eval_data {args.eval_data}: no usable image in it ({loader.counts}); --eval_data none "
                         f"trains without evaluations")
     path = os.path.join(args.out_dir, f"recon_{step:07d}.png")
     save_png(grid, path)
@@ -590,7 +588,7 @@ def main(args, state):
         ckpt, changed = open_checkpoint(args.out_dir, args.resume, 'train_tokenizer', vars(args), MODEL_FLAGS)
         keep['ckpt'] = ckpt
         return changed, ckpt and {k: ckpt[k] for k in ('model_args', 'text_encoder', 'step', 'nonfinite', 'data')}
-    changed, resumed = on_rank0(decide, world, USER_ERRORS)
+    changed, resumed = on_rank0(decide, world, UserError)
     ckpt = keep.get('ckpt')
 
     # the frozen text encoder and the tokenizer: the same init on every rank (DDP also broadcasts rank 0's)
@@ -657,7 +655,7 @@ def main(args, state):
             opt.load_state_dict(broadcast_state(ckpt and ckpt['optimizer'], device, world))
             opt_d.load_state_dict(broadcast_state(ckpt and ckpt['disc_optimizer'], device, world))
             for k, obj in (('scaler', scaler), ('disc_scaler', scaler_d)):
-                obj.load_state_dict(on_rank0(lambda: obj.state_dict(), world, USER_ERRORS))
+                obj.load_state_dict(on_rank0(lambda: obj.state_dict(), world, UserError))
     ckpt = None  # free the memory
 
     model, disc = raw_model, disc_raw
@@ -787,4 +785,4 @@ def main(args, state):
         dist.destroy_process_group()
 
 if __name__ == '__main__':
-    run_main(main, get_args(), USER_ERRORS)
+    run_main(main, get_args(), UserError)
