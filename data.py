@@ -39,7 +39,6 @@ import re
 import signal
 import sys
 import tarfile
-import tempfile
 from collections import Counter
 
 import numpy as np
@@ -48,7 +47,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from tatitok import UserError
-from runtime import write_atomic
+from runtime import write_atomic, number, make_out_dir
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION / DataComp / ours
@@ -1162,8 +1161,6 @@ def _check_input(source, kind, items):
 def _check_out_dir(out_dir, items):
     """pretokenize's --out_dir: a new or empty folder, or one that pretokenize wrote (to resume), and
     one it can write to. Created here, before the tokenizer loads."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file, not a folder")
     if os.path.isdir(out_dir):
         names = sorted(os.listdir(out_dir))
         ours = ('tokenizer.json', 'tokenizer.json.tmp')  # and the shards, .tar.tmp while written
@@ -1178,34 +1175,15 @@ def _check_out_dir(out_dir, items):
         for path in items:  # image shards
             if os.path.samefile(os.path.dirname(os.path.abspath(path)), out_dir):
                 raise UserError(f"--out_dir {out_dir} is the folder of the --data shards")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()  # a write test: permissions, a read-only disk
-    except OSError as e:
-        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from None
+    make_out_dir(out_dir)
 
 def _load_tokenizer(name):
-    """TATiTok.from_pretrained(name), with a one-line UserError for what is not a tokenizer: a
-    generator's checkpoint, a token-shard folder, a folder without a checkpoint, an unreadable file."""
-    from tatitok import TATiTok, TATiTokConfig
-    path = name
-    if os.path.isdir(name):
-        if _read_record(name) is not None:
-            raise UserError(f"--tokenizer {name} is a folder of token shards, not a tokenizer")
-        path = os.path.join(name, 'ckpt.pt')
-        if not os.path.isfile(path):
-            raise UserError(f"--tokenizer {name} is a folder without a ckpt.pt (as the --out_dir of "
-                            f"train_tokenizer.py holds)")
-    if os.path.isfile(path) and not path.endswith('.safetensors'):
-        try:  # mmap: the tensors are not read
-            ck = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        except Exception:  # not a zip checkpoint: from_pretrained says what it is
-            ck = None
-        if isinstance(ck, dict) and isinstance(ck.get('model_args'), dict):
-            ours = {f.name for f in dataclasses.fields(TATiTokConfig)}
-            if 'tokenizer' in ck or not set(ck['model_args']) <= ours:
-                raise UserError(f"--tokenizer {name} is a generator's checkpoint (train_maskgen.py), "
-                                f"not a tokenizer: give the tokenizer it was trained with")
+    """TATiTok.from_pretrained(name), with a one-line UserError naming the flag for what is not a
+    tokenizer: a generator's checkpoint, a token-shard folder, a folder without a checkpoint, a file
+    that is no checkpoint."""
+    from tatitok import TATiTok
+    if os.path.isdir(name) and _read_record(name) is not None:
+        raise UserError(f"--tokenizer {name} is a folder of token shards, not a tokenizer")
     try:
         return TATiTok.from_pretrained(name)
     except UserError as e:  # a wrong name or path, or offline: a user error like any other
@@ -1370,49 +1348,30 @@ def stats(args, state):
         print(f"{k:>14}: {v}")
     print(json.dumps(c))
 
-def _number(cast, ok, wanted):
-    """An argparse type: the flag's text as `cast`, refused (exit 2, a line naming the flag) unless
-    ok(value). NaN fails every comparison, so each `ok` below refuses it; each refuses inf too."""
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"wants {wanted}, got {text!r}")
-        return value
-    return parse
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools for TA-TiTok / MaskGen (stats, pretokenize).")
     # the flags both commands take: filters (as make_loader's), workers, the shapes set's size
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--min_size', default=256,
-                        type=_number(int, lambda x: 0 <= x <= 65535,
-                                     "0 (off) or a side in pixels, up to 65535"),
+                        type=number(int, 0, 65535),
                         help="drop a sample whose original longer side is below this; 0: off")
     common.add_argument('--max_aspect', default=2.0,
-                        type=_number(float, lambda x: x == 0 or 1 <= x <= 100,
-                                     "0 (off) or a long/short ratio from 1 to 100"),
+                        type=number(float, 1, 100, off=0),
                         help="drop a sample whose long/short side ratio is above this; 0: off")
     common.add_argument('--min_aes',
-                        type=_number(float, lambda x: 0 <= x <= 10,
-                                     "an aesthetic score from 0 to 10 (LAION's scale)"),
+                        type=number(float, 0, 10),
                         help="drop a sample whose aesthetic score is below this, or missing; "
                              "off unless set")
     common.add_argument('--max_watermark',
-                        type=_number(float, lambda x: 0 < x <= 1,
-                                     "a watermark probability above 0, up to 1"),
+                        type=number(float, high=1, above=0),
                         help="drop a sample whose pwatermark is this or above (e.g. 0.5); "
                              "off unless set")
     workers = min(4, os.cpu_count() or 1)  # 4 would oversubscribe a 2-core machine
     common.add_argument('--num_workers', default=workers,
-                        type=_number(int, lambda x: 0 <= x <= 64,
-                                     "0 (the main process) to 64 workers"),
+                        type=number(int, 0, 64),
                         help=f"dataloader workers per process; {workers}: min(4, CPU cores)")
     common.add_argument('--num_samples',
-                        type=_number(int, lambda x: 1 <= x <= 2 ** 62,
-                                     "a whole number from 1 to 2**62"),
+                        type=number(int, 1, 2 ** 62),
                         help="'shapes' only: how many samples to read; 1000 unless set")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{stats,pretokenize}')
     s = sub.add_parser('stats', parents=[common], help="count read / kept / filtered / corrupt samples")
@@ -1427,16 +1386,14 @@ def main(argv=None):
                    help="image shards (brace pattern, glob, list), a folder of images, or 'shapes'")
     t.add_argument('--out_dir', required=True,
                    help="folder for the token shards; a rerun resumes into it")
-    t.add_argument('--batch_size', type=_number(int, lambda x: 1 <= x <= 65536,
-                                                "a whole number from 1 to 65536"),
+    t.add_argument('--batch_size', type=number(int, 1, 65536),
                    default=64, help="images per encoder forward pass")
     t.add_argument('--device', default='auto',
                    help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, mps")
     t.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
                    help="autocast dtype of the encoder (auto: bfloat16 on a GPU, float32 on the CPU), as "
                         "train_maskgen.py encodes on the fly")
-    t.add_argument('--seed', type=_number(int, lambda x: 0 <= x < 2 ** 63,
-                                          "a whole number from 0 to 2**63 - 1"),
+    t.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1),
                    default=0, help="'shapes' only: the seed of the stream")
     t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
                    help="'shapes' only: at most this many objects per image")

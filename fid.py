@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data import ImageError, open_image, _worker_init
 from runtime import run_main
-from tatitok import TATiTok, TextEncoder, UserError
+from tatitok import UserError, load_tokenizer
 from runtime import number, pick_device
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -481,26 +481,8 @@ def clip_score(clip, files, prompts, batch_size, device):
 
 def rfid_models(args):
     """--tokenizer and its captions' text encoder, checked before any image is read"""
-    ckpt = args.tokenizer
-    if os.path.isdir(ckpt):  # a training run's folder
-        ckpt = os.path.join(ckpt, 'ckpt.pt')
-    spec = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
-    try:
-        tok = TATiTok.from_pretrained(args.tokenizer)
-        cfg = tok.config
-        if ckpt.endswith('.pt') and os.path.isfile(ckpt):  # a checkpoint of ours names its own
-            ours = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
-            spec = ours.get('text_encoder') or spec
-        if args.clip:
-            te = TextEncoder.from_name(args.clip, context_length=cfg.text_context_length)
-        else:
-            te = TextEncoder.from_spec(spec)
-    except UserError as e:  # tatitok.py refused --tokenizer or --clip
-        raise UserError(str(e)) from None
-    if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
-        raise UserError(f"the text encoder gives {te.context_length} x {te.width} guidance, the "
-                       f"tokenizer reads {cfg.text_context_length} x {cfg.text_embed_dim}: "
-                       "pass its --clip")
+    tok, te, _ = load_tokenizer(args.tokenizer, args.clip)
+    cfg = tok.config
     if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
         raise UserError(f"--image_size {args.image_size}: the tokenizer works at "
                        f"{cfg.image_size}x{cfg.image_size}")

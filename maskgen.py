@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from tatitok import UserError, load_state_dict_file, hf_download, load_official, checkpoint_weights, param_groups
+from tatitok import UserError, read_weights, load_official, checkpoint_weights, param_groups
 
 # -----------------------------------------------------------------------------
 # small helpers: modulation, sinusoids, schedules, noise
@@ -891,20 +891,7 @@ def maskgen_config(name, **overrides):
 def load_maskgen(name_or_path, dtype=torch.float32, **overrides):
     """MaskGen.from_pretrained: the file behind a preset, repo id, file or run folder, its config (ours: saved;
     official: read off the shapes), then every key and shape checked."""
-    if os.path.isdir(name_or_path):
-        name_or_path = os.path.join(name_or_path, 'ckpt.pt')
-    by_repo = {p['repo']: n for n, p in MASKGEN_PRESETS.items() if 'repo' in p}
-    name = by_repo.get(name_or_path, name_or_path)
-    official = sorted(n for n, p in MASKGEN_PRESETS.items() if 'repo' in p)
-    if name in official:
-        path = hf_download(MASKGEN_PRESETS[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
-    elif os.path.exists(name_or_path):
-        path = name_or_path
-    else:
-        raise UserError(f"unknown generator {name_or_path!r}: not a file, and not one of the official "
-                              f"releases {official} (a new model from a preset: "
-                              f"MaskGen.from_config(maskgen_config(name)))")
-    sd = load_state_dict_file(path, dtype)
+    path, sd = read_weights(name_or_path, MASKGEN_PRESETS, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_tokens' not in sd['model_args']:
             raise UserError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")

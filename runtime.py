@@ -149,20 +149,25 @@ def open_checkpoint(out_dir, resume, script, config, model_keys):
     changed = {k: (v, config.get(k)) for k, v in saved.items() if k != 'resume' and config.get(k) != v}
     return ckpt, changed
 
-def number(kind=float, low=None, high=None):
-    """An argparse type: a finite number of `kind` within [low, high], so that --lr nan, --batch_size 0 or
-    --guidance_scale inf stop at once with a one-line message (exit 2), before anything is built."""
+def number(kind=float, low=None, high=None, above=None, off=None):
+    """An argparse type: a finite number of `kind` within [low, high] (and over `above`), or `off`, so
+    that --lr nan, --batch_size 0 or --guidance_scale inf stop at once in one line (exit 2)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value == off:
+            return value
         if kind is float and not math.isfinite(value):  # (an int is finite, however long)
             raise argparse.ArgumentTypeError(f"{text!r}: a finite number is wanted")
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: at least {low} is wanted")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text!r}: at most {high} is wanted")
+        for bad, want in ((low is not None and value < low, f"at least {low}"),
+                          (high is not None and value > high, f"at most {high}"),
+                          (above is not None and value <= above, f"over {above}")):
+            if bad:
+                if off is not None:
+                    want += f", or {off} (off)"
+                raise argparse.ArgumentTypeError(f"{text!r}: {want} is wanted")
         return value
     return parse
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from tatitok import UserError, TATiTok, TextEncoder, TATITOK_PRESETS, load_state_dict_file
+from tatitok import UserError, TATiTok, TextEncoder, TATITOK_PRESETS, RELEASE_CLIP, read_weights
 from runtime import (DTYPES, init_distributed, pick_dtype, autocast, make_out_dir, number,
                      all_gather_objects)
 from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
@@ -106,24 +106,15 @@ p.add_argument('--remask', choices=['random', 'likelihood'], help="with --image:
 def load_models(args, device):
     """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
     dtype = DTYPES[args.weights_dtype]
-    path = args.model
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
-    if os.path.isfile(path) and not path.endswith(('.bin', '.safetensors')):  # one of ours: everything is inside
-        ck = load_state_dict_file(path)
-        if not isinstance(ck, dict) or ck.get('script') != 'train_maskgen':
-            raise UserError(f"{path} is not a checkpoint of train_maskgen.py (a tokenizer's? pass it with "
-                                  f"--tokenizer)")
-        gen = MaskGen.from_pretrained(path, dtype)  # the file again: mapped, nothing read twice
-        config = gen.config
+    path, ck = read_weights(args.model, MASKGEN_PRESETS, dtype)
+    gen = MaskGen.from_pretrained((path, ck), dtype)
+    config = gen.config
+    if 'model_args' in ck:  # one of ours: everything is inside
         tokenizer, spec = ck['tokenizer'], ck['text_encoder']
         sampling = {**SAMPLING[config.quantize], **ck['sampling']}
     else:  # an official release, by name, repo id or file
-        gen = MaskGen.from_pretrained(args.model, dtype)
-        config = gen.config
         tokenizer = MASKGEN_PRESETS.get(args.model, {}).get('tokenizer') or OFFICIAL_TOKENIZER[config.quantize]
-        spec = dict(model='ViT-L-14-336', pretrained='openai')  # as released
-        sampling = dict(SAMPLING[config.quantize])
+        spec, sampling = RELEASE_CLIP, dict(SAMPLING[config.quantize])
     tok = TATiTok.from_pretrained(args.tokenizer or tokenizer, dtype)
     if args.clip:
         te = TextEncoder.from_name(args.clip, tok.config.text_context_length, dtype)

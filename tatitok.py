@@ -423,6 +423,8 @@ def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtyp
     torch.set_rng_state(rng)
     return tower.to(dtype)
 
+RELEASE_CLIP = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
+
 class TextEncoder(nn.Module):
     """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
     guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
@@ -682,23 +684,31 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves, no copy
     return model
 
-def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
-    """TATiTok.from_pretrained: the weights and config of a preset, repo id, file, run folder or checkpoint dict."""
+def read_weights(name_or_path, presets, dtype=torch.float32):
+    """What a release's name or repo id, a weights file, a run folder (its ckpt.pt) or a checkpoint's
+    dict already in memory holds -> (where it came from, the dict): a state dict in the official layout,
+    or a checkpoint of ours ('model_args', 'model', 'ema', ...). A release comes from the Hugging Face
+    cache, downloaded into it once. The one way every script turns a name into weights; what it
+    returns may be passed again."""
+    if isinstance(name_or_path, tuple):  # read already
+        return name_or_path
     if isinstance(name_or_path, dict):
-        sd, path = name_or_path, 'the embedded tokenizer'
-    else:
-        path = name_or_path
-        if os.path.isdir(path):
-            path = os.path.join(path, 'ckpt.pt')
-        by_repo = {p['repo']: n for n, p in TATITOK_PRESETS.items() if 'repo' in p}
-        name = by_repo.get(path, path)
-        official = sorted(n for n, p in TATITOK_PRESETS.items() if 'repo' in p)
-        if name in official:
-            path = hf_download(TATITOK_PRESETS[name]['repo'], ['model.safetensors'])
-        elif not os.path.exists(path):
-            raise UserError(f"unknown tokenizer {name_or_path!r}: not a file, and not one of the official "
-                                  f"releases {official}")
-        sd = load_state_dict_file(path, dtype)
+        return 'the embedded checkpoint', name_or_path
+    path = name_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    releases = {p['repo']: n for n, p in presets.items() if 'repo' in p}
+    name = releases.get(path, path)
+    if name in releases.values():
+        path = hf_download(presets[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
+    elif not os.path.exists(path):
+        raise UserError(f"{name_or_path}: no such file, no ckpt.pt in it, and no release of that name "
+                        f"({', '.join(sorted(releases.values()))})")
+    return path, load_state_dict_file(path, dtype)
+
+def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
+    """TATiTok.from_pretrained: the weights and config of what read_weights finds."""
+    path, sd = read_weights(name_or_path, TATITOK_PRESETS, dtype)
     if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
         if 'num_latent_tokens' not in sd['model_args']:
             raise UserError(f"{path}: a generator's checkpoint, not a tokenizer's")
@@ -711,6 +721,21 @@ def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
     print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
     # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
     return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+
+def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
+    """A tokenizer and the text encoder its decoder reads: --clip's if given, else the one its checkpoint
+    names, else the releases' CLIP -> (tokenizer, text encoder, what read_weights read)."""
+    read = read_weights(name_or_path, TATITOK_PRESETS, dtype)
+    tok = load_tatitok(read, dtype)
+    cfg = tok.config
+    if clip:
+        te = TextEncoder.from_name(clip, cfg.text_context_length, dtype)
+    else:
+        te = TextEncoder.from_spec(read[1].get('text_encoder') or RELEASE_CLIP, dtype)
+    if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
+        raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x {cfg.text_embed_dim} text "
+                        f"features, this text encoder gives {te.context_length} x {te.width}: pass its --clip")
+    return tok, te, read
 
 def config_from_state_dict(sd, path):
     """TATiTokConfig fields of an official state dict, from its shapes. Heads are not in the shapes: every release

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tatitok import (TATiTok, TextEncoder, UserError, tatitok_config, load_official,
+from tatitok import (TATiTok, TextEncoder, UserError, tatitok_config, load_official, load_tokenizer,
                      load_state_dict_file, checkpoint_weights, clip_ids)
 from runtime import (init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
                      save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
@@ -185,53 +185,34 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # helpers
 
-def load_tokenizer(name_or_path):
-    """-> (the frozen TATiTok, what the generator's checkpoint keeps of it, its text encoder's spec or None).
-    A checkpoint of ours is embedded (EMA weights) when small, so that the generator's checkpoint stands alone;
-    an official release is kept by name."""
-    path = name_or_path
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
-    if not os.path.isfile(path) or path.endswith(('.safetensors', '.bin')):  # an official release or its file
-        ref = os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
-        return TATiTok.from_pretrained(name_or_path), ref, None
-    ck = load_state_dict_file(path)
-    if 'num_latent_tokens' not in ck.get('model_args', {}):
-        raise UserError(f"{path}: not a train_tokenizer.py checkpoint (a generator's, or a bare state dict?)")
-    small = dict(model_args=ck['model_args'], model=checkpoint_weights(ck))
-    size = sum(v.numel() * v.element_size() for v in small['model'].values())
-    ref = small if size < 50 * 2 ** 20 else os.path.abspath(path)
-    return TATiTok.from_pretrained(small), ref, ck.get('text_encoder')
-
 def frozen_models(args, resumed):
-    """-> the frozen tokenizer, what the checkpoint keeps of it, and the text encoder: the tokenizer's own unless
-    --clip says otherwise (its decoder was trained on those features), all checked against the data and each other."""
+    """-> the frozen tokenizer, what the generator's checkpoint keeps of it, and its text encoder (--clip
+    overrides it), checked against the data and each other. A tokenizer of ours is embedded (EMA weights)
+    when small, so that the generator's checkpoint stands alone; a release is kept by name."""
     if resumed:
-        tok, tok_ref, te_spec = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer'], resumed['text_encoder']
+        tok, ref = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer']
+        text_encoder = TextEncoder.from_spec(resumed['text_encoder'])
     else:
-        tok, tok_ref, te_spec = load_tokenizer(args.tokenizer)
+        tok, text_encoder, (path, ck) = load_tokenizer(args.tokenizer, args.clip)
+        ref = args.tokenizer
+        if os.path.exists(path):  # a file: where it is, or its weights when they are small
+            ref = os.path.abspath(path)
+        if 'model_args' in ck and sum(v.nbytes for v in checkpoint_weights(ck).values()) < 50 * 2 ** 20:
+            ref = dict(model_args=ck['model_args'], model=checkpoint_weights(ck))
     cfg = tok.config
     record = token_shards_tokenizer(args.data)  # token shards say which tokenizer made them
     if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
-        raise UserError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) than "
-                        f"{args.tokenizer}: pretokenize with this one, or train with that one")
+        raise UserError(f"{args.data} holds the tokens of another tokenizer ({record.get('tokenizer')}) "
+                        f"than {args.tokenizer}: pretokenize with this one, or train with that one")
     if args.tokens in OFFICIAL_TOKENS and asdict(cfg) != asdict(tatitok_config(args.tokens)):
         raise UserError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} architecture")
     if args.tokens in ('vq', 'kl') and cfg.quantize != args.tokens:
-        raise UserError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, "
-                              f"not {args.tokens.upper()}")
-    if args.clip and not resumed:
-        text_encoder = TextEncoder.from_name(args.clip, cfg.text_context_length)
-    else:
-        text_encoder = TextEncoder.from_spec(te_spec or dict(model='ViT-L-14-336', pretrained='openai'))
+        raise UserError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, not "
+                        f"{args.tokens.upper()}")
     if text_encoder.width != text_encoder.embed_dim:
-        raise UserError(f"MaskGen reads text tokens and pooled features of one width; this text encoder has "
-                              f"{text_encoder.width} and {text_encoder.embed_dim}")
-    if (text_encoder.context_length, text_encoder.width) != (cfg.text_context_length, cfg.text_embed_dim):
-        raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x {cfg.text_embed_dim} "
-                              f"text features, this text encoder gives {text_encoder.context_length} x "
-                              f"{text_encoder.width}")
-    return tok, tok_ref, text_encoder
+        raise UserError(f"MaskGen reads text tokens and pooled features of one width; this text encoder "
+                        f"has {text_encoder.width} and {text_encoder.embed_dim}")
+    return tok, ref, text_encoder
 
 def generator_config(size, tok_cfg, text_width):
     """The MaskGen preset of this size, for this tokenizer's tokens and this text encoder's width."""
