@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from tatitok import UserError, read_weights, load_official, checkpoint_weights, param_groups
+from tatitok import UserError, preset_config, read_weights, load_official, checkpoint_weights, param_groups
 
 # -----------------------------------------------------------------------------
 # small helpers: modulation, sinusoids, schedules, noise
@@ -878,12 +878,7 @@ MASKGEN_PRESETS = {  # tokenizer: the TATITOK_PRESETS entry whose tokens the gen
 }
 
 def maskgen_config(name, **overrides):
-    """MaskGenConfig of a preset, with any field overridden."""
-    if name not in MASKGEN_PRESETS:
-        raise UserError(f"unknown MaskGen preset {name!r}; choose one of {sorted(MASKGEN_PRESETS)}")
-    known = {f.name for f in fields(MaskGenConfig)}
-    args = {**MASKGEN_PRESETS[name], **overrides}
-    return MaskGenConfig(**{k: v for k, v in args.items() if k in known})
+    return preset_config(MASKGEN_PRESETS, MaskGenConfig, name, **overrides)
 
 # -----------------------------------------------------------------------------
 # loading the official releases and our checkpoints

@@ -568,13 +568,17 @@ TATITOK_PRESETS = {
     'shapes-kl': dict(quantize='kl', token_size=16, **_SHAPES),
 }
 
+def preset_config(presets, config_class, name, **overrides):
+    """config_class of presets[name], with any field overridden; keys it has no field for (a
+    release's repo, the generator's tokenizer) stay out."""
+    if name not in presets:
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    known = {f.name for f in fields(config_class)}
+    args = {**presets[name], **overrides}
+    return config_class(**{k: v for k, v in args.items() if k in known})
+
 def tatitok_config(name, **overrides):
-    """TATiTokConfig of a preset, with any field overridden."""
-    if name not in TATITOK_PRESETS:
-        raise UserError(f"unknown tokenizer preset {name!r}; choose one of {sorted(TATITOK_PRESETS)}")
-    known = {f.name for f in fields(TATiTokConfig)}
-    args = {**TATITOK_PRESETS[name], **overrides}
-    return TATiTokConfig(**{k: v for k, v in args.items() if k in known})
+    return preset_config(TATITOK_PRESETS, TATiTokConfig, name, **overrides)
 
 # -----------------------------------------------------------------------------
 # loading official weights and our checkpoints (shared with maskgen.py)
