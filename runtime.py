@@ -427,3 +427,6 @@ def run_main(main, args, errors):
         if not quiet:
             print(state['interrupted'](), file=sys.stderr)
         sys.exit(e.code)
+    finally:  # a process group left to the interpreter's exit can abort it (SIGABRT, not exit 2)
+        if dist.is_initialized():
+            dist.destroy_process_group()
