@@ -25,7 +25,6 @@ import json
 import math
 import http.client
 import zipfile
-import functools
 import warnings
 from dataclasses import dataclass, fields
 
@@ -439,9 +438,6 @@ class TextEncoder(nn.Module):
         self.width = clip.token_embedding.weight.shape[1]
         self.embed_dim = clip.text_projection.shape[-1]
         self.context_length = clip.positional_embedding.shape[0]
-        # CLIP's text cleaning and BPE run in Python, a tenth of a quickstart step: cache each caption's ids
-        # (integers, so no number changes), per instance and bounded for web-scale data
-        self._ids = functools.lru_cache(maxsize=1 << 16)(self._ids)
         self.requires_grad_(False).eval()
 
     @classmethod
@@ -504,11 +500,8 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, captions):
         """(B, 77) token ids. Captions longer than the context are truncated (with a warning), never an error."""
-        return torch.stack([self._ids(c) for c in captions])  # (B, 77)
-
-    def _ids(self, caption):
-        """(77,) token ids of one caption (cached per caption in __init__)."""
-        return torch.from_numpy(clip_ids(self.tokenizer, caption, self.context_length))
+        ids = [clip_ids(self.tokenizer, c, self.context_length) for c in captions]
+        return torch.stack([torch.from_numpy(x) for x in ids])  # (B, 77)
 
     @torch.no_grad()
     def forward(self, captions):
