@@ -334,12 +334,14 @@ class TATiTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
-        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a
-        local .bin / .safetensors file in the official key layout (its sizes read off the tensors),
-        a checkpoint (or its folder) written by train_tokenizer.py, or such a checkpoint's dict in
-        memory (a generator checkpoint embeds its tokenizer that way); its weights in `dtype`.
-        Returns the model in eval mode. See load_tatitok at the end of the file."""
-        return load_tatitok(name_or_path, dtype, **overrides)
+        """A preset ('vq128', ...) or anything read_weights reads -> the model in eval mode."""
+        path, config, sd = read_model(name_or_path, TATITOK_PRESETS, TATiTokConfig,
+                                      config_from_state_dict, dtype, overrides)
+        with torch.device('meta'):  # no weights drawn only to be replaced by the file's
+            model = cls(config).to(dtype)
+        print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
+        # quantize.embed_prob: code usage of the release's clustering VQ, unused here
+        return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', encoder_lr_scale=1.0):
         """AdamW with the release's no-decay rules; the encoder and the latent tokens can train at a share of the
@@ -703,27 +705,21 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
                         f"({', '.join(sorted(releases.values()))})")
     return path, load_state_dict_file(path, dtype)
 
-def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
-    """TATiTok.from_pretrained: the weights and config of what read_weights finds."""
-    path, sd = read_weights(name_or_path, TATITOK_PRESETS, dtype)
-    if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
-        if 'num_latent_tokens' not in sd['model_args']:
-            raise UserError(f"{path}: a generator's checkpoint, not a tokenizer's")
-        config = TATiTokConfig(**{**sd['model_args'], **overrides})
-        sd = checkpoint_weights(sd)
-    else:  # a bare state dict in the official layout carries no config: read it off the shapes
-        config = TATiTokConfig(**{**config_from_state_dict(sd, path), **overrides})
-    with torch.device('meta'):  # no weights drawn only to be replaced by the file's
-        model = TATiTok(config).to(dtype)
-    print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
-    # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
-    return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides):
+    """-> (where from, config, weights): a checkpoint of ours holds its config (and EMA weights,
+    used when present); official weights hold none, so from_shapes reads it off their shapes."""
+    path, sd = read_weights(name_or_path, presets, dtype)
+    if 'model_args' not in sd:
+        return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
+    if not sd['model_args'].keys() <= {f.name for f in fields(config_class)}:
+        raise UserError(f"{path}: the checkpoint of another model, not of a {config_class.__name__}")
+    return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
 def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
     """A tokenizer and the text encoder its decoder reads: --clip's if given, else the one its checkpoint
     names, else the releases' CLIP -> (tokenizer, text encoder, what read_weights read)."""
     read = read_weights(name_or_path, TATITOK_PRESETS, dtype)
-    tok = load_tatitok(read, dtype)
+    tok = TATiTok.from_pretrained(read, dtype)
     cfg = tok.config
     if clip:
         te = TextEncoder.from_name(clip, cfg.text_context_length, dtype)
