@@ -1,14 +1,14 @@
 """
 TA-TiTok: the text-aware 1D image tokenizer, all of it in this single file.
 
-An image becomes N = 32, 64 or 128 tokens, discrete (VQ, 8192 codes) or continuous (KL, 16
-channels); a ViT decoder that also reads the caption's CLIP features turns them back into pixels.
-Then: the frozen CLIP text encoder, the presets, and loading weights (maskgen.py's too).
+An image becomes N = 32, 64 or 128 tokens, discrete (VQ) or continuous (KL); a ViT
+decoder that also reads the caption's CLIP features turns them back into pixels. Then:
+the frozen CLIP text encoder, the presets, and loading weights (maskgen.py's too).
 
     from tatitok import TATiTok, TextEncoder
-    tok = TATiTok.from_pretrained('vq128')  # or a repo id, a .bin/.safetensors, a run of ours
-    clip = TextEncoder.from_open_clip()     # ViT-L-14-336, 'openai' weights
-    ids = tok.encode(images)                # (B, 128) codes, images in [0, 1]
+    tok = TATiTok.from_pretrained('vq128')  # or a file, a run of ours
+    clip = TextEncoder.from_open_clip()     # ViT-L-14-336, 'openai'
+    ids = tok.encode(images)                # (B, 128), images in [0, 1]
     recon = tok.decode_tokens(ids, clip(captions)['guidance'])
 
 References:
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 # the ViT of the encoder and the decoder (open_clip style, as modeling/modules/blocks.py)
 
 class Attention(nn.Module):
-    """nn.MultiheadAttention's parameters (q, k, v packed in rows), batch first, through SDPA."""
+    """nn.MultiheadAttention's parameters (packed q, k, v), batch first, SDPA."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init, as released
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
 
     def forward(self, x):
         B, T, C = x.shape
@@ -77,14 +77,14 @@ class Block(nn.Module):
 
 def run_blocks(blocks, x, checkpointing):
     for block in blocks:
-        if checkpointing:  # recomputed in the backward pass: one block's activations kept, not all
+        if checkpointing:  # recomputed in backward: one block's activations kept, not all
             x = checkpoint(block, x, use_reentrant=False)
         else:
             x = block(x)
     return x
 
 def vit_flops(W, L, S):
-    # multiply-adds of L blocks of width W over S tokens: q, k, v, out and MLP, then attention
+    # multiply-adds of L blocks, width W, S tokens: q, k, v, out, MLP; attention
     return L * (12 * W * W * S + 2 * S * S * W)
 
 # -----------------------------------------------------------------------------
@@ -107,11 +107,11 @@ class Encoder(nn.Module):
         self.transformer = nn.ModuleList([Block(W, cfg.enc_heads) for _ in range(cfg.enc_layers)])
         self.checkpointing = False
         self.ln_post = nn.LayerNorm(W)
-        self.conv_out = nn.Conv2d(W, self.out_channels, 1)  # a 1x1 conv as released: per token
+        self.conv_out = nn.Conv2d(W, self.out_channels, 1)  # 1x1, as released
 
     def forward(self, img, latent_tokens):
         B, N = img.shape[0], latent_tokens.shape[0]
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W), a row per patch
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W)
         x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1)  # (B, 1+P, W)
         x = x + self.positional_embedding
         z = (latent_tokens + self.latent_token_positional_embedding).expand(B, -1, -1)  # (B, N, W)
@@ -124,7 +124,7 @@ class Encoder(nn.Module):
 # the two bottlenecks
 
 def at_least_fp32(x):
-    # fp32 where autocast made x 16-bit; float64 stays (the training-step parity test runs in it)
+    # fp32 where autocast made x 16-bit; float64 stays (a parity test runs in it)
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 class VectorQuantizer(nn.Module):
@@ -144,15 +144,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
-        z = features = at_least_fp32(z)  # (B, N, C); fp32 distances: bf16 would tie near codes
+        z = features = at_least_fp32(z)  # fp32: bf16 would tie near codes
         if self.use_l2_norm:
             z = F.normalize(z, dim=-1)
         e = self.codes()  # (K, C)
         d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K)
         ids = d.argmin(-1)  # (B, N)
         z_q = F.embedding(ids, e)  # (B, N, C)
-        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # encoder -> its code
-        codebook = F.mse_loss(z_q, z.detach())  # code -> the encoder's output
+        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # (B, N, C) z -> code
+        codebook = F.mse_loss(z_q, z.detach())  # code -> z
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
         ones = z.new_ones(ids.numel())
         counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # no host sync
@@ -177,15 +177,15 @@ class DiagonalGaussian:
             noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
         return self.mean + self.std * noise
 
-    def kl(self):  # KL(q || N(0, I)) summed over tokens and channels
-        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))  # (B,)
+    def kl(self):  # KL(q || N(0, I)), (B,): summed over tokens and channels
+        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))
 
 # -----------------------------------------------------------------------------
 # the text-aware decoder: [cls, image queries, N latents, 77 text tokens] in, pixels out
 
 class Unpatchify(nn.Module):
-    """(B, p*p*3, h, w) -> (B, 3, h*p, w*p), channels ordered (p1, p2, c) as the release's einops
-    'b (p1 p2 c) h w -> b c (h p1) (w p2)'. nn.PixelShuffle's (c, p1, p2) would scramble them."""
+    """(B, p*p*3, h, w) -> (B, 3, h*p, w*p) as the release's einops 'b (p1 p2 c) h w ->
+    b c (h p1) (w p2)'. nn.PixelShuffle orders (c, p1, p2): it would scramble the weights."""
 
     def __init__(self, p):
         super().__init__()
@@ -206,7 +206,7 @@ class Decoder(nn.Module):
         self.decoder_embed = nn.Linear(cfg.token_size, W)
         self.class_embedding = nn.Parameter(torch.zeros(1, W))
         self.positional_embedding = nn.Parameter(torch.zeros(self.grid ** 2 + 1, W))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))  # the image query, one per patch
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))  # the query of each patch
         self.latent_token_positional_embedding = nn.Parameter(torch.zeros(cfg.num_latent_tokens, W))
         self.text_guidance_proj = nn.Linear(cfg.text_embed_dim, W)
         self.text_guidance_positional_embedding = nn.Parameter(torch.zeros(T, W))
@@ -240,7 +240,7 @@ class TATiTokConfig:
     image_size: int = 256
     patch_size: int = 16
     num_latent_tokens: int = 32   # N, the length of the 1D token sequence
-    quantize: str = 'vq'          # 'vq' (discrete codes) or 'kl' (Gaussian; 'vae' released)
+    quantize: str = 'vq'          # 'vq' (codes) or 'kl' (Gaussian; 'vae' released)
     token_size: int = 64          # C, channels per token: 64 for VQ, 16 for KL
     codebook_size: int = 8192     # VQ only
     enc_width: int = 768          # ViT-B ('bl' releases); 512 for ViT-S ('sl')
@@ -279,9 +279,9 @@ class TATiTok(nn.Module):
         | LayerNorm                               | weight 1, bias 0                       |
         | attention in_proj (packed q, k, v)      | xavier_uniform (nn.MultiheadAttention) |
         | codebook                                | uniform(+-1/K)                         |
-        The release inits TiTok before it swaps in the text-aware decoder. That matters: with std
-        0.02 in both output convs, their product starves the decoder of gradient, and training
-        sits on the mean image for hundreds of steps."""
+        The release inits TiTok before it swaps in the text-aware decoder. That matters:
+        with std 0.02 in both output convs, their product starves the decoder of gradient,
+        and training sits on the mean image for hundreds of steps."""
         if self.latent_tokens.device.type == 'meta':
             return
         for m in self.encoder.modules():
@@ -297,9 +297,8 @@ class TATiTok(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, img, text_guidance, sample=True, noise=None):
-        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (reconstruction, loss terms).
-        KL: the posterior sampled (`noise`, if given, drawn per global sample by the trainer), or
-        its mean."""
+        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (recon, loss terms).
+        KL: the posterior's mean, or a sample (of `noise`: the trainer's, per global sample)."""
         z = self.encoder(img, self.latent_tokens)  # (B, N, C), or (B, N, 2C) for KL
         if self.config.quantize == 'vq':
             z, aux = self.quantize(z)
@@ -336,7 +335,7 @@ class TATiTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
-        """A preset ('vq128', ...) or anything read_weights reads -> the model in eval mode."""
+        """A preset ('vq128', ...) or what read_weights reads -> the model in eval mode."""
         path, config, sd = read_model(name_or_path, TATITOK_PRESETS, TATiTokConfig,
                                       config_from_state_dict, dtype, overrides)
         with torch.device('meta'):  # no weights drawn only to be replaced by the file's
@@ -347,7 +346,7 @@ class TATiTok(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu',
                              encoder_lr_scale=1.0):
-        # the encoder and latent tokens train at encoder_lr_scale x the lr (1 in the release)
+        # the encoder and latent tokens train at encoder_lr_scale x lr (1 as released)
         named = list(self.named_parameters())
         prefixes = ('encoder.', 'latent_tokens')
         encoder = [(n, p) for n, p in named if n.startswith(prefixes)]
@@ -358,9 +357,9 @@ class TATiTok(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def activation_bytes(self):
-        """runtime.memory_plan's bytes of a training step under 16-bit autocast: a block keeps 36
-        bytes per token and width unit (fp32 LayerNorm inputs; 16-bit q, k, v, attention output,
-        matmul inputs, MLP hidden, GELU input) and the attention's log-sum-exp."""
+        """runtime.memory_plan's bytes of a training step under 16-bit autocast: a block
+        keeps 36 bytes per token and width unit (fp32 LayerNorm inputs; 16-bit q, k, v,
+        attention output, matmul inputs, MLP hidden, GELU input) and the attention's LSE."""
         cfg = self.config
         P, N = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_latent_tokens
         We, Wd = cfg.enc_width, cfg.dec_width
@@ -384,7 +383,7 @@ class TATiTok(nn.Module):
             macs += P * 3 * p * p * We + vit_flops(We, cfg.enc_layers, 1 + P + N)
             macs += N * We * self.encoder.out_channels
             if cfg.quantize == 'vq':
-                macs += N * cfg.codebook_size * cfg.token_size  # the nearest-code distances
+                macs += N * cfg.codebook_size * cfg.token_size  # the VQ distances
         if decode:  # token and text projections, the ViT, the output convs
             T = cfg.text_context_length
             macs += N * cfg.token_size * Wd + T * cfg.text_embed_dim * Wd
@@ -396,7 +395,7 @@ class TATiTok(nn.Module):
 # the frozen CLIP text encoder and its three views
 
 def clip_ids(tokenizer, caption, context_length=77):
-    # (77,) int64 ids; a caption longer than the context is truncated with a warning, not an error
+    # (77,) int64 ids; a caption too long is truncated with a warning, not an error
     with torch.device('cpu'):  # whatever the default device (e.g. meta for counting)
         ids = tokenizer([caption], context_length=context_length)[0].numpy()  # (77,)
     if ids[-1] != 0 and len(tokenizer.encode(caption)) > context_length - 2:  # minus SOT, EOT
@@ -405,8 +404,8 @@ def clip_ids(tokenizer, caption, context_length=77):
     return ids
 
 def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtype=torch.float32):
-    """open_clip's CLIP text tower built alone (the vision tower is most of a CLIP model), with
-    the weights of `weights` (a file of the tower or the whole model), or random from `seed`."""
+    """open_clip's CLIP text tower built alone (the vision tower is most of CLIP), with
+    `weights` (a file of the tower or the whole model), or random from `seed`."""
     from open_clip.model import _build_text_tower, _build_vision_tower
     if weights:
         with torch.device('meta'):  # no weight drawn only to be replaced by the file's
@@ -415,7 +414,7 @@ def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtyp
         sd = load_state_dict_file(weights)
         sd = {k: v for k, v in sd.items() if not k.startswith('visual.')}
         load_official(tower, sd, weights, ignore=('logit_scale', 'logit_bias'))  # CLIP's, unused
-        if tower.attn_mask is not None:  # the causal mask is in no file: built again, off meta
+        if tower.attn_mask is not None:  # in no file: built again, off meta
             tower.attn_mask = tower.build_causal_mask()
         return tower
     rng = torch.get_rng_state()
@@ -430,10 +429,10 @@ def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtyp
 RELEASE_CLIP = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
 
 class TextEncoder(nn.Module):
-    """A frozen open_clip text tower. One pass gives the three views the official code uses:
-    guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
-    tokens:   the penultimate block's output, no ln_final (the MaskGen context stream)
-    pooled:   ln_final at the end-of-text token @ text_projection (MaskGen's pooled condition)"""
+    """A frozen open_clip text tower. One pass gives the three views the release uses:
+    guidance: ln_final of the last block, 77 positions (the TA-TiTok decoder's input)
+    tokens:   the penultimate block's output, no ln_final (MaskGen's context stream)
+    pooled:   ln_final at the end-of-text token @ text_projection (MaskGen's condition)"""
 
     def __init__(self, clip, tokenizer, spec):
         super().__init__()
@@ -447,7 +446,7 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_name(cls, name, context_length=77, dtype=torch.float32):
-        # --clip: 'tiny', open_clip's MODEL[:PRETRAINED tag or file], or a ViT-L-14-336 file
+        # --clip: 'tiny', open_clip's MODEL[:TAG or file], or a ViT-L-14-336 file
         if name == 'tiny':
             return cls.tiny(context_length=context_length).to(dtype)
         model, _, pretrained = name.partition(':')
@@ -456,7 +455,7 @@ class TextEncoder(nn.Module):
         return cls.from_open_clip(model, pretrained or 'openai', dtype)
 
     @classmethod
-    def from_spec(cls, spec, dtype=torch.float32):  # spec: an instance's, kept in checkpoints
+    def from_spec(cls, spec, dtype=torch.float32):  # self.spec, kept in checkpoints
         if 'text_cfg' in spec:
             return cls.from_text_cfg(**spec, dtype=dtype)
         return cls.from_open_clip(**spec, dtype=dtype)
@@ -478,9 +477,10 @@ class TextEncoder(nn.Module):
             if not filename:
                 names = ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
             path = hf_download(repo, names)
-            quick_gelu = quick_gelu or tag.get('quick_gelu', False)  # OpenAI's were trained so
-        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, weights=path, dtype=dtype)
-        return cls(tower, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
+            quick_gelu = quick_gelu or tag.get('quick_gelu', False)  # OpenAI's have it
+        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, path, dtype=dtype)
+        spec = dict(model=model, pretrained=pretrained)
+        return cls(tower, open_clip.get_tokenizer(model), spec)
 
     @classmethod
     def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336',
@@ -493,10 +493,11 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def tiny(cls, seed=0, context_length=77):
-        """A small random tower for tests and the offline quickstart: random features still tell
-        captions apart, all a model trained on them needs. The shapes presets use 16 positions
-        (their longest caption is 14 CLIP tokens; 77 would dwarf the image)."""
-        text_cfg = dict(context_length=context_length, vocab_size=49408, width=64, heads=4, layers=4)
+        """A small random tower for tests and the offline quickstart: random features
+        still tell captions apart, all a model trained on them needs. The shapes presets
+        use 16 positions (their longest caption is 14 CLIP tokens; 77 would dwarf the image)."""
+        text_cfg = dict(context_length=context_length, vocab_size=49408, width=64, heads=4,
+                        layers=4)
         return cls.from_text_cfg(text_cfg, 64, seed=seed)
 
     def tokenize(self, captions):
@@ -505,7 +506,7 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions):
-        """captions: a list of str, or (B, 77) token ids -> dict(guidance, tokens, pooled)."""
+        """captions: a list of str, or (B, 77) ids -> dict(guidance, tokens, pooled)."""
         device = self.clip.token_embedding.weight.device
         ids = captions if torch.is_tensor(captions) else self.tokenize(captions)
         ids = ids.to(device)  # (B, 77)
@@ -524,19 +525,20 @@ class TextEncoder(nn.Module):
     def estimate_flops(self):
         # per caption: every position through every block (a causal mask saves no matmul)
         L = len(self.clip.transformer.resblocks)
-        return 2 * (vit_flops(self.width, L, self.context_length) + self.width * self.embed_dim)
+        W = self.width
+        return 2 * (vit_flops(W, L, self.context_length) + W * self.embed_dim)
 
 # -----------------------------------------------------------------------------
-# presets: the six official releases (repo ids from the official README), small ones for CPU
+# presets: the six releases (repo ids from the official README), small ones for CPU
 
 _HF = 'turkeyju/tokenizer_tatitok_'
 _VQ = dict(quantize='vq', token_size=64)
 _KL = dict(quantize='kl', token_size=16)
-_S = dict(enc_width=512, enc_layers=8, enc_heads=8)  # ViT-S; the others are the config's ViT-B
+_S = dict(enc_width=512, enc_layers=8, enc_heads=8)  # ViT-S; the others: the defaults
 # the small ones read TextEncoder.tiny() (text_embed_dim 64)
 _TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2,
              enc_heads=4, dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)
-# the CPU quickstart's (TUNING.md says how each number was chosen; rendering is the slow part)
+# the CPU quickstart's (TUNING.md says how each number was chosen)
 _SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=32, enc_width=64, enc_layers=1,
                enc_heads=2, dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64,
                text_context_length=16)
@@ -556,7 +558,7 @@ TATITOK_PRESETS = {
 }
 
 def preset_config(presets, config_class, name, **overrides):
-    # keys config_class has no field for (a release's repo, a generator's tokenizer) stay out
+    # keys config_class has no field for (a repo, a generator's tokenizer) stay out
     if name not in presets:
         raise UserError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     known = {f.name for f in fields(config_class)}
@@ -570,7 +572,7 @@ def tatitok_config(name, **overrides):
 # loading official weights and our checkpoints (shared with maskgen.py)
 
 class UserError(Exception):
-    """A user's mistake: every script prints it in one line and exits 2 (runtime.run_main)."""
+    """A user's mistake: a script prints it in one line and exits 2 (runtime.run_main)."""
 
     def __init__(self, message):
         super().__init__(' '.join(str(message).split()))  # one line, whatever it quotes
@@ -580,13 +582,13 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
                       'U8': torch.uint8, 'BOOL': torch.bool}
 
 def read_safetensors(path, dtype):
-    """A .safetensors file read a tensor at a time, the floating ones cast to `dtype`. Mapped
-    instead, every fp32 page read for the cast would stay in memory beside the copies."""
+    """A .safetensors file read a tensor at a time, floats cast to `dtype`. Mapped instead,
+    every fp32 page read for the cast would stay in memory beside the copies."""
     with open(path, 'rb') as f:
-        n = int.from_bytes(f.read(8), 'little')  # the format: header length, JSON header, bytes
+        n = int.from_bytes(f.read(8), 'little')  # header length, JSON header, bytes
         header = json.loads(f.read(n))
         header.pop('__metadata__', None)
-        # one buffer for every read: one per tensor would leave the allocator's heap in pieces
+        # one buffer for all: one per tensor would leave the allocator's heap in pieces
         size = max(h['data_offsets'][1] - h['data_offsets'][0] for h in header.values())
         buf = torch.empty(size, dtype=torch.uint8)
         sd = {}
@@ -621,7 +623,7 @@ def load_state_dict_file(path, dtype=torch.float32):
     return sd
 
 def reachable(host, timeout=3.0):
-    # with no network, download libraries retry for ~25 s: a 3 s probe fails fast and clearly
+    # offline, download libraries retry for ~25 s: a 3 s probe fails fast and clearly
     try:
         http.client.HTTPSConnection(host, timeout=timeout).connect()
         return True
@@ -640,15 +642,16 @@ def hf_download(repo_id, filenames):
                 return hf_hub_download(repo_id, name, local_files_only=local)
             except Exception:
                 pass
-    raise UserError(f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id} "
-                    f"(not cached, and the download failed: offline?). Download it elsewhere, or "
-                    f"pass a local file (the .bin / .safetensors, or a checkpoint trained here).")
+    raise UserError(f"cannot get {' or '.join(filenames)} from the Hugging Face repo "
+                    f"{repo_id} (not cached, and the download failed: offline?). Download it "
+                    f"elsewhere, or pass a local file (the .bin / .safetensors, or a "
+                    f"checkpoint trained here).")
 
 def load_official(model, sd, source, ignore=(), optional=(), rename=()):
-    """`sd` (official keys) into `model`, every key and shape checked, never silently. The
-    tensors become the parameters (cast where dtypes differ): a model built on the meta device
-    from a mapped file holds each weight once. ignore: keys dropped (training-only buffers);
-    optional: keys that may be missing (a tied weight); rename: (official, our) prefixes."""
+    """`sd` (official keys) into `model`, every key and shape checked, never silently.
+    The tensors become the parameters (cast where dtypes differ): a model built on the
+    meta device from a mapped file holds each weight once. ignore: keys dropped (training
+    only); optional: keys that may be missing (a tied weight); rename: (official, our)."""
     sd = {k: v for k, v in sd.items() if k not in ignore}
     for old, new in rename:
         sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
@@ -662,18 +665,19 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     wrong = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
              for k, v in sd.items() if v.shape != ours[k].shape]
     if wrong:
-        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
+        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape, "
+                        f"e.g. {wrong[:3]}")
     sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where the dtypes agree
-    for k in optional:  # a tied weight missing from the file: a placeholder until tied again
+    for k in optional:  # a tied weight not in the file: a placeholder until tied again
         if k not in sd and k in ours:
             sd[k] = ours[k]
     model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves
     return model
 
 def read_weights(name_or_path, presets, dtype=torch.float32):
-    """A release's name or repo id (downloaded once), a weights file, a run folder (its ckpt.pt)
-    or a checkpoint's dict -> (where from, official weights or a checkpoint of ours). What it
-    returns may be passed again."""
+    """A release's name or repo id (downloaded once), a weights file, a run folder (its
+    ckpt.pt) or a checkpoint's dict -> (where from, official weights or a checkpoint of
+    ours). What it returns may be passed again."""
     if isinstance(name_or_path, tuple):  # read already
         return name_or_path
     if isinstance(name_or_path, dict):
@@ -686,18 +690,19 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
     if name in releases.values():
         path = hf_download(presets[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
     elif not os.path.exists(path):
-        raise UserError(f"{name_or_path}: no such file, no ckpt.pt in it, and no release of that "
-                        f"name ({', '.join(sorted(releases.values()))})")
+        raise UserError(f"{name_or_path}: no such file, no ckpt.pt in it, and no release "
+                        f"of that name ({', '.join(sorted(releases.values()))})")
     return path, load_state_dict_file(path, dtype)
 
 def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides):
-    """-> (where from, config, weights): a checkpoint of ours holds its config (and EMA weights,
-    used when present); official weights hold none, so from_shapes reads it off their shapes."""
+    """-> (where from, config, weights): a checkpoint of ours holds its config (and EMA
+    weights, used when present); official weights hold none: from_shapes reads it."""
     path, sd = read_weights(name_or_path, presets, dtype)
     if 'model_args' not in sd:
         return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
     if not sd['model_args'].keys() <= {f.name for f in fields(config_class)}:
-        raise UserError(f"{path}: the checkpoint of another model, not of a {config_class.__name__}")
+        name = config_class.__name__
+        raise UserError(f"{path}: the checkpoint of another model, not of a {name}")
     return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
 def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
@@ -717,9 +722,9 @@ def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
     return tok, te, read
 
 def config_from_state_dict(sd, path):
-    """TATiTokConfig fields read off official weights' shapes. Heads are not in them: every
-    release has 64 channels per head (override enc_heads / dec_heads otherwise)."""
-    depth = lambda part: len({k.split('.')[2] for k in sd if k.startswith(part + '.transformer.')})
+    """TATiTokConfig fields read off official weights' shapes. Heads are not in them:
+    every release has 64 channels per head (override enc_heads / dec_heads otherwise)."""
+    depth = lambda p: len({k.split('.')[2] for k in sd if k.startswith(p + '.transformer.')})
     try:
         N, enc_width = sd['latent_tokens'].shape
         dec_width, text_embed_dim = sd['decoder.text_guidance_proj.weight'].shape
@@ -727,16 +732,17 @@ def config_from_state_dict(sd, path):
         grid = math.isqrt(sd['encoder.positional_embedding'].shape[0] - 1)
         vq = 'quantize.embedding.weight' in sd
         codebook_size = sd['quantize.embedding.weight'].shape[0] if vq else 8192
-        return dict(image_size=grid * patch_size, patch_size=patch_size, num_latent_tokens=N,
-                    quantize='vq' if vq else 'kl',
+        T = sd['decoder.text_guidance_positional_embedding'].shape[0]
+        return dict(image_size=grid * patch_size, patch_size=patch_size,
+                    num_latent_tokens=N, quantize='vq' if vq else 'kl',
                     token_size=sd['decoder.decoder_embed.weight'].shape[1],
-                    codebook_size=codebook_size, enc_width=enc_width, enc_layers=depth('encoder'),
-                    enc_heads=enc_width // 64, dec_width=dec_width, dec_layers=depth('decoder'),
-                    dec_heads=dec_width // 64, text_embed_dim=text_embed_dim,
-                    text_context_length=sd['decoder.text_guidance_positional_embedding'].shape[0])
+                    codebook_size=codebook_size, enc_width=enc_width,
+                    enc_layers=depth('encoder'), enc_heads=enc_width // 64,
+                    dec_width=dec_width, dec_layers=depth('decoder'), dec_heads=dec_width // 64,
+                    text_embed_dim=text_embed_dim, text_context_length=T)
     except (KeyError, ValueError, AttributeError):
-        raise UserError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
-                        f"'encoder.patch_embed.weight')") from None
+        raise UserError(f"{path}: not a TA-TiTok state dict (expected keys like "
+                        f"'latent_tokens', 'encoder.patch_embed.weight')") from None
 
 def checkpoint_weights(ckpt):
     # a checkpoint of ours is used with its EMA weights when it has them (as DiT)
@@ -745,8 +751,8 @@ def checkpoint_weights(ckpt):
     return ckpt['model']
 
 def param_groups(named_parameters, weight_decay):
-    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, nor for a name
-    holding one of these words (so the adaLN linears, named *norm*, and any *embed* neither)."""
+    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, nor for a
+    name holding one of these words (so neither the adaLN linears, named *norm*, nor *embed*)."""
     keys = ('ln', 'bias', 'latent_tokens', 'mask_token', 'embedding', 'norm', 'gamma', 'embed')
     decay, no_decay = [], []
     for n, p in named_parameters:
@@ -754,4 +760,5 @@ def param_groups(named_parameters, weight_decay):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return [dict(params=decay, weight_decay=weight_decay),
+            dict(params=no_decay, weight_decay=0.0)]
