@@ -887,7 +887,8 @@ def load_maskgen(name_or_path, dtype=torch.float32, **overrides):
     """MaskGen.from_pretrained: the file behind a preset, repo id, file or run folder, its config (ours: saved;
     official: read off the shapes), then every key and shape checked."""
     path, config, sd = read_model(name_or_path, MASKGEN_PRESETS, MaskGenConfig, config_from_state_dict,
-                                  dtype, overrides)
+                                  dtype, overrides,
+                                  "a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
     tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
     if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
         raise UserError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")

@@ -337,7 +337,8 @@ class TATiTok(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
         """A preset ('vq128', ...) or what read_weights reads -> the model in eval mode."""
         path, config, sd = read_model(name_or_path, TATITOK_PRESETS, TATiTokConfig,
-                                      config_from_state_dict, dtype, overrides)
+                                      config_from_state_dict, dtype, overrides,
+                                      "a generator's checkpoint, not a tokenizer's")
         with torch.device('meta'):  # no weights drawn only to be replaced by the file's
             model = cls(config).to(dtype)
         print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
@@ -694,15 +695,15 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
                         f"of that name ({', '.join(sorted(releases.values()))})")
     return path, load_state_dict_file(path, dtype)
 
-def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides):
+def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides, other):
     """-> (where from, config, weights): a checkpoint of ours holds its config (and EMA
-    weights, used when present); official weights hold none: from_shapes reads it."""
+    weights, used when present); official weights hold none: from_shapes reads it. other:
+    the refusal of a checkpoint of the other model."""
     path, sd = read_weights(name_or_path, presets, dtype)
     if 'model_args' not in sd:
         return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
     if not sd['model_args'].keys() <= {f.name for f in fields(config_class)}:
-        name = config_class.__name__
-        raise UserError(f"{path}: the checkpoint of another model, not of a {name}")
+        raise UserError(f"{path}: {other}")
     return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
 def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
