@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from tatitok import UserError, preset_config, read_weights, load_official, checkpoint_weights, param_groups
+from tatitok import UserError, preset_config, read_model, load_official, param_groups
 
 # -----------------------------------------------------------------------------
 # small helpers: modulation, sinusoids, schedules, noise
@@ -886,14 +886,9 @@ def maskgen_config(name, **overrides):
 def load_maskgen(name_or_path, dtype=torch.float32, **overrides):
     """MaskGen.from_pretrained: the file behind a preset, repo id, file or run folder, its config (ours: saved;
     official: read off the shapes), then every key and shape checked."""
-    path, sd = read_weights(name_or_path, MASKGEN_PRESETS, dtype)
-    if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
-        if 'num_tokens' not in sd['model_args']:
-            raise UserError(f"{path}: a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
-        config = MaskGenConfig(**{**sd['model_args'], **overrides})
-        sd = checkpoint_weights(sd)
-    else:
-        config = MaskGenConfig(**{**config_from_state_dict(sd, path), **overrides})
+    path, config, sd = read_model(name_or_path, MASKGEN_PRESETS, MaskGenConfig, config_from_state_dict,
+                                  dtype, overrides,
+                                  "a tokenizer's checkpoint, not a generator's (pass it as --tokenizer)")
     tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
     if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
         raise UserError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen ties them")

@@ -1,6 +1,7 @@
 """
-What the training scripts share to run on 1 to 64 processes: the split of the global batch, one
-process's decisions for all, the optimizer step that never waits on the host, and the memory plan.
+What the scripts share: devices and precision, processes (1 to 64, the global batch split the
+same way on any number), output folders and checkpoints, flags, the optimizer step that never
+waits on the host, the memory plan, and how a script ends.
 """
 import argparse
 import inspect
@@ -21,8 +22,7 @@ from tatitok import UserError, load_state_dict_file
 # devices, precision, output folders, checkpoints, flags
 
 def make_out_dir(path):
-    """Make --out_dir and write a file into it, or say in one line why not (a file, a read-only place, a full
-    disk) before any work starts: os.access says yes to root everywhere."""
+    # a file written into it, not os.access: that says yes to root everywhere
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--out_dir {path} is a file, not a folder")
     try:
@@ -32,8 +32,8 @@ def make_out_dir(path):
         raise UserError(f"--out_dir {path} cannot be written ({e.strerror})") from None
 
 def write_atomic(path, write):
-    """write(a temporary path), then a rename: the file is there whole or not at all, and a failure or an
-    interrupt (Ctrl-C, SIGTERM) leaves no temporary file behind."""
+    """write(a temporary path), then a rename: the file is there whole or not at all, and a
+    failure or an interrupt leaves no temporary file behind."""
     tmp = path + '.tmp'
     try:
         write(tmp)
@@ -47,9 +47,7 @@ def save_checkpoint(ckpt, path):
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 def pick_device(name='auto'):
-    """The torch.device of --device. 'auto': this process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else
-    the CPU; 'cuda' is this process's GPU too. A name torch does not know, or a device this machine lacks:
-    ValueError with a one-line message."""
+    # 'auto' and 'cuda': this process's GPU (cuda:LOCAL_RANK under torchrun); auto: else the CPU
     if name == 'auto' and not torch.cuda.is_available():
         name = 'cpu'
     if name in ('auto', 'cuda'):
@@ -57,18 +55,20 @@ def pick_device(name='auto'):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, mps") from None
+        why = f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, mps"
+        raise ValueError(why) from None
     if device.type not in ('cpu', 'cuda', 'mps'):
         raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
-    if device.type == 'cuda' and not 0 <= (device.index or 0) < torch.cuda.device_count():  # cuda:999 wraps below 0
-        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here (--device cpu?)")
+    count = torch.cuda.device_count()
+    if device.type == 'cuda' and not 0 <= (device.index or 0) < count:  # cuda:999 wraps below 0
+        raise ValueError(f"--device {name}: torch sees {count} CUDA GPU(s) here (--device cpu?)")
     if device.type == 'mps' and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available on this machine (--device cpu?)")
     return device
 
 def use_device(device):
-    """This process's device from the first CUDA call on (under torchrun, each rank on its own GPU, never a
-    context on GPU 0), with TF32 for the fp32 parts (losses, quantizer, diffusion). -> device"""
+    # this process's GPU from the first CUDA call on (no rank makes a context on GPU 0), with TF32
+    # for the fp32 parts (losses, quantizer, diffusion)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -76,44 +76,45 @@ def use_device(device):
     return device
 
 def init_distributed(device_name):
-    """torchrun sets RANK and WORLD_SIZE: join the process group (nccl on CUDA, gloo on the CPU) and take this
-    rank's device. One process without torchrun. -> (rank, world_size, device)"""
+    # -> (rank, world_size, device); under torchrun, in the process group (nccl, or gloo on CPU)
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = use_device(pick_device(device_name))
-    if world > 1:  # an hour: the other ranks wait in a barrier while rank 0 writes a 20 GB checkpoint
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timedelta(hours=1))
+    if world > 1:  # an hour: the other ranks wait while rank 0 writes a 20 GB checkpoint
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend, timeout=timedelta(hours=1))
     return rank, world, device
 
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 def pick_dtype(name, device):
-    """The autocast dtype of --dtype. 'auto': bfloat16 on a GPU that has it (else float16), float32 elsewhere."""
+    # 'auto': bfloat16 on a GPU that has it (else float16), float32 elsewhere
     if name == 'auto' and device.type == 'cuda':
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == 'auto':
         return torch.float32
     if name == 'float16' and device.type != 'cuda':
-        raise ValueError("--dtype float16 needs a CUDA GPU (its loss scaling is CUDA's); use bfloat16 or float32")
+        raise ValueError("--dtype float16 needs a CUDA GPU (its loss scaling is CUDA's); "
+                         "use bfloat16 or float32")
     return DTYPES[name]
 
 def autocast(device, dtype):
-    """The mixed-precision context of the forward passes (none for float32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-# bf16 dense tensor-core peaks; matched in this order against torch.cuda.get_device_name(), so PCIe and NVL first
-PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12), ('A100', 312e12)]
+# bf16 dense tensor-core peaks, matched in this order (PCIe and NVL first) in the device's name
+PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
+              ('A100', 312e12)]
 
 def peak_flops(device):
-    """The bf16 peak FLOP/s of a GPU, for MFU; inf for a CPU or an unknown GPU, so MFU reads 0 rather than a guess."""
+    # inf for a CPU or an unknown GPU, so MFU reads 0 rather than a guess
     if device.type != 'cuda':
         return float('inf')
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_FLOPS if key in name), float('inf'))
 
 def get_lr(step, peak, warmup, total, end, schedule='cosine'):
-    """The release's schedule (utils/lr_schedulers.py): linear warm-up to `peak`, then cosine down to `end` at step
-    `total`, or constant."""
+    """The release's (utils/lr_schedulers.py): linear warm-up to `peak`, then cosine down to
+    `end` at step `total`, or constant."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == 'constant':
@@ -122,36 +123,37 @@ def get_lr(step, peak, warmup, total, end, schedule='cosine'):
     return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * progress))
 
 def all_gather_objects(obj, world):
-    """Every rank's picklable `obj`, as a list in rank order (one process: [obj])."""
     if world == 1:
         return [obj]
     out = [None] * world
     dist.all_gather_object(out, obj)
-    return out
+    return out  # every rank's obj, in rank order
 
 def open_checkpoint(out_dir, resume, script, config, model_keys):
-    """The checkpoint a run continues from, or None for a new run. A run is never overwritten without --resume,
-    nor continued by the other training script or with other flags in `model_keys` (the ones that define the
-    model). -> (checkpoint or None, the other flags that changed: {flag: (saved, now)})"""
+    """-> (the checkpoint a run continues from or None, the flags that changed: {flag: (saved,
+    now)}). A run is never overwritten without --resume, nor continued by the other script or
+    with other `model_keys` (the flags that define the model)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         return None, {}
     if not resume:
-        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --out_dir")
+        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another "
+                        f"--out_dir")
     ckpt = load_state_dict_file(path)
     if not isinstance(ckpt, dict) or ckpt.get('script') != script:
         raise UserError(f"{path} was not written by {script}.py: choose another --out_dir")
     saved = ckpt['config']
     other = {k: (saved.get(k), config[k]) for k in model_keys if saved.get(k) != config[k]}
     if other:
-        raise UserError(f"{path} trains another model ({other}, saved vs now): resume with the flags it was "
-                              f"started with, or choose another --out_dir")
-    changed = {k: (v, config.get(k)) for k, v in saved.items() if k != 'resume' and config.get(k) != v}
+        raise UserError(f"{path} trains another model ({other}, saved vs now): resume with the "
+                        f"flags it was started with, or choose another --out_dir")
+    changed = {k: (v, config.get(k)) for k, v in saved.items()
+               if k != 'resume' and config.get(k) != v}
     return ckpt, changed
 
 def number(kind=float, low=None, high=None, above=None, off=None):
-    """An argparse type: a finite number of `kind` within [low, high] (and over `above`), or `off`, so
-    that --lr nan, --batch_size 0 or --guidance_scale inf stop at once in one line (exit 2)."""
+    """An argparse type: a finite `kind` within [low, high] and over `above`, or `off`, so that
+    --lr nan or --batch_size 0 stop at once in one line (exit 2)."""
     def parse(text):
         try:
             value = kind(text)
@@ -172,48 +174,46 @@ def number(kind=float, low=None, high=None, above=None, off=None):
     return parse
 
 def add_system_flags(parser, model, draws):
-    """The training scripts' 'system' flags, one spelling for both: model names what is compiled and autocast,
-    draws what --seed seeds besides the init and the data order."""
+    # both trainers'; model: what is compiled and autocast; draws: what else --seed seeds
     g = parser.add_argument_group('system')
     g.add_argument('--resume', action='store_true', help="continue the run in --out_dir")
-    g.add_argument('--device', default='auto', help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
-    g.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'], help="autocast "
-                   f"dtype of the {model} (auto: bfloat16 on a GPU, float32 on the CPU); the losses stay fp32")
-    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help=f"torch.compile the {model} "
-                   "(auto: on for CUDA)")
-    g.add_argument('--seed', type=number(int, 0), default=42, help=f"seed of the init, the data order and {draws} "
-                   "(default 42)")
-    g.add_argument('--max_nonfinite', type=number(int, 1), default=20, help="stop after this many non-finite steps "
-                   "in a row, checked at each log line (default 20)")
-    g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto', help="recompute each "
-                   "transformer block in the backward pass, a block's activations in memory instead of all (auto: "
-                   "where the memory plan needs it)")
-    g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto', help="split AdamW's state over the "
-                   "processes (torch's ZeroRedundancyOptimizer; auto: where the memory plan needs it)")
-
-
-GiB = 2 ** 30
+    g.add_argument('--device', default='auto',
+                   help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
+    g.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
+                   help=f"autocast dtype of the {model} (auto: bfloat16 on a GPU, float32 on "
+                   "the CPU); the losses stay fp32")
+    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'],
+                   help=f"torch.compile the {model} (auto: on for CUDA)")
+    g.add_argument('--seed', type=number(int, 0), default=42,
+                   help=f"seed of the init, the data order and {draws} (default 42)")
+    g.add_argument('--max_nonfinite', type=number(int, 1), default=20,
+                   help="stop after this many non-finite steps in a row, checked at each log "
+                   "line (default 20)")
+    g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto',
+                   help="recompute each transformer block in the backward pass, a block's "
+                   "activations in memory instead of all (auto: where the memory plan needs it)")
+    g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto',
+                   help="split AdamW's state over the processes (torch's "
+                   "ZeroRedundancyOptimizer; auto: where the memory plan needs it)")
 
 # -----------------------------------------------------------------------------
 # processes
 
-
 def micro_batches(batch_size, ceiling, world):
-    """-> (samples per process per forward, accumulation steps). The global batch is fixed, so any
-    number of processes trains the same model: each takes batch_size / world samples a step, in the
-    largest micro batch at most `ceiling` (None: all at once) that divides them evenly."""
+    """-> (micro batch, accumulation steps): the global batch is fixed, so any number of processes
+    trains the same model, each batch_size / world a step in the largest micro batch dividing it,
+    at most `ceiling` (None: no limit)."""
     if batch_size % world:
-        raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: give a "
-                         f"multiple of {world}")
+        raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: "
+                        f"give a multiple of {world}")
     per_rank = batch_size // world
     limit = min(ceiling or per_rank, per_rank)
     mb = max(d for d in range(1, limit + 1) if per_rank % d == 0)
     return mb, per_rank // mb
 
-
 def to_device(x, device):
-    """A tensor, or a batch's tensors, on the device; from pinned memory, asynchronously: a blocking copy
-    would make the host wait for the GPU's queue."""
+    # a tensor or a batch's tensors, copied from pinned memory asynchronously: a blocking copy
+    # would make the host wait for the GPU's queue
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
     if not torch.is_tensor(x) or device.type != 'cuda':
@@ -222,11 +222,10 @@ def to_device(x, device):
         x = x.pin_memory()
     return x.to(device, non_blocking=True)
 
-
 def on_rank0(fn, world, errors):
     """fn() on rank 0 alone, its result on every rank: one process decides for all (whether to
-    resume, from which step), so ranks that see different files still agree. A user error raised by
-    fn (one of `errors`) is raised on every rank, with rank 0's message."""
+    resume, from which step), so ranks that see different files agree. A user error (one of
+    `errors`) is raised on every rank, with rank 0's message."""
     out = [None, None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -239,10 +238,9 @@ def on_rank0(fn, world, errors):
         raise out[1][0](out[1][1])
     return out[0]
 
-
 def broadcast_state(state, device, world):
-    """A nested state (an optimizer's state_dict) from rank 0 to every rank: its layout as an object,
-    then each tensor on `device` (rank 0 alone read the checkpoint). -> the state, on every rank."""
+    """A nested state (an optimizer's state_dict) that rank 0 alone read, on every rank: its
+    layout as an object, then each tensor, on `device`."""
     if world == 1:
         return state
     box, mine = [None, None], None
@@ -262,95 +260,82 @@ def broadcast_state(state, device, world):
         out.append(leaf)
     return tree_unflatten(out, spec)
 
-
 # -----------------------------------------------------------------------------
 # the optimizer step, never waiting on the host
 
-
 def optimizer_step(opt, scaler, params, grad_clip):
-    """Clip the gradients and step, or skip a step whose gradients are not finite, all on the device:
-    the host never waits for the GPU. -> (gradient norm, finite), both tensors."""
+    # clip and step, or skip a step whose gradients are not finite, on the device -> (gnorm, finite)
     scaler.unscale_(opt)
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     finite = torch.isfinite(gnorm)  # the same on every rank: the gradients are all-reduced
-    if not scaler.is_enabled():  # fused AdamW skips its update, step count included, where found_inf
+    if not scaler.is_enabled():  # fused AdamW skips its update, step count too, where found_inf
         getattr(opt, 'optim', opt).found_inf = (~finite).float()  # (sharded: the AdamW inside)
     scaler.step(opt)  # float16: the scaler finds the non-finite gradients itself
     scaler.update()
     return gnorm, finite
 
-
 def shard_optimizer(opt):
-    """The same AdamW with its state split over the processes (torch's ZeroRedundancyOptimizer): its
-    8 bytes a parameter become 8 / processes; each process steps its share, then broadcasts it."""
+    # the same AdamW, its state split over the processes: each steps its share, then broadcasts it
     from torch.distributed.optim import ZeroRedundancyOptimizer
-    known = inspect.signature(type(opt)).parameters  # (its defaults hold one more, decoupled_weight_decay)
+    known = inspect.signature(type(opt)).parameters  # its defaults hold decoupled_weight_decay too
     defaults = {k: v for k, v in opt.defaults.items() if k in known}
     return ZeroRedundancyOptimizer(opt.param_groups, optimizer_class=type(opt), **defaults)
 
-
 def optimizer_state(opt):
-    """The optimizer's whole state on rank 0, for a checkpoint (sharded: gathered first, every rank
-    calls this); it loads back into any number of processes, sharded or not."""
+    """The whole optimizer state on rank 0 (sharded: gathered first, so every rank calls this);
+    it loads into any number of processes, sharded or not."""
     if hasattr(opt, 'consolidate_state_dict'):
         opt.consolidate_state_dict(to=0)
         if dist.get_rank() != 0:
             return None
     return opt.state_dict()
 
-
 def stop_if_nonfinite(run, limit, out_dir, master):
-    """At a log line: say that the last `run` steps were skipped as non-finite, and end the run (exit 1)
-    when that is `limit` or more."""
+    # at a log line: `run` non-finite steps in a row were skipped; `limit` of them end the run
     if run and master:
         print(f"the last {run} steps were skipped: a non-finite loss or gradient", flush=True)
     if run >= limit:
         if master:
-            print(f"stopping: {run} non-finite steps in a row (lower --lr, or --dtype float32); the last "
-                  f"good checkpoint is in {out_dir}", file=sys.stderr)
+            print(f"stopping: {run} non-finite steps in a row (lower --lr, or --dtype float32); "
+                  f"the last good checkpoint is in {out_dir}", file=sys.stderr)
         sys.exit(1)
-
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay, finite):
-    """The release's EMA of the weights (EMAModel): decay warmed up as (1 + step) / (10 + step), at most
-    `decay`; a skipped step (finite False) leaves it as it is. Parameters only: neither model has a
-    buffer that training changes."""
+    # the release's EMAModel: decay warmed up as (1 + step) / (10 + step), at most `decay`; a
+    # skipped step (finite False) leaves it. Parameters only: training changes no buffer
     d = min(decay, (1 + step) / (10 + step))
     ema_params = list(ema.parameters())
-    weight = [(1 - d) * finite.float()] * len(ema_params)  # a tensor per tensor: a scalar one syncs
+    weight = [(1 - d) * finite.float()] * len(ema_params)  # a tensor: a scalar would sync
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)
-
 
 # -----------------------------------------------------------------------------
 # the memory plan: what a training step holds on each GPU, before anything is allocated
 
+GiB = 2 ** 30
 
 def memory_plan(model, act, frozen, micro_batch, world, checkpointing, zero):
-    """Bytes per GPU at the peak of a training step, by part: the trained model's fp32 weights,
-    gradients (DDP's buckets are views of them), AdamW's two moments and step counts (sharded over the
-    processes with zero), the EMA; `frozen`, what else sits on the GPU (frozen models, a discriminator
-    with its optimizer); the forward's 16-bit weight copies; the activations the backward pass needs
-    and its largest temporary, for a micro batch. act: the model's activation_bytes()."""
+    """Bytes per GPU at a training step's peak, by part: the trained model's fp32 weights,
+    gradients (DDP's buckets are views of them), AdamW's state (split over the processes with
+    zero), the EMA; `frozen`, all else on the GPU; the forward's 16-bit weight copies; a micro
+    batch's activations and largest temporary (act: the model's activation_bytes())."""
     params = list(model.parameters())
     P = sum(p.numel() for p in params)
     per_sample = act['saved']
     if checkpointing:
         per_sample = act['checkpointed']
-    optimizer = 8 * P + 4 * len(params)  # exp_avg and exp_avg_sq in fp32, a step count per tensor
+    optimizer = 8 * P + 4 * len(params)  # exp_avg and exp_avg_sq in fp32, a step per tensor
     if zero:
         optimizer = math.ceil(optimizer / world)
     return dict(weights=4 * P, grads=4 * P, optimizer=optimizer, ema=4 * P, frozen=frozen,
                 casts=act['casts'], activations=micro_batch * (per_sample + act['transient']))
 
-
-def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpointing='auto', zero='auto'):
-    """The micro batch and the levers of a run on GPUs of `memory` bytes (None: a CPU, no plan): the
-    largest micro batch, at most the recipe's (ceiling) and dividing a process's share of the global
-    batch, whose plan fits in 90% of the memory. Block checkpointing only when no micro batch of at
-    least a quarter of the recipe's fits without it; the optimizer state sharded over the processes
-    (zero) only when nothing fits without it. -> dict(micro_batch, grad_accum, checkpointing, zero,
-    plan (bytes by part)); UserError when nothing fits."""
+def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpointing='auto',
+                zero='auto'):
+    """-> dict(micro_batch, grad_accum, checkpointing, zero, plan) on GPUs of `memory` bytes
+    (None: a CPU, no plan): the largest micro batch (at most `ceiling`, dividing a process's
+    share) whose plan fits in 90%. Checkpointing only when no micro batch of a quarter of the
+    recipe's fits without it, zero only when nothing fits without it."""
     mb, _ = micro_batches(batch_size, ceiling, world)
     per_rank = batch_size // world
     sizes = [d for d in range(mb, 0, -1) if per_rank % d == 0]  # largest first
@@ -362,57 +347,49 @@ def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpoi
             plan = memory_plan(model, act, frozen, size, world, c, z)
             small = not c and not z and checkpointing == 'auto' and size * 4 < mb
             if memory is None or (sum(plan.values()) <= 0.9 * memory and not small):
-                return dict(micro_batch=size, grad_accum=per_rank // size, checkpointing=c, zero=z,
-                            plan=plan)
-    smallest = memory_plan(model, act, frozen, 1, world, levers[-1][0], levers[-1][1])
+                return dict(micro_batch=size, grad_accum=per_rank // size, checkpointing=c,
+                            zero=z, plan=plan)
+    smallest = memory_plan(model, act, frozen, 1, world, *levers[-1])
     raise UserError(f"nothing fits in {memory / GiB:.1f} GiB per GPU: a micro batch of 1 with "
-                          f"{describe(levers[-1])} plans {sum(smallest.values()) / GiB:.1f} GiB (a "
-                          f"smaller model, more processes with --zero on, or larger GPUs)")
-
+                    f"{describe(levers[-1])} plans {sum(smallest.values()) / GiB:.1f} GiB (a "
+                    f"smaller model, more processes with --zero on, or larger GPUs)")
 
 def describe(levers):
     checkpointing, zero = levers
     return f"checkpointing {('off', 'on')[checkpointing]}, zero {('off', 'on')[zero]}"
 
-
 def plan_lines(choice, memory):
-    """The plan as the trainers print it at start-up."""
     plan = choice['plan']
     parts = ', '.join(f"{k} {v / GiB:.1f}" for k, v in plan.items())
     return (f"memory plan per GPU (GiB): {parts}; total {sum(plan.values()) / GiB:.1f} of "
             f"{memory / GiB:.1f} (fits with 10% headroom) at micro batch {choice['micro_batch']}, "
             f"{describe((choice['checkpointing'], choice['zero']))}")
 
-
 # -----------------------------------------------------------------------------
 # how a script ends: a user error in one line, an interrupt in one line, never a traceback
 
-
 class Interrupted(BaseException):
-    """Ctrl-C (SIGINT) or SIGTERM, raised in the main thread wherever it is; code: the shell's exit code for it,
-    128 + the signal (130, 143). A BaseException, as KeyboardInterrupt: no `except Exception` swallows it."""
+    """Ctrl-C or SIGTERM, raised in the main thread; code: the shell's 128 + the signal. A
+    BaseException, as KeyboardInterrupt: no `except Exception` swallows it."""
 
     def __init__(self, code):
         super().__init__(code)
         self.code = code
 
-
 def _interrupt(signum, frame):
     raise Interrupted(128 + signum)
 
-
 def interrupted_at(step, saved, out_dir):
-    """A trainer's line for an interrupt: where it stopped, and the checkpoint it would resume from."""
+    # a trainer's line for an interrupt: where it stopped, and what it would resume from
     where = "no checkpoint yet"
     if saved is not None:
         where = f"the last checkpoint is step {saved}, in {out_dir}/ckpt.pt"
     return f"interrupted at step {step}: {where}"
 
-
 def run_main(main, args, errors):
-    """main(args, state) as a script's whole run. A user error (one of `errors`) ends in one line and exit 2;
-    Ctrl-C or SIGTERM in one line, state['interrupted']() saying what is on disk, and exit 130 or 143. Under
-    torchrun rank 0 alone prints."""
+    """main(args, state) as a script's whole run: a user error (one of `errors`) ends in one line
+    and exit 2; Ctrl-C or SIGTERM in state['interrupted']()'s line (what is on disk) and exit 130
+    or 143. Under torchrun, rank 0 alone prints."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     state = dict(interrupted=lambda: "interrupted: nothing written")

@@ -1,22 +1,20 @@
 """
 TA-TiTok: the text-aware 1D image tokenizer, all of it in this single file.
 
-An image becomes N = 32, 64 or 128 tokens, discrete (VQ, 8192 codes) or continuous (KL, 16 channels); a ViT
-decoder that also reads the caption's CLIP features turns the tokens back into pixels. The file also holds the
-frozen CLIP text encoder with the three views of it that TA-TiTok and MaskGen use, the loading code for the
-official releases (shared with maskgen.py), and the few helpers every script shares (device, precision, processes,
-checkpoints, the learning-rate schedule and the EMA).
+An image becomes N = 32, 64 or 128 tokens, discrete (VQ) or continuous (KL); a ViT
+decoder that also reads the caption's CLIP features turns them back into pixels. Then:
+the frozen CLIP text encoder, the presets, and loading weights (maskgen.py's too).
 
     from tatitok import TATiTok, TextEncoder
-    tok = TATiTok.from_pretrained('vq128')      # or a repo id, a local .bin/.safetensors, a ckpt of ours
-    clip = TextEncoder.from_open_clip()         # ViT-L-14-336, 'openai' weights
-    ids = tok.encode(images)                    # (B, 128) codes, images in [0, 1]
+    tok = TATiTok.from_pretrained('vq128')  # or a file, a run of ours
+    clip = TextEncoder.from_open_clip()     # ViT-L-14-336, 'openai'
+    ids = tok.encode(images)                # (B, 128), images in [0, 1]
     recon = tok.decode_tokens(ids, clip(captions)['guidance'])
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
-2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py, modeling/titok.py,
-   modeling/modules/blocks.py, modeling/quantizer/quantizer.py, utils/lr_schedulers.py)
+2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py,
+   modeling/titok.py, modeling/modules/blocks.py, modeling/quantizer/quantizer.py)
 3) TiTok, the 1D tokenizer it extends: https://arxiv.org/abs/2406.07550
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """
@@ -25,7 +23,6 @@ import json
 import math
 import http.client
 import zipfile
-import functools
 import warnings
 from dataclasses import dataclass, fields
 
@@ -35,10 +32,10 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
-# the ViT of the encoder and the decoder (open_clip style, as in the official modeling/modules/blocks.py)
+# the ViT of the encoder and the decoder (open_clip style, as modeling/modules/blocks.py)
 
 class Attention(nn.Module):
-    """nn.MultiheadAttention's math and parameter names (packed q, k, v rows), batch first, through SDPA."""
+    """nn.MultiheadAttention's parameters (packed q, k, v), batch first, SDPA."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -46,13 +43,13 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's own init, kept by the official code
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
 
     def forward(self, x):
         B, T, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs), flash / memory-efficient kernels on GPU
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
@@ -63,10 +60,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as nn.GELU() in the release
+        return self.c_proj(F.gelu(self.c_fc(x)))  # exact (erf) GELU, as released
 
 class Block(nn.Module):
-    """Pre-LN transformer block."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -75,18 +71,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width)
 
-    def forward(self, x):
+    def forward(self, x):  # pre-LN
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 def run_blocks(blocks, x, checkpointing):
-    # checkpointing: each block recomputed in the backward pass, one block's activations kept instead of all
     for block in blocks:
-        if checkpointing:
+        if checkpointing:  # recomputed in backward: one block's activations kept, not all
             x = checkpoint(block, x, use_reentrant=False)
         else:
             x = block(x)
     return x
+
+def vit_flops(W, L, S):
+    # multiply-adds of L blocks, width W, S tokens: q, k, v, out, MLP; attention
+    return L * (12 * W * W * S + 2 * S * S * W)
 
 # -----------------------------------------------------------------------------
 # the encoder: image patches and N learned latent tokens in, the latent tokens' outputs out
@@ -97,7 +96,9 @@ class Encoder(nn.Module):
         super().__init__()
         W = cfg.enc_width
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
-        out_channels = cfg.token_size * 2 if cfg.quantize == 'kl' else cfg.token_size  # KL: mean and logvar
+        self.out_channels = cfg.token_size
+        if cfg.quantize == 'kl':
+            self.out_channels *= 2  # a mean and a log-variance
         self.patch_embed = nn.Conv2d(3, W, cfg.patch_size, stride=cfg.patch_size)
         self.class_embedding = nn.Parameter(torch.zeros(1, W))
         self.positional_embedding = nn.Parameter(torch.zeros(n_patches + 1, W))
@@ -106,66 +107,65 @@ class Encoder(nn.Module):
         self.transformer = nn.ModuleList([Block(W, cfg.enc_heads) for _ in range(cfg.enc_layers)])
         self.checkpointing = False
         self.ln_post = nn.LayerNorm(W)
-        self.conv_out = nn.Conv2d(W, out_channels, 1)  # a 1x1 conv in the release; a per-token linear in effect
+        self.conv_out = nn.Conv2d(W, self.out_channels, 1)  # 1x1, as released
 
     def forward(self, img, latent_tokens):
         B, N = img.shape[0], latent_tokens.shape[0]
-        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W), P = (H/p) * (W/p) patches
+        x = self.patch_embed(img).flatten(2).transpose(1, 2)  # (B, P, W)
         x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1)  # (B, 1+P, W)
         x = x + self.positional_embedding
         z = (latent_tokens + self.latent_token_positional_embedding).expand(B, -1, -1)  # (B, N, W)
         x = self.ln_pre(torch.cat([x, z], dim=1))  # (B, 1+P+N, W): [cls, patches, latents]
         x = run_blocks(self.transformer, x, self.checkpointing)
         x = self.ln_post(x[:, -N:])  # (B, N, W), the latent positions only
-        return F.linear(x, self.conv_out.weight.flatten(1), self.conv_out.bias)  # (B, N, C_out), token-major
+        return F.linear(x, self.conv_out.weight.flatten(1), self.conv_out.bias)  # (B, N, C_out)
 
 # -----------------------------------------------------------------------------
 # the two bottlenecks
 
 def at_least_fp32(x):
-    """x in fp32 where autocast made it half precision; a float64 model (the tokenizer's
-    training-step parity test) stays float64, as the fixtures patched the official `.float()` to."""
+    # fp32 where autocast made x 16-bit; float64 stays (a parity test runs in it)
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code VQ with a straight-through estimator (official modeling/quantizer/quantizer.py)."""
+    """Nearest-code VQ, straight-through (modeling/quantizer/quantizer.py)."""
 
     def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False):
         super().__init__()
         self.commitment_cost = commitment_cost
-        self.use_l2_norm = use_l2_norm  # the release's option, off in its tokenizers: features and codes on the sphere
+        self.use_l2_norm = use_l2_norm  # features and codes on the unit sphere
         self.embedding = nn.Embedding(codebook_size, token_size)
         self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
 
     def codes(self):
-        """(K, C) the code vectors the decoder reads."""
         if self.use_l2_norm:
             return F.normalize(self.embedding.weight, dim=-1)
-        return self.embedding.weight
+        return self.embedding.weight  # (K, C)
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
-        z = features = at_least_fp32(z)  # (B, N, C); distances in fp32: bf16 would tie near codes
+        z = features = at_least_fp32(z)  # fp32: bf16 would tie near codes
         if self.use_l2_norm:
             z = F.normalize(z, dim=-1)
         e = self.codes()  # (K, C)
-        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K) squared L2
+        d = z.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1) - 2 * z @ e.t()  # (B, N, K)
         ids = d.argmin(-1)  # (B, N)
         z_q = F.embedding(ids, e)  # (B, N, C)
-        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
-        codebook = F.mse_loss(z_q, z.detach())  # pulls the code to the encoder output
+        commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # (B, N, C) z -> code
+        codebook = F.mse_loss(z_q, z.detach())  # code -> z
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
         ones = z.new_ones(ids.numel())
-        counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # code usage; no sync
+        counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # no host sync
         p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # e^entropy: how many codes are used
-        aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment, codebook_loss=codebook,
-                   ids=ids, perplexity=perplexity, usage=(counts > 0).float().mean(),
-                   features=features.detach())  # the encoder's output, for the training-time codebook clustering
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # codes in use
+        aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment,
+                   codebook_loss=codebook, ids=ids, perplexity=perplexity,
+                   usage=(counts > 0).float().mean(),
+                   features=features.detach())  # for the training-time codebook clustering
         return z_q, aux
 
 class DiagonalGaussian:
-    """The KL ('vae') bottleneck: the encoder's 2C channels are a mean and a log-variance per token channel."""
+    """The KL ('vae') bottleneck: 2C channels per token, a mean and a log-variance."""
 
     def __init__(self, params):
         self.mean, logvar = at_least_fp32(params).chunk(2, dim=-1)  # (B, N, C) each
@@ -177,16 +177,15 @@ class DiagonalGaussian:
             noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device)
         return self.mean + self.std * noise
 
-    def kl(self):
-        # KL(q || N(0, I)) summed over tokens and channels, one value per image (the loss averages it over the batch)
-        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))  # (B,)
+    def kl(self):  # KL(q || N(0, I)), (B,): summed over tokens and channels
+        return 0.5 * (self.mean.pow(2) + self.std.pow(2) - 1.0 - self.logvar).sum(dim=(1, 2))
 
 # -----------------------------------------------------------------------------
-# the text-aware decoder: [cls, image queries, N latent tokens, 77 text tokens] in, pixels in [0, 1] out
+# the text-aware decoder: [cls, image queries, N latents, 77 text tokens] in, pixels out
 
 class Unpatchify(nn.Module):
-    """(B, p*p*3, h, w) -> (B, 3, h*p, w*p) with channels ordered (p1, p2, c): einops' 'b (p1 p2 c) h w ->
-    b c (h p1) (w p2)' of the release. nn.PixelShuffle orders them (c, p1, p2), so it would scramble the weights."""
+    """(B, p*p*3, h, w) -> (B, 3, h*p, w*p) as the release's einops 'b (p1 p2 c) h w ->
+    b c (h p1) (w p2)'. nn.PixelShuffle orders (c, p1, p2): it would scramble the weights."""
 
     def __init__(self, p):
         super().__init__()
@@ -195,40 +194,43 @@ class Unpatchify(nn.Module):
     def forward(self, x):
         B, _, h, w = x.shape
         x = x.view(B, self.p, self.p, 3, h, w)  # (B, p1, p2, c, h, w)
-        return x.permute(0, 3, 4, 1, 5, 2).reshape(B, 3, h * self.p, w * self.p)  # (B, c, h, p1, w, p2)
+        x = x.permute(0, 3, 4, 1, 5, 2)  # (B, c, h, p1, w, p2)
+        return x.reshape(B, 3, h * self.p, w * self.p)
 
 class Decoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        W = cfg.dec_width
+        W, T = cfg.dec_width, cfg.text_context_length
         self.grid = cfg.image_size // cfg.patch_size
         self.decoder_embed = nn.Linear(cfg.token_size, W)
         self.class_embedding = nn.Parameter(torch.zeros(1, W))
         self.positional_embedding = nn.Parameter(torch.zeros(self.grid ** 2 + 1, W))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))  # the image query, one per patch
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))  # the query of each patch
         self.latent_token_positional_embedding = nn.Parameter(torch.zeros(cfg.num_latent_tokens, W))
         self.text_guidance_proj = nn.Linear(cfg.text_embed_dim, W)
-        self.text_guidance_positional_embedding = nn.Parameter(torch.zeros(cfg.text_context_length, W))
+        self.text_guidance_positional_embedding = nn.Parameter(torch.zeros(T, W))
         self.ln_pre = nn.LayerNorm(W)
         self.transformer = nn.ModuleList([Block(W, cfg.dec_heads) for _ in range(cfg.dec_layers)])
         self.checkpointing = False
         self.ln_post = nn.LayerNorm(W)
-        self.ffn = nn.Sequential(nn.Conv2d(W, cfg.patch_size ** 2 * 3, 1), Unpatchify(cfg.patch_size))
+        to_pixels = nn.Conv2d(W, cfg.patch_size ** 2 * 3, 1)
+        self.ffn = nn.Sequential(to_pixels, Unpatchify(cfg.patch_size))
         self.conv_out = nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, z, text_guidance):
         B, N, _ = z.shape
         P = self.grid ** 2
         z = self.decoder_embed(z) + self.latent_token_positional_embedding[:N]  # (B, N, W)
-        q = torch.cat([self.class_embedding.expand(B, 1, -1), self.mask_token.expand(B, P, -1)], dim=1)
-        q = q + self.positional_embedding  # (B, 1+P, W)
-        t = self.text_guidance_proj(text_guidance) + self.text_guidance_positional_embedding  # (B, 77, W)
+        cls = self.class_embedding.expand(B, 1, -1)
+        q = torch.cat([cls, self.mask_token.expand(B, P, -1)], dim=1) + self.positional_embedding
+        t = self.text_guidance_proj(text_guidance)  # (B, 77, W)
+        t = t + self.text_guidance_positional_embedding
         x = self.ln_pre(torch.cat([q, z, t], dim=1))  # (B, 1+P+N+77, W)
         x = run_blocks(self.transformer, x, self.checkpointing)
         x = self.ln_post(x[:, 1:1 + P])  # (B, P, W), the image queries
         x = x.transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # (B, W, h, w)
-        return self.conv_out(self.ffn(x))  # (B, 3, H, W), [0, 1] domain, not clamped
+        return self.conv_out(self.ffn(x))  # (B, 3, H, W) in [0, 1], not clamped
 
 # -----------------------------------------------------------------------------
 # the tokenizer
@@ -238,19 +240,19 @@ class TATiTokConfig:
     image_size: int = 256
     patch_size: int = 16
     num_latent_tokens: int = 32   # N, the length of the 1D token sequence
-    quantize: str = 'vq'          # 'vq' (discrete codes) or 'kl' (continuous Gaussian tokens, 'vae' in the release)
+    quantize: str = 'vq'          # 'vq' (codes) or 'kl' (Gaussian; 'vae' released)
     token_size: int = 64          # C, channels per token: 64 for VQ, 16 for KL
     codebook_size: int = 8192     # VQ only
-    enc_width: int = 768          # ViT-B encoder ('bl' releases); 512 for ViT-S ('sl')
+    enc_width: int = 768          # ViT-B ('bl' releases); 512 for ViT-S ('sl')
     enc_layers: int = 12
     enc_heads: int = 12
-    dec_width: int = 1024         # ViT-L decoder in every release
+    dec_width: int = 1024         # ViT-L in every release
     dec_layers: int = 24
     dec_heads: int = 16
-    text_embed_dim: int = 768     # width of the CLIP text tower (ViT-L-14-336: 768)
+    text_embed_dim: int = 768     # width of the CLIP text tower (ViT-L-14-336)
     text_context_length: int = 77
     commitment_cost: float = 0.25
-    use_l2_norm: bool = False     # VQ: quantize on the unit sphere (the release's option, off in every release)
+    use_l2_norm: bool = False     # VQ on the unit sphere (off in every release)
 
 class TATiTok(nn.Module):
 
@@ -263,40 +265,40 @@ class TATiTok(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         if config.quantize == 'vq':
-            self.quantize = VectorQuantizer(config.codebook_size, config.token_size, config.commitment_cost,
-                                            config.use_l2_norm)
+            self.quantize = VectorQuantizer(config.codebook_size, config.token_size,
+                                            config.commitment_cost, config.use_l2_norm)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
         """Training init, as the release:
-        | parameter                                          | init                                   |
-        | cls / position / latent embeddings, mask token     | randn * width^-0.5                     |
-        | encoder Linear and Conv weights                    | trunc_normal(std 0.02), bias 0         |
-        | decoder Linear and Conv weights                    | torch defaults (kaiming uniform)       |
-        | LayerNorm                                          | weight 1, bias 0                       |
-        | attention in_proj (packed q, k, v)                 | xavier_uniform (nn.MultiheadAttention) |
-        | codebook                                           | uniform(+-1/K)                         |
-        The release runs TiTok._init_weights before it swaps in the text-aware decoder, so the decoder keeps torch's
-        default init. That matters: with std 0.02 in the decoder's two output convs as well, their product starves
-        the decoder of gradient and training sits on the mean image for hundreds of steps."""
+        | parameter                               | init                                   |
+        | cls, position and latent embeddings     | randn * width^-0.5                     |
+        | encoder Linear and Conv weights         | trunc_normal(std 0.02), bias 0         |
+        | decoder Linear and Conv weights         | torch defaults (kaiming uniform)       |
+        | LayerNorm                               | weight 1, bias 0                       |
+        | attention in_proj (packed q, k, v)      | xavier_uniform (nn.MultiheadAttention) |
+        | codebook                                | uniform(+-1/K)                         |
+        The release inits TiTok before it swaps in the text-aware decoder. That matters:
+        with std 0.02 in both output convs, their product starves the decoder of gradient,
+        and training sits on the mean image for hundreds of steps."""
         if self.latent_tokens.device.type == 'meta':
             return
         for m in self.encoder.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        embeddings = ('class_embedding', 'positional_embedding', 'latent_tokens', 'mask_token')
         for name, p in self.named_parameters():
-            if name.endswith(('class_embedding', 'positional_embedding', 'latent_tokens', 'mask_token')):
+            if name.endswith(embeddings):
                 p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
 
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, img, text_guidance, sample=True, noise=None):
-        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (reconstruction, aux dict of loss terms).
-        KL: the posterior is sampled (sample=True), or its mean taken; noise (B, N, C) replaces the drawn noise, so
-        that train_tokenizer.py can draw it per global sample and any number of processes trains the same model."""
+        """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (recon, loss terms).
+        KL: the posterior's mean, or a sample (of `noise`: the trainer's, per global sample)."""
         z = self.encoder(img, self.latent_tokens)  # (B, N, C), or (B, N, 2C) for KL
         if self.config.quantize == 'vq':
             z, aux = self.quantize(z)
@@ -310,8 +312,7 @@ class TATiTok(nn.Module):
 
     @torch.no_grad()
     def encode(self, img, sample=True, generator=None):
-        """Tokens of img: VQ code ids (B, N); KL latents (B, N, C), a posterior sample as in the release, or
-        its mean with sample=False."""
+        """VQ code ids (B, N); KL latents (B, N, C): a sample as released, or the mean."""
         z = self.encoder(img, self.latent_tokens)
         if self.config.quantize == 'vq':
             return self.quantize(z)[1]['ids']
@@ -321,79 +322,81 @@ class TATiTok(nn.Module):
         return posterior.mean
 
     @torch.no_grad()
-    def encode_posterior(self, img):
-        """KL only: the posterior's (mean, logvar), each (B, N, C), e.g. for pretokenizing a data set."""
+    def encode_posterior(self, img):  # KL: (mean, logvar), each (B, N, C)
         assert self.config.quantize == 'kl'
         posterior = DiagonalGaussian(self.encoder(img, self.latent_tokens))
         return posterior.mean, posterior.logvar
 
     def decode_tokens(self, tokens, text_guidance):
-        """VQ ids (B, N) or KL latents (B, N, C), with text guidance (B, 77, T) -> images (B, 3, H, W), unclamped."""
+        """VQ ids (B, N) or KL latents (B, N, C) -> images (B, 3, H, W), not clamped."""
         if self.config.quantize == 'vq':
-            tokens = F.embedding(tokens, self.quantize.codes())  # (B, N, C); the release's (B, 1, N) is squeezed
+            tokens = F.embedding(tokens, self.quantize.codes())  # (B, N, C)
         return self.decoder(tokens, text_guidance)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
-        """A preset name ('vq128', 'kl32', ...), the Hugging Face repo id of an official release, a
-        local .bin / .safetensors file in the official key layout (its sizes read off the tensors),
-        a checkpoint (or its folder) written by train_tokenizer.py, or such a checkpoint's dict in
-        memory (a generator checkpoint embeds its tokenizer that way); its weights in `dtype`.
-        Returns the model in eval mode. See load_tatitok at the end of the file."""
-        return load_tatitok(name_or_path, dtype, **overrides)
+        """A preset ('vq128', ...) or what read_weights reads -> the model in eval mode."""
+        path, config, sd = read_model(name_or_path, TATITOK_PRESETS, TATiTokConfig,
+                                      config_from_state_dict, dtype, overrides,
+                                      "a generator's checkpoint, not a tokenizer's")
+        with torch.device('meta'):  # no weights drawn only to be replaced by the file's
+            model = cls(config).to(dtype)
+        print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
+        # quantize.embed_prob: code usage of the release's clustering VQ, unused here
+        return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu', encoder_lr_scale=1.0):
-        """AdamW with the release's no-decay rules; the encoder and the latent tokens can train at a share of the
-        learning rate (1 in the release): each group's `lr_scale` multiplies the schedule's value."""
-        encoder = [(n, p) for n, p in self.named_parameters() if n.startswith(('encoder.', 'latent_tokens'))]
-        rest = [(n, p) for n, p in self.named_parameters() if not n.startswith(('encoder.', 'latent_tokens'))]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type='cpu',
+                             encoder_lr_scale=1.0):
+        # the encoder and latent tokens train at encoder_lr_scale x lr (1 as released)
+        named = list(self.named_parameters())
+        prefixes = ('encoder.', 'latent_tokens')
+        encoder = [(n, p) for n, p in named if n.startswith(prefixes)]
+        rest = [(n, p) for n, p in named if not n.startswith(prefixes)]
         groups = [dict(g, lr_scale=encoder_lr_scale) for g in param_groups(encoder, weight_decay)]
         groups += [dict(g, lr_scale=1.0) for g in param_groups(rest, weight_decay)]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ('cuda', 'cpu'))
+        fused = device_type in ('cuda', 'cpu')
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def activation_bytes(self):
-        """The memory plan's bytes of a training step under 16-bit autocast (as MaskGen's): a block keeps
-        36 bytes per token and width unit (fp32 LayerNorm inputs, 16-bit q, k, v, attention output and
-        matmul inputs, the MLP's hidden state and GELU's input) and the attention's log-sum-exp; the rest
-        (patches, norms, projections, the output convs) is small at the releases' sizes."""
+        """runtime.memory_plan's bytes of a training step under 16-bit autocast: a block
+        keeps 36 bytes per token and width unit (fp32 LayerNorm inputs; 16-bit q, k, v,
+        attention output, matmul inputs, MLP hidden, GELU input) and the attention's LSE."""
         cfg = self.config
-        P, N, We, Wd = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_latent_tokens, cfg.enc_width, cfg.dec_width
+        P, N = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_latent_tokens
+        We, Wd = cfg.enc_width, cfg.dec_width
         Te, Td = 1 + P + N, 1 + P + N + cfg.text_context_length
         enc = 36 * Te * We + 4 * cfg.enc_heads * Te
         dec = 36 * Td * Wd + 4 * cfg.dec_heads * Td
-        rest = 4 * (Te * We + Td * Wd) + 10 * P * Wd + 20 * cfg.image_size ** 2
+        rest = 4 * (Te * We + Td * Wd) + 10 * P * Wd + 20 * cfg.image_size ** 2  # small
         rest += 2 * cfg.text_context_length * cfg.text_embed_dim
         inputs = 4 * (cfg.enc_layers * Te * We + cfg.dec_layers * Td * Wd)
         return dict(saved=cfg.enc_layers * enc + cfg.dec_layers * dec + rest,
-                    checkpointed=inputs + max(enc, dec) + rest, casts=2 * self.get_num_params(), transient=0)
+                    checkpointed=inputs + max(enc, dec) + rest,
+                    casts=2 * self.get_num_params(), transient=0)
 
     def estimate_flops(self, encode=True, decode=True):
-        """FLOPs per image (2 per multiply-add of a matmul or conv), counted from the architecture; checked against
-        torch's FlopCounterMode in the tests. The VQ distances count; the decoder's text projection too."""
+        # FLOPs per image, 2 per multiply-add (checked against torch's FlopCounterMode)
         cfg = self.config
         P = (cfg.image_size // cfg.patch_size) ** 2
-        N, p = cfg.num_latent_tokens, cfg.patch_size
-        vit = lambda W, L, S: L * (12 * W * W * S + 2 * S * S * W)  # q, k, v, out + MLP, then attention
+        N, p, We, Wd = cfg.num_latent_tokens, cfg.patch_size, cfg.enc_width, cfg.dec_width
         macs = 0
-        if encode:  # patch embedding, the ViT over [cls, patches, latents], conv_out on the latents
-            c_out = cfg.token_size * 2 if cfg.quantize == 'kl' else cfg.token_size
-            macs += P * 3 * p * p * cfg.enc_width + vit(cfg.enc_width, cfg.enc_layers, 1 + P + N)
-            macs += N * cfg.enc_width * c_out
+        if encode:  # patch embedding, the ViT over [cls, patches, latents], conv_out
+            macs += P * 3 * p * p * We + vit_flops(We, cfg.enc_layers, 1 + P + N)
+            macs += N * We * self.encoder.out_channels
             if cfg.quantize == 'vq':
-                macs += N * cfg.codebook_size * cfg.token_size  # the nearest-code distances
-        if decode:  # token and text projections, the ViT over [cls, queries, latents, text], the output convs
-            W, T = cfg.dec_width, cfg.text_context_length
-            macs += N * cfg.token_size * W + T * cfg.text_embed_dim * W
-            macs += vit(W, cfg.dec_layers, 1 + P + N + T)
-            macs += P * W * 3 * p * p + cfg.image_size ** 2 * 3 * 3 * 9
+                macs += N * cfg.codebook_size * cfg.token_size  # the VQ distances
+        if decode:  # token and text projections, the ViT, the output convs
+            T = cfg.text_context_length
+            macs += N * cfg.token_size * Wd + T * cfg.text_embed_dim * Wd
+            macs += vit_flops(Wd, cfg.dec_layers, 1 + P + N + T)
+            macs += P * Wd * 3 * p * p + cfg.image_size ** 2 * 3 * 3 * 9
         return 2 * macs
 
 # -----------------------------------------------------------------------------
 # the frozen CLIP text encoder and its three views
 
 def clip_ids(tokenizer, caption, context_length=77):
-    """(77,) int64 CLIP token ids of one caption, from open_clip's tokenizer: made in the data workers for
-    training. A caption longer than the context is truncated with a warning, never an error."""
+    # (77,) int64 ids; a caption too long is truncated with a warning, not an error
     with torch.device('cpu'):  # whatever the default device (e.g. meta for counting)
         ids = tokenizer([caption], context_length=context_length)[0].numpy()  # (77,)
     if ids[-1] != 0 and len(tokenizer.encode(caption)) > context_length - 2:  # minus SOT, EOT
@@ -402,22 +405,23 @@ def clip_ids(tokenizer, caption, context_length=77):
     return ids
 
 def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtype=torch.float32):
-    """open_clip's CLIP text tower, built alone (the vision tower is most of a CLIP model), with the
-    weights of `weights` (a file of the tower or of the whole model), or random ones from `seed`."""
+    """open_clip's CLIP text tower built alone (the vision tower is most of CLIP), with
+    `weights` (a file of the tower or the whole model), or random from `seed`."""
     from open_clip.model import _build_text_tower, _build_vision_tower
     if weights:
         with torch.device('meta'):  # no weight drawn only to be replaced by the file's
             tower = _build_text_tower(embed_dim, text_cfg, quick_gelu).to(dtype)
-        # mapped even for another dtype: reading the file to cast it would read the vision tower too
-        sd = {k: v for k, v in load_state_dict_file(weights).items() if not k.startswith('visual.')}
+        # mapped, even for another dtype: a cast would read the vision tower too
+        sd = load_state_dict_file(weights)
+        sd = {k: v for k, v in sd.items() if not k.startswith('visual.')}
         load_official(tower, sd, weights, ignore=('logit_scale', 'logit_bias'))  # CLIP's, unused
-        if tower.attn_mask is not None:  # the causal mask is in no file: built again, off meta
+        if tower.attn_mask is not None:  # in no file: built again, off meta
             tower.attn_mask = tower.build_causal_mask()
         return tower
     rng = torch.get_rng_state()
-    torch.manual_seed(seed)  # the same seed gives the same tower, so a checkpoint can rebuild it
-    # open_clip's CLIP(...) draws a vision tower before the text tower, and our checkpoints' seeds
-    # were drawn that way: draw a tiny one and drop it, so that each seed gives the same text tower
+    torch.manual_seed(seed)  # one seed, one tower: a checkpoint can rebuild it
+    # open_clip's CLIP(...) draws a vision tower first, and our checkpoints' seeds were drawn
+    # that way: draw a tiny one and drop it, so that each seed gives the same text tower
     _build_vision_tower(embed_dim, dict(layers=1, width=64, patch_size=8, image_size=16))
     tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
     torch.set_rng_state(rng)
@@ -426,10 +430,10 @@ def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtyp
 RELEASE_CLIP = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
 
 class TextEncoder(nn.Module):
-    """A frozen open_clip text tower. One pass gives the three views the official code takes from it:
-    guidance: ln_final of the last block, all 77 positions (the TA-TiTok decoder's text input)
-    tokens:   the output of the penultimate block, no ln_final (the MaskGen context stream)
-    pooled:   ln_final at the end-of-text token @ text_projection (the MaskGen pooled condition)"""
+    """A frozen open_clip text tower. One pass gives the three views the release uses:
+    guidance: ln_final of the last block, 77 positions (the TA-TiTok decoder's input)
+    tokens:   the penultimate block's output, no ln_final (MaskGen's context stream)
+    pooled:   ln_final at the end-of-text token @ text_projection (MaskGen's condition)"""
 
     def __init__(self, clip, tokenizer, spec):
         super().__init__()
@@ -439,16 +443,11 @@ class TextEncoder(nn.Module):
         self.width = clip.token_embedding.weight.shape[1]
         self.embed_dim = clip.text_projection.shape[-1]
         self.context_length = clip.positional_embedding.shape[0]
-        # CLIP's text cleaning and BPE run in Python, a tenth of a quickstart step: cache each caption's ids
-        # (integers, so no number changes), per instance and bounded for web-scale data
-        self._ids = functools.lru_cache(maxsize=1 << 16)(self._ids)
         self.requires_grad_(False).eval()
 
     @classmethod
     def from_name(cls, name, context_length=77, dtype=torch.float32):
-        """--clip of every script: 'tiny' (random weights, built here, `context_length` positions), MODEL:PRETRAINED
-        of open_clip (PRETRAINED: a tag, downloaded once, or a local file), MODEL alone ('openai' weights), or a
-        local file of the releases' text encoder, ViT-L-14-336. Its weights in `dtype`."""
+        # --clip: 'tiny', open_clip's MODEL[:TAG or file], or a ViT-L-14-336 file
         if name == 'tiny':
             return cls.tiny(context_length=context_length).to(dtype)
         model, _, pretrained = name.partition(':')
@@ -457,120 +456,110 @@ class TextEncoder(nn.Module):
         return cls.from_open_clip(model, pretrained or 'openai', dtype)
 
     @classmethod
-    def from_spec(cls, spec, dtype=torch.float32):
-        """Rebuild from self.spec (kept in checkpoints): an open_clip model and tag, or a text_cfg."""
+    def from_spec(cls, spec, dtype=torch.float32):  # self.spec, kept in checkpoints
         if 'text_cfg' in spec:
             return cls.from_text_cfg(**spec, dtype=dtype)
         return cls.from_open_clip(**spec, dtype=dtype)
 
     @classmethod
     def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai', dtype=torch.float32):
-        """The text tower of any open_clip CLIP model, built alone from open_clip's config of it.
-        pretrained: an open_clip tag (downloaded, cached) or a local file of the model or tower."""
         import open_clip  # imported here: only building the text encoder needs it
         if model not in open_clip.list_models():
             raise UserError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
         cfg = open_clip.get_model_config(model)
         path, quick_gelu = pretrained, cfg.get('quick_gelu', False)
-        if not os.path.isfile(pretrained):
+        if not os.path.isfile(pretrained):  # a tag: downloaded once
             tag = open_clip.pretrained.get_pretrained_cfg(model, pretrained)
             if not tag.get('hf_hub'):
-                raise UserError(f"open_clip has no pretrained {pretrained!r} for {model!r}; pass a local file")
+                raise UserError(f"open_clip has no pretrained {pretrained!r} for {model!r}; "
+                                f"pass a local file")
             repo, filename = os.path.split(tag['hf_hub'])
-            candidates = [filename] if filename else ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
-            path = hf_download(repo, candidates)
-            # the OpenAI weights were trained with QuickGELU
-            quick_gelu = quick_gelu or tag.get('quick_gelu', False)
-        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, weights=path, dtype=dtype)
-        return cls(tower, open_clip.get_tokenizer(model), dict(model=model, pretrained=pretrained))
+            names = [filename]
+            if not filename:
+                names = ['open_clip_model.safetensors', 'open_clip_pytorch_model.bin']
+            path = hf_download(repo, names)
+            quick_gelu = quick_gelu or tag.get('quick_gelu', False)  # OpenAI's have it
+        tower = text_tower(cfg['text_cfg'], cfg['embed_dim'], quick_gelu, path, dtype=dtype)
+        spec = dict(model=model, pretrained=pretrained)
+        return cls(tower, open_clip.get_tokenizer(model), spec)
 
     @classmethod
     def from_text_cfg(cls, text_cfg, embed_dim, weights=None, seed=0, tokenizer='ViT-L-14-336',
                       dtype=torch.float32):
-        """A CLIP text tower of any size (open_clip's text_cfg): random weights drawn from `seed`, or loaded from
-        `weights`, a file of an open_clip text tower or of a whole CLIP model."""
         import open_clip
         tower = text_tower(text_cfg, embed_dim, weights=weights, seed=seed, dtype=dtype)
-        spec = dict(text_cfg=text_cfg, embed_dim=embed_dim, weights=weights, seed=seed, tokenizer=tokenizer)
+        spec = dict(text_cfg=text_cfg, embed_dim=embed_dim, weights=weights, seed=seed,
+                    tokenizer=tokenizer)
         return cls(tower, open_clip.get_tokenizer(tokenizer), spec)
 
     @classmethod
     def tiny(cls, seed=0, context_length=77):
-        """A small text tower with random weights, built locally: for tests and the offline quickstart. Random
-        features still tell captions apart, which is all a model trained on them needs. The shapes presets use 16
-        positions (their longest caption is 14 CLIP tokens): 77 would be most of the decoder's sequence."""
-        text_cfg = dict(context_length=context_length, vocab_size=49408, width=64, heads=4, layers=4)
+        """A small random tower for tests and the offline quickstart: random features
+        still tell captions apart, all a model trained on them needs. The shapes presets
+        use 16 positions (their longest caption is 14 CLIP tokens; 77 would dwarf the image)."""
+        text_cfg = dict(context_length=context_length, vocab_size=49408, width=64, heads=4,
+                        layers=4)
         return cls.from_text_cfg(text_cfg, 64, seed=seed)
 
     def tokenize(self, captions):
-        """(B, 77) token ids. Captions longer than the context are truncated (with a warning), never an error."""
-        return torch.stack([self._ids(c) for c in captions])  # (B, 77)
-
-    def _ids(self, caption):
-        """(77,) token ids of one caption (cached per caption in __init__)."""
-        return torch.from_numpy(clip_ids(self.tokenizer, caption, self.context_length))
+        ids = [clip_ids(self.tokenizer, c, self.context_length) for c in captions]
+        return torch.stack([torch.from_numpy(x) for x in ids])  # (B, 77)
 
     @torch.no_grad()
     def forward(self, captions):
-        """captions: list of str, or (B, 77) token ids -> dict(guidance, tokens, pooled)."""
+        """captions: a list of str, or (B, 77) ids -> dict(guidance, tokens, pooled)."""
         device = self.clip.token_embedding.weight.device
         ids = captions if torch.is_tensor(captions) else self.tokenize(captions)
         ids = ids.to(device)  # (B, 77)
         x = self.clip.token_embedding(ids) + self.clip.positional_embedding  # (B, 77, W)
-        batch_first = getattr(self.clip.transformer, 'batch_first', True)  # open_clip < 2.23 runs blocks (L, B, W)
-        if not batch_first:
-            x = x.transpose(0, 1)
         blocks = self.clip.transformer.resblocks
         for block in blocks[:-1]:
             x = block(x, attn_mask=self.clip.attn_mask)  # causal, as CLIP was trained
         penultimate = x
         x = blocks[-1](x, attn_mask=self.clip.attn_mask)
-        if not batch_first:
-            x, penultimate = x.transpose(0, 1), penultimate.transpose(0, 1)
         guidance = self.clip.ln_final(x)  # (B, 77, W)
-        eot = guidance[torch.arange(ids.shape[0], device=device), ids.argmax(dim=-1)]  # (B, W) EOT has the top id
-        pooled = eot @ self.clip.text_projection  # (B, E), not normalised
+        eot = ids.argmax(dim=-1)  # (B,), the end-of-text token has the highest id
+        pooled = guidance[torch.arange(ids.shape[0], device=device), eot]  # (B, W)
+        pooled = pooled @ self.clip.text_projection  # (B, E), not normalised
         return dict(guidance=guidance, tokens=penultimate, pooled=pooled)
 
     def estimate_flops(self):
-        """FLOPs per caption: all 77 positions through every block (the causal mask does not shrink the matmuls),
-        then the end-of-text projection."""
-        W, S = self.width, self.context_length
+        # per caption: every position through every block (a causal mask saves no matmul)
         L = len(self.clip.transformer.resblocks)
-        return 2 * (L * (12 * W * W * S + 2 * S * S * W) + W * self.embed_dim)
+        W = self.width
+        return 2 * (vit_flops(W, L, self.context_length) + W * self.embed_dim)
 
 # -----------------------------------------------------------------------------
-# presets: the six official releases (repo ids from the official README), plus small ones for CPU
+# presets: the six releases (repo ids from the official README), small ones for CPU
 
-_B = dict(enc_width=768, enc_layers=12, enc_heads=12)
-_S = dict(enc_width=512, enc_layers=8, enc_heads=8)
-_L = dict(dec_width=1024, dec_layers=24, dec_heads=16)
 _HF = 'turkeyju/tokenizer_tatitok_'
-# text_embed_dim 64 = TextEncoder.tiny()'s width
-_TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2, enc_heads=4,
-             dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)
-# the CPU quickstart's: 32 px in 4 px patches, 32 tokens, 16 text positions, one encoder and three decoder layers
-# 64 wide (rendering is the slow part); TUNING.md says how each number was chosen
-_SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=32, enc_width=64, enc_layers=1, enc_heads=2,
-               dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64, text_context_length=16)
+_VQ = dict(quantize='vq', token_size=64)
+_KL = dict(quantize='kl', token_size=16)
+_S = dict(enc_width=512, enc_layers=8, enc_heads=8)  # ViT-S; the others: the defaults
+# the small ones read TextEncoder.tiny() (text_embed_dim 64)
+_TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2,
+             enc_heads=4, dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)
+# the CPU quickstart's (TUNING.md says how each number was chosen)
+_SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=32, enc_width=64, enc_layers=1,
+               enc_heads=2, dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64,
+               text_context_length=16)
 TATITOK_PRESETS = {
-    'vq32':  dict(quantize='vq', token_size=64, num_latent_tokens=32, **_B, **_L, repo=_HF + 'bl32_vq'),    # 390.8M
-    'vq64':  dict(quantize='vq', token_size=64, num_latent_tokens=64, **_B, **_L, repo=_HF + 'bl64_vq'),    # 390.9M
-    'vq128': dict(quantize='vq', token_size=64, num_latent_tokens=128, **_B, **_L, repo=_HF + 'bl128_vq'),  # 391.1M
-    'kl32':  dict(quantize='kl', token_size=16, num_latent_tokens=32, **_B, **_L, repo=_HF + 'bl32_vae'),   # 390.2M
-    'kl64':  dict(quantize='kl', token_size=16, num_latent_tokens=64, **_B, **_L, repo=_HF + 'bl64_vae'),   # 390.3M
-    'kl128': dict(quantize='kl', token_size=16, num_latent_tokens=128, **_S, **_L, repo=_HF + 'sl128_vae'), # 330.3M
+    'vq32': dict(**_VQ, num_latent_tokens=32, repo=_HF + 'bl32_vq'),  # 390.8M
+    'vq64': dict(**_VQ, num_latent_tokens=64, repo=_HF + 'bl64_vq'),  # 390.9M
+    'vq128': dict(**_VQ, num_latent_tokens=128, repo=_HF + 'bl128_vq'),  # 391.1M
+    'kl32': dict(**_KL, num_latent_tokens=32, repo=_HF + 'bl32_vae'),  # 390.2M
+    'kl64': dict(**_KL, num_latent_tokens=64, repo=_HF + 'bl64_vae'),  # 390.3M
+    'kl128': dict(**_KL, num_latent_tokens=128, **_S, repo=_HF + 'sl128_vae'),  # 330.3M
     'tiny-vq': dict(quantize='vq', token_size=12, codebook_size=96, **_TINY),
     'tiny-kl': dict(quantize='kl', token_size=5, **_TINY),
     # VQ on the unit sphere, no commitment loss (the release's is 0.25): see TUNING.md
-    'shapes-vq': dict(quantize='vq', token_size=16, codebook_size=1024, use_l2_norm=True, commitment_cost=0.0,
-                      **_SHAPES),
+    'shapes-vq': dict(quantize='vq', token_size=16, codebook_size=1024, use_l2_norm=True,
+                      commitment_cost=0.0, **_SHAPES),
     'shapes-kl': dict(quantize='kl', token_size=16, **_SHAPES),
 }
 
 def preset_config(presets, config_class, name, **overrides):
-    """config_class of presets[name], with any field overridden; keys it has no field for (a
-    release's repo, the generator's tokenizer) stay out."""
+    # keys config_class has no field for (a repo, a generator's tokenizer) stay out
     if name not in presets:
         raise UserError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     known = {f.name for f in fields(config_class)}
@@ -584,8 +573,7 @@ def tatitok_config(name, **overrides):
 # loading official weights and our checkpoints (shared with maskgen.py)
 
 class UserError(Exception):
-    """A mistake of the user's (a flag's value, a path, a file, a missing download): every script prints it
-    in one line and exits 2 (runtime.run_main)."""
+    """A user's mistake: a script prints it in one line and exits 2 (runtime.run_main)."""
 
     def __init__(self, message):
         super().__init__(' '.join(str(message).split()))  # one line, whatever it quotes
@@ -595,15 +583,15 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
                       'U8': torch.uint8, 'BOOL': torch.bool}
 
 def read_safetensors(path, dtype):
-    """A .safetensors file's tensors read one at a time, the floating-point ones cast to `dtype`.
-    Mapped instead, every float32 page read for the cast would stay in memory beside the copies."""
+    """A .safetensors file read a tensor at a time, floats cast to `dtype`. Mapped instead,
+    every fp32 page read for the cast would stay in memory beside the copies."""
     with open(path, 'rb') as f:
-        n = int.from_bytes(f.read(8), 'little')  # the format: header length, JSON header, bytes
+        n = int.from_bytes(f.read(8), 'little')  # header length, JSON header, bytes
         header = json.loads(f.read(n))
         header.pop('__metadata__', None)
-        # one buffer for every read: a new one per tensor would leave the allocator's heap in pieces
-        buf = torch.empty(max(h['data_offsets'][1] - h['data_offsets'][0] for h in header.values()),
-                          dtype=torch.uint8)
+        # one buffer for all: one per tensor would leave the allocator's heap in pieces
+        size = max(h['data_offsets'][1] - h['data_offsets'][0] for h in header.values())
+        buf = torch.empty(size, dtype=torch.uint8)
         sd = {}
         for k, h in header.items():
             start, end = h['data_offsets']
@@ -615,29 +603,28 @@ def read_safetensors(path, dtype):
     return sd
 
 def load_state_dict_file(path, dtype=torch.float32):
-    """A state dict from a .bin/.pt/.pth (torch.save) or .safetensors file, memory-mapped: a
-    tensor's bytes stay in the file until read, and a model that takes the tensors themselves
-    (load_official) holds its weights once. For weights in another dtype than the releases'
-    float32, a .safetensors file is read and cast instead (read_safetensors)."""
+    """A torch.save or .safetensors file's dict, memory-mapped (so load_official holds each
+    weight once), except a .safetensors file read for another dtype (read_safetensors)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
         if path.endswith('.safetensors') and dtype != torch.float32:
             sd = read_safetensors(path, dtype)
         elif path.endswith('.safetensors'):
-            from safetensors.torch import load_file  # arrives with open_clip_torch; maps the file
+            from safetensors.torch import load_file  # arrives with open_clip_torch
             sd = load_file(path)
-        else:  # torch.save's zip format (torch >= 1.6) can be mapped; an older file is read whole
+        else:  # torch.save's zip format (torch >= 1.6) maps; an older file is read whole
             mapped = zipfile.is_zipfile(path)
             sd = torch.load(path, map_location='cpu', weights_only=True, mmap=mapped)
     except Exception as e:  # truncated, corrupt, or not a checkpoint at all
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise UserError(f"{path}: not a readable checkpoint ({why})") from None
     if not isinstance(sd, dict):
         raise UserError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     return sd
 
 def reachable(host, timeout=3.0):
-    # a dead network makes download libraries retry for ~25 s; a 3 s connection lets us fail fast and clearly
+    # offline, download libraries retry for ~25 s: a 3 s probe fails fast and clearly
     try:
         http.client.HTTPSConnection(host, timeout=timeout).connect()
         return True
@@ -645,30 +632,27 @@ def reachable(host, timeout=3.0):
         return False
 
 def hf_download(repo_id, filenames):
-    """Path of the first of `filenames` in the Hugging Face repo, from the local cache or downloaded into it."""
-    from huggingface_hub import hf_hub_download, constants  # imported here: only official weights need it
-    for name in filenames:
-        try:
-            return hf_hub_download(repo_id, name, local_files_only=True)
-        except Exception:
-            pass
-    online = not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT.split('://')[-1].split('/')[0])
-    for name in filenames if online else []:
-        try:
-            return hf_hub_download(repo_id, name)
-        except Exception:
-            pass
-    raise UserError(
-        f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id}: not in the local cache and the "
-        f"download failed (offline?). Download it on a machine with internet, or pass a local file instead "
-        f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
+    # the first of `filenames` in a Hugging Face repo: cached, else downloaded
+    from huggingface_hub import hf_hub_download, constants  # only official weights need it
+    host = constants.ENDPOINT.split('://')[-1].split('/')[0]
+    for local in (True, False):
+        if not local and (constants.HF_HUB_OFFLINE or not reachable(host)):
+            break
+        for name in filenames:
+            try:
+                return hf_hub_download(repo_id, name, local_files_only=local)
+            except Exception:
+                pass
+    raise UserError(f"cannot get {' or '.join(filenames)} from the Hugging Face repo "
+                    f"{repo_id} (not cached, and the download failed: offline?). Download it "
+                    f"elsewhere, or pass a local file (the .bin / .safetensors, or a "
+                    f"checkpoint trained here).")
 
 def load_official(model, sd, source, ignore=(), optional=(), rename=()):
-    """Put state dict `sd` (official key layout) into `model`, checking every key and shape; strict,
-    never silent. The tensors of `sd` become the model's parameters (cast to its dtype where they
-    differ): a model built on the meta device from a memory-mapped file holds each weight once.
-    ignore: keys dropped if present (training-only buffers); optional: keys that may be missing (a
-    tied weight, which the model ties again once loaded); rename: (official, our) prefix rules."""
+    """`sd` (official keys) into `model`, every key and shape checked, never silently.
+    The tensors become the parameters (cast where dtypes differ): a model built on the
+    meta device from a mapped file holds each weight once. ignore: keys dropped (training
+    only); optional: keys that may be missing (a tied weight); rename: (official, our)."""
     sd = {k: v for k, v in sd.items() if k not in ignore}
     for old, new in rename:
         sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
@@ -676,24 +660,25 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     missing = [k for k in ours if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in ours]
     if missing or unexpected:
-        raise UserError(f"{source}: keys do not match the {type(model).__name__} architecture (missing "
-                              f"{len(missing)}: {missing[:5]}, unexpected {len(unexpected)}: {unexpected[:5]})")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(ours[k].shape)}" for k in sd if sd[k].shape != ours[k].shape]
+        raise UserError(f"{source}: keys do not match the {type(model).__name__} architecture "
+                        f"(missing {len(missing)}: {missing[:5]}, "
+                        f"unexpected {len(unexpected)}: {unexpected[:5]})")
+    wrong = [f"{k} {tuple(v.shape)} vs ours {tuple(ours[k].shape)}"
+             for k, v in sd.items() if v.shape != ours[k].shape]
     if wrong:
-        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:3]}")
+        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape, "
+                        f"e.g. {wrong[:3]}")
     sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where the dtypes agree
-    for k in optional:  # a tied weight missing from the file: a placeholder, tied again once loaded
+    for k in optional:  # a tied weight not in the file: a placeholder until tied again
         if k not in sd and k in ours:
             sd[k] = ours[k]
-    model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves, no copy
+    model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves
     return model
 
 def read_weights(name_or_path, presets, dtype=torch.float32):
-    """What a release's name or repo id, a weights file, a run folder (its ckpt.pt) or a checkpoint's
-    dict already in memory holds -> (where it came from, the dict): a state dict in the official layout,
-    or a checkpoint of ours ('model_args', 'model', 'ema', ...). A release comes from the Hugging Face
-    cache, downloaded into it once. The one way every script turns a name into weights; what it
-    returns may be passed again."""
+    """A release's name or repo id (downloaded once), a weights file, a run folder (its
+    ckpt.pt) or a checkpoint's dict -> (where from, official weights or a checkpoint of
+    ours). What it returns may be passed again."""
     if isinstance(name_or_path, tuple):  # read already
         return name_or_path
     if isinstance(name_or_path, dict):
@@ -706,45 +691,41 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
     if name in releases.values():
         path = hf_download(presets[name]['repo'], ['model.safetensors', 'pytorch_model.bin'])
     elif not os.path.exists(path):
-        raise UserError(f"{name_or_path}: no such file, no ckpt.pt in it, and no release of that name "
-                        f"({', '.join(sorted(releases.values()))})")
+        raise UserError(f"{name_or_path}: no such file, no ckpt.pt in it, and no release "
+                        f"of that name ({', '.join(sorted(releases.values()))})")
     return path, load_state_dict_file(path, dtype)
 
-def load_tatitok(name_or_path, dtype=torch.float32, **overrides):
-    """TATiTok.from_pretrained: the weights and config of what read_weights finds."""
-    path, sd = read_weights(name_or_path, TATITOK_PRESETS, dtype)
-    if 'model_args' in sd:  # a checkpoint of ours: its config and weights (EMA when present)
-        if 'num_latent_tokens' not in sd['model_args']:
-            raise UserError(f"{path}: a generator's checkpoint, not a tokenizer's")
-        config = TATiTokConfig(**{**sd['model_args'], **overrides})
-        sd = checkpoint_weights(sd)
-    else:  # a bare state dict in the official layout carries no config: read it off the shapes
-        config = TATiTokConfig(**{**config_from_state_dict(sd, path), **overrides})
-    with torch.device('meta'):  # no weights drawn only to be replaced by the file's
-        model = TATiTok(config).to(dtype)
-    print(f"loading TA-TiTok from {path} ({model.get_num_params() / 1e6:.2f}M parameters)")
-    # quantize.embed_prob: usage EMA of the training-time clustering VQ, present in some releases, unused here
-    return load_official(model, sd, path, ignore=('quantize.embed_prob',)).eval()
+def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides, other):
+    """-> (where from, config, weights): a checkpoint of ours holds its config (and EMA
+    weights, used when present); official weights hold none: from_shapes reads it. other:
+    the refusal of a checkpoint of the other model."""
+    path, sd = read_weights(name_or_path, presets, dtype)
+    if 'model_args' not in sd:
+        return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
+    if not sd['model_args'].keys() <= {f.name for f in fields(config_class)}:
+        raise UserError(f"{path}: {other}")
+    return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
 def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
-    """A tokenizer and the text encoder its decoder reads: --clip's if given, else the one its checkpoint
-    names, else the releases' CLIP -> (tokenizer, text encoder, what read_weights read)."""
+    """-> (tokenizer, the text encoder its decoder reads: --clip's, else its checkpoint's, else
+    the releases', what read_weights read)."""
     read = read_weights(name_or_path, TATITOK_PRESETS, dtype)
-    tok = load_tatitok(read, dtype)
+    tok = TATiTok.from_pretrained(read, dtype)
     cfg = tok.config
     if clip:
         te = TextEncoder.from_name(clip, cfg.text_context_length, dtype)
     else:
         te = TextEncoder.from_spec(read[1].get('text_encoder') or RELEASE_CLIP, dtype)
     if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
-        raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x {cfg.text_embed_dim} text "
-                        f"features, this text encoder gives {te.context_length} x {te.width}: pass its --clip")
+        raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x "
+                        f"{cfg.text_embed_dim} text features, this text encoder gives "
+                        f"{te.context_length} x {te.width}: pass its --clip")
     return tok, te, read
 
 def config_from_state_dict(sd, path):
-    """TATiTokConfig fields of an official state dict, from its shapes. Heads are not in the shapes: every release
-    uses 64 channels per head, so width // 64 (pass enc_heads / dec_heads to override)."""
-    depth = lambda prefix: len({k.split('.')[2] for k in sd if k.startswith(prefix + '.transformer.')})
+    """TATiTokConfig fields read off official weights' shapes. Heads are not in them:
+    every release has 64 channels per head (override enc_heads / dec_heads otherwise)."""
+    depth = lambda p: len({k.split('.')[2] for k in sd if k.startswith(p + '.transformer.')})
     try:
         N, enc_width = sd['latent_tokens'].shape
         dec_width, text_embed_dim = sd['decoder.text_guidance_proj.weight'].shape
@@ -752,25 +733,27 @@ def config_from_state_dict(sd, path):
         grid = math.isqrt(sd['encoder.positional_embedding'].shape[0] - 1)
         vq = 'quantize.embedding.weight' in sd
         codebook_size = sd['quantize.embedding.weight'].shape[0] if vq else 8192
-        return dict(image_size=grid * patch_size, patch_size=patch_size, num_latent_tokens=N,
-                    quantize='vq' if vq else 'kl', token_size=sd['decoder.decoder_embed.weight'].shape[1],
-                    codebook_size=codebook_size, enc_width=enc_width, enc_layers=depth('encoder'),
-                    enc_heads=enc_width // 64, dec_width=dec_width, dec_layers=depth('decoder'),
-                    dec_heads=dec_width // 64, text_embed_dim=text_embed_dim,
-                    text_context_length=sd['decoder.text_guidance_positional_embedding'].shape[0])
+        T = sd['decoder.text_guidance_positional_embedding'].shape[0]
+        return dict(image_size=grid * patch_size, patch_size=patch_size,
+                    num_latent_tokens=N, quantize='vq' if vq else 'kl',
+                    token_size=sd['decoder.decoder_embed.weight'].shape[1],
+                    codebook_size=codebook_size, enc_width=enc_width,
+                    enc_layers=depth('encoder'), enc_heads=enc_width // 64,
+                    dec_width=dec_width, dec_layers=depth('decoder'), dec_heads=dec_width // 64,
+                    text_embed_dim=text_embed_dim, text_context_length=T)
     except (KeyError, ValueError, AttributeError):
-        raise UserError(f"{path}: not a TA-TiTok state dict (expected keys like 'latent_tokens', "
-                              f"'encoder.patch_embed.weight', 'decoder.text_guidance_proj.weight')") from None
+        raise UserError(f"{path}: not a TA-TiTok state dict (expected keys like "
+                        f"'latent_tokens', 'encoder.patch_embed.weight')") from None
 
 def checkpoint_weights(ckpt):
-    """The weights a checkpoint of ours is used with: the EMA weights when it has them (as DiT), else the model's."""
+    # a checkpoint of ours is used with its EMA weights when it has them (as DiT)
     if ckpt.get('ema') is not None:
         return ckpt['ema']
     return ckpt['model']
 
 def param_groups(named_parameters, weight_decay):
-    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, and for every name holding one of
-    these words (so the adaLN linears, whose names hold 'norm', and anything *embed* go undecayed)."""
+    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, nor for a
+    name holding one of these words (so neither the adaLN linears, named *norm*, nor *embed*)."""
     keys = ('ln', 'bias', 'latent_tokens', 'mask_token', 'embedding', 'norm', 'gamma', 'embed')
     decay, no_decay = [], []
     for n, p in named_parameters:
@@ -778,4 +761,5 @@ def param_groups(named_parameters, weight_decay):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return [dict(params=decay, weight_decay=weight_decay),
+            dict(params=no_decay, weight_decay=0.0)]

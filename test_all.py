@@ -672,9 +672,7 @@ def test_text_encoder_views_and_truncation():
         out = te(['a red circle', 'a blue square', 'word ' * 200])
     assert out['guidance'].shape == (3, 77, 64) and out['tokens'].shape == (3, 77, 64) and out['pooled'].shape == (3, 64)
     assert not torch.allclose(out['pooled'][0], out['pooled'][1])
-    hits = te._ids.cache_info().hits
-    assert torch.equal(te.tokenize(['a red circle'])[0], te.tokenizer(['a red circle'])[0])  # ids cached per caption
-    assert te._ids.cache_info().hits == hits + 1
+    assert torch.equal(te.tokenize(['a red circle'])[0], te.tokenizer(['a red circle'])[0])
     again = TextEncoder.from_spec(te.spec)(['a red circle'])  # a checkpoint's spec rebuilds the same tower
     assert torch.allclose(again['pooled'][0], out['pooled'][0], atol=1e-5)  # batch size may change the fp order
     short = TextEncoder.tiny(context_length=16)  # the shapes presets' tower: 16 positions, the same weights otherwise
