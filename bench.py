@@ -204,7 +204,7 @@ def bench_train_maskgen(args):
     text = torch.randn(B, L, T), torch.randn(B, T), 5 + torch.rand(B)  # tokens, pooled, aesthetics
     null = torch.randn(1, L, T), torch.randn(1, T)
     draws = gen.draw_batch(args.seed, range(B))  # caption dropout, masks, noise: as the trainer's
-    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), args.device.type)
+    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96))
     step = train_step(gen, opt, lambda model: model(x, *text, *null, draws=draws)[0], args)
     return step, gen.estimate_flops(L)['train'], dict(params=gen.get_num_params()), None
 
