@@ -238,7 +238,8 @@ TABLES = ('sqrt_ac', 'sqrt_one_minus_ac', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'p
           'posterior_coef1', 'posterior_coef2', 'log_betas')
 
 class GaussianDiffusion(nn.Module):
-    # IDDPM: cosine schedule, eps prediction, learned-range variance
+    # IDDPM: cosine schedule, eps prediction, learned-range variance, respaced to
+    # sample_steps for sampling (the net still sees the original timesteps)
 
     def __init__(self, num_steps=1000, sample_steps=None):
         super().__init__()
@@ -269,7 +270,8 @@ class GaussianDiffusion(nn.Module):
         return self.table[TABLES.index(name)][t].unsqueeze(-1)  # (M, 1)
 
     def p_mean_logvar(self, x_t, t, eps, v, x0_clip=None):
-        # p(x_{t-1} | x_t), its mean through the predicted x_0
+        # p(x_{t-1} | x_t): the mean through the predicted x_0, the log-variance
+        # between the posterior's and beta_t's
         frac = (v + 1) / 2  # v in [-1, 1]
         logvar = frac * self._at('log_betas', t) + (1 - frac) * self._at('posterior_logvar', t)
         x0 = self._at('sqrt_recip_ac', t) * x_t - self._at('sqrt_recipm1_ac', t) * eps
@@ -336,9 +338,9 @@ class MaskGenConfig:
 
 def training_draws(cfg, seed, g):
     """Global sample g's random draws, from a generator of its own (the same for
-    any number of processes) -> drop (the caption), mask (N,) True = masked, and
-    for KL t (k, N) and noise (k, N, C) of k draws per token, and posterior (N, C),
-    the tokenizer's noise."""
+    any number of processes) -> drop (the caption becomes ""), mask (N,) True =
+    masked, and for KL t (k, N) and noise (k, N, C) of k draws per token, and
+    posterior (N, C), the noise of the tokenizer's posterior sample."""
     N, C = cfg.num_tokens, cfg.token_size
     rng = np.random.default_rng([seed, g])
     drop = rng.random() < cfg.text_drop_prob
