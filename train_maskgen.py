@@ -44,7 +44,8 @@ from tatitok import (TATiTok, TextEncoder, UserError, tatitok_config, load_offic
 from runtime import (init_distributed, pick_device, pick_dtype, autocast, peak_flops, get_lr,
                      save_checkpoint, all_gather_objects, open_checkpoint, make_out_dir, number,
                      add_system_flags)
-from maskgen import MaskGen, MaskGenConfig, maskgen_config, image_generators, training_draws
+from maskgen import (MaskGen, MaskGenConfig, Sampling, maskgen_config, image_generators, prompt_inputs,
+                     training_draws)
 from data import (make_loader, make_grid, expand_source, UserError, SHAPES_EVAL_PROMPTS, token_shards_tokenizer,
                   tokenizer_fingerprint, merge_states, encode_images, save_png)
 from runtime import (micro_batches, on_rank0, broadcast_state, optimizer_step, update_ema, shard_optimizer,
@@ -303,8 +304,7 @@ def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, pa
     text = text_encoder(prompts)
     gens = image_generators(0, [(i, 0) for i in range(len(prompts))], device)  # sample.py --seed 0's draws
     with ctx:
-        tokens = ema.generate(text['tokens'], text['pooled'], null['tokens'], null['pooled'], **sampling,
-                              generator=gens)
+        tokens = ema.generate(prompt_inputs(text, null), Sampling(**sampling), seed=gens)
         images = tok.decode_tokens(tokens, text['guidance']).float().clamp(0, 1)
     u8 = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # (P, H, W, 3)
     save_png(make_grid(u8, ncol=6), path)
