@@ -548,38 +548,41 @@ def log_step(args, row, head, tail, clock, flops, device, world):
 OFFICIAL_TOKENS = ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128')
 
 def add_training_flags(p, what):
-    """-> {title: group}. A flag with no default takes the recipe's; what: a batch's items."""
+    """-> {title: group}, for each trainer to add its own. what: a batch's items."""
     p.description += " A flag with no default shown takes the recipe's."
     pos, pos_int = number(float, 0), number(int, 1)
     g = {t: p.add_argument_group(t) for t in ('model', 'data', 'optimization', 'output')}
-    g['model'].add_argument('--tokens', help=f"a tokenizer release and its recipe, "
-                            f"{'|'.join(OFFICIAL_TOKENS)}; with --preset: vq or kl (default vq)")
-    g['model'].add_argument('--preset', choices=['shapes', 'tiny'], help="a small recipe instead: "
-                            "shapes (the CPU quickstart, 32 px), tiny (the tests)")
-    g['data'].add_argument('--num_workers', type=number(int, 0), help="data loader processes per GPU")
-    o = g['optimization']
-    o.add_argument('--batch_size', type=pos_int, help=f"the GLOBAL batch: {what} per optimizer "
-                   "step, all processes")
-    o.add_argument('--micro_batch_size', type=pos_int, help=f"at most this many {what} per process "
-                   "per forward (the largest that divides batch_size / processes); the rest is "
-                   "gradient accumulation")
-    o.add_argument('--max_steps', type=pos_int, help="optimizer steps (the cosine's length too)")
+    m, o, out = g['model'], g['optimization'], g['output']
+    m.add_argument('--tokens',
+                   help=f"a tokenizer release and its recipe, {'|'.join(OFFICIAL_TOKENS)}; "
+                        f"with --preset: vq or kl (default vq)")
+    m.add_argument('--preset', choices=['shapes', 'tiny'],
+                   help="a small recipe instead: shapes (the CPU quickstart, 32 px), tiny "
+                        "(the tests)")
+    g['data'].add_argument('--num_workers', type=number(int, 0),
+                           help="data loader processes per GPU")
+    o.add_argument('--batch_size', type=pos_int,
+                   help=f"the GLOBAL batch: {what} per optimizer step, all processes")
+    o.add_argument('--micro_batch_size', type=pos_int,
+                   help=f"at most this many {what} per process per forward (the largest "
+                        f"that divides batch_size / processes); the rest is gradient "
+                        f"accumulation")
+    o.add_argument('--max_steps', type=pos_int, help="optimizer steps (the cosine's length)")
     o.add_argument('--lr', type=pos, help="peak learning rate")
     o.add_argument('--end_lr', type=pos, help="learning rate at the end of the cosine decay")
     o.add_argument('--warmup_steps', type=number(int, 0), help="linear warm-up steps")
-    o.add_argument('--weight_decay', type=pos, help="AdamW weight decay (not on norms, biases, "
-                   "embeddings)")
-    o.add_argument('--beta1', type=number(float, 0, 0.9999), default=0.9, help="AdamW beta1 "
-                   "(default 0.9)")
+    o.add_argument('--weight_decay', type=pos,
+                   help="AdamW weight decay (not on norms, biases, embeddings)")
+    o.add_argument('--beta1', type=number(float, 0, 0.9999), default=0.9,
+                   help="AdamW beta1 (default 0.9)")
     o.add_argument('--beta2', type=number(float, 0, 0.9999), help="AdamW beta2")
     o.add_argument('--grad_clip', type=pos, default=1.0, help="max gradient norm (default 1.0)")
-    o.add_argument('--ema_decay', type=number(float, 0, 1), default=0.999, help="EMA decay, after "
-                   "the release's warm-up (default 0.999)")
-    out = g['output']
+    o.add_argument('--ema_decay', type=number(float, 0, 1), default=0.999,
+                   help="EMA decay, after the release's warm-up (default 0.999)")
     out.add_argument('--out_dir', help="where ckpt.pt, metrics.jsonl and the image grids go")
     out.add_argument('--log_every', type=pos_int, help="steps between log lines")
-    out.add_argument('--ckpt_every', type=pos_int, help="steps between checkpoints (and one at the "
-                     "end)")
+    out.add_argument('--ckpt_every', type=pos_int,
+                     help="steps between checkpoints (and one at the end)")
     return g
 
 def check_tokens(p, args):

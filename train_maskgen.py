@@ -1,18 +1,19 @@
 """
-Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked token
-modeling over code ids (VQ), or a per-token diffusion loss over continuous tokens (KL), each with
-its official recipe. The loss is the model's own forward (maskgen.py); this script feeds it, steps
-the optimizer, and keeps any number of processes equal to one.
+Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked
+token modeling (VQ) or a per-token diffusion loss (KL), each with its official recipe. The
+loss is the model's own forward (maskgen.py); this script feeds it and steps the optimizer.
 
-$ python train_maskgen.py --preset shapes              # CPU quickstart: reads out/shapes-tokenizer
-$ python train_maskgen.py --preset shapes --tokens kl  # the same, KL (out/shapes-tokenizer-kl)
-At scale, pretokenize the images once (data.py pretokenize --tokenizer kl32 --out_dir tokens/kl32):
+$ python train_maskgen.py --preset shapes  # CPU quickstart, on out/shapes-tokenizer
+$ python train_maskgen.py --preset shapes --tokens kl  # the same, KL
+At scale, pretokenize the images once (data.py pretokenize --tokenizer kl32 --out_dir
+tokens/kl32), then:
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32  # stage 1
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32 --stage 2 \\
     --data tokens-hq/kl32 --init_from out/maskgen-kl32-xl
-The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues with the
-same command plus --resume. --out_dir gets ckpt.pt (with all sample.py needs: the tokenizer, the
-text encoder's spec, the sampling settings), metrics.jsonl and samples_STEP.png.
+The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues
+with the same command plus --resume. --out_dir gets ckpt.pt (with all that sample.py needs:
+the tokenizer, the text encoder's spec, the sampling settings), metrics.jsonl and
+samples_STEP.png.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
@@ -43,9 +44,9 @@ from runtime import (get_lr, all_gather_objects, number, add_system_flags, to_de
 
 # -----------------------------------------------------------------------------
 # recipes and flags: a flag left unset takes its recipe's value. official: the release's
-# configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs assumed); shapes: the CPU
-# quickstart, 32 px (all of aesthetic score 6.0), sampled on the 24 prompts "a {colour} {shape}",
-# 8 minutes on 2 cores (TUNING.md has the measurements); tiny: the tests
+# configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs assumed); shapes:
+# the CPU quickstart, 32 px (all of aesthetic score 6.0), sampled on the 24 prompts
+# "a {colour} {shape}", 8 minutes on 2 cores (TUNING.md has the measurements); tiny: tests
 
 NAMES = [(r, q) for r in ('official', 'shapes', 'tiny') for q in ('vq', 'kl')]
 TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
@@ -89,38 +90,47 @@ def get_args(argv=None):
     pos, pos_int = number(float, 0), number(int, 1)
     g = add_training_flags(p, 'samples')
     m = g['model']
-    m.add_argument('--size', choices=['tiny', 'l', 'xl'], help="MaskGen-L, -XL, or tiny (the "
-                   "tests); default: the preset's")
-    m.add_argument('--tokenizer', help="the frozen tokenizer: a train_tokenizer.py checkpoint "
-                   "(file or folder), an official name or repo id; default: the --tokens release, "
-                   "or the preset's, out/<preset>-tokenizer")
-    m.add_argument('--clip', help="text encoder: tiny, MODEL:PRETRAINED of open_clip, or a local "
-                   "weights file; default: the tokenizer's own")
-    m.add_argument('--stage', type=int, default=1, choices=[1, 2], help="the official recipe's "
-                   "stage (2: lower VQ lr, shorter, samples at aesthetic 6.5; --init_from stage 1)")
-    m.add_argument('--init_from', help="start from a train_maskgen.py checkpoint or folder (EMA "
-                   "preferred), or a release (vq-l, vq-xl, kl-l, kl-xl)")
+    m.add_argument('--size', choices=['tiny', 'l', 'xl'],
+                   help="MaskGen-L, -XL, or tiny (the tests); default: the preset's")
+    m.add_argument('--tokenizer',
+                   help="the frozen tokenizer: a train_tokenizer.py checkpoint (file or "
+                        "folder), an official name or repo id; default: the --tokens "
+                        "release, or the preset's, out/<preset>-tokenizer")
+    m.add_argument('--clip',
+                   help="text encoder: tiny, MODEL:PRETRAINED of open_clip, or a local "
+                        "weights file; default: the tokenizer's own")
+    m.add_argument('--stage', type=int, default=1, choices=[1, 2],
+                   help="the official recipe's stage (2: lower VQ lr, shorter, samples "
+                        "at aesthetic 6.5; --init_from stage 1)")
+    m.add_argument('--init_from',
+                   help="start from a train_maskgen.py checkpoint or folder (EMA "
+                        "preferred), or a release (vq-l, vq-xl, kl-l, kl-xl)")
     d = g['data']
-    d.add_argument('--data', help="token shards of data.py pretokenize (a folder or pattern), or "
-                   "images to encode on the fly (tar shards, a folder, shapes); default: "
-                   "tokens/<tokens>, or shapes")
-    d.add_argument('--pool', type=number(int, 0), help="images: encode this many once at the "
-                   "start and draw every batch from them (0: encode on the fly)")
-    g['optimization'].add_argument('--schedule', choices=['cosine', 'constant'], help="after the "
-                                   "warm-up (release: VQ cosine, KL constant)")
+    d.add_argument('--data',
+                   help="token shards of data.py pretokenize (a folder or pattern), or "
+                        "images to encode on the fly (tar shards, a folder, shapes); "
+                        "default: tokens/<tokens>, or shapes")
+    d.add_argument('--pool', type=number(int, 0),
+                   help="images: encode this many once at the start and draw every batch "
+                        "from them (0: encode on the fly)")
+    o = g['optimization']
+    o.add_argument('--schedule', choices=['cosine', 'constant'],
+                   help="after the warm-up (release: VQ cosine, KL constant)")
     s = g['output']
     s.add_argument('--sample_every', type=pos_int, help="steps between sample grids (EMA)")
-    s.add_argument('--sample_aes', type=pos, help="aesthetic score of the samples (kept for "
-                   "sample.py)")
-    s.add_argument('--guidance_scale', type=pos, help="classifier-free guidance of the samples "
-                   "(1: off)")
-    s.add_argument('--sample_steps', type=pos_int, help="decoding steps of the samples (MaskGIT / "
-                   "MAR)")
-    s.add_argument('--temperature', type=pos, help="sampling temperature (VQ: Gumbel noise, KL: "
-                   "diffusion noise)")
-    s.add_argument('--diffusion_steps', type=pos_int, help="KL samples: denoising steps per token")
-    s.add_argument('--x0_clip', type=pos, help="KL samples: clamp the predicted x0 to +-this "
-                   "(0: off, as released); a young diffusion head needs it")
+    s.add_argument('--sample_aes', type=pos,
+                   help="aesthetic score of the samples (kept for sample.py)")
+    s.add_argument('--guidance_scale', type=pos,
+                   help="classifier-free guidance of the samples (1: off)")
+    s.add_argument('--sample_steps', type=pos_int,
+                   help="decoding steps of the samples (MaskGIT / MAR)")
+    s.add_argument('--temperature', type=pos,
+                   help="sampling temperature (VQ: Gumbel noise, KL: diffusion noise)")
+    s.add_argument('--diffusion_steps', type=pos_int,
+                   help="KL samples: denoising steps per token")
+    s.add_argument('--x0_clip', type=pos,
+                   help="KL samples: clamp the predicted x0 to +-this (0: off, as "
+                        "released); a young diffusion head needs it")
     add_system_flags(p, 'generator', 'the masks, caption dropout and diffusion noise')
     args = p.parse_args(argv)
     check_tokens(p, args)
@@ -152,8 +162,7 @@ def get_args(argv=None):
 
 def frozen_models(args, resumed):
     """-> (the frozen tokenizer, what the checkpoint keeps of it, its text encoder or --clip's),
-    checked against the data and each other. A small tokenizer of ours is embedded (EMA weights),
-    so that the checkpoint stands alone; a release is kept by name."""
+    checked against the data and each other."""
     if resumed:
         tok, ref = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer']
         text_encoder = TextEncoder.from_spec(resumed['text_encoder'])
@@ -164,9 +173,9 @@ def frozen_models(args, resumed):
                             f"`python train_tokenizer.py --preset {args.preset}{kl}`")
         tok, text_encoder, (path, ck) = load_tokenizer(args.tokenizer, args.clip)
         ref = args.tokenizer
-        if os.path.exists(path):  # a file: where it is, or its weights when they are small
+        if os.path.exists(path):  # a file, not a release's name
             ref = os.path.abspath(path)
-        if 'model_args' in ck:
+        if 'model_args' in ck:  # ours: embedded when small, so that the checkpoint stands alone
             weights = checkpoint_weights(ck)
             if sum(v.nbytes for v in weights.values()) < 50 * 2 ** 20:
                 ref = dict(model_args=ck['model_args'], model=weights)
@@ -208,8 +217,8 @@ def plan_run(args, cfg, text_len, frozen, world, memory):
 
 @torch.no_grad()
 def encode_pool(loader, n, tok, text_encoder, device, ctx):
-    """--pool: n samples encoded once -> [tokens (VQ ids (n, N); KL the posterior's mean and
-    logvar (n, 2, N, C)), CLIP tokens, CLIP pooled, aesthetic scores]."""
+    """--pool: n samples encoded once -> [tokens (VQ ids (n, N); KL the posterior's
+    mean and logvar (n, 2, N, C)), CLIP tokens, CLIP pooled, aesthetic scores]."""
     parts, count = [], 0
     for batch in loader:
         if 'tokens' in batch:
@@ -228,8 +237,8 @@ def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
 
 @torch.no_grad()
 def model_inputs(batch, pool, tok, text_encoder, ctx):
-    """A micro batch on the device -> (tokens: VQ ids (B, N) or KL latents (B, N, C), CLIP
-    features, aesthetic scores). KL latents: a posterior sample with the sample's own noise."""
+    """A micro batch on the device -> (tokens: VQ ids (B, N) or KL latents (B, N, C),
+    CLIP features, aesthetic scores). KL: a posterior sample with the sample's own noise."""
     if pool is not None:
         x, tokens, pooled, aes = (part[batch['pool_index']] for part in pool)
         text = dict(tokens=tokens, pooled=pooled)
@@ -244,8 +253,8 @@ def model_inputs(batch, pool, tok, text_encoder, ctx):
     return mean + torch.exp(0.5 * logvar) * batch['posterior'], text, aes
 
 def bucket_stats(stats, nb=4):
-    """(sum, count) in nb buckets, no host sync: VQ, the masked tokens' accuracy by mask ratio (low
-    ratios learn first); KL, the diffusion loss by timestep (every bucket should fall)."""
+    """(sum, count) in nb buckets, no host sync. VQ: the masked tokens' accuracy by mask
+    ratio (low ratios learn first); KL: the diffusion loss by timestep (each should fall)."""
     mask = stats['mask']
     if 'correct' in stats:
         values = (stats['correct'] & mask).sum(1) / mask.sum(1)  # (B,)
@@ -262,8 +271,8 @@ def bucket_stats(stats, nb=4):
 
 @torch.no_grad()
 def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, path, data_rms):
-    """A grid of one EMA sample per prompt, drawn as sample.py will -> a log line. KL: the drawn
-    tokens' RMS against the training tokens' (a diffusion head that blows up shows here first)."""
+    """A grid of one EMA sample per prompt, drawn as sample.py will -> a log line. KL: the
+    tokens' RMS against the training tokens' (a diffusion head that blows up shows here)."""
     text = text_encoder(prompts)
     gens = image_generators(0, [(i, 0) for i in range(len(prompts))], device)  # sample.py --seed 0's draws
     with ctx:
@@ -309,6 +318,7 @@ def main(args, state):
     memory = gpu_memory(device)
     choice = plan_run(args, cfg, text_encoder.context_length, frozen, world, memory)
     mb, grad_accum = choice['micro_batch'], choice['grad_accum']
+    G = args.batch_size  # the global batch
 
     # the generator (the same init on every rank), its EMA, the optimizer
     torch.manual_seed(args.seed)
@@ -327,8 +337,8 @@ def main(args, state):
     start_step, nonfinite = restore(parts, ckpt, resumed, world, device)
     ckpt = None  # free the memory
 
-    # data: token shards, or images the tokenizer encodes; global sample g = step * batch_size + i
-    # is the same sample, with the same draws, on any number of processes. --pool: every rank
+    # data: token shards, or images the tokenizer encodes. Global sample step * G + i is
+    # the same sample, with the same draws, on any number of processes. --pool: every rank
     # encodes the same pool, and each step draws its global batch from it
     prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer,
                                 context_length=text_encoder.context_length, cfg=cfg, seed=args.seed)
@@ -342,7 +352,7 @@ def main(args, state):
         tok.to(device)
     model = wrap(raw_model, device, world, args.compile)
 
-    # the resolved configuration, printed and kept in every checkpoint with the sampling settings
+    # the sampling settings, kept in every checkpoint with the flags
     sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale, num_steps=args.sample_steps,
                     temperature=args.temperature)
     if vq:
@@ -364,8 +374,7 @@ def main(args, state):
     prompts = SAMPLE_PROMPTS
     if args.preset:
         prompts = SHAPES_EVAL_PROMPTS
-    flops = raw_model.estimate_flops(text_encoder.context_length)['train'] * args.batch_size
-    G = args.batch_size
+    flops = raw_model.estimate_flops(text_encoder.context_length)['train'] * G
     # what the log reads, kept on the device and read every --log_every steps only
     buckets, smooth = torch.zeros(2, 4, device=device), torch.zeros((), device=device)
     bad_run = torch.zeros((), dtype=torch.long, device=device)

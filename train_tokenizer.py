@@ -486,43 +486,53 @@ def get_args(argv=None):
     pos, pos_int = number(float, 0), number(int, 1)
     g = add_training_flags(p, 'images')
     m = g['model']
-    m.add_argument('--clip', help="text encoder: tiny (random, no download), MODEL:PRETRAINED of "
-                   "open_clip (the release's: ViT-L-14-336:openai), or a local weights file")
-    m.add_argument('--init', choices=['release', 'small'], help="weight init: the release's, or "
-                   "small (small_run_init) for tiny fast runs")
+    m.add_argument('--clip',
+                   help="text encoder: tiny (random, no download), MODEL:PRETRAINED of "
+                        "open_clip (the release's: ViT-L-14-336:openai), or a local "
+                        "weights file")
+    m.add_argument('--init', choices=['release', 'small'],
+                   help="weight init: the release's, or small (small_run_init) for tiny "
+                        "fast runs")
     d = g['data']
-    d.add_argument('--data', help="training images: tar shards ('d/{00000..00099}.tar'), a glob, "
-                   "a folder of images with .txt captions, or shapes")
-    d.add_argument('--eval_data', help="held-out images for PSNR and grids (the same forms, or "
-                   "shapes:val); none: skip")
-    g['optimization'].add_argument('--encoder_lr_scale', type=number(float, 1e-9), help="the lr "
-                                   "of the encoder and latent tokens over the rest's (release: 1)")
+    d.add_argument('--data',
+                   help="training images: tar shards ('d/{00000..00099}.tar'), a glob, a "
+                        "folder of images with .txt captions, or shapes")
+    d.add_argument('--eval_data',
+                   help="held-out images for PSNR and grids (the same forms, or "
+                        "shapes:val); none: skip")
+    o = g['optimization']
+    o.add_argument('--encoder_lr_scale', type=number(float, 1e-9),
+                   help="the lr of the encoder and latent tokens over the rest's (release: 1)")
     out = g['output']
-    out.add_argument('--eval_every', type=pos_int, help="steps between evaluations (EMA model)")
+    out.add_argument('--eval_every', type=pos_int, help="steps between evaluations (EMA)")
     out.add_argument('--eval_images', type=pos_int, help="held-out images per evaluation")
     l = p.add_argument_group('losses')
-    l.add_argument('--perceptual', choices=['lpips-convnext', 'lpips', 'none'], help="LPIPS (VGG16) "
-                   "+ ConvNeXt-S logit MSE (the release's), LPIPS only, or none")
-    l.add_argument('--perceptual_weight', type=pos, default=1.0, help="weight of the perceptual loss "
-                   "(default 1)")
-    l.add_argument('--convnext_weight', type=pos, default=0.1, help="weight of its ConvNeXt-S term "
-                   "(default 0.1)")
-    l.add_argument('--quantizer_weight', type=pos, default=1.0, help="VQ: weight of commitment + "
-                   "codebook loss (default 1)")
-    l.add_argument('--cluster_vq', choices=['on', 'off'], default='on', help="VQ: the release's "
-                   "clustering_vq, rare codes pulled toward the encoder's features (default on)")
-    l.add_argument('--kl_weight', type=pos, default=1e-6, help="KL: weight of the KL term (default "
-                   "1e-6)")
-    l.add_argument('--disc_start', type=number(int, -1), help="the step the GAN starts at (D "
-                   "trains, the adversarial term, LeCAM); -1: never")
-    l.add_argument('--disc_weight', type=pos, default=0.1, help="weight of the adversarial loss "
-                   "(default 0.1)")
-    l.add_argument('--disc_lr', type=pos, help="peak learning rate of the discriminator (its own "
-                   "warm-up and clipping as the tokenizer's)")
-    l.add_argument('--disc_width', type=number(int, 32), help="discriminator base channels (the "
-                   "release's: 128)")
-    l.add_argument('--lecam_weight', type=pos, default=0.001, help="LeCAM weight, EMA decay 0.999 "
-                   "(default 0.001)")
+    l.add_argument('--perceptual', choices=['lpips-convnext', 'lpips', 'none'],
+                   help="LPIPS (VGG16) + ConvNeXt-S logit MSE (the release's), LPIPS "
+                        "only, or none")
+    l.add_argument('--perceptual_weight', type=pos, default=1.0,
+                   help="weight of the perceptual loss (default 1)")
+    l.add_argument('--convnext_weight', type=pos, default=0.1,
+                   help="weight of its ConvNeXt-S term (default 0.1)")
+    l.add_argument('--quantizer_weight', type=pos, default=1.0,
+                   help="VQ: weight of commitment + codebook loss (default 1)")
+    l.add_argument('--cluster_vq', choices=['on', 'off'], default='on',
+                   help="VQ: the release's clustering_vq, rare codes pulled toward the "
+                        "encoder's features (default on)")
+    l.add_argument('--kl_weight', type=pos, default=1e-6,
+                   help="KL: weight of the KL term (default 1e-6)")
+    l.add_argument('--disc_start', type=number(int, -1),
+                   help="the step the GAN starts at (D trains, the adversarial term, "
+                        "LeCAM); -1: never")
+    l.add_argument('--disc_weight', type=pos, default=0.1,
+                   help="weight of the adversarial loss (default 0.1)")
+    l.add_argument('--disc_lr', type=pos,
+                   help="peak learning rate of the discriminator (its own warm-up and "
+                        "clipping as the tokenizer's)")
+    l.add_argument('--disc_width', type=number(int, 32),
+                   help="discriminator base channels (the release's: 128)")
+    l.add_argument('--lecam_weight', type=pos, default=0.001,
+                   help="LeCAM weight, EMA decay 0.999 (default 0.001)")
     add_system_flags(p, 'tokenizer', 'the KL noise')
     args = p.parse_args(argv)
     check_tokens(p, args)
