@@ -442,17 +442,18 @@ def start_run(args):
     micro_batches(args.batch_size, args.micro_batch_size, world)
     return rank, world, device, dtype, autocast(device, dtype)
 
-def open_run(args, script, model_flags, world, keys):
+def open_run(args, script, model_flags, world):
     """Rank 0 decides whether to resume, from its own --out_dir, and alone reads the checkpoint.
-    -> (its checkpoint: None on the other ranks and for a new run, the flags changed since, the
-    checkpoint's `keys` on every rank or None)"""
+    -> (its checkpoint: None on the other ranks and for a new run, the flags changed since, what
+    every rank needs of the checkpoint, or None)"""
     found = {}
 
     def decide():
         make_out_dir(args.out_dir)
         ckpt, changed = open_checkpoint(args.out_dir, args.resume, script, vars(args), model_flags)
         found['ckpt'] = ckpt
-        return changed, ckpt and {k: ckpt[k] for k in keys}
+        keys = ('model_args', 'text_encoder', 'tokenizer', 'step', 'nonfinite', 'data')
+        return changed, ckpt and {k: ckpt[k] for k in keys if k in ckpt}
     changed, resumed = on_rank0(decide, world, UserError)
     return found.get('ckpt'), changed, resumed
 

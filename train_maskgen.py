@@ -295,8 +295,7 @@ def main(args, state):
     rank, world, device, dtype, ctx = start_run(args)
     master = rank == 0
     expand_source(args.data)  # a missing or empty source stops here, before the models
-    keys = ('model_args', 'tokenizer', 'text_encoder', 'step', 'nonfinite', 'data')
-    ckpt, changed, resumed = open_run(args, 'train_maskgen', MODEL_FLAGS, world, keys)
+    ckpt, changed, resumed = open_run(args, 'train_maskgen', MODEL_FLAGS, world)
 
     # the frozen tokenizer (encodes images, decodes samples) and text encoder
     tok, tok_ref, text_encoder = frozen_models(args, resumed)

@@ -556,8 +556,7 @@ def main(args, state):
     expand_source(args.data)  # a missing or empty source stops here, before the models
     if args.eval_data != 'none':
         expand_source(args.eval_data)
-    keys = ('model_args', 'text_encoder', 'step', 'nonfinite', 'data')
-    ckpt, changed, resumed = open_run(args, 'train_tokenizer', MODEL_FLAGS, world, keys)
+    ckpt, changed, resumed = open_run(args, 'train_tokenizer', MODEL_FLAGS, world)
 
     # the frozen text encoder and the tokenizer: the same init on every rank
     torch.manual_seed(args.seed)
