@@ -545,7 +545,9 @@ def log_step(args, row, head, tail, clock, flops, device, world):
     with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
 
-# the trainers' shared flags; each adds its own to the groups returned
+# -----------------------------------------------------------------------------
+# the flags both trainers have, in groups each adds its own to
+
 OFFICIAL_TOKENS = ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128')
 
 def add_training_flags(p, what):

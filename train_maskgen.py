@@ -1,7 +1,8 @@
 """
-Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked
-token modeling (VQ) or a per-token diffusion loss (KL), each with its official recipe. The
-loss is the model's own forward (maskgen.py); this script feeds it and steps the optimizer.
+Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok:
+masked token modeling (VQ) or a per-token diffusion loss (KL), each with its
+official recipe. The loss is the model's own forward (maskgen.py); this script
+feeds it and steps the optimizer.
 
 $ python train_maskgen.py --preset shapes  # CPU quickstart, on out/shapes-tokenizer
 $ python train_maskgen.py --preset shapes --tokens kl  # the same, KL
@@ -10,10 +11,10 @@ tokens/kl32), then:
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32  # stage 1
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32 --stage 2 \\
     --data tokens-hq/kl32 --init_from out/maskgen-kl32-xl
-The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues
-with the same command plus --resume. --out_dir gets ckpt.pt (with all that sample.py needs:
-the tokenizer, the text encoder's spec, the sampling settings), metrics.jsonl and
-samples_STEP.png.
+The global batch is fixed, so 1 GPU and 8 train the same model. A killed run
+continues with the same command plus --resume. --out_dir gets ckpt.pt (with all
+that sample.py needs: the tokenizer, the text encoder's spec, the sampling
+settings), metrics.jsonl and samples_STEP.png.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
@@ -43,10 +44,11 @@ from runtime import (get_lr, all_gather_objects, number, add_system_flags, to_de
                      OFFICIAL_TOKENS)
 
 # -----------------------------------------------------------------------------
-# recipes and flags: a flag left unset takes its recipe's value. official: the release's
-# configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs assumed); shapes:
-# the CPU quickstart, 32 px (all of aesthetic score 6.0), sampled on the 24 prompts
-# "a {colour} {shape}", 8 minutes on 2 cores (TUNING.md has the measurements); tiny: tests
+# recipes and flags: a flag left unset takes its recipe's value. official: the
+# release's configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs
+# assumed); shapes: the CPU quickstart, 32 px (all of aesthetic score 6.0),
+# sampled on the 24 prompts "a {colour} {shape}", 8 minutes on 2 cores
+# (TUNING.md has the measurements); tiny: tests
 
 NAMES = [(r, q) for r in ('official', 'shapes', 'tiny') for q in ('vq', 'kl')]
 TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
@@ -74,7 +76,7 @@ TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
 RECIPES = {name: {k: v[i] for k, v in TABLE.items()} for i, name in enumerate(NAMES)}
 STAGE2 = {'vq': dict(lr=1e-4, max_steps=250_000, sample_aes=6.5),
           'kl': dict(max_steps=500_000, sample_aes=6.5)}
-SAMPLE_PROMPTS = [  # the sample grids' prompts of official-size runs (feel free to change)
+SAMPLE_PROMPTS = [  # of the official runs' sample grids (feel free to change)
     "A photo of a red fox sitting in the snow, golden hour",
     "A bowl of ramen with a soft-boiled egg, studio lighting",
     "An astronaut riding a horse on the moon, digital art",
@@ -83,7 +85,7 @@ SAMPLE_PROMPTS = [  # the sample grids' prompts of official-size runs (feel free
     "A cozy living room with a fireplace and a cat",
     "A futuristic city skyline at night with neon lights",
     "A bouquet of sunflowers in a blue vase on a wooden table"]
-MODEL_FLAGS = ('preset', 'tokens', 'size', 'tokenizer', 'clip')  # what a resumed run must keep
+MODEL_FLAGS = ('preset', 'tokens', 'size', 'tokenizer', 'clip')  # kept by a resumed run
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train MaskGen on a frozen TA-TiTok.")
@@ -152,7 +154,7 @@ def get_args(argv=None):
     if args.stage == 2:
         defaults.update(STAGE2[q])
     args.tokenizer = args.tokenizer or args.tokens
-    args.data = args.data or f"tokens/{args.tokens}"  # the README's pretokenize writes there
+    args.data = args.data or f"tokens/{args.tokens}"  # as the README pretokenizes
     stage2 = '-stage2' if args.stage == 2 else ''
     args.out_dir = args.out_dir or f"out/maskgen-{args.tokens}-{args.size}{stage2}"
     return take_recipe(p, args, defaults)
@@ -175,12 +177,12 @@ def frozen_models(args, resumed):
         ref = args.tokenizer
         if os.path.exists(path):  # a file, not a release's name
             ref = os.path.abspath(path)
-        if 'model_args' in ck:  # ours: embedded when small, so that the checkpoint stands alone
+        if 'model_args' in ck:  # ours, embedded when small: the checkpoint stands alone
             weights = checkpoint_weights(ck)
             if sum(v.nbytes for v in weights.values()) < 50 * 2 ** 20:
                 ref = dict(model_args=ck['model_args'], model=weights)
     cfg = tok.config
-    record = token_shards_tokenizer(args.data)  # token shards say which tokenizer made them
+    record = token_shards_tokenizer(args.data)  # which tokenizer made the shards
     if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
         raise UserError(f"{args.data} holds the tokens of another tokenizer "
                         f"({record.get('tokenizer')}) than {args.tokenizer}: pretokenize with "
@@ -197,7 +199,7 @@ def frozen_models(args, resumed):
     return tok, ref, text_encoder
 
 def generator_config(size, tok_cfg, text_width):
-    """The MaskGen preset of this size, for this tokenizer's tokens and text encoder's width."""
+    """The MaskGen preset of this size, for this tokenizer and text encoder."""
     q = tok_cfg.quantize
     over = dict(num_tokens=tok_cfg.num_latent_tokens, text_embed_dim=text_width)
     if q == 'vq':
@@ -209,7 +211,7 @@ def generator_config(size, tok_cfg, text_width):
     return maskgen_config(f"{size}-{q}", **over)
 
 def plan_run(args, cfg, text_len, frozen, world, memory):
-    """choose_plan for the generator (counted on the meta device) beside `frozen` bytes."""
+    """choose_plan for the generator (on the meta device) beside `frozen` bytes."""
     with torch.device('meta'):
         model = MaskGen.from_config(cfg)
     return choose_plan(model, model.activation_bytes(text_len), frozen, args.batch_size,
@@ -231,7 +233,7 @@ def encode_pool(loader, n, tok, text_encoder, device, ctx):
             return [torch.cat(part)[:n] for part in zip(*parts)]
 
 def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
-    """In a data worker: the caption's ids and all the sample's random draws (maskgen.py)."""
+    """In a data worker: the caption's ids and all the sample's random draws."""
     return dict(ids=clip_ids(tokenizer, sample['caption'], context_length),
                 **training_draws(cfg, seed, index))
 
@@ -243,7 +245,7 @@ def model_inputs(batch, pool, tok, text_encoder, ctx):
         x, tokens, pooled, aes = (part[batch['pool_index']] for part in pool)
         text = dict(tokens=tokens, pooled=pooled)
     else:
-        text, aes = text_encoder(batch['ids']), batch['aes']  # CLIP in fp32, as released
+        text, aes = text_encoder(batch['ids']), batch['aes']  # fp32, as released
         x = batch.get('tokens')
         if x is None:  # images, encoded on the fly
             x = encode_images(tok, batch['image'], ctx)
@@ -263,7 +265,7 @@ def bucket_stats(stats, nb=4):
     else:
         values = stats['token_loss'].flatten()  # (B*k*N,)
         bucket = (stats['t'] * nb // 1000).flatten()
-        weight = mask[:, None].expand_as(stats['token_loss']).flatten().float()  # masked ones
+        weight = mask[:, None].expand_as(stats['token_loss']).flatten().float()
     zeros = torch.zeros(nb, device=mask.device)
     sums = zeros.index_add(0, bucket, values.float() * weight)
     return torch.stack([sums, zeros.index_add(0, bucket, weight)])  # (2, nb)
@@ -294,7 +296,7 @@ def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, pa
 def main(args, state):
     rank, world, device, dtype, ctx = start_run(args)
     master = rank == 0
-    expand_source(args.data)  # a missing or empty source stops here, before the models
+    expand_source(args.data)  # a missing or empty source stops here
     ckpt, changed, resumed = open_run(args, 'train_maskgen', MODEL_FLAGS, world)
 
     # the frozen tokenizer (encodes images, decodes samples) and text encoder
@@ -303,7 +305,7 @@ def main(args, state):
     tok.requires_grad_(False)
     text_encoder.to(device)
     vq = tok_cfg.quantize == 'vq'
-    null = text_encoder([''])  # for caption dropout, and sampling's unconditional branch
+    null = text_encoder([''])  # caption dropout's, and sampling's unconditional branch
 
     # the generator's config, and its memory plan: the micro batch and levers
     if resumed:
@@ -323,10 +325,10 @@ def main(args, state):
     torch.manual_seed(args.seed)
     raw_model = MaskGen.from_config(cfg)
     raw_model.checkpointing = choice['checkpointing']
-    if args.init_from and not resumed and master:  # stage 2 (the release loads strict=False)
+    if args.init_from and not resumed and master:  # stage 2 (released: strict=False)
         weights = MaskGen.from_pretrained(args.init_from).state_dict()
         load_official(raw_model, weights, args.init_from)
-    raw_model = raw_model.to(device)  # after loading, which puts the file's tensors in the model
+    raw_model = raw_model.to(device)  # after loading: it puts the file's tensors in
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, (args.beta1, args.beta2))
     if choice['zero']:
@@ -339,8 +341,8 @@ def main(args, state):
     # data: token shards, or images the tokenizer encodes. Global sample step * G + i is
     # the same sample, with the same draws, on any number of processes. --pool: every rank
     # encodes the same pool, and each step draws its global batch from it
-    prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer,
-                                context_length=text_encoder.context_length, cfg=cfg, seed=args.seed)
+    prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer, cfg=cfg,
+                                context_length=text_encoder.context_length, seed=args.seed)
     train_loader = make_loader(args.data, mb, tok_cfg.image_size, seed=args.seed, rank=rank,
                                world_size=world, num_workers=args.num_workers, prepare=prepare)
     if args.pool:
@@ -377,7 +379,7 @@ def main(args, state):
     # what the log reads, kept on the device and read every --log_every steps only
     buckets, smooth = torch.zeros(2, 4, device=device), torch.zeros((), device=device)
     bad_run = torch.zeros((), dtype=torch.long, device=device)
-    x_sq = torch.ones((), device=device)  # an EMA of the tokens' mean square, for sample_grid
+    x_sq = torch.ones((), device=device)  # an EMA of the tokens' mean square
     clock = [time.time(), start_step]
     step, saved = start_step, resumed and start_step
     state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
@@ -431,7 +433,7 @@ def main(args, state):
             with ctx:
                 loss, stats = model(x, text['tokens'], text['pooled'], aes, null['tokens'],
                                     null['pooled'], draws=b, normalizer=normalizer)
-            scaler.scale(loss * world).backward()  # x world: DDP averages the gradients over ranks
+            scaler.scale(loss * world).backward()  # x world: DDP averages over ranks
             loss_sum += loss.detach()
             buckets += bucket_stats(stats)
             x_sq = 0.9 * x_sq + 0.1 * x.detach().float().pow(2).mean()

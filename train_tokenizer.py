@@ -448,10 +448,11 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
     return msg
 
 # -----------------------------------------------------------------------------
-# recipes and flags: a flag left unset takes its recipe's value. official: the release's
-# configs/training/TA-TiTok/*.yaml (its global batch unstated: 32 per GPU x 8 assumed); shapes:
-# the CPU quickstart, 32 px, no downloads, the encoder at a third of the lr lest the high lr
-# collapse the codebook (TUNING.md has the measurements); tiny: the tests
+# recipes and flags: a flag left unset takes its recipe's value. official: the
+# release's configs/training/TA-TiTok/*.yaml (its global batch unstated: 32 per
+# GPU x 8 assumed); shapes: the CPU quickstart, 32 px, no downloads, the encoder
+# at a third of the lr lest the high lr collapse the codebook (TUNING.md has the
+# measurements); tiny: the tests
 
 NAMES = ('official', 'shapes', 'shapes-kl', 'tiny')
 TABLE = dict(  #   official          shapes    shapes-kl  tiny
@@ -553,7 +554,7 @@ def get_args(argv=None):
 def main(args, state):
     rank, world, device, dtype, ctx = start_run(args)
     master = rank == 0
-    expand_source(args.data)  # a missing or empty source stops here, before the models
+    expand_source(args.data)  # a missing or empty source stops here
     if args.eval_data != 'none':
         expand_source(args.eval_data)
     ckpt, changed, resumed = open_run(args, 'train_tokenizer', MODEL_FLAGS, world)
