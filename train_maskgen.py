@@ -447,17 +447,19 @@ def main(args, state):
 
         # logging: the one place the host reads what the GPU computed
         if step % args.log_every == 0 or step == args.max_steps - 1:
+            losses = torch.stack([smooth, loss_sum])  # each rank holds its share of the loss
             if world > 1:
-                dist.all_reduce(loss_sum)
+                dist.all_reduce(losses)
                 dist.all_reduce(buckets)
             if master:
                 by = (buckets[0] / buckets[1].clamp(min=1)).tolist()
                 name = 'masked acc by mask ratio 0-25-50-75-100%'
                 if not vq:
                     name = 'loss by timestep 0-250-500-750-1000'
-                debiased = smooth.item() / (1 - 0.9 ** (step + 1 - start_step))
+                smoothed, loss = losses.tolist()
+                debiased = smoothed / (1 - 0.9 ** (step + 1 - start_step))
                 head = f"loss {debiased:.4f} | {name} {' '.join(f'{v:.3f}' for v in by)}"
-                row = dict(step=step, lr=lr, gnorm=gnorm.item(), loss=loss_sum.item(), buckets=by)
+                row = dict(step=step, lr=lr, gnorm=gnorm.item(), loss=loss, buckets=by)
                 log_step(args, row, head, f"nonfinite {nonfinite.item()}", clock, flops, device,
                          world)
             buckets.zero_()
