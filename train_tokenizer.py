@@ -304,7 +304,7 @@ def discriminator_backward(disc, pairs, lecam_ema, lecam_weight, scaler, world):
 
 @torch.no_grad()
 def small_run_init(tok):
-    """--init small: the release's layout, another init, which takes a 1M-parameter tokenizer off
+    """--init small: another init of the same layout, which takes a 1M-parameter tokenizer off
     the mean-image plateau within minutes."""
     # torch's default init for the encoder, as the release's decoder has: at std 0.02 the image is
     # only ~5% of the latent tokens' residual stream
