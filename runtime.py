@@ -5,15 +5,18 @@ waits on the host, the memory plan, and how a script ends.
 """
 import argparse
 import inspect
+import json
 import math
 import os
 import signal
 import sys
 import tempfile
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tatitok import UserError, load_state_dict_file
@@ -407,3 +410,181 @@ def run_main(main, args, errors):
     finally:  # a process group left to the interpreter's exit can abort it (SIGABRT, not exit 2)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# a training run, as both trainers open, restore, save and log it
+
+def start_run(args):
+    """-> (rank, world size, device, dtype, autocast context); a batch no split serves stops here."""
+    rank, world, device = init_distributed(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    micro_batches(args.batch_size, args.micro_batch_size, world)
+    return rank, world, device, dtype, autocast(device, dtype)
+
+def open_run(args, script, model_flags, world):
+    """Rank 0 decides whether to resume, from its own --out_dir, and alone reads the checkpoint.
+    -> (its checkpoint: None on the other ranks and for a new run, the flags changed since, what
+    every rank needs of the checkpoint, or None)"""
+    found = {}
+
+    def decide():
+        make_out_dir(args.out_dir)
+        ckpt, changed = open_checkpoint(args.out_dir, args.resume, script, vars(args), model_flags)
+        found['ckpt'] = ckpt
+        keys = ('model_args', 'text_encoder', 'tokenizer', 'step', 'nonfinite', 'data')
+        return changed, ckpt and {k: ckpt[k] for k in keys if k in ckpt}
+    changed, resumed = on_rank0(decide, world, UserError)
+    return found.get('ckpt'), changed, resumed
+
+def restore(parts, ckpt, resumed, world, device):
+    """parts: {checkpoint key: a module, tensor, optimizer or GradScaler}, made rank 0's on every
+    rank: its checkpoint's when resuming, else its init. -> (first step, non-finite steps so far)"""
+    for k, part in parts.items():
+        if isinstance(part, torch.nn.Module):
+            if ckpt:
+                part.load_state_dict(ckpt[k])
+            tensors = part.state_dict().values()
+        elif torch.is_tensor(part):
+            if ckpt:
+                part.copy_(ckpt[k])
+            tensors = [part]
+        else:  # nested state: rank 0 alone read it
+            if resumed:
+                part.load_state_dict(broadcast_state(ckpt and ckpt[k], device, world))
+            tensors = []
+        if world > 1:
+            for t in tensors:
+                dist.broadcast(t, 0)
+    step, nonfinite = 0, 0
+    if resumed:
+        step, nonfinite = resumed['step'], resumed['nonfinite']
+    return step, torch.tensor(nonfinite, device=device)
+
+def wrap(model, device, world, compile='off'):
+    """The model as the step calls it: compiled (auto: on CUDA), in DDP with several processes (no
+    buffer changes in training)."""
+    if compile == 'on' or (compile == 'auto' and device.type == 'cuda'):
+        model = torch.compile(model)
+    if world > 1:
+        device_ids = None
+        if device.type == 'cuda':
+            device_ids = [device.index]
+        model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                    broadcast_buffers=False)
+    return model
+
+def gpu_memory(device):
+    """This GPU's bytes, for the memory plan; None on the CPU (no plan)."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+def print_start(config, choice, loader, memory, changed, step):
+    """Rank 0's start-up lines: the resolved configuration, the split of the global batch, the
+    memory plan, and the flags a resumed run changed."""
+    print(json.dumps(config, indent=1))
+    print(f"global batch {config['batch_size']} = {choice['micro_batch']} per forward x "
+          f"{config['world_size']} processes x {choice['grad_accum']} accumulation; data: "
+          f"{loader.stream.streams} streams, {loader.stream.num_workers} workers per process")
+    if memory:
+        print(plan_lines(choice, memory))
+    if changed:
+        print(f"resuming at step {step} with changed flags (saved, now): {changed}")
+
+def save_run(args, step, world, parts, **extra):
+    """Every rank: the checkpoint of `parts` (restore's) and `extra`, written by rank 0 to
+    --out_dir/ckpt.pt while the others wait (a sharded optimizer's state is gathered first)."""
+    ckpt = dict(extra, config=vars(args), step=step)
+    for k, part in parts.items():
+        if torch.is_tensor(part):
+            ckpt[k] = part.cpu()
+        elif isinstance(part, torch.optim.Optimizer):
+            ckpt[k] = optimizer_state(part)
+        else:
+            ckpt[k] = part.state_dict()
+    path = os.path.join(args.out_dir, 'ckpt.pt')
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint(ckpt, path)
+        print(f"saved {path} (step {step})", flush=True)
+    if world > 1:  # within the process group's timeout, which init_distributed sized for it
+        dist.barrier()
+
+def log_step(args, row, head, tail, clock, flops, device, world):
+    """Rank 0's log line around `row` (step, lr, gnorm and the trainer's numbers), also appended to
+    --out_dir/metrics.jsonl. clock: [time, step] of the last line, for the time per step."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    step = row['step']
+    dt = (time.time() - clock[0]) / (step + 1 - clock[1])
+    clock[:] = time.time(), step + 1
+    mfu = flops / dt / (peak_flops(device) * world)
+    print(f"step {step}/{args.max_steps} | {head} | gnorm {row['gnorm']:.3g} | lr {row['lr']:.2e} | "
+          f"dt {dt * 1000:.0f}ms | img/s {args.batch_size / dt:.1f} | mfu {100 * mfu:.1f}% | {tail}",
+          flush=True)
+    with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
+
+# -----------------------------------------------------------------------------
+# the flags both trainers have, in groups each adds its own to
+
+OFFICIAL_TOKENS = ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128')
+
+def add_training_flags(p, what):
+    """-> {title: group}, for each trainer to add its own. what: a batch's items."""
+    p.description += " A flag with no default shown takes the recipe's."
+    pos, pos_int = number(float, 0), number(int, 1)
+    g = {t: p.add_argument_group(t) for t in ('model', 'data', 'optimization', 'output')}
+    m, o, out = g['model'], g['optimization'], g['output']
+    m.add_argument('--tokens',
+                   help=f"a tokenizer release and its recipe, {'|'.join(OFFICIAL_TOKENS)}; "
+                        f"with --preset: vq or kl (default vq)")
+    m.add_argument('--preset', choices=['shapes', 'tiny'],
+                   help="a small recipe instead: shapes (the CPU quickstart, 32 px), tiny "
+                        "(the tests)")
+    g['data'].add_argument('--num_workers', type=number(int, 0),
+                           help="data loader processes per GPU")
+    o.add_argument('--batch_size', type=pos_int,
+                   help=f"the GLOBAL batch: {what} per optimizer step, all processes")
+    o.add_argument('--micro_batch_size', type=pos_int,
+                   help=f"at most this many {what} per process per forward (the largest "
+                        f"that divides batch_size / processes); the rest is gradient "
+                        f"accumulation")
+    o.add_argument('--max_steps', type=pos_int, help="optimizer steps (the cosine's length)")
+    o.add_argument('--lr', type=pos, help="peak learning rate")
+    o.add_argument('--end_lr', type=pos, help="learning rate at the end of the cosine decay")
+    o.add_argument('--warmup_steps', type=number(int, 0), help="linear warm-up steps")
+    o.add_argument('--weight_decay', type=pos,
+                   help="AdamW weight decay (not on norms, biases, embeddings)")
+    o.add_argument('--beta1', type=number(float, 0, 0.9999), default=0.9,
+                   help="AdamW beta1 (default 0.9)")
+    o.add_argument('--beta2', type=number(float, 0, 0.9999), help="AdamW beta2")
+    o.add_argument('--grad_clip', type=pos, default=1.0, help="max gradient norm (default 1.0)")
+    o.add_argument('--ema_decay', type=number(float, 0, 1), default=0.999,
+                   help="EMA decay, after the release's warm-up (default 0.999)")
+    out.add_argument('--out_dir', help="where ckpt.pt, metrics.jsonl and the image grids go")
+    out.add_argument('--log_every', type=pos_int, help="steps between log lines")
+    out.add_argument('--ckpt_every', type=pos_int,
+                     help="steps between checkpoints (and one at the end)")
+    return g
+
+def check_tokens(p, args):
+    if args.preset is None and args.tokens not in OFFICIAL_TOKENS:
+        p.error(f"pass --tokens {'|'.join(OFFICIAL_TOKENS)} (an official recipe) or --preset "
+                f"shapes (CPU quickstart)")
+    if args.preset:
+        args.tokens = args.tokens or 'vq'
+        if args.tokens not in ('vq', 'kl'):
+            p.error(f"--preset {args.preset} takes --tokens vq or kl, not {args.tokens!r}")
+
+def take_recipe(p, args, recipe):
+    """Every flag left unset takes the recipe's value; a device or dtype this machine lacks stops
+    here (exit 2)."""
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    try:
+        pick_dtype(args.dtype, pick_device(args.device))
+    except ValueError as e:
+        p.error(str(e))
+    return args
