@@ -590,6 +590,9 @@ class UserError(Exception):
     def __init__(self, message):
         super().__init__(' '.join(str(message).split()))  # one line, whatever it quotes
 
+class DownloadError(UserError):
+    """A release's file neither in the Hugging Face cache nor downloadable (offline?)."""
+
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
                       'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
                       'U8': torch.uint8, 'BOOL': torch.bool}
@@ -658,7 +661,7 @@ def hf_download(repo_id, filenames):
             return hf_hub_download(repo_id, name)
         except Exception:
             pass
-    raise UserError(
+    raise DownloadError(
         f"cannot get {' or '.join(filenames)} from the Hugging Face repo {repo_id}: not in the local cache and the "
         f"download failed (offline?). Download it on a machine with internet, or pass a local file instead "
         f"(a path to the .bin / .safetensors file, or a checkpoint trained here).")
