@@ -615,8 +615,7 @@ def _identity(x):
     return x  # the DataLoader's collate: chunks are batched already, and numpy stays numpy
 
 def leave_signals_to_main(worker_id):
-    """A worker_init_fn: Ctrl-C reaches the workers too, the main process alone answers it;
-    SIGTERM ends a worker quietly."""
+    """A worker_init_fn: Ctrl-C reaches the workers too, but the main process answers it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -646,7 +645,7 @@ def _interleave(chunks):
     return out
 
 class Loader:
-    """Batches of a _Stream through a DataLoader, resumable exactly on any number of ranks and workers."""
+    """Batches of a _Stream through a DataLoader, resumable on any number of ranks and workers."""
 
     def __init__(self, stream, missing=()):
         self.stream = stream
@@ -700,7 +699,7 @@ class Loader:
         return dict(kind=s.kind, n=len(s.items), seed=s.seed, streams=s.streams)
 
     def state_dict(self):
-        """This rank's streams; the union of every rank's is the run's, free of the world size."""
+        """This rank's streams; every rank's together are the run's, free of the world size."""
         return dict(**self._layout(), positions=copy.deepcopy(self.positions),
                     counts={v: dict(c) for v, c in self.stream_counts.items()})
 
@@ -735,9 +734,7 @@ def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=
     kind, items, missing = expand_source(source)
     split = None
     if kind == 'shapes':  # no files; 'shapes:val' names a split, plain 'shapes' follows `train`
-        split = items
-        if not split:
-            split = 'train' if train else 'val'
+        split = items or ('train' if train else 'val')
         items = []
         flip = False  # never flip shapes: their captions say left and right
     if not train:  # one stream per worker, each its share of the units
@@ -888,8 +885,8 @@ def _filters(args):
                 max_watermark=args.max_watermark)
 
 def pretokenize(args, state):
-    """One token shard per input unit (a shard, or this rank's share of a folder or 'shapes'),
-    shards split over torchrun processes, done ones skipped (resume)."""
+    """A token shard per input unit (a shard, or this rank's share of a folder or 'shapes');
+    shards split over torchrun processes, done ones skipped."""
     from tqdm import tqdm
     from tatitok import TATiTok
     from runtime import use_device, pick_dtype, autocast
@@ -980,9 +977,8 @@ def pretokenize(args, state):
                         f"{', '.join(sorted(empty)[:5])} (the rest is written)")
 
 def _write_token_shards(loader, model, out_dir, device, ctx, pbar):
-    """Encode each batch; a unit's shard is renamed into place when complete. A unit that keeps no
-    sample writes nothing, so that a rerun tries it again -> {unit: its summarized counts} of
-    those. An interrupt leaves no partial shard."""
+    """Encode each batch; a unit's shard is renamed into place when complete. A unit that keeps
+    no sample writes nothing (a rerun tries it again) -> {unit: its summarized counts} of those."""
     writers, counts, empty = {}, {}, {}  # unit -> its open output shard, its counts so far
     try:
         for b in loader:

@@ -60,12 +60,11 @@ p.add_argument('prompt', nargs='*',
 p.add_argument('--prompts', metavar='FILE',
                help='a UTF-8 file of prompts, one a line (a blank line is unconditional)')
 p.add_argument('--eval', choices=['shapes', 'edits'],
-               help="for the CPU quickstart's checkpoints: shapes, score the 120 prompts of the "
-                    "shapes suite and the tokenizer's round trip; edits, score edits of held-out "
-                    "images (their colour word, their shape word) at --strength")
+               help="score a shapes checkpoint: shapes, the suite's 120 prompts and the "
+                    "tokenizer's round trip; edits, edits of held-out images at --strength")
 p.add_argument('--model', default='vq-xl',
-               help=f'the generator: a release {OFFICIAL}, its Hugging Face repo id or a file of '
-                    f'it, or a train_maskgen.py checkpoint (or its folder), which holds the rest')
+               help=f'the generator: a release {OFFICIAL}, its repo id or a file of it, or a '
+                    f'train_maskgen.py checkpoint (or its folder), which holds the rest')
 p.add_argument('--tokenizer',
                help='another tokenizer: a name, repo id, local file or checkpoint')
 p.add_argument('--clip',
@@ -87,8 +86,8 @@ p.add_argument('--sample_aes', type=number(float),
 p.add_argument('--diffusion_steps', type=number(int, 1),
                help='KL: denoising steps per token (default 100)')
 p.add_argument('--x0_clip', type=number(float, 0),
-               help="KL: clamp the predicted x0 to +-this; 0: off, as released (default: the "
-                    "checkpoint's, 3.0 for the shapes quickstart)")
+               help="KL: clamp the predicted x0 to +-this; 0: off, as released (default: "
+                    "the checkpoint's, 3.0 for the shapes quickstart)")
 p.add_argument('--negative', default='',
                help='negative prompt, the unconditional branch of guidance')
 p.add_argument('--batch_size', type=number(int, 1), default=16,
@@ -98,28 +97,28 @@ p.add_argument('--device', default='auto',
 p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
                help='autocast dtype (auto: bfloat16 on a GPU or with --weights_dtype bfloat16)')
 p.add_argument('--weights_dtype', default='float32', choices=['float32', 'bfloat16'],
-               help='the weights\' dtype: bfloat16 halves their memory and computes in bfloat16, '
-                    'which pays on a CPU with bfloat16 instructions (TUNING.md); default float32')
+               help='the weights\' dtype: bfloat16 halves their memory and computes in '
+                    'bfloat16, fast on a CPU with bfloat16 instructions (TUNING.md)')
 p.add_argument('--compile', default='off', choices=['on', 'off'],
-               help='torch.compile the transformer blocks, worth it for thousands of images')
-p.add_argument('--out_dir', default='samples', help='a new or empty folder (default samples/)')
+               help='torch.compile the blocks, worth it for thousands of images')
+p.add_argument('--out_dir', default='samples', help='a new or empty folder')
 p.add_argument('--grid', metavar='FILE',
                help='also save the first 64 images as one picture, a row per prompt')
 p.add_argument('--image', metavar='FILE',
-               help="start from this image (centre-cropped to the tokenizer's size): its tokens, "
-                    "a share --strength of them drawn anew under each prompt")
+               help="start from this image (centre-cropped): its tokens, a share --strength "
+                    "of them drawn anew under each prompt")
 p.add_argument('--strength', type=number(float, 0, 1), default=DEFAULT_STRENGTH,
-               help=f"with --image: the share of its tokens drawn anew, 0 (a reconstruction "
-                    f"under the prompt) to 1 (the image ignored); default {DEFAULT_STRENGTH}")
+               help=f"with --image: the share of its tokens drawn anew, 0 (a reconstruction) "
+                    f"to 1 (the image ignored); default {DEFAULT_STRENGTH}")
 p.add_argument('--remask', choices=['random', 'likelihood'],
-               help="with --image: which tokens to draw anew: at random, or (VQ) the ones least "
+               help="with --image: which tokens to draw anew: at random, or (VQ) the least "
                     "likely under the prompt (default: likelihood VQ, random KL)")
 
 # -----------------------------------------------------------------------------
 # the shapes suite (--eval): the objects of an image, read back, scored against its caption
 
-# a drawn object covers ~150 px or more of a 64 px image (the smallest, a pair's small triangle:
-# (2 * 0.18 * 64)^2 / 2 = 265 px, less the opening's trim); less is blur, or a blend of two colours
+# a drawn object covers ~150 px or more of a 64 px image (a pair's small triangle: half of
+# (2 * 0.18 * 64)^2, less the opening's trim); less is blur, or a blend of two colours
 SHAPES_MIN_AREA = 75
 
 def _components(mask):
@@ -144,10 +143,10 @@ def _components(mask):
     return comps
 
 def detect_shapes(img):
-    """uint8 (H, W, 3), a shapes image drawn or generated -> its objects, largest first: dicts of
-    colour, shape, size ('small' / 'large'), x, y (the centre, in pixels of img). An object is a
-    4-connected region of one colour (the nearest of grey and the palette); a median filter, an
-    opening and SHAPES_MIN_AREA see through a generated image's blur and noise."""
+    """uint8 (H, W, 3), a shapes image drawn or generated -> its objects, largest first:
+    dicts of colour, shape, size ('small' / 'large'), x, y (the centre, in pixels of img).
+    An object is a 4-connected region of one colour (the nearest of grey and the palette);
+    a median filter, an opening and SHAPES_MIN_AREA see through blur and noise."""
     img = Image.fromarray(np.asarray(img, dtype=np.uint8))
     w, h = img.size
     if img.size != (64, 64):  # one scale for filters and areas (3x3 would erase a 32 px tip)
@@ -168,7 +167,7 @@ def detect_shapes(img):
     for colour, comp in regions:
         ys, xs = np.nonzero(comp)
         mid = (ys.min() + ys.max()) / 2
-        # an upright triangle has 1/4 of its area in its box's upper half (circle, square 1/2);
+        # a triangle has 1/4 of its area in its box's upper half (circle, square 1/2);
         # a square fills its box (a circle pi/4)
         top = (ys < mid).sum() / (ys > mid).sum()
         fill = comp.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
@@ -177,14 +176,14 @@ def detect_shapes(img):
             shape = 'triangle'
         elif fill > 0.89:
             shape = 'square'
-        # half-extent / side from the area (pi r^2, 4 r^2, 2 r^2), which the opening hardly trims
+        # half-extent / side from the area (pi r^2, 4 r^2, 2 r^2): the opening hardly trims it
         area = {'circle': math.pi, 'square': 4.0, 'triangle': 2.0}[shape]
         half = math.sqrt(comp.sum() / area) / 64
         size = 'small'
         if half > (radii['small'] + radii['large']) / 2:
             size = 'large'
-        # pixel i covers [i, i + 1); x the mean (the shapes are symmetric), y the box's middle,
-        # as the data places a triangle by its box
+        # pixel i covers [i, i + 1); x the mean (the shapes are symmetric), y the box's
+        # middle, as the data places a triangle by its box
         cx = (xs.mean() + 0.5) * w / 64
         cy = (ys.min() + ys.max() + 1) / 2 * h / 64
         objects.append(dict(colour=colour, shape=shape, size=size, x=cx, y=cy))
@@ -200,8 +199,8 @@ def classify_shapes(img):
 _OBJECT = rf"a (?:(small|large) )?({'|'.join(SHAPES_COLOURS)}) ({'|'.join(SHAPES_KINDS)})"
 
 def parse_shapes_caption(caption):
-    """A caption of shapes_sample -> ([(colour, shape, size or None)] of its one or two objects,
-    side or None, relation or None); ValueError for any other text."""
+    """A caption of shapes_sample -> ([(colour, shape, size or None)] of its objects, side or
+    None, relation or None); ValueError for any other text."""
     m = re.fullmatch(rf"{_OBJECT}(?: on the (left|right))?", caption)
     if m:
         return [(m[2], m[3], m[1])], m[4], None
@@ -211,7 +210,7 @@ def parse_shapes_caption(caption):
     return [(m[2], m[3], m[1]), (m[6], m[7], m[5])], None, m[4]
 
 def shapes_category(caption):
-    """'two' objects, else 'side' if it says one, else 'size' if it says one, else 'single'."""
+    """'two' objects, else 'side' if it says one, else 'size' if said, else 'single'."""
     objects, side, relation = parse_shapes_caption(caption)
     if relation:
         return 'two'
@@ -229,8 +228,8 @@ def _find(objects, colour, shape, other=None):
 
 def score_shapes(caption, objects, size):
     """An image's objects (size x size px) against its caption -> {check: bool or None (not
-    made), 'all'}. One object: the largest's colour, shape, size and side if said. Two: 'colours'
-    (one object of each), 'objects' (of its shape too), 'size', 'relation' (if both are found)."""
+    made), 'all'}. One object: the largest's colour, shape, size and side if said. Two:
+    'colours' (one of each), 'objects' (of its shape too), 'size', 'relation' (both found)."""
     wanted, side, relation = parse_shapes_caption(caption)
     if len(wanted) == 1:
         colour, shape, scale = wanted[0]
@@ -278,8 +277,8 @@ def edit_caption(caption, word):
     return text
 
 def score_edit(caption, before, objects, size):
-    """An edited image's objects against the edited caption and the object it came from: colour
-    and shape the caption's, size and place (within a tenth of the side) kept."""
+    """An edited image's objects against the edited caption and the object it came from:
+    colour and shape the caption's, size and place (within a tenth of the side) kept."""
     [(colour, shape, _)], _, _ = parse_shapes_caption(caption)
     o = dict(colour=None, shape=None, size=None, x=np.inf, y=np.inf)  # an empty image
     if objects:
@@ -291,8 +290,8 @@ def score_edit(caption, before, objects, size):
     return checks
 
 def shapes_scores(captions, detections, size):
-    """-> {category: {check: the share of its images that pass, 'n': its images}}; 'relation' is
-    of the images where both colours are found, 'relation_n' of them."""
+    """-> {category: {check: the share of its images that pass, 'n': its images}}; 'relation'
+    is of the 'relation_n' images where both colours are found."""
     checks = {}  # category -> check -> [bool or None per image]
     for caption, objects in zip(captions, detections):
         category = checks.setdefault(shapes_category(caption), {})
@@ -309,8 +308,8 @@ def shapes_scores(captions, detections, size):
     return scores
 
 def shapes_variety(detections, size):
-    """Of the largest objects of images -> {'small': the share small, 'std_x', 'std_y': the spread
-    of their centres / the side, 'n'}."""
+    """Of the largest objects of images -> {'small': the share small, 'std_x', 'std_y': the
+    spread of their centres / the side, 'n'}."""
     largest = [objects[0] for objects in detections if objects]
     if not largest:
         return dict(small=None, std_x=None, std_y=None, n=0)
@@ -319,8 +318,8 @@ def shapes_variety(detections, size):
                 std_y=float(np.std([o['y'] for o in largest]) / size), n=len(largest))
 
 def shapes_data_variety(size, n=5000):
-    """shapes_variety of the data's own "a {colour} {shape}" images among the first n, the suite's
-    reference (~940 images: the share small to +-0.015, one standard error)."""
+    """shapes_variety of the data's own "a {colour} {shape}" images among the first n, the
+    suite's reference (~940 images: the share small to +-0.015, one standard error)."""
     detections = []
     for i in range(n):
         img, caption = shapes_sample(i, size)
@@ -332,7 +331,7 @@ def shapes_data_variety(size, n=5000):
 # models, prompts, the output folder, --image
 
 def load_models(args, device):
-    """-> generator, tokenizer, text encoder (eval mode, on device), the sampling defaults."""
+    """-> generator, tokenizer, text encoder (eval mode, on device), sampling defaults."""
     dtype = DTYPES[args.weights_dtype]
     path, ck = read_weights(args.model, MASKGEN_PRESETS, dtype)
     gen = MaskGen.from_pretrained((path, ck), dtype)
@@ -349,14 +348,14 @@ def load_models(args, device):
         te = TextEncoder.from_name(args.clip, tok.config.text_context_length, dtype)
     else:
         te = TextEncoder.from_spec(spec, dtype)
-    t = tok.config
-    ours = (config.num_tokens, config.quantize, config.text_embed_dim, te.width, te.context_length)
+    t, g = tok.config, config
+    ours = (g.num_tokens, g.quantize, g.text_embed_dim, te.width, te.context_length)
     if ours != (t.num_latent_tokens, t.quantize, te.width, t.text_embed_dim, t.text_context_length):
         raise UserError(f"these do not fit together: a tokenizer of {t.num_latent_tokens} "
-                        f"{t.quantize} tokens reading {t.text_context_length} x {t.text_embed_dim} "
-                        f"text features, a generator of {config.num_tokens} {config.quantize} "
-                        f"tokens reading width {config.text_embed_dim}, a text encoder of "
-                        f"{te.context_length} x {te.width}")
+                        f"{t.quantize} tokens reading {t.text_context_length} x "
+                        f"{t.text_embed_dim} text features, a generator of {g.num_tokens} "
+                        f"{g.quantize} tokens reading width {g.text_embed_dim}, a text encoder "
+                        f"of {te.context_length} x {te.width}")
     gen.eval()  # important!
     return gen.to(device), tok.to(device), te.to(device), sampling
 
@@ -379,22 +378,24 @@ def read_prompts(args):
     return prompts
 
 def check_out_dir(args):
-    """A new or empty --out_dir (a second run never mixes its images with the first's), and a
-    --grid outside it, refused before anything is loaded or drawn."""
+    """A new or empty --out_dir (never two runs' images mixed), a --grid outside it: checked
+    before anything is loaded or drawn."""
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
-        raise UserError(f"--out_dir {args.out_dir} is not empty (an earlier run's images?)")
+        raise UserError(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): "
+                        f"choose another folder")
     if args.grid:
         folder = os.path.dirname(args.grid) or '.'
         if os.path.abspath(folder) == os.path.abspath(args.out_dir):
-            raise UserError("--grid goes outside --out_dir, which holds the samples only (fid.py "
-                            "reads every image there)")
-        if os.path.exists(args.grid) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UserError(f"--grid {args.grid}: a new file in an existing, writable folder is "
-                            f"wanted")
+            raise UserError("--grid goes outside --out_dir, which holds the samples only "
+                            "(fid.py reads every image there)")
+        writable = os.path.isdir(folder) and os.access(folder, os.W_OK)
+        if os.path.exists(args.grid) or not writable:
+            raise UserError(f"--grid {args.grid}: a new file in an existing, writable folder "
+                            f"is wanted")
     make_out_dir(args.out_dir)
 
 def crop(img, size):
-    """-> (1, 3, size, size) in [0, 1], the shorter side resized to `size`, centre-cropped."""
+    """-> (1, 3, size, size) in [0, 1]: the shorter side resized to `size`, centre-cropped."""
     if min(img.size) < size / 2:
         p.error(f"--image is {img.size[0]}x{img.size[1]}, under half the tokenizer's {size} px: "
                 f"upscaled that much, its tokens would describe blur")
@@ -402,8 +403,8 @@ def crop(img, size):
     return x.permute(2, 0, 1)[None].float() / 255
 
 def keep_tokens(gen, init, feats, aes, strength, remask, generators):
-    """Which of the start tokens init (B, N) each image keeps -> (B, N): all but round(strength N),
-    drawn anew at random or where the generator finds them least likely under the prompt."""
+    """Which of the start tokens init (B, N) each image keeps -> (B, N): all but
+    round(strength N), drawn anew at random or where least likely under the prompt."""
     n = round(strength * gen.config.num_tokens)
     if remask == 'likelihood':
         return gen.least_likely(init, feats['tokens'], feats['pooled'], aes, n)
@@ -414,7 +415,7 @@ def keep_tokens(gen, init, feats, aes, strength, remask, generators):
     return keys.argsort(-1).argsort(-1) >= n  # the n smallest keys are drawn anew
 
 def encode(tok, images):
-    """The tokens an edit starts from: VQ ids (B, N), KL latents (B, N, C), the posterior mean."""
+    """The tokens an edit starts from: VQ ids (B, N), KL the posterior mean (B, N, C)."""
     if tok.config.quantize == 'vq':
         return tok.encode(images)
     return tok.encode(images, sample=False)
@@ -424,7 +425,7 @@ def to_uint8(x):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 def edits_report(gen, tok, te, sampling, args, device):
-    """--eval edits: EDIT_IMAGES held-out images of one small object on the left or right, each
+    """--eval edits: EDIT_IMAGES held-out images of one object on the left or right, each
     drawn with its colour word changed and, apart, its shape word -> lines, JSON last."""
     size = tok.config.image_size
     pairs = [shapes_sample(i, size, 'val', max_objects=1) for i in range(4 * EDIT_IMAGES)]
@@ -466,12 +467,12 @@ def edits_report(gen, tok, te, sampling, args, device):
     return lines
 
 def round_trip(tok, te, device):
-    """The tokenizer alone, the ceiling of what the generator can draw: ROUND_TRIP_IMAGES held-out
-    images encoded and decoded with their captions (KL: the posterior mean) -> {'psnr' of the
-    8-bit reconstructions, 'pairs_objects': the share of two-object images that keep both objects,
-    'lone_shape': the share of lone objects that keep their shape, counts}."""
+    """The tokenizer alone, the ceiling of what the generator can draw, on held-out images
+    (KL: the posterior mean) -> {'psnr' of the 8-bit reconstructions, 'pairs_objects': the
+    share of pairs that keep both objects, 'lone_shape': of lone objects their shape, counts}."""
     size = tok.config.image_size
-    images, captions = zip(*(shapes_sample(i, size, 'val') for i in range(ROUND_TRIP_IMAGES)))
+    held_out = [shapes_sample(i, size, 'val') for i in range(ROUND_TRIP_IMAGES)]
+    images, captions = zip(*held_out)
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W)
     recon = []
     for i in range(0, len(x), 64):
@@ -479,7 +480,8 @@ def round_trip(tok, te, device):
         y = tok(x[i:i + 64].to(device), guidance, sample=False)[0]
         recon.append(y.float().clamp(0, 1).cpu())
     levels = (torch.cat(recon) * 255).round()  # (n, 3, H, W), the 8-bit values
-    psnr = -10 * torch.log10((levels / 255 - x).pow(2).mean((1, 2, 3)).clamp_min(1e-10))  # (n,)
+    mse = (levels / 255 - x).pow(2).mean((1, 2, 3))  # (n,)
+    psnr = -10 * torch.log10(mse.clamp_min(1e-10))
     pairs, lone = [], []
     for caption, img in zip(captions, levels.byte().permute(0, 2, 3, 1).numpy()):
         checks = score_shapes(caption, detect_shapes(img), size)
@@ -495,9 +497,8 @@ def _num(share):
     return '-' if share is None else f"{share:.3f}"
 
 def shapes_report(captions, detections, size, tokenizer):
-    """--eval shapes: the images' objects against their prompts by category, the variety of the
-    "a {colour} {shape}" images against the data's, the tokenizer's round trip -> lines, then
-    every number as JSON."""
+    """--eval shapes: the scores by category, the variety of the "a {colour} {shape}" images
+    against the data's, the tokenizer's round trip -> lines, then every number as JSON."""
     s = shapes_scores(captions, detections, size)
     singles = [d for c, d in zip(captions, detections) if shapes_category(c) == 'single']
     s['variety'] = {**shapes_variety(singles, size), 'data': shapes_data_variety(size)}
@@ -516,7 +517,7 @@ def shapes_report(captions, detections, size, tokenizer):
     lines.append(f"tokenizer {t['n']:3d} held-out images | psnr {t['psnr']:.2f} dB | both objects "
                  f"right {_num(t['pairs_objects'])} of {t['pairs_n']} pairs | shape right "
                  f"{_num(t['lone_shape'])} of {t['lone_n']} lone objects")
-    rounded = json.loads(json.dumps(s), parse_float=lambda x: round(float(x), 4))  # 4 decimals
+    rounded = json.loads(json.dumps(s), parse_float=lambda x: round(float(x), 4))
     return lines + [json.dumps(rounded)]
 
 # -----------------------------------------------------------------------------
@@ -527,7 +528,7 @@ def main(argv=None):
 def sample(args, state):
     master = os.environ.get('RANK', '0') == '0'  # torchrun, or one process
     if args.eval and int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        p.error("--eval runs on one process (480 small images at 4 per prompt), not under torchrun")
+        p.error("--eval runs on one process, not under torchrun")
     prompts = read_prompts(args)
     picture = None
     if args.image and args.eval:
@@ -538,7 +539,7 @@ def sample(args, state):
         except ImageError as e:
             p.error(str(e))
     try:
-        rank, world, device = init_distributed(args.device)  # under torchrun: each rank its GPU
+        rank, world, device = init_distributed(args.device)  # each rank its GPU
         dtype = pick_dtype(args.dtype, device)
     except ValueError as e:
         p.error(str(e))
@@ -549,7 +550,7 @@ def sample(args, state):
     on_rank0(lambda: check_out_dir(args), world, (UserError,))  # rank 0 decides for all
     try:
         gen, tok, te, sampling = load_models(args, device)
-    except DownloadError as e:  # say all that a release needs, and the way round it offline
+    except DownloadError as e:  # all that a release needs, and the way round it offline
         preset = MASKGEN_PRESETS.get(args.model, MASKGEN_PRESETS['vq-xl'])
         tok_repo = TATITOK_PRESETS[preset['tokenizer']]['repo']
         raise UserError(f"{e} sample.py --model {args.model} needs {preset['repo']}, {tok_repo} "
@@ -578,7 +579,7 @@ def sample(args, state):
     if picture is not None:
         with torch.no_grad():
             start = encode(tok, crop(picture, tok.config.image_size).to(device))
-    if args.compile == 'on':  # the blocks only: generate() is a Python loop of changing shapes
+    if args.compile == 'on':  # the blocks only: generate() is a loop of changing shapes
         for m in list(gen.modules()) + list(tok.decoder.modules()):
             if type(m).__name__ in ('JointBlock', 'SimpleMLPAdaLN', 'Block'):
                 m.compile()
@@ -595,14 +596,14 @@ def sample(args, state):
     total, bs = len(prompts) * n, args.batch_size
     mine = list(range(rank, math.ceil(total / bs), world))
     bar = tqdm(total=len(mine) * sampling['num_steps'], desc='decoding steps', disable=not master)
-    paths, shown, results = [], {}, []  # shown: the images of the grid and the strips, by index
-    writer, written = ThreadPoolExecutor(1), []  # PNGs are written while the next batch samples
+    paths, shown, results = [], {}, []  # shown: the grid's and strips' images, by index
+    writer, written = ThreadPoolExecutor(1), []  # PNGs written while the next batch samples
     state['interrupted'] = lambda: (
         f"interrupted: {sum(f.endswith('.png') for f in os.listdir(args.out_dir))} images "
         f"written to {args.out_dir}/")
     try:
         with torch.no_grad():
-            null = te([args.negative])  # the unconditional branch, once; CLIP in fp32, as trained
+            null = te([args.negative])  # once; CLIP in fp32, as trained
             for b in mine:
                 images = list(range(b * bs, min(total, (b + 1) * bs)))
                 feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
@@ -627,7 +628,7 @@ def sample(args, state):
                         results.append(detect_shapes(img))
         for f in written:  # every image written (an error in the writer surfaces here)
             f.result()
-    except BaseException:  # an interrupt: the image being written is finished, the queue dropped
+    except BaseException:  # an interrupt: the PNG being written is finished, the rest dropped
         writer.shutdown(cancel_futures=True)
         bar.close()
         raise
@@ -658,7 +659,7 @@ def sample(args, state):
         print(f"input, reconstruction, samples: {path}")
     if args.eval:
         with torch.no_grad(), autocast(device, dtype):
-            tokenizer = round_trip(tok, te, device)  # on the same process, after the samples
+            tokenizer = round_trip(tok, te, device)
         captions = [prompts[i // n] for i in range(len(results))]
         print('\n'.join(shapes_report(captions, results, tok.config.image_size, tokenizer)))
 
