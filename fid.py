@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from data import ImageError, open_image, _worker_init
+from data import ImageError, open_image, leave_signals_to_main
 from runtime import run_main
 from tatitok import UserError, load_tokenizer
 from runtime import number, pick_device
@@ -358,7 +358,7 @@ def batches(items, fn, args, desc):
     that leave Ctrl-C and SIGTERM to this process"""
     loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers,
                                          collate_fn=partial(collate, fn),
-                                         worker_init_fn=_worker_init)
+                                         worker_init_fn=leave_signals_to_main)
     for batch in tqdm(loader, desc=desc, leave=False):
         if isinstance(batch, UserError):
             raise batch

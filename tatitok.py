@@ -578,6 +578,9 @@ class UserError(Exception):
     def __init__(self, message):
         super().__init__(' '.join(str(message).split()))  # one line, whatever it quotes
 
+class DownloadError(UserError):
+    """A release's file neither in the Hugging Face cache nor downloadable (offline?)."""
+
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
                       'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
                       'U8': torch.uint8, 'BOOL': torch.bool}
@@ -643,10 +646,10 @@ def hf_download(repo_id, filenames):
                 return hf_hub_download(repo_id, name, local_files_only=local)
             except Exception:
                 pass
-    raise UserError(f"cannot get {' or '.join(filenames)} from the Hugging Face repo "
-                    f"{repo_id} (not cached, and the download failed: offline?). Download it "
-                    f"elsewhere, or pass a local file (the .bin / .safetensors, or a "
-                    f"checkpoint trained here).")
+    raise DownloadError(f"cannot get {' or '.join(filenames)} from the Hugging Face repo "
+                        f"{repo_id} (not cached, and the download failed: offline?). Download it "
+                        f"elsewhere, or pass a local file (the .bin / .safetensors, or a "
+                        f"checkpoint trained here).")
 
 def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     """`sd` (official keys) into `model`, every key and shape checked, never silently.

@@ -36,6 +36,7 @@ from tatitok import (TATiTok, TATiTokConfig, TextEncoder, UserError, TATITOK_PRE
 import bench
 import data
 import runtime
+import sample
 import fid
 import train_maskgen as tm
 import train_tokenizer as tt
@@ -758,13 +759,13 @@ def test_classify_shapes_clean_and_noisy():
     for i in range(100):
         img, cap = data.shapes_sample(i, max_objects=1)
         words = cap.split()
-        clean += set(data.classify_shapes(np.asarray(img))) <= set(words)
+        clean += set(sample.classify_shapes(np.asarray(img))) <= set(words)
         x = np.asarray(img.filter(ImageFilter.GaussianBlur(1))).astype(np.float32) + rng.normal(0, 8, (64, 64, 3))
-        noisy += set(data.classify_shapes(np.clip(x, 0, 255).astype(np.uint8))) <= set(words)
+        noisy += set(sample.classify_shapes(np.clip(x, 0, 255).astype(np.uint8))) <= set(words)
         img, cap = data.shapes_sample(i, split='val')
-        two += set(data.classify_shapes(np.asarray(img))) <= set(cap.split())
+        two += set(sample.classify_shapes(np.asarray(img))) <= set(cap.split())
     assert clean == 100 and noisy >= 95 and two >= 95, (clean, noisy, two)
-    assert data.classify_shapes(np.full((64, 64, 3), 128, np.uint8)) == (None, None)
+    assert sample.classify_shapes(np.full((64, 64, 3), 128, np.uint8)) == (None, None)
 
 def _drawn(objects, size):
     """uint8 (size, size, 3): objects (kind, colour, cx, cy, r), in pixels, drawn as shapes_sample draws them."""
@@ -788,7 +789,7 @@ def test_detect_shapes_on_drawn_objects(size):
         kind, colour, scale = rng.choice(data.SHAPES_KINDS), rng.choice(colours), rng.choice(['small', 'large'])
         r = data.SHAPES_RADIUS[1][scale] * size
         cx, cy = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 2, size - r - 2)
-        found = data.detect_shapes(_drawn([(kind, colour, cx, cy, r)], size))
+        found = sample.detect_shapes(_drawn([(kind, colour, cx, cy, r)], size))
         assert [(o['colour'], o['shape'], o['size']) for o in found] == [(colour, kind, scale)], (i, found)
         assert abs(found[0]['x'] - cx) <= size / 128 and abs(found[0]['y'] - cy) <= size / 32, (i, found, cx, cy)
     relations = {r: k for k, r in data.SHAPES_RELATION.items()}
@@ -803,56 +804,56 @@ def test_detect_shapes_on_drawn_objects(size):
             a = rng.uniform(r + 1, size / 2 - r - 1) if low else rng.uniform(size / 2 + r + 1, size - r - 1)
             b = rng.uniform(r + 2, size - r - 2)
             objects.append((kind, colour, *((a, b) if horizontal else (b, a)), r))
-        found = data.detect_shapes(_drawn(objects, size))
+        found = sample.detect_shapes(_drawn(objects, size))
         want = sorted([(c1, s1, z1), (c2, s2, z2)])
         assert sorted((o['colour'], o['shape'], o['size']) for o in found) == want, (i, objects, found)
         caption = f"a {z1} {c1} {s1} {relation} a {z2} {c2} {s2}"
-        assert data.score_shapes(caption, found, size) == dict(colours=True, objects=True, size=True, relation=True,
+        assert sample.score_shapes(caption, found, size) == dict(colours=True, objects=True, size=True, relation=True,
                                                                 all=True), (caption, found)
         wrong = {'above': 'below', 'below': 'above', 'to the left of': 'to the right of',
                  'to the right of': 'to the left of'}[relation]
-        assert data.score_shapes(caption.replace(relation, wrong), found, size)['relation'] is False
+        assert sample.score_shapes(caption.replace(relation, wrong), found, size)['relation'] is False
     r = data.SHAPES_RADIUS[2]['large'] * size  # two large ones, of two colours, touching along x
-    found = data.detect_shapes(_drawn([('square', 'red', size / 2 - r, size / 2, r),
+    found = sample.detect_shapes(_drawn([('square', 'red', size / 2 - r, size / 2, r),
                                        ('circle', 'orange', size / 2 + r, size / 2, r)], size))
     assert sorted((o['colour'], o['shape'], o['size']) for o in found) == [('orange', 'circle', 'large'),
                                                                            ('red', 'square', 'large')]
-    assert data.detect_shapes(np.full((size, size, 3), 128, np.uint8)) == []
+    assert sample.detect_shapes(np.full((size, size, 3), 128, np.uint8)) == []
 
 def test_parse_and_score_shapes_captions():
     """Every form of caption that shapes_sample writes parses into its category; score_shapes reads the largest
     object for one, finds each of two by colour (then shape), judges side and relation as the data draws them,
     and cannot judge a relation with an object missing."""
-    seen = {data.shapes_category(data.shapes_sample(i, 32)[1]) for i in range(200)}
+    seen = {sample.shapes_category(data.shapes_sample(i, 32)[1]) for i in range(200)}
     assert seen == {'single', 'size', 'side', 'two'}
-    assert data.parse_shapes_caption('a small red circle on the left') == ([('red', 'circle', 'small')], 'left', None)
-    assert data.parse_shapes_caption('a large red circle below a large red square') == \
+    assert sample.parse_shapes_caption('a small red circle on the left') == ([('red', 'circle', 'small')], 'left', None)
+    assert sample.parse_shapes_caption('a large red circle below a large red square') == \
         ([('red', 'circle', 'large'), ('red', 'square', 'large')], None, 'below')
     with pytest.raises(ValueError):
-        data.parse_shapes_caption('a pink circle')
+        sample.parse_shapes_caption('a pink circle')
     assert all(len(v) for v in data.SHAPES_SUITE.values()) and sum(map(len, data.SHAPES_SUITE.values())) == 120
-    assert all(data.shapes_category(p) == k for k, v in data.SHAPES_SUITE.items() for p in v)
+    assert all(sample.shapes_category(p) == k for k, v in data.SHAPES_SUITE.items() for p in v)
     obj = lambda colour, shape, x, y, size='small': dict(colour=colour, shape=shape, size=size, x=x, y=y)
     # one: the largest object counts; left is a centre x up to 0.4 of the side (+ 1/128, the detector's error)
     found = [obj('red', 'circle', 13.0, 16), obj('blue', 'square', 25, 16)]
-    assert data.score_shapes('a small red circle on the left', found, 32) == dict(colour=True, shape=True, size=True,
+    assert sample.score_shapes('a small red circle on the left', found, 32) == dict(colour=True, shape=True, size=True,
                                                                                   side=True, all=True)
-    assert data.score_shapes('a red circle on the left', [obj('red', 'circle', 13.1, 16)], 32)['side'] is False
-    assert data.score_shapes('a red circle on the right', found, 32)['side'] is False
-    assert data.score_shapes('a large blue square', found, 32) == dict(colour=False, shape=False, size=False,
+    assert sample.score_shapes('a red circle on the left', [obj('red', 'circle', 13.1, 16)], 32)['side'] is False
+    assert sample.score_shapes('a red circle on the right', found, 32)['side'] is False
+    assert sample.score_shapes('a large blue square', found, 32) == dict(colour=False, shape=False, size=False,
                                                                        all=False)
-    assert data.score_shapes('a red circle', [], 32) == dict(colour=False, shape=False, all=False)
+    assert sample.score_shapes('a red circle', [], 32) == dict(colour=False, shape=False, all=False)
     # two: by colour, then shape (two of one colour); the relation: each centre in its own half along the axis
     found = [obj('green', 'square', 14, 8), obj('green', 'circle', 12, 24)]
-    assert data.score_shapes('a green circle below a green square', found, 32) == \
+    assert sample.score_shapes('a green circle below a green square', found, 32) == \
         dict(colours=True, objects=True, relation=True, all=True)
-    assert data.score_shapes('a green circle to the left of a green square', found, 32)['relation'] is False  # one half
-    assert data.score_shapes('a green circle below a red square', found, 32) == \
+    assert sample.score_shapes('a green circle to the left of a green square', found, 32)['relation'] is False  # one half
+    assert sample.score_shapes('a green circle below a red square', found, 32) == \
         dict(colours=False, objects=False, relation=None, all=False)
-    scores = data.shapes_scores(['a green circle below a red square', 'a green circle below a green square'],
+    scores = sample.shapes_scores(['a green circle below a red square', 'a green circle below a green square'],
                                 [found, found], 32)
     assert scores == {'two': dict(n=2, colours=0.5, objects=0.5, relation=1.0, all=0.5, relation_n=1)}
-    assert data.shapes_variety([[], []], 32) == dict(small=None, std_x=None, std_y=None, n=0)  # nothing drawn
+    assert sample.shapes_variety([[], []], 32) == dict(small=None, std_x=None, std_y=None, n=0)  # nothing drawn
 
 def test_shapes_suite_scoring_on_the_data_itself():
     """The suite's scoring on the data's own images (the train stream), 32 and 64 px: every check of every category
@@ -867,12 +868,12 @@ def test_shapes_suite_scoring_on_the_data_itself():
         for i in range(800):
             img, caption = data.shapes_sample(i, size)
             captions.append(caption)
-            detections.append(data.detect_shapes(np.asarray(img)))
-        scores = data.shapes_scores(captions, detections, size)
+            detections.append(sample.detect_shapes(np.asarray(img)))
+        scores = sample.shapes_scores(captions, detections, size)
         assert set(scores) == {'single', 'size', 'side', 'two'}
         for category, s in scores.items():
             assert s['n'] >= 100 and all(v >= 0.99 for k, v in s.items() if k not in ('n', 'relation_n')), (size, s)
-    v = data.shapes_data_variety(32)
+    v = sample.shapes_data_variety(32)
     expected = 5000 * (1 - data.SHAPES_PAIRS) * 3 / 8  # lone objects, unsized and without a side
     assert abs(v['n'] - expected) < 3 * (expected * (1 - expected / 5000)) ** 0.5 and abs(v['small'] - 1 / 3) < 0.045, v
     assert abs(v['std_x'] / 0.075 - 1) < 0.06 and abs(v['std_y'] / 0.075 - 1) < 0.06, v
@@ -1058,11 +1059,11 @@ def test_open_image_in_every_form(tmp_path, monkeypatch):
 def test_transforms():
     """shorter side to the target, centre crop for eval (deterministic), random crop for training, flip on request."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
-    a = data._resize_crop(img, 32, random.Random(0), False, False)
-    assert a.shape == (32, 32, 3) and np.array_equal(a, data._resize_crop(img, 32, random.Random(1), False, False))
-    crops = {data._resize_crop(img, 32, random.Random(s), True, False).tobytes() for s in range(10)}
+    a = data.resize_crop(img, 32, random.Random(0), False, False)
+    assert a.shape == (32, 32, 3) and np.array_equal(a, data.resize_crop(img, 32, random.Random(1), False, False))
+    crops = {data.resize_crop(img, 32, random.Random(s), True, False).tobytes() for s in range(10)}
     assert len(crops) > 3
-    flips = [data._resize_crop(img, 32, random.Random(s), False, True) for s in range(10)]
+    flips = [data.resize_crop(img, 32, random.Random(s), False, True) for s in range(10)]
     assert any(np.array_equal(f, a[:, ::-1]) for f in flips) and any(np.array_equal(f, a) for f in flips)
 
 def test_two_ranks_and_two_workers_are_disjoint(tmp_path):
@@ -2325,12 +2326,12 @@ def test_sample_eval_shapes(sample_ckpts, tmp_path, capsys, kind):
     stats = json.loads(lines[-1])
     assert list(stats) == categories
     assert {k: stats[k]['n'] for k in categories[:4]} == dict(single=24, size=24, side=24, two=48)
-    detections = [data.detect_shapes(np.asarray(Image.open(tmp_path / f))) for f in _sample_pngs(tmp_path)]
-    again = data.shapes_scores(prompts, detections, 32)
+    detections = [sample.detect_shapes(np.asarray(Image.open(tmp_path / f))) for f in _sample_pngs(tmp_path)]
+    again = sample.shapes_scores(prompts, detections, 32)
     assert all(stats[k][check] == pytest.approx(v, abs=1e-4) for k in again for check, v in again[k].items()
                if v is not None)
     assert stats['variety']['n'] == sum(map(bool, detections[:24]))
-    assert stats['variety']['data'] == pytest.approx(data.shapes_data_variety(32), abs=1e-4)
+    assert stats['variety']['data'] == pytest.approx(sample.shapes_data_variety(32), abs=1e-4)
     t = stats['tokenizer']
     assert t['n'] == 256 and t['pairs_n'] + t['lone_n'] == 256 and 0 <= t['pairs_objects'] <= 1 and t['psnr'] > 0
 
@@ -2468,14 +2469,14 @@ def test_sample_eval_edits(sample_ckpts, tmp_path, capsys):
 
 def test_edit_captions_and_scores():
     """The edits: the next colour / shape word, size and side kept; an edit scored against the object it came from."""
-    assert data.edit_caption('a small red circle on the left', 'colour') == 'a small green circle on the left'
-    assert data.edit_caption('a white triangle on the right', 'shape') == 'a white circle on the right'
+    assert sample.edit_caption('a small red circle on the left', 'colour') == 'a small green circle on the left'
+    assert sample.edit_caption('a white triangle on the right', 'shape') == 'a white circle on the right'
     before = dict(colour='red', shape='circle', size='small', x=8.0, y=16.0)
     after = [dict(colour='green', shape='circle', size='small', x=10.0, y=15.0)]
-    s = data.score_edit('a small green circle on the left', before, after, 32)
+    s = sample.score_edit('a small green circle on the left', before, after, 32)
     assert s == dict(colour=True, shape=True, size=True, place=True, all=True)
     after[0]['x'] = 12.0  # 4 px off: more than a tenth of 32
-    assert not data.score_edit('a small green circle on the left', before, after, 32)['place']
+    assert not sample.score_edit('a small green circle on the left', before, after, 32)['place']
 
 def test_sample_under_torchrun(sample_ckpts, tmp_path):
     """2 processes share the batches and write every image once; rank 0 writes the grid of the first images, gathered
