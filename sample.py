@@ -1,7 +1,6 @@
 """
-Sample images from MaskGen: a release (downloaded once into the Hugging Face cache) or a checkpoint
-trained here. The samplers live on the models (maskgen.py); this file wires the command line to
-them and the PNGs, and scores the shapes quickstart (--eval).
+Sample images from MaskGen, a release (downloaded once into the Hugging Face cache) or a
+checkpoint trained here, through the samplers of maskgen.py; --eval scores the shapes quickstart.
 
 $ python sample.py "a red fox"  # MaskGen-XL VQ, its bl128 VQ tokenizer, CLIP ViT-L-14-336
 $ python sample.py --model kl-l "a red fox" "a blue car" --per_prompt 8 --seed 1
@@ -10,8 +9,8 @@ $ python sample.py --model out/shapes-maskgen --eval shapes
 $ torchrun --standalone --nproc_per_node=8 sample.py --prompts people.txt --out_dir mjhq/people
 
 Writes OUT_DIR/{prompt:05d}_{sample:02d}_s{seed}.png. Each image draws from its own generator,
-seeded by (seed, prompt, sample): it depends on those and the device, not on --batch_size,
---per_prompt or the number of processes (up to the float rounding of batch shapes).
+seeded by (seed, prompt, sample): on one device, --batch_size, --per_prompt and the number of
+processes change it only by the float rounding of batch shapes.
 References: 1) https://arxiv.org/abs/2501.07730  2) https://github.com/bytedance/1d-tokenizer
 3) DiT's sample.py and sample_ddp.py: https://github.com/facebookresearch/DiT
 """
@@ -51,64 +50,53 @@ EDIT_IMAGES = 48  # --eval edits: held-out images, each edited twice
 p = argparse.ArgumentParser(usage='python sample.py [PROMPT ...] [--model NAME_OR_CKPT] [options]',
                             description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument('prompt', nargs='*',
-               help='prompts ("" is unconditional); default: two built-in prompts')
-p.add_argument('--prompts', metavar='FILE',
-               help='a UTF-8 file of prompts, one a line (a blank line is unconditional)')
+p.add_argument('prompt', nargs='*', help='prompts ("" is unconditional); default: two built in')
+p.add_argument('--prompts', metavar='FILE', help='a UTF-8 file of prompts, one a line')
 p.add_argument('--eval', choices=['shapes', 'edits'],
-               help="score a shapes checkpoint: shapes, the suite's 120 prompts and the "
-                    "tokenizer's round trip; edits, edits of held-out images at --strength")
+               help="score a shapes checkpoint: the suite's 120 prompts and the tokenizer's "
+                    "round trip, or edits of held-out images")
 p.add_argument('--model', default='vq-xl',
-               help=f'the generator: a release {OFFICIAL}, its repo id or a file of it, or a '
-                    f'train_maskgen.py checkpoint (or its folder), which holds the rest')
-p.add_argument('--tokenizer',
-               help='another tokenizer: a name, repo id, local file or checkpoint')
-p.add_argument('--clip',
-               help='another text encoder: open_clip MODEL:PRETRAINED, a local file of '
-                    'ViT-L-14-336 weights (the releases offline), or tiny')
+               help=f'a release {OFFICIAL}, its repo id or file, or a train_maskgen.py checkpoint '
+                    f'(or its folder), which holds the rest')
+p.add_argument('--tokenizer', help='another tokenizer: a name, repo id, file or checkpoint')
+p.add_argument('--clip', help='another text encoder: open_clip MODEL:PRETRAINED, a ViT-L-14-336 '
+                              'file (the releases offline), or tiny')
 p.add_argument('--per_prompt', type=number(int, 1), default=4,
-               help='images per prompt (default 4)')
+               help='images per prompt (%(default)s)')
 p.add_argument('--seed', type=number(int, 0), default=0, help='base seed (see above)')
 p.add_argument('--sample_steps', type=number(int, 1),
                help="decoding steps (default: 16 VQ, 32 KL, or the checkpoint's)")
 p.add_argument('--guidance_scale', type=number(float, 0),
-               help="guidance scale, 1 = off (default: 12 VQ, 3 KL, or the checkpoint's)")
+               help="1 = off (default: 12 VQ, 3 KL, or the checkpoint's)")
 p.add_argument('--guidance_schedule', choices=['cosine', 'linear', 'constant'],
-               help='how guidance ramps up over the steps (default: cosine VQ, linear KL)')
+               help='its ramp over the steps (default: cosine VQ, linear KL)')
 p.add_argument('--temperature', type=number(float, 0),
                help='VQ: Gumbel noise (default 2); KL: diffusion noise (default 1)')
-p.add_argument('--sample_aes', type=number(float),
-               help='aesthetic score to condition on (default 6.5)')
-p.add_argument('--diffusion_steps', type=number(int, 1),
-               help='KL: denoising steps per token (default 100)')
+p.add_argument('--sample_aes', type=number(float), help='aesthetic score to condition on (6.5)')
+p.add_argument('--diffusion_steps', type=number(int, 1), help='KL: denoising steps (100)')
 p.add_argument('--x0_clip', type=number(float, 0),
-               help="KL: clamp the predicted x0 to +-this; 0: off, as released (default: "
-                    "the checkpoint's, 3.0 for the shapes quickstart)")
-p.add_argument('--negative', default='',
-               help='negative prompt, the unconditional branch of guidance')
+               help="KL: clamp the predicted x0 to +-this, 0: off as released (default: the "
+                    "checkpoint's)")
+p.add_argument('--negative', default='', help="negative prompt, guidance's unconditional branch")
 p.add_argument('--batch_size', type=number(int, 1), default=16,
-               help='images per forward pass, per process (default 16)')
+               help='images per forward pass, per process (%(default)s)')
 p.add_argument('--device', default='auto',
                help="auto (this process's GPU, else the CPU), cpu, cuda, cuda:1, mps")
 p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
                help='autocast dtype (auto: bfloat16 on a GPU or with --weights_dtype bfloat16)')
 p.add_argument('--weights_dtype', default='float32', choices=['float32', 'bfloat16'],
-               help='the weights\' dtype: bfloat16 halves their memory and computes in '
-                    'bfloat16, fast on a CPU with bfloat16 instructions (TUNING.md)')
+               help='bfloat16: half the memory, fast on CPUs with bfloat16 units (TUNING.md)')
 p.add_argument('--compile', default='off', choices=['on', 'off'],
                help='torch.compile the blocks, worth it for thousands of images')
 p.add_argument('--out_dir', default='samples', help='a new or empty folder')
-p.add_argument('--grid', metavar='FILE',
-               help='also save the first 64 images as one picture, a row per prompt')
-p.add_argument('--image', metavar='FILE',
-               help="start from this image (centre-cropped): its tokens, a share --strength "
-                    "of them drawn anew under each prompt")
+p.add_argument('--grid', metavar='FILE', help='also save the first 64 images, a row per prompt')
+p.add_argument('--image', metavar='FILE', help="start from this image's tokens (centre crop)")
 p.add_argument('--strength', type=number(float, 0, 1), default=DEFAULT_STRENGTH,
-               help=f"with --image: the share of its tokens drawn anew, 0 (a reconstruction) "
-                    f"to 1 (the image ignored); default {DEFAULT_STRENGTH}")
+               help="with --image: the share of its tokens drawn anew, 0 (a reconstruction) "
+                    "to 1 (the image ignored); default %(default)s")
 p.add_argument('--remask', choices=['random', 'likelihood'],
-               help="with --image: which tokens to draw anew: at random, or (VQ) the least "
-                    "likely under the prompt (default: likelihood VQ, random KL)")
+               help="with --image: draw anew random tokens or (VQ) the least likely under the "
+                    "prompt (default: likelihood VQ, random KL)")
 
 # -----------------------------------------------------------------------------
 # the shapes suite (--eval): the objects of an image, read back, scored against its caption
@@ -139,10 +127,9 @@ def _components(mask):
     return comps
 
 def detect_shapes(img):
-    """uint8 (H, W, 3), a shapes image drawn or generated -> its objects, largest first:
-    dicts of colour, shape, size ('small' / 'large'), x, y (the centre, in pixels of img).
-    An object is a 4-connected region of one colour (the nearest of grey and the palette);
-    a median filter, an opening and SHAPES_MIN_AREA see through blur and noise."""
+    """uint8 (H, W, 3) -> its objects, largest first: dicts of colour, shape, size ('small' /
+    'large'), centre x, y in pixels of img. An object: a 4-connected region of one colour (the
+    nearest of grey and the palette), after a median filter and an opening."""
     img = Image.fromarray(np.asarray(img, dtype=np.uint8))
     w, h = img.size
     if img.size != (64, 64):  # one scale for filters and areas (3x3 would erase a 32 px tip)
@@ -195,8 +182,8 @@ def classify_shapes(img):
 _OBJECT = rf"a (?:(small|large) )?({'|'.join(SHAPES_COLOURS)}) ({'|'.join(SHAPES_KINDS)})"
 
 def parse_shapes_caption(caption):
-    """A caption of shapes_sample -> ([(colour, shape, size or None)] of its objects, side or
-    None, relation or None); ValueError for any other text."""
+    """-> ([(colour, shape, size or None)] of its objects, side or None, relation or None);
+    ValueError for text that shapes_sample does not write."""
     m = re.fullmatch(rf"{_OBJECT}(?: on the (left|right))?", caption)
     if m:
         return [(m[2], m[3], m[1])], m[4], None
@@ -206,7 +193,6 @@ def parse_shapes_caption(caption):
     return [(m[2], m[3], m[1]), (m[6], m[7], m[5])], None, m[4]
 
 def shapes_category(caption):
-    """'two' objects, else 'side' if it says one, else 'size' if said, else 'single'."""
     objects, side, relation = parse_shapes_caption(caption)
     if relation:
         return 'two'
@@ -217,21 +203,22 @@ def shapes_category(caption):
     return 'single'
 
 def _find(objects, colour, shape, other=None):
-    """The object for "a {colour} {shape}": the largest of both, else of that colour."""
+    # the object for "a {colour} {shape}": the largest of both, else of that colour
     same = [o for o in objects if o['colour'] == colour and o is not other]
     exact = [o for o in same if o['shape'] == shape]
     return (exact + same + [None])[0]
 
+# an empty image, scored
+_EMPTY = dict(colour=None, shape=None, size=None, x=np.nan, y=np.nan)
+
 def score_shapes(caption, objects, size):
-    """An image's objects (size x size px) against its caption -> {check: bool or None (not
-    made), 'all'}. One object: the largest's colour, shape, size and side if said. Two:
-    'colours' (one of each), 'objects' (of its shape too), 'size', 'relation' (both found)."""
+    """An image's objects (size x size px) against its caption -> {check: bool, or None where
+    not made, 'all'}. One object: the largest's colour, shape, and size and side if said. Two:
+    'colours' (one of each found), 'objects' (of its shape too), 'size', 'relation'."""
     wanted, side, relation = parse_shapes_caption(caption)
     if len(wanted) == 1:
         colour, shape, scale = wanted[0]
-        o = dict(colour=None, shape=None, size=None, x=np.nan)  # an empty image
-        if objects:
-            o = objects[0]
+        o = (objects + [_EMPTY])[0]
         checks = dict(colour=o['colour'] == colour, shape=o['shape'] == shape)
         if scale:
             checks['size'] = o['size'] == scale
@@ -273,12 +260,10 @@ def edit_caption(caption, word):
     return text
 
 def score_edit(caption, before, objects, size):
-    """An edited image's objects against the edited caption and the object it came from:
-    colour and shape the caption's, size and place (within a tenth of the side) kept."""
+    """An edited image's objects: colour and shape the edited caption's, size and place (within
+    a tenth of the side) those of the object `before`."""
     [(colour, shape, _)], _, _ = parse_shapes_caption(caption)
-    o = dict(colour=None, shape=None, size=None, x=np.inf, y=np.inf)  # an empty image
-    if objects:
-        o = objects[0]
+    o = (objects + [_EMPTY])[0]
     near = abs(o['x'] - before['x']) <= size / 10 and abs(o['y'] - before['y']) <= size / 10
     checks = dict(colour=o['colour'] == colour, shape=o['shape'] == shape,
                   size=o['size'] == before['size'], place=bool(near))
@@ -304,8 +289,8 @@ def shapes_scores(captions, detections, size):
     return scores
 
 def shapes_variety(detections, size):
-    """Of the largest objects of images -> {'small': the share small, 'std_x', 'std_y': the
-    spread of their centres / the side, 'n'}."""
+    """Of the images' largest objects -> the share 'small', the spread 'std_x', 'std_y' of
+    their centres / the side, 'n'."""
     largest = [objects[0] for objects in detections if objects]
     if not largest:
         return dict(small=None, std_x=None, std_y=None, n=0)
@@ -314,8 +299,7 @@ def shapes_variety(detections, size):
                 std_y=float(np.std([o['y'] for o in largest]) / size), n=len(largest))
 
 def shapes_data_variety(size, n=5000):
-    """shapes_variety of the data's own "a {colour} {shape}" images among the first n, the
-    suite's reference (~940 images: the share small to +-0.015, one standard error)."""
+    # the reference: the data's ~940 "a {colour} {shape}" among n (the share small to +-0.015)
     detections = []
     for i in range(n):
         img, caption = shapes_sample(i, size)
@@ -347,11 +331,10 @@ def load_models(args, device):
     t, g = tok.config, config
     ours = (g.num_tokens, g.quantize, g.text_embed_dim, te.width, te.context_length)
     if ours != (t.num_latent_tokens, t.quantize, te.width, t.text_embed_dim, t.text_context_length):
-        raise UserError(f"these do not fit together: a tokenizer of {t.num_latent_tokens} "
-                        f"{t.quantize} tokens reading {t.text_context_length} x "
-                        f"{t.text_embed_dim} text features, a generator of {g.num_tokens} "
-                        f"{g.quantize} tokens reading width {g.text_embed_dim}, a text encoder "
-                        f"of {te.context_length} x {te.width}")
+        raise UserError(f"these do not fit together: tokenizer {t.num_latent_tokens} {t.quantize} "
+                        f"tokens, text {t.text_context_length} x {t.text_embed_dim}; generator "
+                        f"{g.num_tokens} {g.quantize} tokens, text width {g.text_embed_dim}; text "
+                        f"encoder {te.context_length} x {te.width}")
     gen.eval()  # important!
     return gen.to(device), tok.to(device), te.to(device), sampling
 
@@ -366,7 +349,7 @@ def read_prompts(args):
         return args.prompt or DEFAULT_PROMPTS
     try:
         with open(args.prompts, encoding='utf-8') as f:
-            prompts = f.read().splitlines()
+            prompts = f.read().splitlines()  # a blank line: unconditional
     except (OSError, UnicodeDecodeError) as e:
         p.error(f"cannot read the prompts file: {e}")
     if not prompts:
@@ -374,33 +357,28 @@ def read_prompts(args):
     return prompts
 
 def check_out_dir(args):
-    """A new or empty --out_dir (never two runs' images mixed), a --grid outside it: checked
-    before anything is loaded or drawn."""
+    # before anything loads: never two runs' images in one folder, nor the grid among them
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
-        raise UserError(f"--out_dir {args.out_dir} is not empty (an earlier run's images?): "
-                        f"choose another folder")
+        raise UserError(f"--out_dir {args.out_dir} is not empty: choose another folder")
     if args.grid:
         folder = os.path.dirname(args.grid) or '.'
         if os.path.abspath(folder) == os.path.abspath(args.out_dir):
-            raise UserError("--grid goes outside --out_dir, which holds the samples only "
-                            "(fid.py reads every image there)")
-        writable = os.path.isdir(folder) and os.access(folder, os.W_OK)
-        if os.path.exists(args.grid) or not writable:
-            raise UserError(f"--grid {args.grid}: a new file in an existing, writable folder "
-                            f"is wanted")
+            raise UserError("--grid goes outside --out_dir (fid.py reads every image there)")
+        if os.path.exists(args.grid) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise UserError(f"--grid {args.grid}: a new file in a writable folder is wanted")
     make_out_dir(args.out_dir)
 
 def crop(img, size):
     """-> (1, 3, size, size) in [0, 1]: the shorter side resized to `size`, centre-cropped."""
     if min(img.size) < size / 2:
         p.error(f"--image is {img.size[0]}x{img.size[1]}, under half the tokenizer's {size} px: "
-                f"upscaled that much, its tokens would describe blur")
+                f"its tokens would describe blur")
     x = torch.from_numpy(resize_crop(img, size).copy())  # (size, size, 3) uint8
     return x.permute(2, 0, 1)[None].float() / 255
 
 def keep_tokens(gen, init, feats, aes, strength, remask, generators):
-    """Which of the start tokens init (B, N) each image keeps -> (B, N): all but
-    round(strength N), drawn anew at random or where least likely under the prompt."""
+    """-> bool (B, N): which tokens of init (B, N) each image keeps, all but round(strength N),
+    drawn anew at random or where least likely under the prompt."""
     n = round(strength * gen.config.num_tokens)
     if remask == 'likelihood':
         return gen.least_likely(init, feats['tokens'], feats['pooled'], aes, n)
@@ -420,36 +398,42 @@ def to_uint8(x):
     x = (x.float().clamp(0, 1) * 255).to(torch.uint8)  # truncated, as the release
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
+def draw(gen, tok, feats, null, sampling, generators, args, init=None, callback=None):
+    """-> uint8 (B, H, W, 3): the prompts' images, or init's tokens (B, N...) redrawn in part."""
+    start = None
+    if init is not None:
+        keep = keep_tokens(gen, init, feats, sampling.aes, args.strength, args.remask,
+                           generators)
+        start = (init, keep)
+    tokens = gen.generate(prompt_inputs(feats, null), sampling, seed=generators, start=start,
+                          callback=callback)
+    return to_uint8(tok.decode_tokens(tokens, feats['guidance']))
+
 def edits_report(gen, tok, te, sampling, args, device):
-    """--eval edits: EDIT_IMAGES held-out images of one object on the left or right, each
-    drawn with its colour word changed and, apart, its shape word -> lines, JSON last."""
+    """--eval edits: held-out images of one object on the left or right, each drawn with its
+    colour word changed and, apart, its shape word -> lines, JSON last."""
     size = tok.config.image_size
     pairs = [shapes_sample(i, size, 'val', max_objects=1) for i in range(4 * EDIT_IMAGES)]
     pairs = [(img, cap) for img, cap in pairs if ' on the ' in cap][:EDIT_IMAGES]
-    images = np.stack([np.asarray(img) for img, _ in pairs])
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W)
-    captions = [cap for _, cap in pairs]
-    start = encode(tok, images.to(device))  # (n, N) or (n, N, C)
-    recon = tok.decode_tokens(start, te(captions)['guidance']).float().clamp(0, 1).cpu()
-    mse = ((recon * 255).round() / 255 - images).pow(2).mean((1, 2, 3))
+    images, captions = zip(*pairs)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W)
+    start = encode(tok, x.to(device))  # (n, N) or (n, N, C)
+    recon = tok.decode_tokens(start, te(list(captions))['guidance']).float().clamp(0, 1).cpu()
+    mse = ((recon * 255).round() / 255 - x).pow(2).mean((1, 2, 3))
     psnr = -10 * torch.log10(mse).mean().item()
-    truth = [detect_shapes(np.asarray(img))[0] for img, _ in pairs]
+    truth = [detect_shapes(np.asarray(img))[0] for img in images]
     null = te([''])
+    rows = [(k, j) for k in range(len(pairs)) for j in range(args.per_prompt)]
     results = {}
     for edit in ('colour', 'shape'):
         edited = [edit_caption(cap, edit) for cap in captions]
-        rows = [(k, j) for k in range(len(pairs)) for j in range(args.per_prompt)]
         checks = []
         for b in range(0, len(rows), args.batch_size):
             batch = rows[b:b + args.batch_size]
             feats = te([edited[k] for k, _ in batch])
             generators = image_generators(args.seed, batch, device)
-            init = start[[k for k, _ in batch]]
-            keep = keep_tokens(gen, init, feats, sampling.aes, args.strength, args.remask,
-                               generators)
-            tokens = gen.generate(prompt_inputs(feats, null), sampling, seed=generators,
-                                  start=(init, keep))
-            drawn = to_uint8(tok.decode_tokens(tokens, feats['guidance']))
+            drawn = draw(gen, tok, feats, null, sampling, generators, args,
+                         start[[k for k, _ in batch]])
             for (k, _), img in zip(batch, drawn):
                 checks.append(score_edit(edited[k], truth[k], detect_shapes(img), size))
         results[edit] = {key: float(np.mean([c[key] for c in checks])) for key in checks[0]}
@@ -463,9 +447,9 @@ def edits_report(gen, tok, te, sampling, args, device):
     return lines
 
 def round_trip(tok, te, device):
-    """The tokenizer alone, the ceiling of what the generator can draw, on held-out images
-    (KL: the posterior mean) -> {'psnr' of the 8-bit reconstructions, 'pairs_objects': the
-    share of pairs that keep both objects, 'lone_shape': of lone objects their shape, counts}."""
+    """The tokenizer alone (KL: the posterior mean) on held-out images, the ceiling of what the
+    generator can draw -> the 'psnr' of the 8-bit reconstructions, the share of pairs that keep
+    both objects 'pairs_objects', of lone objects that keep their shape 'lone_shape', counts."""
     size = tok.config.image_size
     held_out = [shapes_sample(i, size, 'val') for i in range(ROUND_TRIP_IMAGES)]
     images, captions = zip(*held_out)
@@ -488,13 +472,12 @@ def round_trip(tok, te, device):
     return dict(psnr=psnr.mean().item(), pairs_objects=float(np.mean(pairs)), pairs_n=len(pairs),
                 lone_shape=float(np.mean(lone)), lone_n=len(lone), n=len(captions))
 
-def _num(share):
-    """A share in the report: 3 decimals, or '-' where no image could be judged."""
+def _num(share):  # '-' where no image could be judged
     return '-' if share is None else f"{share:.3f}"
 
 def shapes_report(captions, detections, size, tokenizer):
-    """--eval shapes: the scores by category, the variety of the "a {colour} {shape}" images
-    against the data's, the tokenizer's round trip -> lines, then every number as JSON."""
+    """--eval shapes: the scores by category, the variety of "a {colour} {shape}" against the
+    data's, the tokenizer's round trip -> lines, then every number as JSON."""
     s = shapes_scores(captions, detections, size)
     singles = [d for c, d in zip(captions, detections) if shapes_category(c) == 'single']
     s['variety'] = {**shapes_variety(singles, size), 'data': shapes_data_variety(size)}
@@ -522,13 +505,12 @@ def main(argv=None):
     run_main(sample, p.parse_args(argv), UserError)
 
 def sample(args, state):
-    master = os.environ.get('RANK', '0') == '0'  # torchrun, or one process
     if args.eval and int(os.environ.get('WORLD_SIZE', 1)) > 1:
         p.error("--eval runs on one process, not under torchrun")
     prompts = read_prompts(args)
-    picture = None
     if args.image and args.eval:
         p.error("--eval draws its own images: give no --image with it")
+    picture = None
     if args.image:
         try:
             picture = open_image(args.image, f"--image {args.image}")
@@ -549,11 +531,10 @@ def sample(args, state):
     except DownloadError as e:  # all that a release needs, and the way round it offline
         preset = MASKGEN_PRESETS.get(args.model, MASKGEN_PRESETS['vq-xl'])
         tok_repo = TATITOK_PRESETS[preset['tokenizer']]['repo']
-        raise UserError(f"{e} sample.py --model {args.model} needs {preset['repo']}, {tok_repo} "
-                        f"and timm/vit_large_patch14_clip_336.openai (CLIP), downloaded once "
-                        f"into the Hugging Face cache. Offline, pass local files (--model FILE "
-                        f"--tokenizer FILE --clip FILE) or a checkpoint trained here (--model "
-                        f"out/shapes-maskgen).") from None
+        raise UserError(f"{e} --model {args.model} needs {preset['repo']}, {tok_repo} and "
+                        f"timm/vit_large_patch14_clip_336.openai (CLIP) in the Hugging Face "
+                        f"cache. Offline: --model FILE --tokenizer FILE --clip FILE, or a "
+                        f"checkpoint trained here (--model out/shapes-maskgen).") from None
     flags = dict(num_steps=args.sample_steps, guidance_scale=args.guidance_scale,
                  temperature=args.temperature, guidance_schedule=args.guidance_schedule,
                  aes=args.sample_aes, diffusion_steps=args.diffusion_steps, x0_clip=args.x0_clip)
@@ -562,8 +543,7 @@ def sample(args, state):
         sampling.x0_clip = None
     kl = gen.config.quantize == 'kl'
     if args.remask == 'likelihood' and kl and (args.image or args.eval == 'edits'):
-        p.error("--remask likelihood needs a VQ generator (KL tokens have no likelihood to rank): "
-                "--remask random")
+        p.error("--remask likelihood needs a VQ generator (KL tokens have no likelihood)")
     if args.remask is None:
         args.remask = 'random' if kl else 'likelihood'
     if args.eval == 'edits':
@@ -581,6 +561,7 @@ def sample(args, state):
     with warnings.catch_warnings(record=True) as caught:  # prompts over 77 CLIP tokens
         warnings.simplefilter('always')
         ids = te.tokenize(prompts)  # (P, 77), once for all prompts
+    master = rank == 0
     for w in caught if master else []:
         print(f"warning: {w.message}", file=sys.stderr)
     n = args.per_prompt
@@ -603,16 +584,10 @@ def sample(args, state):
                 images = list(range(b * bs, min(total, (b + 1) * bs)))
                 feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
                 generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
-                given = None
+                init = None if start is None else start.expand(len(images), *start.shape[1:])
                 with autocast(device, dtype):
-                    if start is not None:  # the image's tokens, a share --strength drawn anew
-                        init = start.expand(len(images), *start.shape[1:])
-                        keep = keep_tokens(gen, init, feats, sampling.aes, args.strength,
-                                           args.remask, generators)
-                        given = (init, keep)
-                    tokens = gen.generate(prompt_inputs(feats, null), sampling, seed=generators,
-                                          start=given, callback=lambda *a: bar.update())
-                    decoded = to_uint8(tok.decode_tokens(tokens, feats['guidance']))
+                    decoded = draw(gen, tok, feats, null, sampling, generators, args, init,
+                                   callback=lambda *a: bar.update())
                 for i, img in zip(images, decoded):
                     name = f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"
                     paths.append(os.path.join(args.out_dir, name))
