@@ -258,7 +258,7 @@ def two_or_more(images, where):
     return images
 
 def uint8_images(arr, path, max_images):
-    """arr_0 of an .npz -> uint8 (H, W, 3) arrays; what the docstring does not list is refused"""
+    # arr_0 -> uint8 (H, W, 3) arrays; what the module docstring does not list is refused
     if arr.ndim == 3:  # (N, H, W) grey
         arr = arr[..., None]
     if arr.ndim == 4 and arr.shape[-1] not in (1, 3) and arr.shape[1] in (1, 3):  # (N, C, H, W)
@@ -306,7 +306,8 @@ def load_input(path, max_images):
             raise UserError(f"{path}: the statistics hold NaN or inf")
         return 'stats', (mu, sigma, str(data.get('resize', '')))
     if 'arr_0' not in data:
-        raise UserError(f"{path}: neither statistics (mu, sigma) nor images (arr_0): {sorted(data)}")
+        raise UserError(f"{path}: neither statistics (mu, sigma) nor images (arr_0): "
+                        f"{sorted(data)}")
     return 'images', uint8_images(data['arr_0'], path, max_images)
 
 def read_rgb(src):

@@ -8,9 +8,8 @@ $ python sample.py --model out/shapes-maskgen "a red circle" "a blue square abov
 $ python sample.py --model out/shapes-maskgen --eval shapes
 $ torchrun --standalone --nproc_per_node=8 sample.py --prompts people.txt --out_dir mjhq/people
 
-Writes OUT_DIR/{prompt:05d}_{sample:02d}_s{seed}.png. Each image draws from its own generator,
-seeded by (seed, prompt, sample): on one device, --batch_size, --per_prompt and the number of
-processes change it only by the float rounding of batch shapes.
+Writes OUT_DIR/{prompt:05d}_{sample:02d}_s{seed}.png, each image from a generator seeded by (seed,
+prompt, sample): --batch_size, --per_prompt and processes change it only by float rounding.
 References: 1) https://arxiv.org/abs/2501.07730  2) https://github.com/bytedance/1d-tokenizer
 3) DiT's sample.py and sample_ddp.py: https://github.com/facebookresearch/DiT
 """
@@ -101,7 +100,7 @@ p.add_argument('--remask', choices=['random', 'likelihood'],
 # -----------------------------------------------------------------------------
 # the shapes suite (--eval): the objects of an image, read back, scored against its caption
 
-# a drawn object covers ~150 px or more of a 64 px image (a pair's small triangle: half of
+# px at 64x64: a drawn object covers ~150 or more (a pair's small triangle: half of
 # (2 * 0.18 * 64)^2, less the opening's trim); less is blur, or a blend of two colours
 SHAPES_MIN_AREA = 75
 
@@ -212,9 +211,9 @@ def _find(objects, colour, shape, other=None):
 _EMPTY = dict(colour=None, shape=None, size=None, x=np.nan, y=np.nan)
 
 def score_shapes(caption, objects, size):
-    """An image's objects (size x size px) against its caption -> {check: bool, or None where
-    not made, 'all'}. One object: the largest's colour, shape, and size and side if said. Two:
-    'colours' (one of each found), 'objects' (of its shape too), 'size', 'relation'."""
+    """An image's objects (size x size px) against its caption -> {check: bool or None (not
+    made), 'all'}: the largest's colour, shape, size, side, or for two 'colours', 'objects'
+    (their shapes too), 'size', 'relation'."""
     wanted, side, relation = parse_shapes_caption(caption)
     if len(wanted) == 1:
         colour, shape, scale = wanted[0]
@@ -271,8 +270,8 @@ def score_edit(caption, before, objects, size):
     return checks
 
 def shapes_scores(captions, detections, size):
-    """-> {category: {check: the share of its images that pass, 'n': its images}}; 'relation'
-    is of the 'relation_n' images where both colours are found."""
+    """-> {category: {check: the share of its images that pass, 'n', 'relation_n': of those
+    where the relation was judged}}."""
     checks = {}  # category -> check -> [bool or None per image]
     for caption, objects in zip(captions, detections):
         category = checks.setdefault(shapes_category(caption), {})
@@ -289,8 +288,7 @@ def shapes_scores(captions, detections, size):
     return scores
 
 def shapes_variety(detections, size):
-    """Of the images' largest objects -> the share 'small', the spread 'std_x', 'std_y' of
-    their centres / the side, 'n'."""
+    # of the images' largest objects: the share small, the std of centres / side, their number
     largest = [objects[0] for objects in detections if objects]
     if not largest:
         return dict(small=None, std_x=None, std_y=None, n=0)
@@ -311,7 +309,7 @@ def shapes_data_variety(size, n=5000):
 # models, prompts, the output folder, --image
 
 def load_models(args, device):
-    """-> generator, tokenizer, text encoder (eval mode, on device), sampling defaults."""
+    # -> generator, tokenizer, text encoder (in eval mode, on device), sampling defaults
     dtype = DTYPES[args.weights_dtype]
     path, ck = read_weights(args.model, MASKGEN_PRESETS, dtype)
     gen = MaskGen.from_pretrained((path, ck), dtype)
@@ -343,7 +341,7 @@ def read_prompts(args):
         p.error("--eval draws its own prompts: give no prompts with it")
     if args.prompt and args.prompts:
         p.error("give prompts on the command line or --prompts FILE, not both")
-    if args.eval:  # (edits draws its own images, and these prompts are not read)
+    if args.eval:  # (edits does not read them)
         return [prompt for category in SHAPES_SUITE.values() for prompt in category]
     if not args.prompts:
         return args.prompt or DEFAULT_PROMPTS
@@ -369,7 +367,7 @@ def check_out_dir(args):
     make_out_dir(args.out_dir)
 
 def crop(img, size):
-    """-> (1, 3, size, size) in [0, 1]: the shorter side resized to `size`, centre-cropped."""
+    # -> (1, 3, size, size) in [0, 1], the centre crop of the shorter side resized to size
     if min(img.size) < size / 2:
         p.error(f"--image is {img.size[0]}x{img.size[1]}, under half the tokenizer's {size} px: "
                 f"its tokens would describe blur")
@@ -377,8 +375,7 @@ def crop(img, size):
     return x.permute(2, 0, 1)[None].float() / 255
 
 def keep_tokens(gen, init, feats, aes, strength, remask, generators):
-    """-> bool (B, N): which tokens of init (B, N) each image keeps, all but round(strength N),
-    drawn anew at random or where least likely under the prompt."""
+    # -> bool (B, N): what each image keeps of init (B, N), all but round(strength N) tokens
     n = round(strength * gen.config.num_tokens)
     if remask == 'likelihood':
         return gen.least_likely(init, feats['tokens'], feats['pooled'], aes, n)
@@ -389,7 +386,7 @@ def keep_tokens(gen, init, feats, aes, strength, remask, generators):
     return keys.argsort(-1).argsort(-1) >= n  # the n smallest keys are drawn anew
 
 def encode(tok, images):
-    """The tokens an edit starts from: VQ ids (B, N), KL the posterior mean (B, N, C)."""
+    # the tokens an edit starts from: VQ ids (B, N), KL the posterior mean (B, N, C)
     if tok.config.quantize == 'vq':
         return tok.encode(images)
     return tok.encode(images, sample=False)
@@ -399,7 +396,7 @@ def to_uint8(x):
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 def draw(gen, tok, feats, null, sampling, generators, args, init=None, callback=None):
-    """-> uint8 (B, H, W, 3): the prompts' images, or init's tokens (B, N...) redrawn in part."""
+    # -> uint8 (B, H, W, 3): the prompts' images, or init's tokens (B, N...) redrawn in part
     start = None
     if init is not None:
         keep = keep_tokens(gen, init, feats, sampling.aes, args.strength, args.remask,
@@ -410,8 +407,8 @@ def draw(gen, tok, feats, null, sampling, generators, args, init=None, callback=
     return to_uint8(tok.decode_tokens(tokens, feats['guidance']))
 
 def edits_report(gen, tok, te, sampling, args, device):
-    """--eval edits: held-out images of one object on the left or right, each drawn with its
-    colour word changed and, apart, its shape word -> lines, JSON last."""
+    """--eval edits: held-out images of one object on a side, each drawn with its colour word
+    changed and, apart, its shape word -> lines, JSON last."""
     size = tok.config.image_size
     pairs = [shapes_sample(i, size, 'val', max_objects=1) for i in range(4 * EDIT_IMAGES)]
     pairs = [(img, cap) for img, cap in pairs if ' on the ' in cap][:EDIT_IMAGES]
@@ -447,9 +444,8 @@ def edits_report(gen, tok, te, sampling, args, device):
     return lines
 
 def round_trip(tok, te, device):
-    """The tokenizer alone (KL: the posterior mean) on held-out images, the ceiling of what the
-    generator can draw -> the 'psnr' of the 8-bit reconstructions, the share of pairs that keep
-    both objects 'pairs_objects', of lone objects that keep their shape 'lone_shape', counts."""
+    """The tokenizer alone on held-out images (KL: the posterior mean), the generator's ceiling
+    -> 8-bit 'psnr', the share of pairs keeping both objects, of lone objects their shape."""
     size = tok.config.image_size
     held_out = [shapes_sample(i, size, 'val') for i in range(ROUND_TRIP_IMAGES)]
     images, captions = zip(*held_out)
@@ -477,7 +473,7 @@ def _num(share):  # '-' where no image could be judged
 
 def shapes_report(captions, detections, size, tokenizer):
     """--eval shapes: the scores by category, the variety of "a {colour} {shape}" against the
-    data's, the tokenizer's round trip -> lines, then every number as JSON."""
+    data's, the round trip -> lines, every number as JSON last."""
     s = shapes_scores(captions, detections, size)
     singles = [d for c, d in zip(captions, detections) if shapes_category(c) == 'single']
     s['variety'] = {**shapes_variety(singles, size), 'data': shapes_data_variety(size)}
@@ -504,6 +500,7 @@ def shapes_report(captions, detections, size, tokenizer):
 def main(argv=None):
     run_main(sample, p.parse_args(argv), UserError)
 
+@torch.no_grad()
 def sample(args, state):
     if args.eval and int(os.environ.get('WORLD_SIZE', 1)) > 1:
         p.error("--eval runs on one process, not under torchrun")
@@ -528,7 +525,7 @@ def sample(args, state):
     on_rank0(lambda: check_out_dir(args), world, (UserError,))  # rank 0 decides for all
     try:
         gen, tok, te, sampling = load_models(args, device)
-    except DownloadError as e:  # all that a release needs, and the way round it offline
+    except DownloadError as e:  # what a release needs, and the way round offline
         preset = MASKGEN_PRESETS.get(args.model, MASKGEN_PRESETS['vq-xl'])
         tok_repo = TATITOK_PRESETS[preset['tokenizer']]['repo']
         raise UserError(f"{e} --model {args.model} needs {preset['repo']}, {tok_repo} and "
@@ -547,13 +544,12 @@ def sample(args, state):
     if args.remask is None:
         args.remask = 'random' if kl else 'likelihood'
     if args.eval == 'edits':
-        with torch.no_grad(), autocast(device, dtype):
+        with autocast(device, dtype):
             print('\n'.join(edits_report(gen, tok, te, sampling, args, device)))
         return
     start = None  # --image: the tokens every image starts from
     if picture is not None:
-        with torch.no_grad():
-            start = encode(tok, crop(picture, tok.config.image_size).to(device))
+        start = encode(tok, crop(picture, tok.config.image_size).to(device))
     if args.compile == 'on':  # the blocks only: generate() is a loop of changing shapes
         for m in list(gen.modules()) + list(tok.decoder.modules()):
             if type(m).__name__ in ('JointBlock', 'SimpleMLPAdaLN', 'Block'):
@@ -578,24 +574,23 @@ def sample(args, state):
         f"interrupted: {sum(f.endswith('.png') for f in os.listdir(args.out_dir))} images "
         f"written to {args.out_dir}/")
     try:
-        with torch.no_grad():
-            null = te([args.negative])  # once; CLIP in fp32, as trained
-            for b in mine:
-                images = list(range(b * bs, min(total, (b + 1) * bs)))
-                feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
-                generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
-                init = None if start is None else start.expand(len(images), *start.shape[1:])
-                with autocast(device, dtype):
-                    decoded = draw(gen, tok, feats, null, sampling, generators, args, init,
-                                   callback=lambda *a: bar.update())
-                for i, img in zip(images, decoded):
-                    name = f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"
-                    paths.append(os.path.join(args.out_dir, name))
-                    written.append(writer.submit(save_png, img, paths[-1]))
-                    if i < 64 or (start is not None and i % n < 8):
-                        shown[i] = img
-                    if args.eval:
-                        results.append(detect_shapes(img))
+        null = te([args.negative])  # once; CLIP in fp32, as trained
+        for b in mine:
+            images = list(range(b * bs, min(total, (b + 1) * bs)))
+            feats = te(ids[[i // n for i in images]])  # CLIP once per image, not per step
+            generators = image_generators(args.seed, [(i // n, i % n) for i in images], device)
+            init = None if start is None else start.expand(len(images), *start.shape[1:])
+            with autocast(device, dtype):
+                decoded = draw(gen, tok, feats, null, sampling, generators, args, init,
+                               callback=lambda *a: bar.update())
+            for i, img in zip(images, decoded):
+                name = f"{i // n:05d}_{i % n:02d}_s{args.seed}.png"
+                paths.append(os.path.join(args.out_dir, name))
+                written.append(writer.submit(save_png, img, paths[-1]))
+                if i < 64 or (start is not None and i % n < 8):
+                    shown[i] = img
+                if args.eval:
+                    results.append(detect_shapes(img))
         for f in written:  # every image written (an error in the writer surfaces here)
             f.result()
     except BaseException:  # an interrupt: the PNG being written is finished, the rest dropped
@@ -621,14 +616,14 @@ def sample(args, state):
         save_png(make_grid(np.stack(grid), ncol=min(n, 8)), args.grid)
         print(f"grid of the first {len(grid)}: {args.grid}")
     for k, samples in strips.items():  # --image: the input, its reconstruction, the samples
-        with torch.no_grad(), autocast(device, dtype):
+        with autocast(device, dtype):
             recon = to_uint8(tok.decode_tokens(start, te([prompts[k]])['guidance']))[0]
         row = [to_uint8(crop(picture, tok.config.image_size))[0], recon, *samples]
         path = os.path.join(args.out_dir, f"strip_{k:05d}.png")
         save_png(make_grid(np.stack(row), ncol=len(row)), path)
         print(f"input, reconstruction, samples: {path}")
     if args.eval:
-        with torch.no_grad(), autocast(device, dtype):
+        with autocast(device, dtype):
             tokenizer = round_trip(tok, te, device)
         captions = [prompts[i // n] for i in range(len(results))]
         print('\n'.join(shapes_report(captions, results, tok.config.image_size, tokenizer)))
