@@ -1,26 +1,23 @@
 """
-Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok:
-masked token modeling (VQ) or a per-token diffusion loss (KL), each with its
-official recipe. The loss is the model's own forward (maskgen.py); this script
-feeds it and steps the optimizer.
+Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked token
+modeling (VQ) or a per-token diffusion loss (KL), each with its official recipe. The loss is the
+model's own forward (maskgen.py); this script feeds it and steps the optimizer.
 
 $ python train_maskgen.py --preset shapes  # CPU quickstart, on out/shapes-tokenizer
 $ python train_maskgen.py --preset shapes --tokens kl  # the same, KL
-At scale, pretokenize the images once (data.py pretokenize --tokenizer kl32 --out_dir
-tokens/kl32), then:
+At scale, pretokenize the images once (data.py pretokenize --tokenizer kl32 --out_dir tokens/kl32):
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32  # stage 1
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32 --stage 2 \\
     --data tokens-hq/kl32 --init_from out/maskgen-kl32-xl
-The global batch is fixed, so 1 GPU and 8 train the same model. A killed run
-continues with the same command plus --resume. --out_dir gets ckpt.pt (with all
-that sample.py needs: the tokenizer, the text encoder's spec, the sampling
-settings), metrics.jsonl and samples_STEP.png.
+The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues with the
+same command plus --resume. --out_dir gets ckpt.pt (all sample.py needs), metrics.jsonl and
+samples_STEP.png.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (scripts/train_maskgen.py,
    modeling/maskgen.py, configs/training/MaskGen/*.yaml)
-3) nanoGPT's and DiT's train.py, whose shape this file follows
+3) nanoGPT's and DiT's train.py, this file's shape
 """
 import argparse
 import copy
@@ -45,11 +42,9 @@ from runtime import (get_lr, all_gather_objects, number, add_system_flags, to_de
                      OFFICIAL_TOKENS)
 
 # -----------------------------------------------------------------------------
-# recipes and flags: a flag left unset takes its recipe's value. official: the
-# release's configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs
-# assumed); shapes: the CPU quickstart, 32 px (all of aesthetic score 6.0),
-# sampled on the 24 prompts "a {colour} {shape}", 8 minutes on 2 cores
-# (TUNING.md has the measurements); tiny: tests
+# recipes: a flag left unset takes its recipe's value. official: the release's
+# configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs assumed); shapes: the
+# CPU quickstart (TUNING.md), sampled on the prompts "a {colour} {shape}"; tiny: the tests
 
 NAMES = [(r, q) for r in ('official', 'shapes', 'tiny') for q in ('vq', 'kl')]
 TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
@@ -77,7 +72,7 @@ TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
 RECIPES = {name: {k: v[i] for k, v in TABLE.items()} for i, name in enumerate(NAMES)}
 STAGE2 = {'vq': dict(lr=1e-4, max_steps=250_000, sample_aes=6.5),
           'kl': dict(max_steps=500_000, sample_aes=6.5)}
-SAMPLE_PROMPTS = [  # of the official runs' sample grids (feel free to change)
+SAMPLE_PROMPTS = [  # the official recipes' sample grid (feel free to change)
     "A photo of a red fox sitting in the snow, golden hour",
     "A bowl of ramen with a soft-boiled egg, studio lighting",
     "An astronaut riding a horse on the moon, digital art",
@@ -96,26 +91,24 @@ def get_args(argv=None):
     m.add_argument('--size', choices=['tiny', 'l', 'xl'],
                    help="MaskGen-L, -XL, or tiny (the tests); default: the preset's")
     m.add_argument('--tokenizer',
-                   help="the frozen tokenizer: a train_tokenizer.py checkpoint (file or "
-                        "folder), an official name or repo id; default: the --tokens "
-                        "release, or the preset's, out/<preset>-tokenizer")
+                   help="a train_tokenizer.py checkpoint (file or folder), an official name or "
+                        "repo id; default: the --tokens release, or out/<preset>-tokenizer")
     m.add_argument('--clip',
-                   help="text encoder: tiny, MODEL:PRETRAINED of open_clip, or a local "
-                        "weights file; default: the tokenizer's own")
+                   help="text encoder: tiny, MODEL:PRETRAINED of open_clip, or a weights "
+                        "file; default: the tokenizer's")
     m.add_argument('--stage', type=int, default=1, choices=[1, 2],
-                   help="the official recipe's stage (2: lower VQ lr, shorter, samples "
-                        "at aesthetic 6.5; --init_from stage 1)")
+                   help="the official recipe's stage (2: shorter, VQ lr lower, samples at "
+                        "aesthetic 6.5; --init_from stage 1)")
     m.add_argument('--init_from',
-                   help="start from a train_maskgen.py checkpoint or folder (EMA "
-                        "preferred), or a release (vq-l, vq-xl, kl-l, kl-xl)")
+                   help="a train_maskgen.py checkpoint or folder (its EMA), or a release "
+                        "(vq-l, vq-xl, kl-l, kl-xl) to start from")
     d = g['data']
     d.add_argument('--data',
                    help="token shards of data.py pretokenize (a folder or pattern), or "
-                        "images to encode on the fly (tar shards, a folder, shapes); "
-                        "default: tokens/<tokens>, or shapes")
+                        "images to encode on the fly; default: tokens/<tokens>, or shapes")
     d.add_argument('--pool', type=number(int, 0),
-                   help="images: encode this many once at the start and draw every batch "
-                        "from them (0: encode on the fly)")
+                   help="images: encode this many once and draw every batch from them "
+                        "(0: encode on the fly)")
     o = g['optimization']
     o.add_argument('--schedule', choices=['cosine', 'constant'],
                    help="after the warm-up (release: VQ cosine, KL constant)")
@@ -132,8 +125,7 @@ def get_args(argv=None):
     s.add_argument('--diffusion_steps', type=pos_int,
                    help="KL samples: denoising steps per token")
     s.add_argument('--x0_clip', type=pos,
-                   help="KL samples: clamp the predicted x0 to +-this (0: off, as "
-                        "released); a young diffusion head needs it")
+                   help="KL samples: clamp the predicted x0 to +-this (0: off, as released)")
     add_system_flags(p, 'generator', 'the masks, caption dropout and diffusion noise')
     args = p.parse_args(argv)
     check_tokens(p, args)
@@ -464,8 +456,6 @@ def main(args, state):
                          world)
             buckets.zero_()
             stop_if_nonfinite(bad_run.item(), args.max_nonfinite, args.out_dir, master)
-    if world > 1:
-        dist.destroy_process_group()
 
 if __name__ == '__main__':
     run_main(main, get_args(), UserError)

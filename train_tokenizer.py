@@ -142,8 +142,7 @@ class PerceptualLoss(nn.Module):
         self.register_buffer('std', view(0.229, 0.224, 0.225))
         if pretrained:
             vgg = hub_weights('vgg16-397923af.pth')
-            vgg = {k[9:]: v for k, v in vgg.items()  # 'features.I.weight', I < 30
-                   if k.startswith('features.') and int(k.split('.')[1]) < 30}
+            vgg = {k[9:]: v for k, v in vgg.items() if k.startswith('features.')}
             load_official(self.features, vgg, 'vgg16-397923af.pth')
             lin = hub_weights('vgg_lpips.pth')
             lin = {k: v for k, v in lin.items() if k.startswith('lin')}  # 'linI.model.1.weight'
@@ -483,31 +482,26 @@ def get_args(argv=None):
     d.add_argument('--data',
                    help="training images: tar shards ('d/{00000..00099}.tar'), a glob, a "
                         "folder of images with .txt captions, or shapes")
-    d.add_argument('--eval_data',
-                   help="held-out images for PSNR and grids (the same forms, or "
-                        "shapes:val); none: skip")
+    d.add_argument('--eval_data', help="held-out images (the same forms, or shapes:val), or none")
     o = g['optimization']
     o.add_argument('--encoder_lr_scale', type=number(float, 1e-9),
-                   help="the lr of the encoder and latent tokens over the rest's (release: 1)")
+                   help="the encoder's and latent tokens' lr over the rest's (release: 1)")
     out = g['output']
     out.add_argument('--eval_every', type=pos_int, help="steps between evaluations (EMA)")
     out.add_argument('--eval_images', type=pos_int, help="held-out images per evaluation")
     l = p.add_argument_group('losses')
     l.add_argument('--perceptual', choices=['lpips-convnext', 'lpips', 'none'],
-                   help="LPIPS (VGG16) + ConvNeXt-S logit MSE (the release's), LPIPS "
-                        "only, or none")
+                   help="LPIPS (VGG16) + ConvNeXt-S logit MSE (the release's), or less")
     l.add_argument('--perceptual_weight', type=pos, default=1.0, help="(default 1)")
     l.add_argument('--convnext_weight', type=pos, default=0.1,
                    help="of the perceptual loss's ConvNeXt-S term (default 0.1)")
     l.add_argument('--quantizer_weight', type=pos, default=1.0,
                    help="VQ: of commitment + codebook loss (default 1)")
     l.add_argument('--cluster_vq', choices=['on', 'off'], default='on',
-                   help="VQ: the release's clustering_vq, rare codes pulled toward the "
-                        "encoder's features (default on)")
+                   help="VQ: the release's clustering_vq of rare codes (default on)")
     l.add_argument('--kl_weight', type=pos, default=1e-6, help="KL: (default 1e-6)")
     l.add_argument('--disc_start', type=number(int, -1),
-                   help="the step the GAN starts at (D trains, the adversarial term, "
-                        "LeCAM); -1: never")
+                   help="the step D, the adversarial loss and LeCAM start at; -1: never")
     l.add_argument('--disc_weight', type=pos, default=0.1,
                    help="of the adversarial loss (default 0.1)")
     l.add_argument('--disc_lr', type=pos,
@@ -527,8 +521,7 @@ def get_args(argv=None):
     args.out_dir = args.out_dir or f"out/tatitok-{args.tokens}"
     take_recipe(p, args, RECIPES.get(f"{recipe}-{args.tokens}", RECIPES[recipe]))  # shapes-kl
     if args.data is None:
-        p.error("--data is required with an official recipe (tar shards, a glob, or a folder of "
-                "images)")
+        p.error("--data is required with an official recipe")
     return args
 
 # -----------------------------------------------------------------------------
@@ -541,26 +534,22 @@ def main(args, state):
         expand_source(args.eval_data)
     ckpt, changed, resumed = open_run(args, 'train_tokenizer', MODEL_FLAGS, world)
 
-    # the frozen text encoder and the tokenizer: the same init on every rank
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same init on every rank
     text_encoder, raw_model = build(args, resumed)
     cfg = raw_model.config
     vq = cfg.quantize == 'vq'
     memory = gpu_memory(device)
-    clip_params = sum(p.numel() for p in text_encoder.parameters())
-    choice = plan_run(args, cfg, clip_params, world, memory)
+    choice = plan_run(args, cfg, sum(p.numel() for p in text_encoder.parameters()), world, memory)
     mb, grad_accum = choice['micro_batch'], choice['grad_accum']
     raw_model.encoder.checkpointing = raw_model.decoder.checkpointing = choice['checkpointing']
     text_encoder.to(device)
     raw_model.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     disc_raw = Discriminator(args.disc_width).to(device)
-    perceptual = None
-    if args.perceptual != 'none':
-        perceptual = PerceptualLoss(args.perceptual).to(device)
+    perceptual = None if args.perceptual == 'none' else PerceptualLoss(args.perceptual).to(device)
 
-    # data: global sample g is the same image, with the same KL noise, on any number of processes;
-    # the release's tokenizer reads each image's caption as it is (recap_prob=0)
+    # data: sample g is the same image and KL noise on any number of processes; recap_prob=0:
+    # the release's tokenizer reads the captions as they are
     noise = None if vq else (cfg.num_latent_tokens, cfg.token_size)
     prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer,
                                 context_length=text_encoder.context_length, noise=noise,
@@ -573,7 +562,6 @@ def main(args, state):
         eval_loader = make_loader(args.eval_data, mb, cfg.image_size, train=False, seed=args.seed,
                                   recap_prob=0)
 
-    # optimizers, scalers: all that a checkpoint keeps
     betas = (args.beta1, args.beta2)
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, betas, device.type,
                                          args.encoder_lr_scale)
@@ -593,24 +581,24 @@ def main(args, state):
         train_loader.load_state_dict(resumed['data'])
     model = wrap(raw_model, device, world, args.compile)
     disc = wrap(disc_raw, device, world)
-    if master:  # the resolved configuration; every checkpoint keeps the flags
+    if master:
         config = dict(vars(args), model_args=asdict(cfg), world_size=world, grad_accum=grad_accum,
                       device_used=str(device), params=raw_model.get_num_params())
         print_start(config, choice, train_loader, memory, changed, start_step)
 
     batches = iter(train_loader)
     flops = 3 * raw_model.estimate_flops() * args.batch_size  # per step, the tokenizer's
-    # what the log reads, kept on the device and read every --log_every steps only
+    # what the log reads stays on the device until --log_every
     smooth, bad_run = {}, torch.zeros((), dtype=torch.long, device=device)
     clock = [time.time(), start_step]
     step, saved = start_step, resumed and start_step
     state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
-        # once in a while: held-out PSNR and a recon grid (rank 0, EMA weights)
+        # once in a while: held-out PSNR and a recon grid (rank 0, EMA)
         if eval_loader is not None and (last or step % args.eval_every == 0):
             print(evaluate(ema, text_encoder, eval_loader, args, device, ctx, step), flush=True)
-        # once in a while: a checkpoint (never at the start step: nothing new to save)
+        # once in a while: a checkpoint (not at the start step: nothing new)
         if step > start_step and (last or step % args.ckpt_every == 0):
             data_state = merge_states(all_gather_objects(train_loader.state_dict(), world))
             save_run(args, step, world, parts, script='train_tokenizer', model_args=asdict(cfg),
@@ -619,12 +607,12 @@ def main(args, state):
         if last:
             break
 
-        # one step over the global batch, in micro batches; nothing here waits on the GPU
+        # one step over the global batch in micro batches; nothing here waits on the GPU
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr)
         for group in opt.param_groups:
             group['lr'] = lr * group['lr_scale']
-        gan = gan_on(step, args.disc_start)  # D trains, G gets the adversarial term
-        if gan:  # the release's D schedule starts at disc_start (README: differences)
+        gan = gan_on(step, args.disc_start)
+        if gan:  # D's schedule starts at disc_start, as the release's on 1 GPU (README)
             lr_d = get_lr(step - args.disc_start, args.disc_lr, args.warmup_steps,
                           args.max_steps - args.disc_start, args.end_lr * args.disc_lr / args.lr)
             for group in opt_d.param_groups:
@@ -640,9 +628,9 @@ def main(args, state):
                 recon, aux = model(img, guidance, noise=batch.get('noise'))
             loss, t = generator_loss(img, recon, aux, args, perceptual, disc_raw if gan else None)
             scaler.scale(loss / grad_accum).backward()
-            if vq:  # for the codebook clustering
+            if vq:
                 feats.append((aux['features'], aux['ids'], batch['index']))
-            if gan:  # for D, which needs the whole batch's mean logits first
+            if gan:  # D needs the global batch's mean logits first
                 pairs.append((img, recon.detach()))
             for k, v in t.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float().mean() / grad_accum
@@ -655,7 +643,7 @@ def main(args, state):
             _, d_finite = optimizer_step(opt_d, scaler_d, disc_raw.parameters(), args.grad_clip)
             finite = finite & d_finite
             lecam_ema.copy_(torch.where(finite, lecam_next, lecam_ema))
-        # the release moves the codes in forward, after the loss: the same gradient as here
+        # the release moves the codes in forward, after the loss: the same as here
         if vq and args.cluster_vq == 'on':
             cluster_global(raw_model.quantize, embed_prob, feats, world, finite)
         update_ema(ema, raw_model, step, args.ema_decay, finite)
@@ -667,7 +655,7 @@ def main(args, state):
         for k, v in terms.items():  # an EMA of each term, debiased when read
             smooth[k] = 0.9 * smooth.get(k, 0.0) + 0.1 * v
 
-        # logging: the one place the host reads what the GPU computed
+        # logging: the one place the host waits on the GPU
         if step % args.log_every == 0 or step == args.max_steps - 1:
             keys = sorted(terms)  # every term, averaged over micro steps and ranks
             vals = torch.stack([terms[k] for k in keys])
@@ -683,8 +671,6 @@ def main(args, state):
                 row = dict(step=step, lr=lr, gnorm=gnorm.item(), **dict(zip(keys, vals.tolist())))
                 log_step(args, row, head, tail, clock, flops, device, world)
             stop_if_nonfinite(bad_run.item(), args.max_nonfinite, args.out_dir, master)
-    if world > 1:
-        dist.destroy_process_group()
 
 if __name__ == '__main__':
     run_main(main, get_args(), UserError)
