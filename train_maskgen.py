@@ -131,18 +131,17 @@ def get_args(argv=None):
     check_tokens(p, args)
     if args.preset is None and args.size is None:
         p.error("pass --size l or --size xl")
-    recipe = 'official'
     if args.preset and args.size not in (None, args.preset):
         p.error(f"--preset {args.preset} trains its own small generator: --size l or xl go with "
                 f"an official recipe (--tokens vq128, kl32, ...)")
+    recipe = args.preset or 'official'
     if args.preset:
-        recipe = args.preset
         args.size = args.size or args.preset
         kl = '-kl' if args.tokens == 'kl' else ''
         args.tokenizer = args.tokenizer or f"out/{args.preset}-tokenizer{kl}"
         args.out_dir = args.out_dir or f"out/{args.preset}-maskgen{kl}"
         args.data = args.data or 'shapes'
-    q = args.tokens[:2]  # the recipe's family, VQ or KL
+    q = args.tokens[:2]  # vq or kl
     defaults = dict(RECIPES[(recipe, q)])
     if args.stage == 2:
         defaults.update(STAGE2[q])
@@ -156,8 +155,8 @@ def get_args(argv=None):
 # helpers
 
 def frozen_models(args, resumed):
-    """-> (the frozen tokenizer, what the checkpoint keeps of it, its text encoder or --clip's),
-    checked against the data and each other."""
+    """-> (the frozen tokenizer, what the checkpoint keeps of it, the text encoder), checked
+    against the data and each other."""
     if resumed:
         tok, ref = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer']
         text_encoder = TextEncoder.from_spec(resumed['text_encoder'])
@@ -168,7 +167,7 @@ def frozen_models(args, resumed):
                             f"`python train_tokenizer.py --preset {args.preset}{kl}`")
         tok, text_encoder, (path, ck) = load_tokenizer(args.tokenizer, args.clip)
         ref = args.tokenizer
-        if os.path.exists(path):  # a file, not a release's name
+        if os.path.exists(path):  # not a release's name
             ref = os.path.abspath(path)
         if 'model_args' in ck:  # ours, embedded when small: the checkpoint stands alone
             weights = checkpoint_weights(ck)
@@ -177,9 +176,8 @@ def frozen_models(args, resumed):
     cfg = tok.config
     record = token_shards_tokenizer(args.data)  # which tokenizer made the shards
     if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
-        raise UserError(f"{args.data} holds the tokens of another tokenizer "
-                        f"({record.get('tokenizer')}) than {args.tokenizer}: pretokenize with "
-                        f"this one, or train with that one")
+        raise UserError(f"{args.data} holds the tokens of {record.get('tokenizer')}, not of "
+                        f"{args.tokenizer}: pretokenize with this one, or train with that one")
     if args.tokens in OFFICIAL_TOKENS and asdict(cfg) != asdict(tatitok_config(args.tokens)):
         raise UserError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} "
                         f"architecture")
@@ -187,8 +185,8 @@ def frozen_models(args, resumed):
         raise UserError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, not "
                         f"{args.tokens.upper()}")
     if text_encoder.width != text_encoder.embed_dim:
-        raise UserError(f"MaskGen reads text tokens and pooled features of one width; this text "
-                        f"encoder has {text_encoder.width} and {text_encoder.embed_dim}")
+        raise UserError(f"MaskGen reads text tokens and pooled features of one width, not "
+                        f"{text_encoder.width} and {text_encoder.embed_dim}")
     return tok, ref, text_encoder
 
 def generator_config(size, tok_cfg, text_width):
@@ -199,12 +197,11 @@ def generator_config(size, tok_cfg, text_width):
         over['codebook_size'] = tok_cfg.codebook_size
     else:
         over['token_size'] = tok_cfg.token_size
-    if size in ('l', 'xl'):
-        return maskgen_config(f"{q}-{size}", **over)
-    return maskgen_config(f"{size}-{q}", **over)
+    name = f"{q}-{size}" if size in ('l', 'xl') else f"{size}-{q}"  # vq-l, or tiny-vq
+    return maskgen_config(name, **over)
 
 def plan_run(args, cfg, text_len, frozen, world, memory):
-    """choose_plan for the generator (on the meta device) beside `frozen` bytes."""
+    """choose_plan for the generator beside `frozen` bytes."""
     with torch.device('meta'):
         model = MaskGen.from_config(cfg)
     return choose_plan(model, model.activation_bytes(text_len), frozen, args.batch_size,
@@ -212,8 +209,8 @@ def plan_run(args, cfg, text_len, frozen, world, memory):
 
 @torch.no_grad()
 def encode_pool(loader, n, tok, text_encoder, device, ctx):
-    """--pool: n samples encoded once -> [tokens (VQ ids (n, N); KL the posterior's
-    mean and logvar (n, 2, N, C)), CLIP tokens, CLIP pooled, aesthetic scores]."""
+    """--pool: n samples encoded once -> [tokens (VQ (n, N); KL mean and logvar (n, 2, N, C)),
+    CLIP tokens, CLIP pooled, aesthetic scores]."""
     parts, count = [], 0
     for batch in loader:
         if 'tokens' in batch:
@@ -232,8 +229,8 @@ def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
 
 @torch.no_grad()
 def model_inputs(batch, pool, tok, text_encoder, ctx):
-    """A micro batch on the device -> (tokens: VQ ids (B, N) or KL latents (B, N, C),
-    CLIP features, aesthetic scores). KL: a posterior sample with the sample's own noise."""
+    """A micro batch -> (VQ ids (B, N) or KL latents (B, N, C), CLIP features, aesthetic
+    scores). KL: a posterior sample with the sample's own noise."""
     if pool is not None:
         x, tokens, pooled, aes = (part[batch['pool_index']] for part in pool)
         text = dict(tokens=tokens, pooled=pooled)
@@ -248,8 +245,8 @@ def model_inputs(batch, pool, tok, text_encoder, ctx):
     return mean + torch.exp(0.5 * logvar) * batch['posterior'], text, aes
 
 def bucket_stats(stats, nb=4):
-    """(sum, count) in nb buckets, no host sync. VQ: the masked tokens' accuracy by mask
-    ratio (low ratios learn first); KL: the diffusion loss by timestep (each should fall)."""
+    """(sum, count) in nb buckets, no host sync. VQ: masked accuracy by mask ratio (low ratios
+    learn first); KL: the diffusion loss by timestep (each should fall)."""
     mask = stats['mask']
     if 'correct' in stats:
         values = (stats['correct'] & mask).sum(1) / mask.sum(1)  # (B,)
@@ -263,13 +260,12 @@ def bucket_stats(stats, nb=4):
     sums = zeros.index_add(0, bucket, values.float() * weight)
     return torch.stack([sums, zeros.index_add(0, bucket, weight)])  # (2, nb)
 
-
 @torch.no_grad()
 def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, path, data_rms):
-    """A grid of one EMA sample per prompt, drawn as sample.py will -> a log line. KL: the
-    tokens' RMS against the training tokens' (a diffusion head that blows up shows here)."""
+    """A grid of one EMA sample per prompt, as sample.py --seed 0 draws it -> a log line. KL:
+    the tokens' RMS against the training tokens' (a diffusion head that blows up shows here)."""
     text = text_encoder(prompts)
-    gens = image_generators(0, [(i, 0) for i in range(len(prompts))], device)  # sample.py --seed 0's draws
+    gens = image_generators(0, [(i, 0) for i in range(len(prompts))], device)
     with ctx:
         tokens = ema.generate(prompt_inputs(text, null), Sampling(**sampling), seed=gens)
         images = tok.decode_tokens(tokens, text['guidance']).float().clamp(0, 1)
@@ -299,22 +295,21 @@ def main(args, state):
     vq = tok_cfg.quantize == 'vq'
     null = text_encoder([''])  # caption dropout's, and sampling's unconditional branch
 
-    # the generator's config, and its memory plan: the micro batch and levers
+    # the generator's config and memory plan
     if resumed:
         cfg = MaskGenConfig(**resumed['model_args'])
     else:
         cfg = generator_config(args.size, tok_cfg, text_encoder.width)
     on_the_fly = not args.pool and token_shards_tokenizer(args.data) is None
     frozen = 4 * sum(p.numel() for p in text_encoder.parameters())
-    if on_the_fly:  # the tokenizer is on the GPU only when it encodes every step
+    if on_the_fly:  # the tokenizer is on the GPU only when it encodes every batch
         frozen += 4 * tok.get_num_params()
     memory = gpu_memory(device)
     choice = plan_run(args, cfg, text_encoder.context_length, frozen, world, memory)
     mb, grad_accum = choice['micro_batch'], choice['grad_accum']
     G = args.batch_size  # the global batch
 
-    # the generator (the same init on every rank), its EMA, the optimizer
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same init on every rank
     raw_model = MaskGen.from_config(cfg)
     raw_model.checkpointing = choice['checkpointing']
     if args.init_from and not resumed and master:  # stage 2 (released: strict=False)
@@ -330,9 +325,9 @@ def main(args, state):
     start_step, nonfinite = restore(parts, ckpt, resumed, world, device)
     ckpt = None  # free the memory
 
-    # data: token shards, or images the tokenizer encodes. Global sample step * G + i is
-    # the same sample, with the same draws, on any number of processes. --pool: every rank
-    # encodes the same pool, and each step draws its global batch from it
+    # data: token shards, or images the tokenizer encodes. Global sample step * G + i is the
+    # same sample with the same draws on any number of processes; --pool: every rank encodes
+    # the same pool, and each step draws its global batch from it
     prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer, cfg=cfg,
                                 context_length=text_encoder.context_length, seed=args.seed)
     train_loader = make_loader(args.data, mb, tok_cfg.image_size, seed=args.seed, rank=rank,
@@ -345,9 +340,9 @@ def main(args, state):
         tok.to(device)
     model = wrap(raw_model, device, world, args.compile)
 
-    # the sampling settings, kept in every checkpoint with the flags
-    sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale, num_steps=args.sample_steps,
-                    temperature=args.temperature)
+    # the sampling settings, kept in every checkpoint for sample.py
+    sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale,
+                    num_steps=args.sample_steps, temperature=args.temperature)
     if vq:
         sampling['guidance_schedule'] = 'cosine'
     else:
@@ -364,11 +359,9 @@ def main(args, state):
         pool = encode_pool(pool_loader, args.pool, tok.to(device), text_encoder, device, ctx)
         tok.cpu()
     batches = iter(train_loader)
-    prompts = SAMPLE_PROMPTS
-    if args.preset:
-        prompts = SHAPES_EVAL_PROMPTS
+    prompts = SHAPES_EVAL_PROMPTS if args.preset else SAMPLE_PROMPTS
     flops = raw_model.estimate_flops(text_encoder.context_length)['train'] * G
-    # what the log reads, kept on the device and read every --log_every steps only
+    # what the log reads stays on the device until --log_every
     buckets, smooth = torch.zeros(2, 4, device=device), torch.zeros((), device=device)
     bad_run = torch.zeros((), dtype=torch.long, device=device)
     x_sq = torch.ones((), device=device)  # an EMA of the tokens' mean square
@@ -377,7 +370,7 @@ def main(args, state):
     state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
-        # once in a while: a sample grid of the fixed prompts (rank 0, EMA weights)
+        # once in a while: a sample grid of the fixed prompts (rank 0, EMA)
         if master and step > start_step and (last or step % args.sample_every == 0):
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             tok.to(device)
@@ -386,7 +379,7 @@ def main(args, state):
             if not on_the_fly:
                 tok.cpu()
             print(msg, flush=True)
-        # once in a while: a checkpoint (never at the start step: nothing new to save)
+        # once in a while: a checkpoint (not at the start step: nothing new)
         if step > start_step and (last or step % args.ckpt_every == 0):
             data_state = None
             if not args.pool:
@@ -398,13 +391,13 @@ def main(args, state):
         if last:
             break
 
-        # one step over the global batch, in micro batches; nothing here waits on the GPU
+        # one step over the global batch in micro batches; nothing here waits on the GPU
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr, args.schedule)
         for group in opt.param_groups:
             group['lr'] = lr
         if pool is None:
             micro = [next(batches) for _ in range(grad_accum)]  # host tensors, pinned
-        else:  # the global batch's samples, drawn from the pool with replacement
+        else:  # the global batch, drawn from the pool with replacement
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             pick = torch.randint(0, args.pool, (G,), generator=gen)
             micro = []
@@ -437,7 +430,7 @@ def main(args, state):
         bad_run = (bad_run + 1) * bad
         smooth = 0.9 * smooth + 0.1 * loss_sum  # debiased when read
 
-        # logging: the one place the host reads what the GPU computed
+        # logging: the one place the host waits on the GPU
         if step % args.log_every == 0 or step == args.max_steps - 1:
             losses = torch.stack([smooth, loss_sum])  # each rank holds its share of the loss
             if world > 1:
