@@ -5,7 +5,8 @@ model's own forward (maskgen.py); this script feeds it and steps the optimizer.
 
 $ python train_maskgen.py --preset shapes  # CPU quickstart, on out/shapes-tokenizer
 $ python train_maskgen.py --preset shapes --tokens kl  # the same, KL
-At scale, pretokenize the images once (data.py pretokenize --tokenizer kl32 --out_dir tokens/kl32):
+At scale, pretokenize the images once (data.py pretokenize --tokenizer kl32 --out_dir
+tokens/kl32), then:
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32  # stage 1
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32 --stage 2 \\
     --data tokens-hq/kl32 --init_from out/maskgen-kl32-xl
@@ -152,11 +153,10 @@ def get_args(argv=None):
     return take_recipe(p, args, defaults)
 
 # -----------------------------------------------------------------------------
-# helpers
 
 def frozen_models(args, resumed):
-    """-> (the frozen tokenizer, what the checkpoint keeps of it, the text encoder), checked
-    against the data and each other."""
+    """-> (the tokenizer, what the checkpoint keeps of it, the text encoder), checked against
+    the data and each other."""
     if resumed:
         tok, ref = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer']
         text_encoder = TextEncoder.from_spec(resumed['text_encoder'])
@@ -229,8 +229,8 @@ def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
 
 @torch.no_grad()
 def model_inputs(batch, pool, tok, text_encoder, ctx):
-    """A micro batch -> (VQ ids (B, N) or KL latents (B, N, C), CLIP features, aesthetic
-    scores). KL: a posterior sample with the sample's own noise."""
+    """A micro batch -> (VQ ids (B, N) or KL latents (B, N, C), CLIP features, aes). KL:
+    a posterior sample with the sample's own noise."""
     if pool is not None:
         x, tokens, pooled, aes = (part[batch['pool_index']] for part in pool)
         text = dict(tokens=tokens, pooled=pooled)
@@ -293,7 +293,7 @@ def main(args, state):
     tok.requires_grad_(False)
     text_encoder.to(device)
     vq = tok_cfg.quantize == 'vq'
-    null = text_encoder([''])  # caption dropout's, and sampling's unconditional branch
+    null = text_encoder([''])  # caption dropout's and CFG's unconditional input
 
     # the generator's config and memory plan
     if resumed:
