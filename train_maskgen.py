@@ -197,7 +197,7 @@ def generator_config(size, tok_cfg, text_width):
         over['codebook_size'] = tok_cfg.codebook_size
     else:
         over['token_size'] = tok_cfg.token_size
-    name = f"{q}-{size}" if size in ('l', 'xl') else f"{size}-{q}"  # vq-l, or tiny-vq
+    name = f"{q}-{size}" if size in ('l', 'xl') else f"{size}-{q}"
     return maskgen_config(name, **over)
 
 def plan_run(args, cfg, text_len, frozen, world, memory):
