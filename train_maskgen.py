@@ -1,8 +1,7 @@
 """
-Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok:
-masked token modeling (VQ) or a per-token diffusion loss (KL), each with its
-official recipe. The loss is the model's own forward (maskgen.py); this script
-feeds it and steps the optimizer.
+Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked token
+modeling (VQ) or a per-token diffusion loss (KL), each with its official recipe. The loss is the
+model's own forward (maskgen.py); this script feeds it and steps the optimizer.
 
 $ python train_maskgen.py --preset shapes  # CPU quickstart, on out/shapes-tokenizer
 $ python train_maskgen.py --preset shapes --tokens kl  # the same, KL
@@ -11,16 +10,15 @@ tokens/kl32), then:
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32  # stage 1
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32 --stage 2 \\
     --data tokens-hq/kl32 --init_from out/maskgen-kl32-xl
-The global batch is fixed, so 1 GPU and 8 train the same model. A killed run
-continues with the same command plus --resume. --out_dir gets ckpt.pt (with all
-that sample.py needs: the tokenizer, the text encoder's spec, the sampling
-settings), metrics.jsonl and samples_STEP.png.
+The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues with the
+same command plus --resume. --out_dir gets ckpt.pt (all sample.py needs), metrics.jsonl and
+samples_STEP.png.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
 2) the official code: https://github.com/bytedance/1d-tokenizer (scripts/train_maskgen.py,
    modeling/maskgen.py, configs/training/MaskGen/*.yaml)
-3) nanoGPT's and DiT's train.py, whose shape this file follows
+3) nanoGPT's and DiT's train.py, this file's shape
 """
 import argparse
 import copy
@@ -45,11 +43,9 @@ from runtime import (get_lr, all_gather_objects, number, add_system_flags, to_de
                      OFFICIAL_TOKENS)
 
 # -----------------------------------------------------------------------------
-# recipes and flags: a flag left unset takes its recipe's value. official: the
-# release's configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs
-# assumed); shapes: the CPU quickstart, 32 px (all of aesthetic score 6.0),
-# sampled on the 24 prompts "a {colour} {shape}", 8 minutes on 2 cores
-# (TUNING.md has the measurements); tiny: tests
+# recipes: a flag left unset takes its recipe's value. official: the release's
+# configs/training/MaskGen/*.yaml (its global batch unstated: x 8 GPUs assumed); shapes: the
+# CPU quickstart (TUNING.md), sampled on the prompts "a {colour} {shape}"; tiny: the tests
 
 NAMES = [(r, q) for r in ('official', 'shapes', 'tiny') for q in ('vq', 'kl')]
 TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
@@ -77,7 +73,7 @@ TABLE = dict(  #  official VQ, KL       shapes VQ, KL      tiny VQ, KL
 RECIPES = {name: {k: v[i] for k, v in TABLE.items()} for i, name in enumerate(NAMES)}
 STAGE2 = {'vq': dict(lr=1e-4, max_steps=250_000, sample_aes=6.5),
           'kl': dict(max_steps=500_000, sample_aes=6.5)}
-SAMPLE_PROMPTS = [  # of the official runs' sample grids (feel free to change)
+SAMPLE_PROMPTS = [  # the official recipes' sample grid (feel free to change)
     "A photo of a red fox sitting in the snow, golden hour",
     "A bowl of ramen with a soft-boiled egg, studio lighting",
     "An astronaut riding a horse on the moon, digital art",
@@ -96,26 +92,24 @@ def get_args(argv=None):
     m.add_argument('--size', choices=['tiny', 'l', 'xl'],
                    help="MaskGen-L, -XL, or tiny (the tests); default: the preset's")
     m.add_argument('--tokenizer',
-                   help="the frozen tokenizer: a train_tokenizer.py checkpoint (file or "
-                        "folder), an official name or repo id; default: the --tokens "
-                        "release, or the preset's, out/<preset>-tokenizer")
+                   help="a train_tokenizer.py checkpoint (file or folder), an official name or "
+                        "repo id; default: the --tokens release, or out/<preset>-tokenizer")
     m.add_argument('--clip',
-                   help="text encoder: tiny, MODEL:PRETRAINED of open_clip, or a local "
-                        "weights file; default: the tokenizer's own")
+                   help="text encoder: tiny, MODEL:PRETRAINED of open_clip, or a weights "
+                        "file; default: the tokenizer's")
     m.add_argument('--stage', type=int, default=1, choices=[1, 2],
-                   help="the official recipe's stage (2: lower VQ lr, shorter, samples "
-                        "at aesthetic 6.5; --init_from stage 1)")
+                   help="the official recipe's stage (2: shorter, VQ lr lower, samples at "
+                        "aesthetic 6.5; --init_from stage 1)")
     m.add_argument('--init_from',
-                   help="start from a train_maskgen.py checkpoint or folder (EMA "
-                        "preferred), or a release (vq-l, vq-xl, kl-l, kl-xl)")
+                   help="a train_maskgen.py checkpoint or folder (its EMA), or a release "
+                        "(vq-l, vq-xl, kl-l, kl-xl) to start from")
     d = g['data']
     d.add_argument('--data',
                    help="token shards of data.py pretokenize (a folder or pattern), or "
-                        "images to encode on the fly (tar shards, a folder, shapes); "
-                        "default: tokens/<tokens>, or shapes")
+                        "images to encode on the fly; default: tokens/<tokens>, or shapes")
     d.add_argument('--pool', type=number(int, 0),
-                   help="images: encode this many once at the start and draw every batch "
-                        "from them (0: encode on the fly)")
+                   help="images: encode this many once and draw every batch from them "
+                        "(0: encode on the fly)")
     o = g['optimization']
     o.add_argument('--schedule', choices=['cosine', 'constant'],
                    help="after the warm-up (release: VQ cosine, KL constant)")
@@ -132,25 +126,23 @@ def get_args(argv=None):
     s.add_argument('--diffusion_steps', type=pos_int,
                    help="KL samples: denoising steps per token")
     s.add_argument('--x0_clip', type=pos,
-                   help="KL samples: clamp the predicted x0 to +-this (0: off, as "
-                        "released); a young diffusion head needs it")
+                   help="KL samples: clamp the predicted x0 to +-this (0: off, as released)")
     add_system_flags(p, 'generator', 'the masks, caption dropout and diffusion noise')
     args = p.parse_args(argv)
     check_tokens(p, args)
     if args.preset is None and args.size is None:
         p.error("pass --size l or --size xl")
-    recipe = 'official'
     if args.preset and args.size not in (None, args.preset):
         p.error(f"--preset {args.preset} trains its own small generator: --size l or xl go with "
                 f"an official recipe (--tokens vq128, kl32, ...)")
+    recipe = args.preset or 'official'
     if args.preset:
-        recipe = args.preset
         args.size = args.size or args.preset
         kl = '-kl' if args.tokens == 'kl' else ''
         args.tokenizer = args.tokenizer or f"out/{args.preset}-tokenizer{kl}"
         args.out_dir = args.out_dir or f"out/{args.preset}-maskgen{kl}"
         args.data = args.data or 'shapes'
-    q = args.tokens[:2]  # the recipe's family, VQ or KL
+    q = args.tokens[:2]  # vq or kl
     defaults = dict(RECIPES[(recipe, q)])
     if args.stage == 2:
         defaults.update(STAGE2[q])
@@ -161,11 +153,10 @@ def get_args(argv=None):
     return take_recipe(p, args, defaults)
 
 # -----------------------------------------------------------------------------
-# helpers
 
 def frozen_models(args, resumed):
-    """-> (the frozen tokenizer, what the checkpoint keeps of it, its text encoder or --clip's),
-    checked against the data and each other."""
+    """-> (the tokenizer, what the checkpoint keeps of it, the text encoder), checked against
+    the data and each other."""
     if resumed:
         tok, ref = TATiTok.from_pretrained(resumed['tokenizer']), resumed['tokenizer']
         text_encoder = TextEncoder.from_spec(resumed['text_encoder'])
@@ -176,7 +167,7 @@ def frozen_models(args, resumed):
                             f"`python train_tokenizer.py --preset {args.preset}{kl}`")
         tok, text_encoder, (path, ck) = load_tokenizer(args.tokenizer, args.clip)
         ref = args.tokenizer
-        if os.path.exists(path):  # a file, not a release's name
+        if os.path.exists(path):  # not a release's name
             ref = os.path.abspath(path)
         if 'model_args' in ck:  # ours, embedded when small: the checkpoint stands alone
             weights = checkpoint_weights(ck)
@@ -185,9 +176,8 @@ def frozen_models(args, resumed):
     cfg = tok.config
     record = token_shards_tokenizer(args.data)  # which tokenizer made the shards
     if record is not None and record.get('fingerprint') != tokenizer_fingerprint(tok):
-        raise UserError(f"{args.data} holds the tokens of another tokenizer "
-                        f"({record.get('tokenizer')}) than {args.tokenizer}: pretokenize with "
-                        f"this one, or train with that one")
+        raise UserError(f"{args.data} holds the tokens of {record.get('tokenizer')}, not of "
+                        f"{args.tokenizer}: pretokenize with this one, or train with that one")
     if args.tokens in OFFICIAL_TOKENS and asdict(cfg) != asdict(tatitok_config(args.tokens)):
         raise UserError(f"--tokenizer {args.tokenizer} does not have the {args.tokens} "
                         f"architecture")
@@ -195,8 +185,8 @@ def frozen_models(args, resumed):
         raise UserError(f"--tokenizer {args.tokenizer} makes {cfg.quantize.upper()} tokens, not "
                         f"{args.tokens.upper()}")
     if text_encoder.width != text_encoder.embed_dim:
-        raise UserError(f"MaskGen reads text tokens and pooled features of one width; this text "
-                        f"encoder has {text_encoder.width} and {text_encoder.embed_dim}")
+        raise UserError(f"MaskGen reads text tokens and pooled features of one width, not "
+                        f"{text_encoder.width} and {text_encoder.embed_dim}")
     return tok, ref, text_encoder
 
 def generator_config(size, tok_cfg, text_width):
@@ -207,12 +197,11 @@ def generator_config(size, tok_cfg, text_width):
         over['codebook_size'] = tok_cfg.codebook_size
     else:
         over['token_size'] = tok_cfg.token_size
-    if size in ('l', 'xl'):
-        return maskgen_config(f"{q}-{size}", **over)
-    return maskgen_config(f"{size}-{q}", **over)
+    name = f"{q}-{size}" if size in ('l', 'xl') else f"{size}-{q}"
+    return maskgen_config(name, **over)
 
 def plan_run(args, cfg, text_len, frozen, world, memory):
-    """choose_plan for the generator (on the meta device) beside `frozen` bytes."""
+    """choose_plan for the generator beside `frozen` bytes."""
     with torch.device('meta'):
         model = MaskGen.from_config(cfg)
     return choose_plan(model, model.activation_bytes(text_len), frozen, args.batch_size,
@@ -220,8 +209,8 @@ def plan_run(args, cfg, text_len, frozen, world, memory):
 
 @torch.no_grad()
 def encode_pool(loader, n, tok, text_encoder, device, ctx):
-    """--pool: n samples encoded once -> [tokens (VQ ids (n, N); KL the posterior's
-    mean and logvar (n, 2, N, C)), CLIP tokens, CLIP pooled, aesthetic scores]."""
+    """--pool: n samples encoded once -> [tokens (VQ (n, N); KL mean and logvar (n, 2, N, C)),
+    CLIP tokens, CLIP pooled, aesthetic scores]."""
     parts, count = [], 0
     for batch in loader:
         if 'tokens' in batch:
@@ -240,8 +229,8 @@ def prepare_sample(sample, index, tokenizer, context_length, cfg, seed):
 
 @torch.no_grad()
 def model_inputs(batch, pool, tok, text_encoder, ctx):
-    """A micro batch on the device -> (tokens: VQ ids (B, N) or KL latents (B, N, C),
-    CLIP features, aesthetic scores). KL: a posterior sample with the sample's own noise."""
+    """A micro batch -> (VQ ids (B, N) or KL latents (B, N, C), CLIP features, aes). KL:
+    a posterior sample with the sample's own noise."""
     if pool is not None:
         x, tokens, pooled, aes = (part[batch['pool_index']] for part in pool)
         text = dict(tokens=tokens, pooled=pooled)
@@ -256,8 +245,8 @@ def model_inputs(batch, pool, tok, text_encoder, ctx):
     return mean + torch.exp(0.5 * logvar) * batch['posterior'], text, aes
 
 def bucket_stats(stats, nb=4):
-    """(sum, count) in nb buckets, no host sync. VQ: the masked tokens' accuracy by mask
-    ratio (low ratios learn first); KL: the diffusion loss by timestep (each should fall)."""
+    """(sum, count) in nb buckets, no host sync. VQ: masked accuracy by mask ratio (low ratios
+    learn first); KL: the diffusion loss by timestep (each should fall)."""
     mask = stats['mask']
     if 'correct' in stats:
         values = (stats['correct'] & mask).sum(1) / mask.sum(1)  # (B,)
@@ -271,13 +260,12 @@ def bucket_stats(stats, nb=4):
     sums = zeros.index_add(0, bucket, values.float() * weight)
     return torch.stack([sums, zeros.index_add(0, bucket, weight)])  # (2, nb)
 
-
 @torch.no_grad()
 def sample_grid(ema, tok, text_encoder, null, prompts, sampling, device, ctx, path, data_rms):
-    """A grid of one EMA sample per prompt, drawn as sample.py will -> a log line. KL: the
-    tokens' RMS against the training tokens' (a diffusion head that blows up shows here)."""
+    """A grid of one EMA sample per prompt, as sample.py --seed 0 draws it -> a log line. KL:
+    the tokens' RMS against the training tokens' (a diffusion head that blows up shows here)."""
     text = text_encoder(prompts)
-    gens = image_generators(0, [(i, 0) for i in range(len(prompts))], device)  # sample.py --seed 0's draws
+    gens = image_generators(0, [(i, 0) for i in range(len(prompts))], device)
     with ctx:
         tokens = ema.generate(prompt_inputs(text, null), Sampling(**sampling), seed=gens)
         images = tok.decode_tokens(tokens, text['guidance']).float().clamp(0, 1)
@@ -305,24 +293,23 @@ def main(args, state):
     tok.requires_grad_(False)
     text_encoder.to(device)
     vq = tok_cfg.quantize == 'vq'
-    null = text_encoder([''])  # caption dropout's, and sampling's unconditional branch
+    null = text_encoder([''])  # caption dropout's and CFG's unconditional input
 
-    # the generator's config, and its memory plan: the micro batch and levers
+    # the generator's config and memory plan
     if resumed:
         cfg = MaskGenConfig(**resumed['model_args'])
     else:
         cfg = generator_config(args.size, tok_cfg, text_encoder.width)
     on_the_fly = not args.pool and token_shards_tokenizer(args.data) is None
     frozen = 4 * sum(p.numel() for p in text_encoder.parameters())
-    if on_the_fly:  # the tokenizer is on the GPU only when it encodes every step
+    if on_the_fly:  # the tokenizer is on the GPU only when it encodes every batch
         frozen += 4 * tok.get_num_params()
     memory = gpu_memory(device)
     choice = plan_run(args, cfg, text_encoder.context_length, frozen, world, memory)
     mb, grad_accum = choice['micro_batch'], choice['grad_accum']
     G = args.batch_size  # the global batch
 
-    # the generator (the same init on every rank), its EMA, the optimizer
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same init on every rank
     raw_model = MaskGen.from_config(cfg)
     raw_model.checkpointing = choice['checkpointing']
     if args.init_from and not resumed and master:  # stage 2 (released: strict=False)
@@ -338,9 +325,9 @@ def main(args, state):
     start_step, nonfinite = restore(parts, ckpt, resumed, world, device)
     ckpt = None  # free the memory
 
-    # data: token shards, or images the tokenizer encodes. Global sample step * G + i is
-    # the same sample, with the same draws, on any number of processes. --pool: every rank
-    # encodes the same pool, and each step draws its global batch from it
+    # data: token shards, or images the tokenizer encodes. Global sample step * G + i is the
+    # same sample with the same draws on any number of processes; --pool: every rank encodes
+    # the same pool, and each step draws its global batch from it
     prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer, cfg=cfg,
                                 context_length=text_encoder.context_length, seed=args.seed)
     train_loader = make_loader(args.data, mb, tok_cfg.image_size, seed=args.seed, rank=rank,
@@ -353,9 +340,9 @@ def main(args, state):
         tok.to(device)
     model = wrap(raw_model, device, world, args.compile)
 
-    # the sampling settings, kept in every checkpoint with the flags
-    sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale, num_steps=args.sample_steps,
-                    temperature=args.temperature)
+    # the sampling settings, kept in every checkpoint for sample.py
+    sampling = dict(aes=args.sample_aes, guidance_scale=args.guidance_scale,
+                    num_steps=args.sample_steps, temperature=args.temperature)
     if vq:
         sampling['guidance_schedule'] = 'cosine'
     else:
@@ -372,11 +359,9 @@ def main(args, state):
         pool = encode_pool(pool_loader, args.pool, tok.to(device), text_encoder, device, ctx)
         tok.cpu()
     batches = iter(train_loader)
-    prompts = SAMPLE_PROMPTS
-    if args.preset:
-        prompts = SHAPES_EVAL_PROMPTS
+    prompts = SHAPES_EVAL_PROMPTS if args.preset else SAMPLE_PROMPTS
     flops = raw_model.estimate_flops(text_encoder.context_length)['train'] * G
-    # what the log reads, kept on the device and read every --log_every steps only
+    # what the log reads stays on the device until --log_every
     buckets, smooth = torch.zeros(2, 4, device=device), torch.zeros((), device=device)
     bad_run = torch.zeros((), dtype=torch.long, device=device)
     x_sq = torch.ones((), device=device)  # an EMA of the tokens' mean square
@@ -385,7 +370,7 @@ def main(args, state):
     state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
-        # once in a while: a sample grid of the fixed prompts (rank 0, EMA weights)
+        # once in a while: a sample grid of the fixed prompts (rank 0, EMA)
         if master and step > start_step and (last or step % args.sample_every == 0):
             path = os.path.join(args.out_dir, f"samples_{step:07d}.png")
             tok.to(device)
@@ -394,7 +379,7 @@ def main(args, state):
             if not on_the_fly:
                 tok.cpu()
             print(msg, flush=True)
-        # once in a while: a checkpoint (never at the start step: nothing new to save)
+        # once in a while: a checkpoint (not at the start step: nothing new)
         if step > start_step and (last or step % args.ckpt_every == 0):
             data_state = None
             if not args.pool:
@@ -406,13 +391,13 @@ def main(args, state):
         if last:
             break
 
-        # one step over the global batch, in micro batches; nothing here waits on the GPU
+        # one step over the global batch in micro batches; nothing here waits on the GPU
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr, args.schedule)
         for group in opt.param_groups:
             group['lr'] = lr
         if pool is None:
             micro = [next(batches) for _ in range(grad_accum)]  # host tensors, pinned
-        else:  # the global batch's samples, drawn from the pool with replacement
+        else:  # the global batch, drawn from the pool with replacement
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             pick = torch.randint(0, args.pool, (G,), generator=gen)
             micro = []
@@ -445,7 +430,7 @@ def main(args, state):
         bad_run = (bad_run + 1) * bad
         smooth = 0.9 * smooth + 0.1 * loss_sum  # debiased when read
 
-        # logging: the one place the host reads what the GPU computed
+        # logging: the one place the host waits on the GPU
         if step % args.log_every == 0 or step == args.max_steps - 1:
             losses = torch.stack([smooth, loss_sum])  # each rank holds its share of the loss
             if world > 1:
@@ -464,8 +449,6 @@ def main(args, state):
                          world)
             buckets.zero_()
             stop_if_nonfinite(bad_run.item(), args.max_nonfinite, args.out_dir, master)
-    if world > 1:
-        dist.destroy_process_group()
 
 if __name__ == '__main__':
     run_main(main, get_args(), UserError)

@@ -7,8 +7,7 @@ $ python train_tokenizer.py --preset shapes --tokens kl  # the same, KL tokens
 $ python train_tokenizer.py --tokens vq128 --data 'shards/{00000..09999}.tar' --eval_data ...
 $ torchrun --standalone --nproc_per_node=8 train_tokenizer.py --tokens vq128 --data ...
 The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues with the
-same command plus --resume. --out_dir gets ckpt.pt, metrics.jsonl and recon_STEP.png (held-out
-images above their reconstructions).
+same command plus --resume. --out_dir gets ckpt.pt, metrics.jsonl and recon_STEP.png grids.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
@@ -16,7 +15,7 @@ References:
    modeling/modules/{losses,perceptual_loss,lpips,discriminator,ema_model}.py)
 3) LPIPS: https://arxiv.org/abs/1801.03924, weights as in CompVis/taming-transformers
 4) LeCAM: https://arxiv.org/abs/2104.03310
-5) nanoGPT's and DiT's train.py, whose shape this file follows
+5) nanoGPT's and DiT's train.py, this file's shape
 """
 import argparse
 import copy
@@ -43,7 +42,7 @@ from data import make_loader, make_grid, expand_source, merge_states, save_png
 
 # -----------------------------------------------------------------------------
 # perceptual loss: LPIPS (VGG16) + 0.1 x MSE of ConvNeXt-S logits, the release's
-# "lpips-convnext_s-1.0-0.1"; with torchvision's names, so its files load strictly
+# "lpips-convnext_s-1.0-0.1"; torchvision's module names, so its files load strictly
 
 WEIGHTS = {  # name -> (url, md5); torchvision's names hold a sha256 prefix instead
     'vgg16-397923af.pth': ('https://download.pytorch.org/models/vgg16-397923af.pth', None),
@@ -54,19 +53,19 @@ WEIGHTS = {  # name -> (url, md5); torchvision's names hold a sha256 prefix inst
 }
 
 def hub_weights(name):
-    """A state dict from torch.hub's cache, downloaded on first use."""
     url, md5 = WEIGHTS[name]
     path = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
-    hint = f"download {url} to {path} on a machine with internet, or --perceptual none"
-    if not os.path.exists(path) and not reachable(url.split('/')[2]):
-        raise UserError(f"cannot get the perceptual-loss weights {name} (offline?); {hint}")
-    try:
-        sd = torch.hub.load_state_dict_from_url(url, file_name=name, map_location='cpu',
-                                                check_hash=md5 is None, weights_only=True,
-                                                progress=False)
-    except Exception as e:  # a proxy, a truncated file: all the same to the user
-        raise UserError(f"cannot get the perceptual-loss weights {name} ({type(e).__name__}); "
-                        f"{hint}") from None
+    sd, why = None, 'offline?'
+    if os.path.exists(path) or reachable(url.split('/')[2]):
+        try:  # torch.hub's cache, else a download
+            sd = torch.hub.load_state_dict_from_url(url, file_name=name, map_location='cpu',
+                                                    check_hash=md5 is None, weights_only=True,
+                                                    progress=False)
+        except Exception as e:  # a proxy, a truncated file: all the same to the user
+            why = type(e).__name__
+    if sd is None:
+        raise UserError(f"cannot get the perceptual-loss weights {name} ({why}); download {url} "
+                        f"to {path} on a machine with internet, or --perceptual none")
     if md5 and hashlib.md5(open(path, 'rb').read()).hexdigest() != md5:
         raise UserError(f"{path}: md5 mismatch, delete it and retry")
     return sd
@@ -143,8 +142,7 @@ class PerceptualLoss(nn.Module):
         self.register_buffer('std', view(0.229, 0.224, 0.225))
         if pretrained:
             vgg = hub_weights('vgg16-397923af.pth')
-            vgg = {k[len('features.'):]: v for k, v in vgg.items() if k.startswith('features.')}
-            vgg = {k: v for k, v in vgg.items() if int(k.split('.')[0]) < 30}
+            vgg = {k[9:]: v for k, v in vgg.items() if k.startswith('features.')}
             load_official(self.features, vgg, 'vgg16-397923af.pth')
             lin = hub_weights('vgg_lpips.pth')
             lin = {k: v for k, v in lin.items() if k.startswith('lin')}  # 'linI.model.1.weight'
@@ -174,7 +172,7 @@ class PerceptualLoss(nn.Module):
         with torch.no_grad():
             fx = self.vgg_taps(x)
         lpips = 0
-        for a, b, lin in zip(fx, self.vgg_taps(y), self.lins):  # 'lin': weights channels
+        for a, b, lin in zip(fx, self.vgg_taps(y), self.lins):  # 'lin' weights the channels
             d = ((a - b) ** 2 * lin.weight.view(1, -1, 1, 1)).sum(1)  # (B, H, W)
             lpips = lpips + d.mean((1, 2))  # (B,)
         parts = dict(lpips=lpips)
@@ -231,17 +229,15 @@ def gan_on(step, disc_start):
     return 0 <= disc_start <= step
 
 def generator_loss(img, recon, aux, args, perceptual, disc=None):
-    """The release's ReconstructionLoss_Single_Stage, generator side -> (loss, terms); recon enters
-    unclamped, as released. disc (None before the GAN) is read with detached weights: only the
-    image gets the adversarial gradient."""
+    """The release's ReconstructionLoss_Single_Stage, generator side -> (loss, terms). recon is
+    unclamped, as released; disc's weights are detached: only the image gets its gradient."""
     with torch.autocast(img.device.type, enabled=False):
         recon = at_least_fp32(recon)
         terms = dict(recon=F.mse_loss(recon, img))
         loss = terms['recon']
         if perceptual is not None:
             terms.update(perceptual(img, recon))
-            # the release's (lpips + 0.1 convnext) / 1.1 at weight 1.1
-            convnext = terms.get('convnext_mse', 0.0)
+            convnext = terms.get('convnext_mse', 0.0)  # the release's (a + 0.1 b) / 1.1, x 1.1
             terms['perceptual'] = terms['lpips'].mean() + args.convnext_weight * convnext
             loss = loss + args.perceptual_weight * terms['perceptual']
         if 'quantizer_loss' in aux:
@@ -255,19 +251,17 @@ def generator_loss(img, recon, aux, args, perceptual, disc=None):
         if disc is not None and args.disc_weight > 0:
             params = {k: v.detach() for k, v in [*disc.named_parameters(), *disc.named_buffers()]}
             logits_fake = torch.func.functional_call(disc, params, (recon,))  # (B, 1, 16, 16)
-            terms['g_adv'] = -logits_fake.mean()  # hinge generator loss
-            # a constant weight: the release has no adaptive (gradient-norm) weight
+            terms['g_adv'] = -logits_fake.mean()  # hinge; the release has no adaptive weight
             loss = loss + args.disc_weight * terms['g_adv']
     terms['loss'] = loss
     return loss, terms
 
 def discriminator_backward(disc, pairs, lecam_ema, lecam_weight, scaler, world):
-    """D's gradients for the release's loss (losses.py) on the global batch: hinge + lecam_weight x
-    LeCAM, LeCAM = relu(mean real - ema fake)^2 + relu(ema real - mean fake)^2 over the whole
-    batch. pairs: this process's (images, detached reconstructions). -> (terms, the next EMAs)"""
+    """D's gradients for the release's hinge + LeCAM over the global batch. pairs: this process's
+    (images, detached reconstructions). -> (terms, the next EMAs)"""
     n = len(pairs)
     with torch.autocast(lecam_ema.device.type, enabled=False):
-        # 1. the global batch's mean real and fake logits, one all-reduce
+        # 1. the global batch's mean logits, one all-reduce
         sums = lecam_ema.new_zeros(3)  # real logits' sum, fake ones', their count
         with torch.no_grad():
             for img, recon in pairs:
@@ -278,14 +272,14 @@ def discriminator_backward(disc, pairs, lecam_ema, lecam_weight, scaler, world):
         mean_real, mean_fake = sums[:2] / sums[2]
         ema_real, ema_fake = lecam_ema
         lecam = F.relu(mean_real - ema_fake) ** 2 + F.relu(ema_real - mean_fake) ** 2
-        # d LeCAM / d logit is the same for every real logit, c_real / count (fake: c_fake / count),
-        # so c x mean(logits) per micro batch, averaged as the hinge is, has LeCAM's exact gradient
+        # d LeCAM / d logit is the same c / count for every real (fake) logit, so c x mean(logits)
+        # per micro batch, averaged as the hinge is, has LeCAM's exact gradient
         c_real = 2 * F.relu(mean_real - ema_fake)
         c_fake = -2 * F.relu(ema_real - mean_fake)
         # 2. per micro batch: the hinge loss and that stand-in for LeCAM, backward
         hinge, logits = 0.0, []
         for i, (img, recon) in enumerate(pairs):
-            if world > 1:  # all-reduce the gradients on the last micro step only
+            if world > 1:  # all-reduce on the last micro step only
                 disc.require_backward_grad_sync = i == n - 1
             real, fake = disc(torch.cat([img, at_least_fp32(recon)])).chunk(2)  # (B, 1, 16, 16)
             h = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
@@ -304,10 +298,9 @@ def discriminator_backward(disc, pairs, lecam_ema, lecam_weight, scaler, world):
 
 @torch.no_grad()
 def small_run_init(tok):
-    """--init small: another init of the same layout, which takes a 1M-parameter tokenizer off
-    the mean-image plateau within minutes."""
-    # torch's default init for the encoder, as the release's decoder has: at std 0.02 the image is
-    # only ~5% of the latent tokens' residual stream
+    """--init small: leaves the mean-image plateau within minutes at 1M parameters."""
+    # torch's default init for the encoder, as the release's decoder has: at std 0.02 the image
+    # is ~5% of the latent tokens' residual stream
     for m in tok.encoder.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             m.reset_parameters()
@@ -321,13 +314,11 @@ def small_run_init(tok):
         pe[1:] = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).to(pe)  # (P, W)
 
 @torch.no_grad()
-def cluster_codebook(codebook, embed_prob, features, ids, apply, decay=0.99, l2=False):
+def cluster_codebook(codebook, embed_prob, features, ids, apply, l2):
     """The release's clustering_vq (CVQ-VAE, https://arxiv.org/abs/2307.15139): each code moves
-    toward its closest feature (n, C) by exp(-10 K usage / (1 - decay)), rare codes all the way.
-    apply: a device bool, False for a skipped step. l2: the quantizer's use_l2_norm."""
-    K = codebook.shape[0]
-    ones = features.new_ones(len(ids))
-    counts = features.new_zeros(K).index_add_(0, ids, ones)  # no sync, unlike bincount
+    toward its closest feature (n, C), rare codes all the way. apply: False on a skipped step."""
+    K, decay = codebook.shape[0], 0.99
+    counts = features.new_zeros(K).index_add_(0, ids, features.new_ones(len(ids)))  # no sync
     prob = embed_prob * decay + counts / counts.sum() * (1 - decay)  # each code's share
     embed_prob.copy_(torch.where(apply, prob, embed_prob))
     best_d = torch.full((K,), float('inf'), device=codebook.device)
@@ -344,8 +335,7 @@ def cluster_codebook(codebook, embed_prob, features, ids, apply, decay=0.99, l2=
     codebook.mul_(1 - alpha).add_(anchor * alpha)
 
 def cluster_global(quantizer, embed_prob, feats, world, apply):
-    """cluster_codebook on every rank's feats [(features, ids, global sample indices)] in global
-    sample order: the same update for any world size."""
+    """cluster_codebook on all ranks' feats in global sample order: world-size invariant."""
     parts = [torch.cat(x) for x in zip(*feats)]  # features (n, N, C), ids (n, N), indices (n,)
     if world > 1:
         for j, x in enumerate(parts):
@@ -355,11 +345,10 @@ def cluster_global(quantizer, embed_prob, feats, world, apply):
     f, i, index = parts
     order = index.argsort()
     cluster_codebook(quantizer.embedding.weight.data, embed_prob, f[order].flatten(0, 1),
-                     i[order].flatten(), apply, l2=quantizer.use_l2_norm)
+                     i[order].flatten(), apply, quantizer.use_l2_norm)
 
 def prepare_sample(sample, index, tokenizer, context_length, noise, seed):
-    """In a data worker: the caption's ids and, KL, the posterior noise (of shape `noise`), drawn
-    from (seed, global sample index) as any number of processes draws it."""
+    """In a data worker: the caption's ids and, KL, the posterior noise of (seed, index)."""
     out = dict(ids=clip_ids(tokenizer, sample['caption'], context_length))
     if noise:
         rng = np.random.default_rng([seed, index])
@@ -367,8 +356,7 @@ def prepare_sample(sample, index, tokenizer, context_length, noise, seed):
     return out
 
 def loss_activation_bytes(args, image_size):
-    """Per sample, the bytes the fp32 losses keep for the backward pass (D's own step comes after
-    the generator's, and needs less)."""
+    """Per sample, the bytes the fp32 losses keep for backward (D's step needs less)."""
     pixels = image_size ** 2
     saved = 12 * 3 * pixels  # the reconstruction, through the L2 loss
     if args.perceptual != 'none':
@@ -380,8 +368,7 @@ def loss_activation_bytes(args, image_size):
     return saved
 
 def plan_run(args, cfg, clip_params, world, memory):
-    """choose_plan for the tokenizer, beside the frozen CLIP tower and perceptual nets, and D with
-    its AdamW (counted on the meta device)."""
+    """choose_plan for the tokenizer beside the frozen nets and D with its AdamW."""
     with torch.device('meta'):
         model = TATiTok(cfg)
         disc = Discriminator(args.disc_width)
@@ -413,7 +400,7 @@ def build(args, resumed):
 
 @torch.no_grad()
 def evaluate(ema, text_encoder, loader, args, device, ctx, step):
-    """-> a log line: the EMA model's PSNR on held-out images (8-bit, as saved; KL: the posterior
+    """-> a log line: the EMA's PSNR on held-out images (8-bit, as saved; KL: the posterior
     mean), VQ code usage; and a recon grid."""
     psnr, ids, n, grid = [], [], 0, None
     for batch in loader:
@@ -426,7 +413,7 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
         psnr.append(-10 * torch.log10(mse))  # (B,)
         if 'ids' in aux:
             ids.append(aux['ids'].flatten())
-        if grid is None:
+        if grid is None:  # held-out images above their reconstructions
             pair = (torch.cat([img[:8], recon[:8]]) * 255).round().byte()
             grid = make_grid(pair.permute(0, 2, 3, 1).cpu().numpy(), ncol=len(img[:8]))
         n += len(img)
@@ -448,11 +435,10 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
     return msg
 
 # -----------------------------------------------------------------------------
-# recipes and flags: a flag left unset takes its recipe's value. official: the
-# release's configs/training/TA-TiTok/*.yaml (its global batch unstated: 32 per
-# GPU x 8 assumed); shapes: the CPU quickstart, 32 px, no downloads, the encoder
-# at a third of the lr lest the high lr collapse the codebook (TUNING.md has the
-# measurements); tiny: the tests
+# recipes: a flag left unset takes its recipe's value. official: the release's
+# configs/training/TA-TiTok/*.yaml (its global batch unstated: 32 per GPU x 8 assumed);
+# shapes: the CPU quickstart, the encoder at a third of the lr lest the high lr collapse
+# the codebook (TUNING.md); tiny: the tests
 
 NAMES = ('official', 'shapes', 'shapes-kl', 'tiny')
 TABLE = dict(  #   official          shapes    shapes-kl  tiny
@@ -489,51 +475,41 @@ def get_args(argv=None):
     m = g['model']
     m.add_argument('--clip',
                    help="text encoder: tiny (random, no download), MODEL:PRETRAINED of "
-                        "open_clip (the release's: ViT-L-14-336:openai), or a local "
-                        "weights file")
+                        "open_clip (the release's: ViT-L-14-336:openai), or a weights file")
     m.add_argument('--init', choices=['release', 'small'],
-                   help="weight init: the release's, or small (small_run_init) for tiny "
-                        "fast runs")
+                   help="the release's init, or small_run_init's for small fast runs")
     d = g['data']
     d.add_argument('--data',
                    help="training images: tar shards ('d/{00000..00099}.tar'), a glob, a "
                         "folder of images with .txt captions, or shapes")
-    d.add_argument('--eval_data',
-                   help="held-out images for PSNR and grids (the same forms, or "
-                        "shapes:val); none: skip")
+    d.add_argument('--eval_data', help="held-out images (the same forms, or shapes:val), or none")
     o = g['optimization']
     o.add_argument('--encoder_lr_scale', type=number(float, 1e-9),
-                   help="the lr of the encoder and latent tokens over the rest's (release: 1)")
+                   help="the encoder's and latent tokens' lr over the rest's (release: 1)")
     out = g['output']
     out.add_argument('--eval_every', type=pos_int, help="steps between evaluations (EMA)")
     out.add_argument('--eval_images', type=pos_int, help="held-out images per evaluation")
     l = p.add_argument_group('losses')
     l.add_argument('--perceptual', choices=['lpips-convnext', 'lpips', 'none'],
-                   help="LPIPS (VGG16) + ConvNeXt-S logit MSE (the release's), LPIPS "
-                        "only, or none")
-    l.add_argument('--perceptual_weight', type=pos, default=1.0,
-                   help="weight of the perceptual loss (default 1)")
+                   help="LPIPS (VGG16) + ConvNeXt-S logit MSE (the release's), or less")
+    l.add_argument('--perceptual_weight', type=pos, default=1.0, help="(default 1)")
     l.add_argument('--convnext_weight', type=pos, default=0.1,
-                   help="weight of its ConvNeXt-S term (default 0.1)")
+                   help="of the perceptual loss's ConvNeXt-S term (default 0.1)")
     l.add_argument('--quantizer_weight', type=pos, default=1.0,
-                   help="VQ: weight of commitment + codebook loss (default 1)")
+                   help="VQ: of commitment + codebook loss (default 1)")
     l.add_argument('--cluster_vq', choices=['on', 'off'], default='on',
-                   help="VQ: the release's clustering_vq, rare codes pulled toward the "
-                        "encoder's features (default on)")
-    l.add_argument('--kl_weight', type=pos, default=1e-6,
-                   help="KL: weight of the KL term (default 1e-6)")
+                   help="VQ: the release's clustering_vq of rare codes (default on)")
+    l.add_argument('--kl_weight', type=pos, default=1e-6, help="KL: (default 1e-6)")
     l.add_argument('--disc_start', type=number(int, -1),
-                   help="the step the GAN starts at (D trains, the adversarial term, "
-                        "LeCAM); -1: never")
+                   help="the step D, the adversarial loss and LeCAM start at; -1: never")
     l.add_argument('--disc_weight', type=pos, default=0.1,
-                   help="weight of the adversarial loss (default 0.1)")
+                   help="of the adversarial loss (default 0.1)")
     l.add_argument('--disc_lr', type=pos,
-                   help="peak learning rate of the discriminator (its own warm-up and "
-                        "clipping as the tokenizer's)")
+                   help="the discriminator's peak lr (warm-up and clipping as the tokenizer's)")
     l.add_argument('--disc_width', type=number(int, 32),
                    help="discriminator base channels (the release's: 128)")
     l.add_argument('--lecam_weight', type=pos, default=0.001,
-                   help="LeCAM weight, EMA decay 0.999 (default 0.001)")
+                   help="LeCAM's, EMA decay 0.999 (default 0.001)")
     add_system_flags(p, 'tokenizer', 'the KL noise')
     args = p.parse_args(argv)
     check_tokens(p, args)
@@ -545,8 +521,7 @@ def get_args(argv=None):
     args.out_dir = args.out_dir or f"out/tatitok-{args.tokens}"
     take_recipe(p, args, RECIPES.get(f"{recipe}-{args.tokens}", RECIPES[recipe]))  # shapes-kl
     if args.data is None:
-        p.error("--data is required with an official recipe (tar shards, a glob, or a folder of "
-                "images)")
+        p.error("--data is required with an official recipe")
     return args
 
 # -----------------------------------------------------------------------------
@@ -559,29 +534,23 @@ def main(args, state):
         expand_source(args.eval_data)
     ckpt, changed, resumed = open_run(args, 'train_tokenizer', MODEL_FLAGS, world)
 
-    # the frozen text encoder and the tokenizer: the same init on every rank
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same init on every rank
     text_encoder, raw_model = build(args, resumed)
     cfg = raw_model.config
     vq = cfg.quantize == 'vq'
     memory = gpu_memory(device)
-    clip_params = sum(p.numel() for p in text_encoder.parameters())
-    choice = plan_run(args, cfg, clip_params, world, memory)
+    choice = plan_run(args, cfg, sum(p.numel() for p in text_encoder.parameters()), world, memory)
     mb, grad_accum = choice['micro_batch'], choice['grad_accum']
     raw_model.encoder.checkpointing = raw_model.decoder.checkpointing = choice['checkpointing']
     text_encoder.to(device)
     raw_model.to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
     disc_raw = Discriminator(args.disc_width).to(device)
-    perceptual = None
-    if args.perceptual != 'none':
-        perceptual = PerceptualLoss(args.perceptual).to(device)
+    perceptual = None if args.perceptual == 'none' else PerceptualLoss(args.perceptual).to(device)
 
-    # data: global sample g is the same image, with the same KL noise, on any number of processes;
-    # the release's tokenizer reads each image's caption as it is (recap_prob=0)
-    noise = None
-    if not vq:
-        noise = (cfg.num_latent_tokens, cfg.token_size)
+    # data: sample g is the same image and KL noise on any number of processes; recap_prob=0:
+    # the release's tokenizer reads the captions as they are
+    noise = None if vq else (cfg.num_latent_tokens, cfg.token_size)
     prepare = functools.partial(prepare_sample, tokenizer=text_encoder.tokenizer,
                                 context_length=text_encoder.context_length, noise=noise,
                                 seed=args.seed)
@@ -593,7 +562,6 @@ def main(args, state):
         eval_loader = make_loader(args.eval_data, mb, cfg.image_size, train=False, seed=args.seed,
                                   recap_prob=0)
 
-    # optimizers, scalers: all that a checkpoint keeps
     betas = (args.beta1, args.beta2)
     opt = raw_model.configure_optimizers(args.weight_decay, args.lr, betas, device.type,
                                          args.encoder_lr_scale)
@@ -613,24 +581,24 @@ def main(args, state):
         train_loader.load_state_dict(resumed['data'])
     model = wrap(raw_model, device, world, args.compile)
     disc = wrap(disc_raw, device, world)
-    if master:  # the resolved configuration; every checkpoint keeps the flags
+    if master:
         config = dict(vars(args), model_args=asdict(cfg), world_size=world, grad_accum=grad_accum,
                       device_used=str(device), params=raw_model.get_num_params())
         print_start(config, choice, train_loader, memory, changed, start_step)
 
     batches = iter(train_loader)
     flops = 3 * raw_model.estimate_flops() * args.batch_size  # per step, the tokenizer's
-    # what the log reads, kept on the device and read every --log_every steps only
+    # what the log reads stays on the device until --log_every
     smooth, bad_run = {}, torch.zeros((), dtype=torch.long, device=device)
     clock = [time.time(), start_step]
     step, saved = start_step, resumed and start_step
     state['interrupted'] = lambda: interrupted_at(step, saved, args.out_dir)
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps
-        # once in a while: held-out PSNR and a recon grid (rank 0, EMA weights)
+        # once in a while: held-out PSNR and a recon grid (rank 0, EMA)
         if eval_loader is not None and (last or step % args.eval_every == 0):
             print(evaluate(ema, text_encoder, eval_loader, args, device, ctx, step), flush=True)
-        # once in a while: a checkpoint (never at the start step: nothing new to save)
+        # once in a while: a checkpoint (not at the start step: nothing new)
         if step > start_step and (last or step % args.ckpt_every == 0):
             data_state = merge_states(all_gather_objects(train_loader.state_dict(), world))
             save_run(args, step, world, parts, script='train_tokenizer', model_args=asdict(cfg),
@@ -639,12 +607,12 @@ def main(args, state):
         if last:
             break
 
-        # one step over the global batch, in micro batches; nothing here waits on the GPU
+        # one step over the global batch in micro batches; nothing here waits on the GPU
         lr = get_lr(step, args.lr, args.warmup_steps, args.max_steps, args.end_lr)
         for group in opt.param_groups:
             group['lr'] = lr * group['lr_scale']
-        gan = gan_on(step, args.disc_start)  # D trains, G gets the adversarial term
-        if gan:  # the release's D schedule starts at disc_start (README: differences)
+        gan = gan_on(step, args.disc_start)
+        if gan:  # D's schedule starts at disc_start, as the release's on 1 GPU (README)
             lr_d = get_lr(step - args.disc_start, args.disc_lr, args.warmup_steps,
                           args.max_steps - args.disc_start, args.end_lr * args.disc_lr / args.lr)
             for group in opt_d.param_groups:
@@ -660,9 +628,9 @@ def main(args, state):
                 recon, aux = model(img, guidance, noise=batch.get('noise'))
             loss, t = generator_loss(img, recon, aux, args, perceptual, disc_raw if gan else None)
             scaler.scale(loss / grad_accum).backward()
-            if vq:  # for the codebook clustering
+            if vq:
                 feats.append((aux['features'], aux['ids'], batch['index']))
-            if gan:  # for D, which needs the whole batch's mean logits first
+            if gan:  # D needs the global batch's mean logits first
                 pairs.append((img, recon.detach()))
             for k, v in t.items():
                 terms[k] = terms.get(k, 0.0) + v.detach().float().mean() / grad_accum
@@ -675,7 +643,7 @@ def main(args, state):
             _, d_finite = optimizer_step(opt_d, scaler_d, disc_raw.parameters(), args.grad_clip)
             finite = finite & d_finite
             lecam_ema.copy_(torch.where(finite, lecam_next, lecam_ema))
-        # the release moves the codes in forward, after the loss: the same gradient as here
+        # the release moves the codes in forward, after the loss: the same as here
         if vq and args.cluster_vq == 'on':
             cluster_global(raw_model.quantize, embed_prob, feats, world, finite)
         update_ema(ema, raw_model, step, args.ema_decay, finite)
@@ -687,7 +655,7 @@ def main(args, state):
         for k, v in terms.items():  # an EMA of each term, debiased when read
             smooth[k] = 0.9 * smooth.get(k, 0.0) + 0.1 * v
 
-        # logging: the one place the host reads what the GPU computed
+        # logging: the one place the host waits on the GPU
         if step % args.log_every == 0 or step == args.max_steps - 1:
             keys = sorted(terms)  # every term, averaged over micro steps and ranks
             vals = torch.stack([terms[k] for k in keys])
@@ -703,8 +671,6 @@ def main(args, state):
                 row = dict(step=step, lr=lr, gnorm=gnorm.item(), **dict(zip(keys, vals.tolist())))
                 log_step(args, row, head, tail, clock, flops, device, world)
             stop_if_nonfinite(bad_run.item(), args.max_nonfinite, args.out_dir, master)
-    if world > 1:
-        dist.destroy_process_group()
 
 if __name__ == '__main__':
     run_main(main, get_args(), UserError)
