@@ -26,10 +26,10 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatitok import TATiTok, TextEncoder, UserError, tatitok_config
-from runtime import pick_device, pick_dtype, autocast, peak_flops, number
 from maskgen import (MaskGen, GaussianDiffusion, Sampling, maskgen_config, mask_schedule,
                      prompt_inputs)
-from runtime import optimizer_step, update_ema, describe, run_main, GiB
+from runtime import (pick_device, pick_dtype, autocast, peak_flops, number, optimizer_step,
+                     update_ema, describe, run_main, GiB)
 
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
 CLIP_L14_PARAMS = 123.7e6  # the official CLIP's (ViT-L-14-336) text tower
@@ -79,11 +79,11 @@ def time_parts(step, parts, device):
             return out
         return call
 
-    methods = [getattr(obj, method) for obj, method, _ in parts]
-    for (obj, method, name), fn in zip(parts, methods):
-        setattr(obj, method, timed(fn, name))  # an instance attribute hides the class's method
+    originals = [(obj, method, getattr(obj, method)) for obj, method, _ in parts]
+    for obj, method, name in parts:
+        setattr(obj, method, timed(getattr(obj, method), name))  # hides the class's method
     step()
-    for (obj, method, _), fn in zip(parts, methods):
+    for obj, method, fn in originals:
         setattr(obj, method, fn)  # the bound method, or the compiled function, back
     sync(device)
     ms = {}
