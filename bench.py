@@ -1,6 +1,6 @@
 """
-Training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT bench.py way: random weights
-(nothing downloaded), synthetic inputs, warm-up steps, then timed steps; a table, a JSON line last.
+Training and sampling throughput of TA-TiTok and MaskGen, the nanoGPT bench.py way: random weights,
+synthetic inputs, warm-up steps, then timed steps; a table, a JSON line last.
 
 $ python bench.py --what sample --size l --tokens vq128 --batch_size 64  # MaskGen-L VQ, 16 steps
 $ python bench.py --what sample --size l --tokens kl32 --batch_size 64   # MaskGen-L KL, 32 steps
@@ -9,11 +9,10 @@ $ python bench.py --what train-tokenizer --tokens vq128 --batch_size 32
 $ python bench.py --what sample --size tiny --tokens vq --batch_size 2 --sample_steps 2  # a CPU
 $ python bench.py --what plan  # the memory plan of every official recipe
 
-MFU: the FLOPs of the architecture (2 per multiply-add, backward 2x forward) against the GPU's
-bf16 dense peak (0 on a CPU or an unknown GPU). The host's ms per step and syncs (each a wait for
-the device) show what keeps a GPU idle; on CUDA, also its share of the step without work. The
-training steps run the models alone: the tokenizer with an L2 loss, the generator on precomputed
-CLIP features. Sampling is CLIP, the generator's decoding steps and the decoder, once timed apart.
+MFU: the model's FLOPs (2 per multiply-add, backward 2x forward) over the GPU's bf16 dense peak
+(0 on a CPU or an unknown GPU). The host's ms and syncs per step show what keeps a GPU idle. The
+training steps run the models alone: the tokenizer with an L2 loss, the generator on random CLIP
+features. Sampling is CLIP, the generator's steps and the decoder, once more timed apart.
 """
 import argparse
 import copy
@@ -27,20 +26,19 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatitok import TATiTok, TextEncoder, UserError, tatitok_config
-from runtime import pick_device, pick_dtype, autocast, peak_flops, number
-from maskgen import MaskGen, GaussianDiffusion, Sampling, maskgen_config, mask_schedule, prompt_inputs
-from runtime import optimizer_step, update_ema, describe, run_main, GiB
+from maskgen import (MaskGen, GaussianDiffusion, Sampling, maskgen_config, mask_schedule,
+                     prompt_inputs)
+from runtime import (pick_device, pick_dtype, autocast, peak_flops, number, optimizer_step,
+                     update_ema, describe, run_main, GiB)
 
 CLIP_L14_TEXT = dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
-CLIP_L14_PARAMS = 123.7e6  # ViT-L-14-336's text tower (the official CLIP): its parameters
+CLIP_L14_PARAMS = 123.7e6  # the official CLIP's (ViT-L-14-336) text tower
 TOKENS = ['vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128', 'vq', 'kl']
 USER_ERRORS = (UserError, torch.cuda.OutOfMemoryError)  # one line, exit 2 (runtime.run_main)
 
-
 def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
-    """FLOPs per image of sampling: CLIP on the prompt (and on "" once a batch), the generator's
-    conditioning once and its backbone at every step, the KL denoiser at every diffusion step of
-    every token (the generator's twice when guided), the tokenizer's decoder."""
+    # per image: CLIP (and "" once a batch), the generator's conditioning, its backbone at every
+    # step and the KL denoiser at every diffusion step of every token (twice if guided), decoder
     N = gen.config.num_tokens
     f = gen.estimate_flops(te.context_length)
     reps = 2 if guided else 1
@@ -48,7 +46,7 @@ def sample_flops(gen, tok, te, batch, steps, diffusion_steps, guided):
     passes = steps
     if gen.config.quantize != 'vq':
         schedule = mask_schedule(N, steps, 'cosine')
-        passes = sum(a > b for a, b in zip([N] + schedule, schedule))  # none if none is committed
+        passes = sum(a > b for a, b in zip([N] + schedule, schedule))  # steps that commit
         timesteps = len(GaussianDiffusion(1000, diffusion_steps).timestep_map)
         flops += reps * N * timesteps * f['denoiser']
     return flops + reps * (f['conditioning'] + passes * f['backbone'])
@@ -60,10 +58,9 @@ def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
-
 def time_parts(step, parts, device):
-    """One more step, each method of parts [(object, method name, part)] timed -> ms per part, its
-    calls summed. A GPU's marks are CUDA events: the timing adds no wait for the device."""
+    """One more step, each method of parts [(object, method name, part)] timed -> ms per part,
+    its calls summed. On a GPU the marks are CUDA events: no wait for the device added."""
     cuda = device.type == 'cuda'
     marks = []
 
@@ -82,11 +79,11 @@ def time_parts(step, parts, device):
             return out
         return call
 
-    methods = [getattr(obj, method) for obj, method, _ in parts]
-    for (obj, method, name), fn in zip(parts, methods):
-        setattr(obj, method, timed(fn, name))  # an instance attribute hides the class's method
+    originals = [(obj, method, getattr(obj, method)) for obj, method, _ in parts]
+    for obj, method, name in parts:
+        setattr(obj, method, timed(getattr(obj, method), name))  # hides the class's method
     step()
-    for (obj, method, _), fn in zip(parts, methods):
+    for obj, method, fn in originals:
         setattr(obj, method, fn)  # the bound method, or the compiled function, back
     sync(device)
     ms = {}
@@ -95,17 +92,14 @@ def time_parts(step, parts, device):
         ms[name] = ms.get(name, 0.0) + elapsed
     return ms
 
-
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten.equal,
             aten.is_nonzero, aten.unique_dim, aten._unique2, aten.repeat_interleave}
 
-
 class SyncCounter(TorchDispatchMode):
-    """Counts the ops after which the host waits for the device: a value read (.item(), float(),
-    .tolist()), an output whose size depends on the data (nonzero, boolean indexing, bincount...)
-    and torch.cuda.synchronize. They cost nothing on a CPU: there, this counts what a GPU would
-    wait for."""
+    """Counts the ops after which the host waits for the device: a value read (.item(),
+    .tolist()), an output sized by the data (nonzero, boolean indexing...), synchronize. On a
+    CPU they cost nothing: this counts what a GPU would wait for."""
 
     def __init__(self):
         super().__init__()
@@ -135,10 +129,9 @@ class SyncCounter(TorchDispatchMode):
             return fn(*args, **kwargs)
         return counted
 
-
 def count_syncs(step, device):
-    """One more step -> (its host syncs, on CUDA the ms its kernels ran, else None). On CUDA each
-    sync is a warning of set_sync_debug_mode, and the profiler times the kernels."""
+    """One more step -> (its host syncs, the ms its kernels ran or None off CUDA). On CUDA,
+    set_sync_debug_mode warns at each sync and the profiler times the kernels."""
     if device.type != 'cuda':
         with SyncCounter() as counter:
             step()
@@ -158,8 +151,7 @@ def count_syncs(step, device):
 # the benchmarks: each -> (step, FLOPs per image, facts for the report, a breakdown or None)
 
 def train_step(model, opt, loss, args):
-    """The trainers' step: loss(model) (compiled with --compile on), backward, clipping, the AdamW
-    step skipped on the device when not finite, the EMA."""
+    # the trainers' step: loss(model), backward, clipping, AdamW (skipped if not finite), EMA
     model.train()
     ema = copy.deepcopy(model).requires_grad_(False)
     run = model
@@ -176,7 +168,6 @@ def train_step(model, opt, loss, args):
         opt.zero_grad(set_to_none=True)
     return step
 
-
 def bench_train_tokenizer(args):
     tok = TATiTok(tatitok_config(args.tokenizer))
     cfg = tok.config
@@ -191,9 +182,8 @@ def bench_train_tokenizer(args):
     step = train_step(tok, opt, loss, args)
     return step, 3 * tok.estimate_flops(), dict(params=tok.get_num_params()), None
 
-
 def bench_train_maskgen(args):
-    tcfg = tatitok_config(args.tokenizer)  # the tokens' count, the text's length
+    tcfg = tatitok_config(args.tokenizer)
     gen = MaskGen.from_config(maskgen_config(args.generator, num_tokens=tcfg.num_latent_tokens))
     cfg = gen.config
     B, L, T = args.batch_size, tcfg.text_context_length, cfg.text_embed_dim
@@ -208,7 +198,6 @@ def bench_train_maskgen(args):
     step = train_step(gen, opt, lambda model: model(x, *text, *null, draws=draws)[0], args)
     return step, gen.estimate_flops(L)['train'], dict(params=gen.get_num_params()), None
 
-
 def bench_sample(args):
     tcfg = tatitok_config(args.tokenizer)
     tok = TATiTok(tcfg).eval()
@@ -218,14 +207,12 @@ def bench_sample(args):
         te = TextEncoder.tiny(context_length=tcfg.text_context_length)
     else:
         te = TextEncoder.from_text_cfg(CLIP_L14_TEXT, 768)
-    vq = gen.config.quantize == 'vq'
-    steps = args.sample_steps or (16 if vq else 32)
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = 12.0 if vq else 3.0
-    sampling = Sampling.release(gen.config.quantize, num_steps=steps, guidance_scale=guidance)
+    given = dict(num_steps=args.sample_steps, guidance_scale=args.guidance_scale)
+    given = {k: v for k, v in given.items() if v is not None}
+    sampling = Sampling.release(gen.config.quantize, **given)
+    steps, guidance = sampling.num_steps, sampling.guidance_scale
     work = [(gen, 'backbone', 'mmdit'), (tok.decoder, 'forward', 'decode')]  # every step's work
-    if not vq:
+    if gen.config.quantize == 'kl':
         sampling.diffusion_steps = args.diffusion_steps
         work.append((gen.diffloss.net, 'forward', 'diffusion_mlp'))
     if args.compile == 'on':
@@ -256,8 +243,7 @@ def bench_sample(args):
 # the memory plan of every official recipe
 
 def plan_table(processes):
-    """The trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB
-    GPUs: a markdown table, then its rows as JSON."""
+    # the trainers' memory plan (runtime.choose_plan) of every official recipe on 40 and 80 GiB
     import train_tokenizer
     import train_maskgen
     rows = []
@@ -270,7 +256,7 @@ def plan_table(processes):
     for size, tokens in (('l', 'vq128'), ('xl', 'vq128'), ('l', 'kl32'), ('xl', 'kl32')):
         args = train_maskgen.get_args(['--size', size, '--tokens', tokens])
         cfg = train_maskgen.generator_config(size, tatitok_config(tokens), 768)
-        frozen = 4 * CLIP_L14_PARAMS  # CLIP's text tower; the tokenizer stays on the CPU (token shards)
+        frozen = 4 * CLIP_L14_PARAMS  # CLIP's text tower, fp32; the tokenizer stays on the CPU
         for gib in (40, 80):
             c = train_maskgen.plan_run(args, cfg, 77, frozen, processes, gib * GiB)
             rows.append(dict(c, recipe=f"train_maskgen.py --size {size} --tokens {tokens}", gib=gib))
@@ -292,16 +278,13 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--what', default='sample', choices=['train-tokenizer', 'train-maskgen',
-                   'sample', 'plan'], help="a training step, sampling, or the memory plan "
-                   "(default sample)")
+                   'sample', 'plan'], help="a training step, sampling (default), or the memory plan")
     p.add_argument('--processes', type=number(int, 1), default=8,
                    help="plan: processes per run (default 8)")
     p.add_argument('--size', default='l', choices=['l', 'xl', 'tiny', 'shapes'],
-                   help="MaskGen-L / XL, or a small preset: tiny (tests), shapes (the CPU "
-                   "quickstart) (default l)")
-    p.add_argument('--tokens', default='vq128', choices=TOKENS, help="the tokenizer (an official "
-                   "release's); vq / kl: the paper's pair (vq128 / kl32), the only choice for "
-                   "tiny / shapes (default vq128)")
+                   help="MaskGen-L (default) / XL, tiny (tests) or shapes (the CPU quickstart)")
+    p.add_argument('--tokens', default='vq128', choices=TOKENS, help="the tokenizer release; "
+                   "vq / kl: the paper's vq128 (default) / kl32, the only choice for tiny / shapes")
     p.add_argument('--batch_size', type=number(int, 1), default=64,
                    help="images per step (default 64)")
     p.add_argument('--sample_steps', type=number(int, 1),
@@ -311,27 +294,26 @@ def get_args(argv=None):
     p.add_argument('--guidance_scale', type=number(float, 0),
                    help="sampling (default 12 VQ, 3 KL); 1: the conditional model alone")
     p.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-                   help="autocast dtype (auto: bfloat16 on a GPU, float32 elsewhere)")
+                   help="autocast dtype (auto: bfloat16 on a GPU, else float32)")
     p.add_argument('--compile', default='off', choices=['on', 'off'],
                    help="torch.compile the step, or sampling's networks (default off)")
     p.add_argument('--compile_mode', default='default',
                    choices=['default', 'reduce-overhead', 'max-autotune'],
-                   help="reduce-overhead: CUDA graphs (default: default)")
-    p.add_argument('--device', default='auto',
-                   help="auto (a GPU if any, else the CPU), cpu, cuda, cuda:1")
+                   help="reduce-overhead: CUDA graphs")
+    p.add_argument('--device', default='auto', help="auto (a GPU if any), cpu, cuda, cuda:1")
     p.add_argument('--warmup', type=number(int, 0), default=2,
                    help="untimed steps first: compilation, allocator, caches (default 2)")
     p.add_argument('--iters', type=number(int, 1), default=5,
-                   help="timed steps, their median reported (default 5)")
+                   help="timed steps, the median reported (default 5)")
     p.add_argument('--threads', type=number(int, 0), default=0,
                    help="CPU threads (0: torch's default)")
     p.add_argument('--seed', type=number(int, 0), default=0,
                    help="of the weights, the inputs and sampling (default 0)")
     args = p.parse_args(argv)
     q = args.tokens[:2]
-    args.generator = f"{q}-{args.size}"  # the presets; vq / kl: the paper's pairs
+    args.generator = f"{q}-{args.size}"
     args.tokenizer = dict(vq='vq128', kl='kl32').get(args.tokens, args.tokens)
-    if args.size in ('tiny', 'shapes'):  # a small generator with its own tokenizer
+    if args.size in ('tiny', 'shapes'):  # a small generator, its own tokenizer
         if args.tokens != q:
             p.error(f"--size {args.size} takes --tokens vq or kl, not {args.tokens}")
         args.generator = args.tokenizer = f"{args.size}-{q}"
@@ -342,14 +324,13 @@ def get_args(argv=None):
         p.error(str(e))
     return args
 
-
 def main(args, state):
     if args.what == 'plan':
         return plan_table(args.processes)
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # the weights and the inputs
+    torch.manual_seed(args.seed)
     if device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -357,7 +338,7 @@ def main(args, state):
     bench = {'train-tokenizer': bench_train_tokenizer, 'train-maskgen': bench_train_maskgen,
              'sample': bench_sample}[args.what]
     try:
-        with torch.device(device):  # made on the device: a 600M model's init not copied there
+        with torch.device(device):  # a 600M model's init made there, not copied
             step, flops, info, breakdown = bench(args)
         for _ in range(args.warmup):
             step()
@@ -366,7 +347,7 @@ def main(args, state):
         for _ in range(args.iters):
             t0 = time.perf_counter()
             step()
-            host.append(time.perf_counter() - t0)  # the host's part: the GPU may still be working
+            host.append(time.perf_counter() - t0)  # the host's part: the GPU may still work
             sync(device)
             times.append(time.perf_counter() - t0)
         if breakdown is not None:
@@ -393,7 +374,7 @@ def main(args, state):
                   syncs_per_step=syncs, device_wait=wait, peak_mem_gb=round(mem, 3),
                   peak_mem_kind=mem_kind, flops_per_image=int(flops),
                   peak_flops=None if peak == float('inf') else peak,
-                  mfu=round(flops * args.batch_size / dt / peak, 4),  # 0 without a known peak: no made-up MFU
+                  mfu=round(flops * args.batch_size / dt / peak, 4),  # 0 without a known peak
                   torch=torch.__version__, date=time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))
     print(f"{args.what} | {args.generator} {args.tokenizer} | batch {args.batch_size} | "
           f"{result['dtype']} | compile {args.compile} | {name}")
@@ -402,7 +383,6 @@ def main(args, state):
         print(f"{k:<18}{result.get(k, '')}")
     print(json.dumps(result))
     return result
-
 
 if __name__ == '__main__':
     run_main(main, get_args(), USER_ERRORS)

@@ -7,8 +7,8 @@ code ids (MaskGIT), MaskGenKL conditions a diffusion MLP per token (MAR).
     ids = gen.generate(encode_prompts(clip, captions), seed=0)  # (B, 128) code ids
 
 References:
-1) the paper: https://arxiv.org/abs/2501.07730
-2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/maskgen.py,
+1) paper: https://arxiv.org/abs/2501.07730
+2) official code: https://github.com/bytedance/1d-tokenizer (modeling/maskgen.py,
    modeling/modules/blocks.py, losses.py, modeling/diffusion/)
 3) MM-DiT (SD3): https://arxiv.org/abs/2403.03206, as diffusers' JointTransformerBlock
 4) MaskGIT: https://arxiv.org/abs/2202.04200, and MUSE-Pytorch (baaivision)
@@ -45,7 +45,7 @@ def sinusoid(x, dim=256, max_period=10000, cos_first=False):
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, dim)
 
 def aes_embedding_vq(aes, dim=256):
-    # the official MaskGen_VQ.get_sinusoidal_encoding of 100 * score
+    # official MaskGen_VQ.get_sinusoidal_encoding of 100 * score
     return sinusoid(aes * 100, dim, max_period=1000)
 
 def aes_embedding_kl(aes, dim=256):
@@ -232,13 +232,13 @@ def discretized_gaussian_loglik(x, mean, log_scale):
     inner = torch.where(x > 0.999, log_one_minus_cdf_min, log_delta)
     return torch.where(x < -0.999, log_cdf_plus, inner)
 
-# the schedules that training looks up per row, on the device
+# the schedules training looks up per row, on the device
 TABLES = ('sqrt_ac', 'sqrt_one_minus_ac', 'sqrt_recip_ac', 'sqrt_recipm1_ac', 'posterior_logvar',
           'posterior_coef1', 'posterior_coef2', 'log_betas')
 
 class GaussianDiffusion(nn.Module):
-    # IDDPM: cosine schedule, eps prediction, learned-range variance, respaced to
-    # sample_steps for sampling (the net still sees the original timesteps)
+    # IDDPM: cosine schedule, eps prediction, learned-range variance; sampling respaced to
+    # sample_steps (the net still sees the original timesteps)
 
     def __init__(self, num_steps=1000, sample_steps=None):
         super().__init__()
@@ -253,7 +253,7 @@ class GaussianDiffusion(nn.Module):
         self.sqrt_recip_ac = np.sqrt(1.0 / ac)
         self.sqrt_recipm1_ac = np.sqrt(1.0 / ac - 1)
         posterior_variance = b * (1.0 - ac_prev) / (1.0 - ac)
-        # 0 at t = 0, so its log is clipped to the value at t = 1
+        # 0 at t = 0: its log is clipped to the value at t = 1
         self.posterior_logvar = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
         self.posterior_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
@@ -269,8 +269,8 @@ class GaussianDiffusion(nn.Module):
         return self.table[TABLES.index(name)][t].unsqueeze(-1)  # (M, 1)
 
     def p_mean_logvar(self, x_t, t, eps, v, x0_clip=None):
-        # p(x_{t-1} | x_t): the mean through the predicted x_0, the log-variance
-        # between the posterior's and beta_t's
+        # p(x_{t-1} | x_t): the mean through the predicted x_0, the log-variance between the
+        # posterior's and beta_t's
         frac = (v + 1) / 2  # v in [-1, 1]
         logvar = frac * self._at('log_betas', t) + (1 - frac) * self._at('posterior_logvar', t)
         x0 = self._at('sqrt_recip_ac', t) * x_t - self._at('sqrt_recipm1_ac', t) * eps
@@ -292,8 +292,8 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, net, z, z_null=None, guidance=1.0, temperature=1.0, generator=None,
                x0_clip=None):
-        """Ancestral sampling of M tokens for z (M, D), guidance on eps (official
-        forward_with_cfg). x0_clip: at t = 999, x_0 is eps's error times 2e4."""
+        # z (M, D) -> x_0 (M, C), guidance on eps (official forward_with_cfg); x0_clip: at
+        # t = 999, x_0 is eps's error times 2e4
         M, C = z.shape[0], net.input_proj.in_features
         x = draw(torch.randn, (M, C), generator, z.device)  # (M, C)
         for i in reversed(range(len(self.betas))):
@@ -336,10 +336,9 @@ class MaskGenConfig:
     unmasked_weight: float = 0.1    # VQ loss weight of the visible tokens
 
 def training_draws(cfg, seed, g):
-    """Global sample g's random draws, from a generator of its own (the same for
-    any number of processes) -> drop (the caption becomes ""), mask (N,) True =
-    masked, and for KL t (k, N) and noise (k, N, C) of k draws per token, and
-    posterior (N, C), the noise of the tokenizer's posterior sample."""
+    """Global sample g's draws, from its own generator (the same for any number of processes):
+    drop (caption -> ""), mask (N,) True = masked; KL: t (k, N), noise (k, N, C) for k draws
+    per token, posterior (N, C) for the tokenizer's posterior sample."""
     N, C = cfg.num_tokens, cfg.token_size
     rng = np.random.default_rng([seed, g])
     drop = rng.random() < cfg.text_drop_prob
@@ -398,7 +397,6 @@ class MaskGen(nn.Module):
         return text_proj(text_tokens), pooled_proj(pooled)
 
     def draw_batch(self, seed, indices):
-        # training_draws of these global samples, as tensors (B, ...)
         draws = [training_draws(self.config, seed, g) for g in indices]
         return {k: torch.as_tensor(np.stack([d[k] for d in draws])) for k in draws[0]}
 
@@ -409,9 +407,7 @@ class MaskGen(nn.Module):
 
     def forward(self, x, text_tokens, text_pooled, aes, null_tokens, null_pooled, draws,
                 normalizer=None):
-        """The training loss of tokens x: caption dropout to null_* (""), then
-        token_losses weighted by loss_weights, over their sum or `normalizer`, that
-        sum over a global batch."""
+        # the loss of tokens x, over the loss weights' sum or `normalizer` (a global batch's)
         text = self.drop_captions(text_tokens, text_pooled, null_tokens, null_pooled, draws['drop'])
         token_loss, stats = self.token_losses(x, *text, aes, draws)
         w = self.loss_weights(draws['mask'])
@@ -422,12 +418,10 @@ class MaskGen(nn.Module):
     @torch.no_grad()
     def generate(self, prompts, sampling=None, seed=None, start=None, callback=None,
                  progress=False):
-        """-> VQ code ids (B, N) by maskgit(), KL latents (B, N, C) by mar().
-        prompts   encode_prompts' dict (no null entries with guidance_scale 1)
-        sampling  a Sampling; None: the release's
-        seed      an int, None (torch's RNG), a torch.Generator, or one per image
-        start     (tokens, keep): where keep (B, N) is True, the tokens stay
-        callback  VQ: callback(step, ids); KL: callback(step, tokens, mask)"""
+        """-> VQ code ids (B, N) by maskgit(), KL latents (B, N, C) by mar(). prompts: as
+        encode_prompts'; sampling: None for the release's; seed: an int, None (torch's RNG), a
+        Generator or one per image; start: (tokens, keep), tokens kept where keep (B, N);
+        callback(step, ids) for VQ, callback(step, tokens, mask) for KL."""
         B, device = prompts['text_tokens'].shape[0], prompts['text_tokens'].device
         generator = seed
         if isinstance(seed, int):
@@ -444,12 +438,10 @@ class MaskGen(nn.Module):
         # a preset, a release's repo id, an official file, or one of our runs
         path, config, sd = read_model(name_or_path, MASKGEN_PRESETS, MaskGenConfig,
                                       config_from_state_dict, dtype, overrides,
-                                      "a tokenizer's checkpoint, not a generator's (pass it as "
-                                      "--tokenizer)")
+                                      "a tokenizer's checkpoint: pass it as --tokenizer")
         tied = 'lm_head.weight' in sd and 'embeddings.weight' in sd
         if tied and not torch.equal(sd['lm_head.weight'], sd['embeddings.weight']):
-            raise UserError(f"{path}: lm_head.weight differs from embeddings.weight, but MaskGen "
-                            f"ties them")
+            raise UserError(f"{path}: lm_head.weight differs from its tied embeddings.weight")
         with torch.device('meta'):  # no weights drawn only to be replaced by the file's
             model = cls.from_config(config).to(dtype)
         print(f"loading MaskGen-{config.quantize.upper()} from {path} "
@@ -464,16 +456,15 @@ class MaskGen(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
     def activation_bytes(self, text_len=77):
-        """A training step's bytes under 16-bit autocast (runtime.memory_plan):
-        saved and checkpointed (with block checkpointing) per sample, casts (16-bit
-        weights), transient (the backward's largest temporary, per sample)."""
+        """A training step's bytes under 16-bit autocast (runtime.memory_plan): per sample
+        saved (checkpointed: with block checkpointing) and transient (the backward's largest
+        temporary); casts (16-bit weights)."""
         cfg = self.config
         D, L, T, K = cfg.width, cfg.num_tokens, text_len, cfg.codebook_size
         lse = 4 * cfg.heads * (L + T)  # the attention's log-sum-exp, fp32
-        # per token and unit of width, the fp32 image stream keeps 54 bytes:
-        # LayerNorm inputs and outputs (4 + 4, twice), 16-bit inputs of q, k, v,
-        # out, mlp (2 each), MLP hidden and GELU input (8 + 8), attention q, k, v,
-        # output (8); the 16-bit text stream 42.5 (last: 14)
+        # per token and width, the fp32 image stream saves 54 bytes: LayerNorm in and out
+        # (4 + 4, twice), 16-bit inputs of q, k, v, out, mlp (2 each), MLP hidden and GELU
+        # input (8 + 8), attention q, k, v, output (8); the 16-bit text stream 42.5
         block = (54 * L + 42.5 * T) * D + lse
         last = (54 * L + 14 * T) * D + lse
         head = 10 * L * D + 4 * L * K + 8 * L  # final norm, lm_head input, log-softmax, ids
@@ -490,8 +481,8 @@ class MaskGen(nn.Module):
                     casts=2 * self.get_num_params(), transient=transient)
 
     def estimate_flops(self, text_len=77):
-        """FLOPs per image: conditioning (the text projections), backbone (one pass),
-        denoiser (KL, one token), train (3x forward, the denoiser k x every token)."""
+        # FLOPs per image: conditioning, backbone (a pass), denoiser (KL, a token), train (3x
+        # forward, the denoiser k x every token)
         cfg = self.config
         D, L, N, T = cfg.width, cfg.depth, cfg.num_tokens, text_len
         cond = cfg.text_embed_dim * D * T + (cfg.text_embed_dim + cfg.aes_embed_dim) * D
@@ -655,8 +646,8 @@ class MaskGenKL(MaskGen):
         k = self.config.diffusion_batch_mul
         x = latents * self.config.scale_factor  # (B, N, C)
         z = self.denoiser_condition(x, draws['mask'], text_tokens, text_pooled, aes)  # (B, N, D)
-        # the denoiser runs on every (token, draw), the visible ones weighing 0, as
-        # released: one shape, one compiled graph, no sync, for a third more work
+        # every (token, draw) runs, the visible ones weighing 0, as released: one shape, one
+        # compiled graph, no sync, for a third more work
         x0 = x[:, None].expand(B, k, N, C).reshape(-1, C)  # (B*k*N, C)
         zk = z[:, None].expand(B, k, N, z.shape[-1]).reshape(B * k * N, -1)  # (B*k*N, D)
         t, noise = draws['t'].reshape(-1), draws['noise'].reshape(-1, C)
@@ -664,13 +655,12 @@ class MaskGenKL(MaskGen):
         token_loss = token_loss.view(B, k, N)
         return token_loss, dict(cond=z.detach(), token_loss=token_loss.detach(), t=draws['t'],
                                 mask=draws['mask'])
-
 # -----------------------------------------------------------------------------
 # sampling: MaskGIT (VQ) and MAR (KL), beside their helpers
 
 @dataclass
 class Sampling:
-    """generate()'s settings: MaskGen-VQ's release by default (Sampling.release for KL's)."""
+    # generate()'s settings: MaskGen-VQ's release (Sampling.release for KL's)
     num_steps: int = 16
     guidance_scale: float = 12.0    # reached at the end; 1: the conditional model alone
     guidance_schedule: str = 'cosine'  # or 'linear', 'constant'
@@ -688,25 +678,23 @@ class Sampling:
         return Sampling(**{**kl, **overrides})
 
 def mask_schedule(num_tokens, num_steps, kind):
-    """The tokens still masked after each step: arccos (MaskGIT) or cosine (MAR).
-    Each step commits at least one while more than one is left, the last all."""
+    # the tokens still masked after each step: arccos (MaskGIT) or cosine (MAR); each step
+    # commits at least one while more than one is left, the last all
     n = num_tokens
     out = []
-    for step in range(num_steps):
-        r = (step + 1) / num_steps
+    for step in range(1, num_steps):
+        r = step / num_steps
         if kind == 'arccos':  # fp32 like the official torch code: floor() rounds the same
             n_float = num_tokens * (torch.acos(torch.tensor(r)) / (math.pi * 0.5))
         else:  # fp64 like the official numpy code
             n_float = num_tokens * np.cos(math.pi / 2.0 * r)
         n = max(1, min(n - 1, math.floor(n_float)))
-        if step == num_steps - 1:
-            n = 0
         out.append(n)
-    return out
+    return out + [0]
 
 def decoding_steps(num_tokens, num_steps, kind, keep):
-    """-> [(step, tokens masked after it)]. With keep (B, N): the tail where fewer
-    are masked than are to draw, as if decoding had kept those by itself."""
+    # -> [(step, tokens masked after it)]; with keep (B, N), the tail where fewer are masked
+    # than are to draw, as if decoding had kept those by itself
     steps = list(enumerate(mask_schedule(num_tokens, num_steps, kind)))
     if keep is None:
         return steps
@@ -736,8 +724,7 @@ def guidance_batch(prompts, guided):
     return text_tokens, text_pooled  # (2B, 77, T), (2B, T)
 
 def draw(fn, shape, generator, device):
-    """fn (torch.rand or randn) of `shape`. One generator per image splits the rows:
-    an image's draws then depend on its generator only, not on its batch."""
+    # with one generator per image, an image's rows depend on its generator, not its batch
     if not isinstance(generator, (list, tuple)):
         return fn(shape, generator=generator, device=device)
     rows = (shape[0] // len(generator), *shape[1:])  # (rows per image, ...)
@@ -757,10 +744,9 @@ def image_generators(seed, images, device):
 
 @torch.no_grad()
 def maskgit(model, prompts, s, generator, start, callback, progress):
-    """The official MaskGen_VQ.generate -> code ids (B, N). Guidance as released:
-    logits = cond + w (cond - uncond), w ramping up to guidance_scale."""
+    # the official MaskGen_VQ.generate -> code ids (B, N)
     if s.diffusion_steps != Sampling.diffusion_steps or s.x0_clip is not None:
-        raise UserError("diffusion_steps and x0_clip are MaskGen-KL's (VQ has no diffusion)")
+        raise UserError("diffusion_steps and x0_clip are MaskGen-KL's")
     B, N = prompts['text_tokens'].shape[0], model.config.num_tokens
     device = prompts['text_tokens'].device
     guided = s.guidance_scale != 1.0
@@ -777,14 +763,14 @@ def maskgit(model, prompts, s, generator, start, callback, progress):
         if guided:
             cond, uncond = model.backbone(ids.repeat(2, 1), ctx, c).float().chunk(2)
             w = guidance_ramp(s.guidance_scale, r, s.guidance_schedule, s.guidance_power)
-            logits = cond + w * (cond - uncond)  # (B, N, K)
+            logits = cond + w * (cond - uncond)  # (B, N, K), as released
         else:
             logits = model.backbone(ids, ctx, c).float()  # (B, N, K)
         logits = logits / (0.5 + 0.8 * (1 - r))  # softmax temperature annealed, 1.3 -> 0.5
         noise = gumbel_temp * gumbel_noise(logits.shape, generator, device)
         sampled = (logits + noise).argmax(-1)  # (B, N)
-        # the confidence of the sampled token, + Gumbel noise (sampling without
-        # replacement); committed tokens get +inf, never to be masked again
+        # the sampled token's confidence + Gumbel noise (sampling without replacement);
+        # committed tokens get +inf, never to be masked again
         confidence = logits.gather(-1, sampled[..., None]).squeeze(-1)  # (B, N)
         confidence = confidence + gumbel_temp * gumbel_noise((B, N), generator, device)
         confidence = confidence.masked_fill(~is_mask, math.inf)
@@ -796,8 +782,7 @@ def maskgit(model, prompts, s, generator, start, callback, progress):
 
 @torch.no_grad()
 def mar(model, prompts, s, generator, start, callback, progress):
-    """The official MaskGen_KL.sample_tokens -> latents (B, N, C), divided by scale_factor.
-    Guidance acts on the diffusion's eps: eps_u + w (eps_c - eps_u)."""
+    # the official MaskGen_KL.sample_tokens -> latents (B, N, C); guidance acts on eps
     cfg = model.config
     B, N, C = prompts['text_tokens'].shape[0], cfg.num_tokens, cfg.token_size
     device = prompts['text_tokens'].device
@@ -839,7 +824,7 @@ def mar(model, prompts, s, generator, start, callback, progress):
     return tokens / cfg.scale_factor
 
 def prompt_inputs(text, null=None):
-    # generate()'s prompts from TextEncoder outputs: the prompts', and "" or negative's
+    # generate()'s prompts from TextEncoder outputs: the prompts', and "" (or negative's)
     out = dict(text_tokens=text['tokens'], text_pooled=text['pooled'])
     if null is not None:
         out.update(null_tokens=null['tokens'], null_pooled=null['pooled'])
@@ -892,6 +877,4 @@ def config_from_state_dict(sd, path):
                     diffloss_width=sd['diffloss.net.input_proj.weight'].shape[0],
                     diffloss_depth=count('diffloss.net.res_blocks.'))
     except (KeyError, ValueError, AttributeError):
-        raise UserError(f"{path}: not a MaskGen state dict (no 'embeddings.weight' and "
-                        f"'pos_embed' of VQ, or 'decoder_pos_embed_learned' and 'z_proj.weight' "
-                        f"of KL)") from None
+        raise UserError(f"{path}: not a MaskGen state dict") from None
