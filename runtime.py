@@ -75,7 +75,7 @@ def use_device(device):
     return device
 
 def init_distributed(device_name):
-    # -> (rank, world_size, device); under torchrun, in the process group (nccl, or gloo on CPU)
+    # -> (rank, world_size, device), in the process group under torchrun
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = use_device(pick_device(device_name))
@@ -87,7 +87,6 @@ def init_distributed(device_name):
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 def pick_dtype(name, device):
-    # 'auto': bfloat16 on a GPU that has it (else float16), float32 elsewhere
     if name == 'auto' and device.type == 'cuda':
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == 'auto':
@@ -99,7 +98,7 @@ def pick_dtype(name, device):
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-# bf16 dense tensor-core peaks, matched in this order (PCIe and NVL first) in the device's name
+# bf16 dense tensor-core peaks, matched in order: PCIe and NVL before the H100 in their names
 PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
               ('A100', 312e12)]
 
@@ -124,7 +123,7 @@ def all_gather_objects(obj, world):
         return [obj]
     out = [None] * world
     dist.all_gather_object(out, obj)
-    return out  # in rank order
+    return out
 
 def open_checkpoint(out_dir, resume, script, config, model_keys):
     """-> (the checkpoint to continue or None, {flag: (saved, now)} changed). A run is never
@@ -196,8 +195,7 @@ def add_system_flags(parser, model, draws):
 
 def micro_batches(batch_size, ceiling, world):
     """-> (micro batch, accumulation steps): the global batch is fixed, so any number of processes
-    trains the same model; the micro batch is the largest dividing a process's share, at most
-    `ceiling` (None: no limit)."""
+    trains the same model; the micro batch divides a process's share, at most `ceiling` (or None)."""
     if batch_size % world:
         raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: "
                         f"give a multiple of {world}")
@@ -275,7 +273,7 @@ def shard_optimizer(opt):
     return ZeroRedundancyOptimizer(opt.param_groups, optimizer_class=type(opt), **defaults)
 
 def optimizer_state(opt):
-    # all of it on rank 0 (sharded: gathered, so every rank calls this); it loads sharded or not
+    # all of it on rank 0 (sharded: every rank calls this to gather it); loads sharded or not
 
     if hasattr(opt, 'consolidate_state_dict'):
         opt.consolidate_state_dict(to=0)
@@ -302,7 +300,7 @@ def update_ema(ema, model, step, decay, finite):
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)
 
 # -----------------------------------------------------------------------------
-# the memory plan: what a training step holds on each GPU, before anything is allocated
+# the memory plan: what a training step holds on each GPU, known before allocating it
 
 GiB = 2 ** 30
 
@@ -354,10 +352,10 @@ def plan_lines(choice, memory):
             f"{describe((choice['checkpointing'], choice['zero']))}")
 
 # -----------------------------------------------------------------------------
-# how a script ends: a user error in one line, an interrupt in one line, never a traceback
+# how a script ends: a user error or an interrupt in one line, never a traceback
 
 class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM; code: 128 + the signal. As KeyboardInterrupt, no `except Exception`
+    """Ctrl-C or SIGTERM (code 128 + the signal); as KeyboardInterrupt, no `except Exception`
     swallows it."""
 
     def __init__(self, code):
@@ -398,7 +396,7 @@ def run_main(main, args, errors):
 # a training run, as both trainers open, restore, save and log it
 
 def start_run(args):
-    # -> (rank, world size, device, dtype, autocast context); a batch no split serves stops here
+    # a batch that cannot be split over the processes stops here
     rank, world, device = init_distributed(args.device)
     dtype = pick_dtype(args.dtype, device)
     micro_batches(args.batch_size, args.micro_batch_size, world)
@@ -441,7 +439,6 @@ def restore(parts, ckpt, resumed, world, device):
     return step, torch.tensor(nonfinite, device=device)
 
 def wrap(model, device, world, compile='off'):
-    # the model as the step calls it: compiled, in DDP with several processes
     if compile == 'on' or (compile == 'auto' and device.type == 'cuda'):
         model = torch.compile(model)
     if world > 1:
@@ -457,7 +454,6 @@ def gpu_memory(device):
     return None
 
 def print_start(config, choice, loader, memory, changed, step):
-    # rank 0's start-up lines
     print(json.dumps(config, indent=1))
     print(f"global batch {config['batch_size']} = {choice['micro_batch']} per forward x "
           f"{config['world_size']} processes x {choice['grad_accum']} accumulation; data: "
@@ -468,8 +464,8 @@ def print_start(config, choice, loader, memory, changed, step):
         print(f"resuming at step {step} with changed flags (saved, now): {changed}")
 
 def save_run(args, step, world, parts, **extra):
-    """Every rank calls it: `parts` (restore's) and `extra` to --out_dir/ckpt.pt, written by
-    rank 0 while the others wait."""
+    # every rank calls it; rank 0 writes while the others wait
+
     ckpt = dict(extra, config=vars(args), step=step)
     for k, part in parts.items():
         if torch.is_tensor(part):
@@ -482,12 +478,12 @@ def save_run(args, step, world, parts, **extra):
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_checkpoint(ckpt, path)
         print(f"saved {path} (step {step})", flush=True)
-    if world > 1:  # within the process group's timeout, which init_distributed sized for it
+    if world > 1:  # within the process group's timeout, sized for it
         dist.barrier()
 
 def log_step(args, row, head, tail, clock, flops, device, world):
-    """Rank 0's log line around `row`, also appended to --out_dir/metrics.jsonl. clock: [time,
-    step] of the last line."""
+    # rank 0's log line, `row` also appended to metrics.jsonl; clock: [time, step] of the last
+
     if device.type == 'cuda':
         torch.cuda.synchronize()
     step = row['step']
@@ -552,7 +548,7 @@ def check_tokens(p, args):
             p.error(f"--preset {args.preset} takes --tokens vq or kl, not {args.tokens!r}")
 
 def take_recipe(p, args, recipe):
-    # unset flags take the recipe's value; a device or dtype this machine lacks stops here
+    # a device or dtype this machine lacks stops here, exit 2
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

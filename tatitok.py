@@ -5,8 +5,7 @@ turns them back into pixels. Then the frozen CLIP text encoder, the presets, and
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
-2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py,
-   modeling/titok.py, modeling/modules/blocks.py, modeling/quantizer/quantizer.py)
+2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py, titok.py)
 3) TiTok, the 1D tokenizer it extends: https://arxiv.org/abs/2406.07550
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """
@@ -672,8 +671,8 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
     return path, load_state_dict_file(path, dtype)
 
 def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides, other):
-    """-> (where from, config, weights): our checkpoint holds its config; from_shapes reads
-    official weights'. other: the refusal of the other model's checkpoint."""
+    # our checkpoint holds its config; from_shapes reads official weights'; other: a refusal
+
     path, sd = read_weights(name_or_path, presets, dtype)
     if 'model_args' not in sd:
         return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
@@ -682,8 +681,8 @@ def read_model(name_or_path, presets, config_class, from_shapes, dtype, override
     return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
 def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
-    """-> (tokenizer, the text encoder: --clip's, its checkpoint's or the releases', what
-    read_weights read)."""
+    # the text encoder: --clip's, else the checkpoint's, else the releases'
+
     read = read_weights(name_or_path, TATITOK_PRESETS, dtype)
     tok = TATiTok.from_pretrained(read, dtype)
     cfg = tok.config
