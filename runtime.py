@@ -194,8 +194,8 @@ def add_system_flags(parser, model, draws):
 # processes
 
 def micro_batches(batch_size, ceiling, world):
-    """-> (micro batch, accumulation steps): the global batch is fixed, so any number of processes
-    trains the same model; the micro batch divides a process's share, at most `ceiling` (or None)."""
+    """-> (micro batch, accumulation steps): the global batch is fixed, so any number of
+    processes trains the same model; the micro batch divides a process's share, <= `ceiling`."""
     if batch_size % world:
         raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: "
                         f"give a multiple of {world}")
