@@ -34,7 +34,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
+        nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -122,14 +122,14 @@ class VectorQuantizer(nn.Module):
     def __init__(self, codebook_size, token_size, commitment_cost, use_l2_norm):
         super().__init__()
         self.commitment_cost = commitment_cost
-        self.use_l2_norm = use_l2_norm  # features and codes on the unit sphere
+        self.use_l2_norm = use_l2_norm
         self.embedding = nn.Embedding(codebook_size, token_size)
         self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
 
     def codes(self):
         if self.use_l2_norm:
             return F.normalize(self.embedding.weight, dim=-1)
-        return self.embedding.weight  # (K, C)
+        return self.embedding.weight
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
