@@ -47,7 +47,7 @@ def write_atomic(path, write):
 def save_checkpoint(ckpt, path):
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
-def pick_device(name='auto'):
+def pick_device(name):
     # 'auto' and 'cuda': this process's GPU (cuda:LOCAL_RANK under torchrun)
     if name == 'auto' and not torch.cuda.is_available():
         name = 'cpu'
@@ -274,7 +274,6 @@ def shard_optimizer(opt):
 
 def optimizer_state(opt):
     # all of it on rank 0 (sharded: every rank calls this to gather it); loads sharded or not
-
     if hasattr(opt, 'consolidate_state_dict'):
         opt.consolidate_state_dict(to=0)
         if dist.get_rank() != 0:
@@ -465,7 +464,6 @@ def print_start(config, choice, loader, memory, changed, step):
 
 def save_run(args, step, world, parts, **extra):
     # every rank calls it; rank 0 writes while the others wait
-
     ckpt = dict(extra, config=vars(args), step=step)
     for k, part in parts.items():
         if torch.is_tensor(part):
@@ -483,7 +481,6 @@ def save_run(args, step, world, parts, **extra):
 
 def log_step(args, row, head, tail, clock, flops, device, world):
     # rank 0's log line, `row` also appended to metrics.jsonl; clock: [time, step] of the last
-
     if device.type == 'cuda':
         torch.cuda.synchronize()
     step = row['step']

@@ -672,7 +672,6 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
 
 def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides, other):
     # our checkpoint holds its config; from_shapes reads official weights'; other: a refusal
-
     path, sd = read_weights(name_or_path, presets, dtype)
     if 'model_args' not in sd:
         return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
@@ -680,16 +679,15 @@ def read_model(name_or_path, presets, config_class, from_shapes, dtype, override
         raise UserError(f"{path}: {other}")
     return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
-def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
+def load_tokenizer(name_or_path, clip=None):
     # the text encoder: --clip's, else the checkpoint's, else the releases'
-
-    read = read_weights(name_or_path, TATITOK_PRESETS, dtype)
-    tok = TATiTok.from_pretrained(read, dtype)
+    read = read_weights(name_or_path, TATITOK_PRESETS)
+    tok = TATiTok.from_pretrained(read)
     cfg = tok.config
     if clip:
-        te = TextEncoder.from_name(clip, cfg.text_context_length, dtype)
+        te = TextEncoder.from_name(clip, cfg.text_context_length)
     else:
-        te = TextEncoder.from_spec(read[1].get('text_encoder') or RELEASE_CLIP, dtype)
+        te = TextEncoder.from_spec(read[1].get('text_encoder') or RELEASE_CLIP)
     if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
         raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x "
                         f"{cfg.text_embed_dim} text features, this text encoder gives "
