@@ -143,9 +143,10 @@ class VectorQuantizer(nn.Module):
         commitment = self.commitment_cost * F.mse_loss(z, z_q.detach())  # (B, N, C) z -> code
         codebook = F.mse_loss(z_q, z.detach())  # code -> z
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
-        counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), z.new_ones(ids.numel()))
+        ones = z.new_ones(ids.numel())
+        counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # no host sync
         p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # no host sync
+        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # codes in use
         aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment,
                    codebook_loss=codebook, ids=ids, perplexity=perplexity,
                    usage=(counts > 0).float().mean(),
@@ -485,7 +486,7 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, captions):
         device = self.clip.token_embedding.weight.device
-        ids = captions if torch.is_tensor(captions) else self.tokenize(captions)  # or str
+        ids = captions if torch.is_tensor(captions) else self.tokenize(captions)
         ids = ids.to(device)  # (B, 77)
         x = self.clip.token_embedding(ids) + self.clip.positional_embedding  # (B, 77, W)
         blocks = self.clip.transformer.resblocks
