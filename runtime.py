@@ -182,7 +182,8 @@ def add_system_flags(parser, model, draws):
     g.add_argument('--seed', type=number(int, 0), default=42,
                    help=f"seed of the init, the data order and {draws} (default 42)")
     g.add_argument('--max_nonfinite', type=number(int, 1), default=20,
-                   help="stop after this many non-finite steps in a row (default 20)")
+                   help="stop after this many non-finite steps in a row, counted at log lines "
+                   "(default 20)")
     g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto',
                    help="recompute each transformer block in the backward pass (auto: where the "
                    "memory plan needs it)")
@@ -195,7 +196,8 @@ def add_system_flags(parser, model, draws):
 
 def micro_batches(batch_size, ceiling, world):
     """-> (micro batch, accumulation steps): the global batch is fixed, so any number of
-    processes trains the same model; the micro batch divides a process's share, <= `ceiling`."""
+    processes trains the same model; the micro batch: the largest divisor of a process's share
+    up to `ceiling`."""
     if batch_size % world:
         raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: "
                         f"give a multiple of {world}")
