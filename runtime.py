@@ -1,7 +1,6 @@
 """
-What the scripts share: devices and precision, processes (1 to 64, the global batch split the
-same way on any number), output folders and checkpoints, flags, the optimizer step that never
-waits on the host, the memory plan, and how a script ends.
+What the scripts share: devices and precision, processes, output folders and checkpoints, flags,
+the optimizer step, the memory plan, how a script ends, and the trainers' common code.
 """
 import argparse
 import inspect
@@ -35,8 +34,7 @@ def make_out_dir(path):
         raise UserError(f"--out_dir {path} cannot be written ({e.strerror})") from None
 
 def write_atomic(path, write):
-    """write(a temporary path), then a rename: the file is there whole or not at all, and a
-    failure or an interrupt leaves no temporary file behind."""
+    """write(a temporary path), then a rename: the file is whole or absent, no temporary left."""
     tmp = path + '.tmp'
     try:
         write(tmp)
@@ -49,8 +47,8 @@ def write_atomic(path, write):
 def save_checkpoint(ckpt, path):
     write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
-def pick_device(name='auto'):
-    # 'auto' and 'cuda': this process's GPU (cuda:LOCAL_RANK under torchrun); auto: else the CPU
+def pick_device(name):
+    # 'auto' and 'cuda': this process's GPU (cuda:LOCAL_RANK under torchrun)
     if name == 'auto' and not torch.cuda.is_available():
         name = 'cpu'
     if name in ('auto', 'cuda'):
@@ -58,8 +56,7 @@ def pick_device(name='auto'):
     try:
         device = torch.device(name)
     except RuntimeError:
-        why = f"--device {name!r} is not a device: auto, cpu, cuda, cuda:1, mps"
-        raise ValueError(why) from None
+        raise ValueError(f"--device {name!r}: not auto, cpu, cuda, cuda:1 or mps") from None
     if device.type not in ('cpu', 'cuda', 'mps'):
         raise ValueError(f"--device {name!r}: only cpu, cuda and mps are supported")
     count = torch.cuda.device_count()
@@ -70,8 +67,7 @@ def pick_device(name='auto'):
     return device
 
 def use_device(device):
-    # this process's GPU from the first CUDA call on (no rank makes a context on GPU 0), with TF32
-    # for the fp32 parts (losses, quantizer, diffusion)
+    # set before the first CUDA call, so no rank makes a context on GPU 0; TF32 for the fp32 parts
     if device.type == 'cuda':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -79,7 +75,7 @@ def use_device(device):
     return device
 
 def init_distributed(device_name):
-    # -> (rank, world_size, device); under torchrun, in the process group (nccl, or gloo on CPU)
+    # -> (rank, world_size, device), in the process group under torchrun
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = use_device(pick_device(device_name))
@@ -91,20 +87,18 @@ def init_distributed(device_name):
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 def pick_dtype(name, device):
-    # 'auto': bfloat16 on a GPU that has it (else float16), float32 elsewhere
     if name == 'auto' and device.type == 'cuda':
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == 'auto':
         return torch.float32
     if name == 'float16' and device.type != 'cuda':
-        raise ValueError("--dtype float16 needs a CUDA GPU (its loss scaling is CUDA's); "
-                         "use bfloat16 or float32")
+        raise ValueError("--dtype float16 needs a CUDA GPU: use bfloat16 or float32")
     return DTYPES[name]
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-# bf16 dense tensor-core peaks, matched in this order (PCIe and NVL first) in the device's name
+# bf16 dense tensor-core peaks, matched in order: PCIe and NVL before the H100 in their names
 PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
               ('A100', 312e12)]
 
@@ -116,8 +110,7 @@ def peak_flops(device):
     return next((peak for key, peak in PEAK_FLOPS if key in name), float('inf'))
 
 def get_lr(step, peak, warmup, total, end, schedule='cosine'):
-    """The release's (utils/lr_schedulers.py): linear warm-up to `peak`, then cosine down to
-    `end` at step `total`, or constant."""
+    # the release's (utils/lr_schedulers.py): linear warm-up, then cosine to `end`, or constant
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == 'constant':
@@ -130,12 +123,11 @@ def all_gather_objects(obj, world):
         return [obj]
     out = [None] * world
     dist.all_gather_object(out, obj)
-    return out  # every rank's obj, in rank order
+    return out
 
 def open_checkpoint(out_dir, resume, script, config, model_keys):
-    """-> (the checkpoint a run continues from or None, the flags that changed: {flag: (saved,
-    now)}). A run is never overwritten without --resume, nor continued by the other script or
-    with other `model_keys` (the flags that define the model)."""
+    """-> (the checkpoint to continue or None, {flag: (saved, now)} changed). A run is never
+    overwritten without --resume, nor continued by the other script or with other `model_keys`."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         return None, {}
@@ -143,7 +135,7 @@ def open_checkpoint(out_dir, resume, script, config, model_keys):
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another "
                         f"--out_dir")
     ckpt = load_state_dict_file(path)
-    if not isinstance(ckpt, dict) or ckpt.get('script') != script:
+    if ckpt.get('script') != script:
         raise UserError(f"{path} was not written by {script}.py: choose another --out_dir")
     saved = ckpt['config']
     other = {k: (saved.get(k), config[k]) for k in model_keys if saved.get(k) != config[k]}
@@ -155,8 +147,8 @@ def open_checkpoint(out_dir, resume, script, config, model_keys):
     return ckpt, changed
 
 def number(kind=float, low=None, high=None, above=None, off=None):
-    """An argparse type: a finite `kind` within [low, high] and over `above`, or `off`, so that
-    --lr nan or --batch_size 0 stop at once in one line (exit 2)."""
+    """An argparse type: a finite `kind` in [low, high] and over `above`, or `off` (--lr nan or
+    --batch_size 0 stop at once, exit 2)."""
     def parse(text):
         try:
             value = kind(text)
@@ -164,7 +156,7 @@ def number(kind=float, low=None, high=None, above=None, off=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
         if value == off:
             return value
-        if kind is float and not math.isfinite(value):  # (an int is finite, however long)
+        if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r}: a finite number is wanted")
         for bad, want in ((low is not None and value < low, f"at least {low}"),
                           (high is not None and value > high, f"at most {high}"),
@@ -177,7 +169,7 @@ def number(kind=float, low=None, high=None, above=None, off=None):
     return parse
 
 def add_system_flags(parser, model, draws):
-    # both trainers'; model: what is compiled and autocast; draws: what else --seed seeds
+    # model: what is compiled and autocast; draws: what else --seed seeds
     g = parser.add_argument_group('system')
     g.add_argument('--resume', action='store_true', help="continue the run in --out_dir")
     g.add_argument('--device', default='auto',
@@ -190,22 +182,22 @@ def add_system_flags(parser, model, draws):
     g.add_argument('--seed', type=number(int, 0), default=42,
                    help=f"seed of the init, the data order and {draws} (default 42)")
     g.add_argument('--max_nonfinite', type=number(int, 1), default=20,
-                   help="stop after this many non-finite steps in a row, checked at each log "
-                   "line (default 20)")
+                   help="stop after this many non-finite steps in a row, counted at log lines "
+                   "(default 20)")
     g.add_argument('--checkpointing', choices=['auto', 'on', 'off'], default='auto',
-                   help="recompute each transformer block in the backward pass, a block's "
-                   "activations in memory instead of all (auto: where the memory plan needs it)")
+                   help="recompute each transformer block in the backward pass (auto: where the "
+                   "memory plan needs it)")
     g.add_argument('--zero', choices=['auto', 'on', 'off'], default='auto',
-                   help="split AdamW's state over the processes (torch's "
-                   "ZeroRedundancyOptimizer; auto: where the memory plan needs it)")
+                   help="split AdamW's state over the processes (ZeroRedundancyOptimizer; auto: "
+                   "where the memory plan needs it)")
 
 # -----------------------------------------------------------------------------
 # processes
 
 def micro_batches(batch_size, ceiling, world):
-    """-> (micro batch, accumulation steps): the global batch is fixed, so any number of processes
-    trains the same model, each batch_size / world a step in the largest micro batch dividing it,
-    at most `ceiling` (None: no limit)."""
+    """-> (micro batch, accumulation steps): the global batch is fixed, so any number of
+    processes trains the same model; the micro batch: the largest divisor of a process's share
+    up to `ceiling`."""
     if batch_size % world:
         raise UserError(f"--batch_size {batch_size} cannot be split over {world} processes: "
                         f"give a multiple of {world}")
@@ -215,8 +207,7 @@ def micro_batches(batch_size, ceiling, world):
     return mb, per_rank // mb
 
 def to_device(x, device):
-    # a tensor or a batch's tensors, copied from pinned memory asynchronously: a blocking copy
-    # would make the host wait for the GPU's queue
+    # from pinned memory, asynchronously: a blocking copy would wait for the GPU's queue
     if isinstance(x, dict):
         return {k: to_device(v, device) for k, v in x.items()}
     if not torch.is_tensor(x) or device.type != 'cuda':
@@ -226,9 +217,8 @@ def to_device(x, device):
     return x.to(device, non_blocking=True)
 
 def on_rank0(fn, world, errors):
-    """fn() on rank 0 alone, its result on every rank: one process decides for all (whether to
-    resume, from which step), so ranks that see different files agree. A user error (one of
-    `errors`) is raised on every rank, with rank 0's message."""
+    """fn() on rank 0 alone, its result (or its error, one of `errors`) on every rank: ranks that
+    see different files agree on whether to resume, and from which step."""
     out = [None, None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
@@ -242,8 +232,8 @@ def on_rank0(fn, world, errors):
     return out[0]
 
 def broadcast_state(state, device, world):
-    """A nested state (an optimizer's state_dict) that rank 0 alone read, on every rank: its
-    layout as an object, then each tensor, on `device`."""
+    """A nested state (an optimizer's state_dict) rank 0 alone read, on every rank's `device`:
+    its layout as an object, then each tensor."""
     if world == 1:
         return state
     box, mine = [None, None], None
@@ -251,7 +241,7 @@ def broadcast_state(state, device, world):
         mine, spec = tree_flatten(state)
         box = [spec, [(tuple(x.shape), x.dtype) if torch.is_tensor(x) else x for x in mine]]
     dist.broadcast_object_list(box, src=0)
-    spec, leaves = box  # a tensor's leaf is (shape, dtype): pytree leaves are never tuples
+    spec, leaves = box  # a tensor's leaf is (shape, dtype): no pytree leaf is a tuple
     out = []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, tuple):
@@ -267,7 +257,7 @@ def broadcast_state(state, device, world):
 # the optimizer step, never waiting on the host
 
 def optimizer_step(opt, scaler, params, grad_clip):
-    # clip and step, or skip a step whose gradients are not finite, on the device -> (gnorm, finite)
+    # -> (gnorm, finite); a step with non-finite gradients is skipped on the device
     scaler.unscale_(opt)
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     finite = torch.isfinite(gnorm)  # the same on every rank: the gradients are all-reduced
@@ -278,15 +268,14 @@ def optimizer_step(opt, scaler, params, grad_clip):
     return gnorm, finite
 
 def shard_optimizer(opt):
-    # the same AdamW, its state split over the processes: each steps its share, then broadcasts it
+    # the same AdamW, its state split over the processes (ZeRO-1)
     from torch.distributed.optim import ZeroRedundancyOptimizer
     known = inspect.signature(type(opt)).parameters  # its defaults hold decoupled_weight_decay too
     defaults = {k: v for k, v in opt.defaults.items() if k in known}
     return ZeroRedundancyOptimizer(opt.param_groups, optimizer_class=type(opt), **defaults)
 
 def optimizer_state(opt):
-    """The whole optimizer state on rank 0 (sharded: gathered first, so every rank calls this);
-    it loads into any number of processes, sharded or not."""
+    # all of it on rank 0 (sharded: every rank calls this to gather it); loads sharded or not
     if hasattr(opt, 'consolidate_state_dict'):
         opt.consolidate_state_dict(to=0)
         if dist.get_rank() != 0:
@@ -294,7 +283,7 @@ def optimizer_state(opt):
     return opt.state_dict()
 
 def stop_if_nonfinite(run, limit, out_dir, master):
-    # at a log line: `run` non-finite steps in a row were skipped; `limit` of them end the run
+    # at a log line: `run` non-finite steps in a row were skipped
     if run and master:
         print(f"the last {run} steps were skipped: a non-finite loss or gradient", flush=True)
     if run >= limit:
@@ -305,28 +294,24 @@ def stop_if_nonfinite(run, limit, out_dir, master):
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay, finite):
-    # the release's EMAModel: decay warmed up as (1 + step) / (10 + step), at most `decay`; a
-    # skipped step (finite False) leaves it. Parameters only: training changes no buffer
+    # the release's EMAModel, decay warmed up; a skipped step leaves it; no buffer changes
     d = min(decay, (1 + step) / (10 + step))
     ema_params = list(ema.parameters())
     weight = [(1 - d) * finite.float()] * len(ema_params)  # a tensor: a scalar would sync
     torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)
 
 # -----------------------------------------------------------------------------
-# the memory plan: what a training step holds on each GPU, before anything is allocated
+# the memory plan: what a training step holds on each GPU, known before allocating it
 
 GiB = 2 ** 30
 
 def memory_plan(model, act, frozen, micro_batch, world, checkpointing, zero):
-    """Bytes per GPU at a training step's peak, by part: the trained model's fp32 weights,
-    gradients (DDP's buckets are views of them), AdamW's state (split over the processes with
-    zero), the EMA; `frozen`, all else on the GPU; the forward's 16-bit weight copies; a micro
-    batch's activations and largest temporary (act: the model's activation_bytes())."""
+    """Bytes per GPU at a training step's peak: fp32 weights, gradients (DDP's buckets are views
+    of them), AdamW's state (split with zero), the EMA; `frozen`, all else on the GPU; 16-bit
+    weight copies; a micro batch's activations and largest temporary (act: activation_bytes())."""
     params = list(model.parameters())
     P = sum(p.numel() for p in params)
-    per_sample = act['saved']
-    if checkpointing:
-        per_sample = act['checkpointed']
+    per_sample = act['checkpointed'] if checkpointing else act['saved']
     optimizer = 8 * P + 4 * len(params)  # exp_avg and exp_avg_sq in fp32, a step per tensor
     if zero:
         optimizer = math.ceil(optimizer / world)
@@ -336,9 +321,8 @@ def memory_plan(model, act, frozen, micro_batch, world, checkpointing, zero):
 def choose_plan(model, act, frozen, batch_size, ceiling, world, memory, checkpointing='auto',
                 zero='auto'):
     """-> dict(micro_batch, grad_accum, checkpointing, zero, plan) on GPUs of `memory` bytes
-    (None: a CPU, no plan): the largest micro batch (at most `ceiling`, dividing a process's
-    share) whose plan fits in 90%. Checkpointing only when no micro batch of a quarter of the
-    recipe's fits without it, zero only when nothing fits without it."""
+    (None: a CPU, no plan): the largest micro batch whose plan fits in 90%. Checkpointing only
+    when no quarter of the recipe's micro batch fits without, zero when nothing fits without."""
     mb, _ = micro_batches(batch_size, ceiling, world)
     per_rank = batch_size // world
     sizes = [d for d in range(mb, 0, -1) if per_rank % d == 0]  # largest first
@@ -369,11 +353,11 @@ def plan_lines(choice, memory):
             f"{describe((choice['checkpointing'], choice['zero']))}")
 
 # -----------------------------------------------------------------------------
-# how a script ends: a user error in one line, an interrupt in one line, never a traceback
+# how a script ends: a user error or an interrupt in one line, never a traceback
 
 class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM, raised in the main thread; code: the shell's 128 + the signal. A
-    BaseException, as KeyboardInterrupt: no `except Exception` swallows it."""
+    """Ctrl-C or SIGTERM (code 128 + the signal); as KeyboardInterrupt, no `except Exception`
+    swallows it."""
 
     def __init__(self, code):
         super().__init__(code)
@@ -383,16 +367,14 @@ def _interrupt(signum, frame):
     raise Interrupted(128 + signum)
 
 def interrupted_at(step, saved, out_dir):
-    # a trainer's line for an interrupt: where it stopped, and what it would resume from
     where = "no checkpoint yet"
     if saved is not None:
         where = f"the last checkpoint is step {saved}, in {out_dir}/ckpt.pt"
     return f"interrupted at step {step}: {where}"
 
 def run_main(main, args, errors):
-    """main(args, state) as a script's whole run: a user error (one of `errors`) ends in one line
-    and exit 2; Ctrl-C or SIGTERM in state['interrupted']()'s line (what is on disk) and exit 130
-    or 143. Under torchrun, rank 0 alone prints."""
+    """main(args, state): one of `errors` ends in one line and exit 2; Ctrl-C or SIGTERM in
+    state['interrupted']()'s line (what is on disk) and exit 130 or 143. Rank 0 alone prints."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     state = dict(interrupted=lambda: "interrupted: nothing written")
@@ -411,21 +393,19 @@ def run_main(main, args, errors):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 # -----------------------------------------------------------------------------
 # a training run, as both trainers open, restore, save and log it
 
 def start_run(args):
-    """-> (rank, world size, device, dtype, autocast context); a batch no split serves stops here."""
+    # a batch that cannot be split over the processes stops here
     rank, world, device = init_distributed(args.device)
     dtype = pick_dtype(args.dtype, device)
     micro_batches(args.batch_size, args.micro_batch_size, world)
     return rank, world, device, dtype, autocast(device, dtype)
 
 def open_run(args, script, model_flags, world):
-    """Rank 0 decides whether to resume, from its own --out_dir, and alone reads the checkpoint.
-    -> (its checkpoint: None on the other ranks and for a new run, the flags changed since, what
-    every rank needs of the checkpoint, or None)"""
+    """Rank 0 alone decides whether to resume and reads the checkpoint -> (the checkpoint, None on
+    the other ranks and for a new run; the flags changed; what every rank needs of it, or None)"""
     found = {}
 
     def decide():
@@ -438,8 +418,8 @@ def open_run(args, script, model_flags, world):
     return found.get('ckpt'), changed, resumed
 
 def restore(parts, ckpt, resumed, world, device):
-    """parts: {checkpoint key: a module, tensor, optimizer or GradScaler}, made rank 0's on every
-    rank: its checkpoint's when resuming, else its init. -> (first step, non-finite steps so far)"""
+    """parts: {checkpoint key: a module, tensor, optimizer or GradScaler}, made rank 0's (resumed
+    or initial) on every rank -> (first step, non-finite steps so far)"""
     for k, part in parts.items():
         if isinstance(part, torch.nn.Module):
             if ckpt:
@@ -456,33 +436,25 @@ def restore(parts, ckpt, resumed, world, device):
         if world > 1:
             for t in tensors:
                 dist.broadcast(t, 0)
-    step, nonfinite = 0, 0
-    if resumed:
-        step, nonfinite = resumed['step'], resumed['nonfinite']
+    step, nonfinite = (resumed['step'], resumed['nonfinite']) if resumed else (0, 0)
     return step, torch.tensor(nonfinite, device=device)
 
 def wrap(model, device, world, compile='off'):
-    """The model as the step calls it: compiled (auto: on CUDA), in DDP with several processes (no
-    buffer changes in training)."""
     if compile == 'on' or (compile == 'auto' and device.type == 'cuda'):
         model = torch.compile(model)
     if world > 1:
-        device_ids = None
-        if device.type == 'cuda':
-            device_ids = [device.index]
+        device_ids = [device.index] if device.type == 'cuda' else None
         model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                    broadcast_buffers=False)
+                    broadcast_buffers=False)  # training changes no buffer
     return model
 
 def gpu_memory(device):
-    """This GPU's bytes, for the memory plan; None on the CPU (no plan)."""
+    # None on the CPU: no memory plan
     if device.type == 'cuda':
         return torch.cuda.get_device_properties(device).total_memory
     return None
 
 def print_start(config, choice, loader, memory, changed, step):
-    """Rank 0's start-up lines: the resolved configuration, the split of the global batch, the
-    memory plan, and the flags a resumed run changed."""
     print(json.dumps(config, indent=1))
     print(f"global batch {config['batch_size']} = {choice['micro_batch']} per forward x "
           f"{config['world_size']} processes x {choice['grad_accum']} accumulation; data: "
@@ -493,8 +465,7 @@ def print_start(config, choice, loader, memory, changed, step):
         print(f"resuming at step {step} with changed flags (saved, now): {changed}")
 
 def save_run(args, step, world, parts, **extra):
-    """Every rank: the checkpoint of `parts` (restore's) and `extra`, written by rank 0 to
-    --out_dir/ckpt.pt while the others wait (a sharded optimizer's state is gathered first)."""
+    # every rank calls it; rank 0 writes while the others wait
     ckpt = dict(extra, config=vars(args), step=step)
     for k, part in parts.items():
         if torch.is_tensor(part):
@@ -507,21 +478,20 @@ def save_run(args, step, world, parts, **extra):
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_checkpoint(ckpt, path)
         print(f"saved {path} (step {step})", flush=True)
-    if world > 1:  # within the process group's timeout, which init_distributed sized for it
+    if world > 1:  # within the process group's timeout, sized for it
         dist.barrier()
 
 def log_step(args, row, head, tail, clock, flops, device, world):
-    """Rank 0's log line around `row` (step, lr, gnorm and the trainer's numbers), also appended to
-    --out_dir/metrics.jsonl. clock: [time, step] of the last line, for the time per step."""
+    # rank 0's log line, `row` also appended to metrics.jsonl; clock: [time, step] of the last
     if device.type == 'cuda':
         torch.cuda.synchronize()
     step = row['step']
     dt = (time.time() - clock[0]) / (step + 1 - clock[1])
     clock[:] = time.time(), step + 1
     mfu = flops / dt / (peak_flops(device) * world)
-    print(f"step {step}/{args.max_steps} | {head} | gnorm {row['gnorm']:.3g} | lr {row['lr']:.2e} | "
-          f"dt {dt * 1000:.0f}ms | img/s {args.batch_size / dt:.1f} | mfu {100 * mfu:.1f}% | {tail}",
-          flush=True)
+    print(f"step {step}/{args.max_steps} | {head} | gnorm {row['gnorm']:.3g} | "
+          f"lr {row['lr']:.2e} | dt {dt * 1000:.0f}ms | img/s {args.batch_size / dt:.1f} | "
+          f"mfu {100 * mfu:.1f}% | {tail}", flush=True)
     with open(os.path.join(args.out_dir, 'metrics.jsonl'), 'a') as f:
         f.write(json.dumps(row) + '\n')
 
@@ -531,7 +501,7 @@ def log_step(args, row, head, tail, clock, flops, device, world):
 OFFICIAL_TOKENS = ('vq32', 'vq64', 'vq128', 'kl32', 'kl64', 'kl128')
 
 def add_training_flags(p, what):
-    """-> {title: group}, for each trainer to add its own. what: a batch's items."""
+    # -> {title: group}, for each trainer to add its own; what: a batch's items
     p.description += " A flag with no default shown takes the recipe's."
     pos, pos_int = number(float, 0), number(int, 1)
     g = {t: p.add_argument_group(t) for t in ('model', 'data', 'optimization', 'output')}
@@ -547,9 +517,8 @@ def add_training_flags(p, what):
     o.add_argument('--batch_size', type=pos_int,
                    help=f"the GLOBAL batch: {what} per optimizer step, all processes")
     o.add_argument('--micro_batch_size', type=pos_int,
-                   help=f"at most this many {what} per process per forward (the largest "
-                        f"that divides batch_size / processes); the rest is gradient "
-                        f"accumulation")
+                   help=f"at most this many {what} per process per forward (a divisor of its "
+                        f"share); the rest is gradient accumulation")
     o.add_argument('--max_steps', type=pos_int, help="optimizer steps (the cosine's length)")
     o.add_argument('--lr', type=pos, help="peak learning rate")
     o.add_argument('--end_lr', type=pos, help="learning rate at the end of the cosine decay")
@@ -578,8 +547,7 @@ def check_tokens(p, args):
             p.error(f"--preset {args.preset} takes --tokens vq or kl, not {args.tokens!r}")
 
 def take_recipe(p, args, recipe):
-    """Every flag left unset takes the recipe's value; a device or dtype this machine lacks stops
-    here (exit 2)."""
+    # a device or dtype this machine lacks stops here, exit 2
     for k, v in recipe.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

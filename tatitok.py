@@ -1,20 +1,11 @@
 """
-TA-TiTok: the text-aware 1D image tokenizer, all of it in this single file.
-
-An image becomes N = 32, 64 or 128 tokens, discrete (VQ) or continuous (KL); a ViT
-decoder that also reads the caption's CLIP features turns them back into pixels. Then:
-the frozen CLIP text encoder, the presets, and loading weights (maskgen.py's too).
-
-    from tatitok import TATiTok, TextEncoder
-    tok = TATiTok.from_pretrained('vq128')  # or a file, a run of ours
-    clip = TextEncoder.from_open_clip()     # ViT-L-14-336, 'openai'
-    ids = tok.encode(images)                # (B, 128), images in [0, 1]
-    recon = tok.decode_tokens(ids, clip(captions)['guidance'])
+TA-TiTok, the text-aware 1D image tokenizer, all of it in this single file: an image becomes
+N = 32-128 VQ codes or KL latents, and a ViT decoder that also reads the caption's CLIP features
+turns them back into pixels. Then the frozen CLIP text encoder, the presets, and loading weights.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
-2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py,
-   modeling/titok.py, modeling/modules/blocks.py, modeling/quantizer/quantizer.py)
+2) the official code: https://github.com/bytedance/1d-tokenizer (modeling/tatitok.py, titok.py)
 3) TiTok, the 1D tokenizer it extends: https://arxiv.org/abs/2406.07550
 4) open_clip, whose text tower we read: https://github.com/mlfoundations/open_clip
 """
@@ -43,7 +34,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention
+        nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -96,9 +87,7 @@ class Encoder(nn.Module):
         super().__init__()
         W = cfg.enc_width
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.out_channels = cfg.token_size
-        if cfg.quantize == 'kl':
-            self.out_channels *= 2  # a mean and a log-variance
+        self.out_channels = cfg.token_size * (2 if cfg.quantize == 'kl' else 1)  # KL: mean, logvar
         self.patch_embed = nn.Conv2d(3, W, cfg.patch_size, stride=cfg.patch_size)
         self.class_embedding = nn.Parameter(torch.zeros(1, W))
         self.positional_embedding = nn.Parameter(torch.zeros(n_patches + 1, W))
@@ -130,17 +119,17 @@ def at_least_fp32(x):
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ, straight-through (modeling/quantizer/quantizer.py)."""
 
-    def __init__(self, codebook_size, token_size, commitment_cost=0.25, use_l2_norm=False):
+    def __init__(self, codebook_size, token_size, commitment_cost, use_l2_norm):
         super().__init__()
         self.commitment_cost = commitment_cost
-        self.use_l2_norm = use_l2_norm  # features and codes on the unit sphere
+        self.use_l2_norm = use_l2_norm
         self.embedding = nn.Embedding(codebook_size, token_size)
         self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
 
     def codes(self):
         if self.use_l2_norm:
             return F.normalize(self.embedding.weight, dim=-1)
-        return self.embedding.weight  # (K, C)
+        return self.embedding.weight
 
     @torch.autocast('cuda', enabled=False)
     def forward(self, z):
@@ -165,7 +154,7 @@ class VectorQuantizer(nn.Module):
         return z_q, aux
 
 class DiagonalGaussian:
-    """The KL ('vae') bottleneck: 2C channels per token, a mean and a log-variance."""
+    """The KL ('vae') bottleneck."""
 
     def __init__(self, params):
         self.mean, logvar = at_least_fp32(params).chunk(2, dim=-1)  # (B, N, C) each
@@ -184,8 +173,8 @@ class DiagonalGaussian:
 # the text-aware decoder: [cls, image queries, N latents, 77 text tokens] in, pixels out
 
 class Unpatchify(nn.Module):
-    """(B, p*p*3, h, w) -> (B, 3, h*p, w*p) as the release's einops 'b (p1 p2 c) h w ->
-    b c (h p1) (w p2)'. nn.PixelShuffle orders (c, p1, p2): it would scramble the weights."""
+    """The release's einops 'b (p1 p2 c) h w -> b c (h p1) (w p2)'. nn.PixelShuffle orders
+    (c, p1, p2): it would scramble the weights."""
 
     def __init__(self, p):
         super().__init__()
@@ -272,16 +261,13 @@ class TATiTok(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Training init, as the release:
-        | parameter                               | init                                   |
-        | cls, position and latent embeddings     | randn * width^-0.5                     |
-        | encoder Linear and Conv weights         | trunc_normal(std 0.02), bias 0         |
-        | decoder Linear and Conv weights         | torch defaults (kaiming uniform)       |
-        | LayerNorm                               | weight 1, bias 0                       |
-        | attention in_proj (packed q, k, v)      | xavier_uniform (nn.MultiheadAttention) |
-        | codebook                                | uniform(+-1/K)                         |
-        The release inits TiTok before it swaps in the text-aware decoder. That matters:
-        with std 0.02 in both output convs, their product starves the decoder of gradient,
-        and training sits on the mean image for hundreds of steps."""
+        | cls, position and latent embeddings | randn * width^-0.5                   |
+        | encoder Linear and Conv             | trunc_normal(std 0.02), bias 0       |
+        | decoder Linear and Conv             | torch defaults (kaiming uniform)     |
+        | LayerNorm; attention in_proj        | 1 and 0; xavier (MultiheadAttention) |
+        | codebook                            | uniform(+-1/K)                       |
+        The release inits TiTok before it swaps in the text-aware decoder: std 0.02 in both
+        output convs would starve the decoder of gradient (the mean image for many steps)."""
         if self.latent_tokens.device.type == 'meta':
             return
         for m in self.encoder.modules():
@@ -298,15 +284,13 @@ class TATiTok(nn.Module):
 
     def forward(self, img, text_guidance, sample=True, noise=None):
         """img (B, 3, H, W) in [0, 1], text_guidance (B, 77, T) -> (recon, loss terms).
-        KL: the posterior's mean, or a sample (of `noise`: the trainer's, per global sample)."""
+        KL: a sample (of `noise`: the trainer's, per global sample) or the mean."""
         z = self.encoder(img, self.latent_tokens)  # (B, N, C), or (B, N, 2C) for KL
         if self.config.quantize == 'vq':
             z, aux = self.quantize(z)
         else:
             posterior = DiagonalGaussian(z)
-            z = posterior.mean
-            if sample:
-                z = posterior.sample(noise=noise)
+            z = posterior.sample(noise=noise) if sample else posterior.mean
             aux = dict(kl_loss=posterior.kl().mean())
         return self.decoder(z, text_guidance), aux
 
@@ -317,9 +301,7 @@ class TATiTok(nn.Module):
         if self.config.quantize == 'vq':
             return self.quantize(z)[1]['ids']
         posterior = DiagonalGaussian(z)
-        if sample:
-            return posterior.sample(generator)
-        return posterior.mean
+        return posterior.sample(generator) if sample else posterior.mean
 
     @torch.no_grad()
     def encode_posterior(self, img):  # KL: (mean, logvar), each (B, N, C)
@@ -335,7 +317,7 @@ class TATiTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, **overrides):
-        """A preset ('vq128', ...) or what read_weights reads -> the model in eval mode."""
+        # a release ('vq128', ...) or anything read_weights reads
         path, config, sd = read_model(name_or_path, TATITOK_PRESETS, TATiTokConfig,
                                       config_from_state_dict, dtype, overrides,
                                       "a generator's checkpoint, not a tokenizer's")
@@ -358,9 +340,9 @@ class TATiTok(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def activation_bytes(self):
-        """runtime.memory_plan's bytes of a training step under 16-bit autocast: a block
-        keeps 36 bytes per token and width unit (fp32 LayerNorm inputs; 16-bit q, k, v,
-        attention output, matmul inputs, MLP hidden, GELU input) and the attention's LSE."""
+        """Bytes of a training step under 16-bit autocast, for runtime.memory_plan: a block keeps
+        36 per token and width unit (fp32 LayerNorm inputs; 16-bit q, k, v, attention output,
+        matmul inputs, MLP hidden, GELU input) and the attention's LSE."""
         cfg = self.config
         P, N = (cfg.image_size // cfg.patch_size) ** 2, cfg.num_latent_tokens
         We, Wd = cfg.enc_width, cfg.dec_width
@@ -374,30 +356,29 @@ class TATiTok(nn.Module):
                     checkpointed=inputs + max(enc, dec) + rest,
                     casts=2 * self.get_num_params(), transient=0)
 
-    def estimate_flops(self, encode=True, decode=True):
+    def estimate_flops(self, encode=True):
         # FLOPs per image, 2 per multiply-add (checked against torch's FlopCounterMode)
         cfg = self.config
         P = (cfg.image_size // cfg.patch_size) ** 2
-        N, p, We, Wd = cfg.num_latent_tokens, cfg.patch_size, cfg.enc_width, cfg.dec_width
-        macs = 0
+        N, p, T = cfg.num_latent_tokens, cfg.patch_size, cfg.text_context_length
+        We, Wd = cfg.enc_width, cfg.dec_width
+        # the decoder: token and text projections, the ViT, the output convs
+        macs = N * cfg.token_size * Wd + T * cfg.text_embed_dim * Wd
+        macs += vit_flops(Wd, cfg.dec_layers, 1 + P + N + T)
+        macs += P * Wd * 3 * p * p + cfg.image_size ** 2 * 3 * 3 * 9
         if encode:  # patch embedding, the ViT over [cls, patches, latents], conv_out
             macs += P * 3 * p * p * We + vit_flops(We, cfg.enc_layers, 1 + P + N)
             macs += N * We * self.encoder.out_channels
             if cfg.quantize == 'vq':
                 macs += N * cfg.codebook_size * cfg.token_size  # the VQ distances
-        if decode:  # token and text projections, the ViT, the output convs
-            T = cfg.text_context_length
-            macs += N * cfg.token_size * Wd + T * cfg.text_embed_dim * Wd
-            macs += vit_flops(Wd, cfg.dec_layers, 1 + P + N + T)
-            macs += P * Wd * 3 * p * p + cfg.image_size ** 2 * 3 * 3 * 9
         return 2 * macs
 
 # -----------------------------------------------------------------------------
 # the frozen CLIP text encoder and its three views
 
 def clip_ids(tokenizer, caption, context_length=77):
-    # (77,) int64 ids; a caption too long is truncated with a warning, not an error
-    with torch.device('cpu'):  # whatever the default device (e.g. meta for counting)
+    # a caption too long is truncated with a warning, not an error
+    with torch.device('cpu'):  # whatever the default device (e.g. meta)
         ids = tokenizer([caption], context_length=context_length)[0].numpy()  # (77,)
     if ids[-1] != 0 and len(tokenizer.encode(caption)) > context_length - 2:  # minus SOT, EOT
         warnings.warn(f"a caption longer than {context_length} CLIP tokens was truncated: "
@@ -405,14 +386,13 @@ def clip_ids(tokenizer, caption, context_length=77):
     return ids
 
 def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtype=torch.float32):
-    """open_clip's CLIP text tower built alone (the vision tower is most of CLIP), with
-    `weights` (a file of the tower or the whole model), or random from `seed`."""
+    """open_clip's text tower alone (the vision tower is most of CLIP): `weights` (a file of
+    the tower or the whole CLIP), or random from `seed`."""
     from open_clip.model import _build_text_tower, _build_vision_tower
     if weights:
-        with torch.device('meta'):  # no weight drawn only to be replaced by the file's
+        with torch.device('meta'):
             tower = _build_text_tower(embed_dim, text_cfg, quick_gelu).to(dtype)
-        # mapped, even for another dtype: a cast would read the vision tower too
-        sd = load_state_dict_file(weights)
+        sd = load_state_dict_file(weights)  # mapped: a cast would read the vision tower too
         sd = {k: v for k, v in sd.items() if not k.startswith('visual.')}
         load_official(tower, sd, weights, ignore=('logit_scale', 'logit_bias'))  # CLIP's, unused
         if tower.attn_mask is not None:  # in no file: built again, off meta
@@ -420,17 +400,16 @@ def text_tower(text_cfg, embed_dim, quick_gelu=False, weights=None, seed=0, dtyp
         return tower
     rng = torch.get_rng_state()
     torch.manual_seed(seed)  # one seed, one tower: a checkpoint can rebuild it
-    # open_clip's CLIP(...) draws a vision tower first, and our checkpoints' seeds were drawn
-    # that way: draw a tiny one and drop it, so that each seed gives the same text tower
+    # CLIP(...) draws a vision tower first, as our checkpoints' seeds did: a tiny one, dropped
     _build_vision_tower(embed_dim, dict(layers=1, width=64, patch_size=8, image_size=16))
     tower = _build_text_tower(embed_dim, text_cfg, quick_gelu)
     torch.set_rng_state(rng)
     return tower.to(dtype)
 
-RELEASE_CLIP = dict(model='ViT-L-14-336', pretrained='openai')  # the releases' text encoder
+RELEASE_CLIP = dict(model='ViT-L-14-336', pretrained='openai')
 
 class TextEncoder(nn.Module):
-    """A frozen open_clip text tower. One pass gives the three views the release uses:
+    """A frozen open_clip text tower; one pass gives the release's three views:
     guidance: ln_final of the last block, 77 positions (the TA-TiTok decoder's input)
     tokens:   the penultimate block's output, no ln_final (MaskGen's context stream)
     pooled:   ln_final at the end-of-text token @ text_projection (MaskGen's condition)"""
@@ -439,7 +418,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.clip = clip
         self.tokenizer = tokenizer
-        self.spec = spec  # how to rebuild it (kept in checkpoints)
+        self.spec = spec  # how to rebuild it, kept in checkpoints
         self.width = clip.token_embedding.weight.shape[1]
         self.embed_dim = clip.text_projection.shape[-1]
         self.context_length = clip.positional_embedding.shape[0]
@@ -456,14 +435,14 @@ class TextEncoder(nn.Module):
         return cls.from_open_clip(model, pretrained or 'openai', dtype)
 
     @classmethod
-    def from_spec(cls, spec, dtype=torch.float32):  # self.spec, kept in checkpoints
+    def from_spec(cls, spec, dtype=torch.float32):
         if 'text_cfg' in spec:
             return cls.from_text_cfg(**spec, dtype=dtype)
         return cls.from_open_clip(**spec, dtype=dtype)
 
     @classmethod
     def from_open_clip(cls, model='ViT-L-14-336', pretrained='openai', dtype=torch.float32):
-        import open_clip  # imported here: only building the text encoder needs it
+        import open_clip  # here: only the text encoder needs it
         if model not in open_clip.list_models():
             raise UserError(f"--clip {model}:{pretrained}: open_clip has no model {model!r}")
         cfg = open_clip.get_model_config(model)
@@ -493,13 +472,12 @@ class TextEncoder(nn.Module):
         return cls(tower, open_clip.get_tokenizer(tokenizer), spec)
 
     @classmethod
-    def tiny(cls, seed=0, context_length=77):
-        """A small random tower for tests and the offline quickstart: random features
-        still tell captions apart, all a model trained on them needs. The shapes presets
-        use 16 positions (their longest caption is 14 CLIP tokens; 77 would dwarf the image)."""
+    def tiny(cls, context_length=77):
+        """A small random tower for tests and the offline quickstart: random features still tell
+        captions apart. The shapes presets use 16 positions (their captions fit in 14 tokens)."""
         text_cfg = dict(context_length=context_length, vocab_size=49408, width=64, heads=4,
                         layers=4)
-        return cls.from_text_cfg(text_cfg, 64, seed=seed)
+        return cls.from_text_cfg(text_cfg, 64)
 
     def tokenize(self, captions):
         ids = [clip_ids(self.tokenizer, c, self.context_length) for c in captions]
@@ -507,7 +485,6 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions):
-        """captions: a list of str, or (B, 77) ids -> dict(guidance, tokens, pooled)."""
         device = self.clip.token_embedding.weight.device
         ids = captions if torch.is_tensor(captions) else self.tokenize(captions)
         ids = ids.to(device)  # (B, 77)
@@ -536,9 +513,9 @@ _HF = 'turkeyju/tokenizer_tatitok_'
 _VQ = dict(quantize='vq', token_size=64)
 _KL = dict(quantize='kl', token_size=16)
 _S = dict(enc_width=512, enc_layers=8, enc_heads=8)  # ViT-S; the others: the defaults
-# the small ones read TextEncoder.tiny() (text_embed_dim 64)
 _TINY = dict(image_size=32, patch_size=8, num_latent_tokens=8, enc_width=64, enc_layers=2,
-             enc_heads=4, dec_width=64, dec_layers=2, dec_heads=4, text_embed_dim=64)
+             enc_heads=4, dec_width=64, dec_layers=2, dec_heads=4,
+             text_embed_dim=64)  # TextEncoder.tiny()'s
 # the CPU quickstart's (TUNING.md says how each number was chosen)
 _SHAPES = dict(image_size=32, patch_size=4, num_latent_tokens=32, enc_width=64, enc_layers=1,
                enc_heads=2, dec_width=64, dec_layers=3, dec_heads=2, text_embed_dim=64,
@@ -559,7 +536,7 @@ TATITOK_PRESETS = {
 }
 
 def preset_config(presets, config_class, name, **overrides):
-    # keys config_class has no field for (a repo, a generator's tokenizer) stay out
+    # keys config_class has no field for (a repo) stay out
     if name not in presets:
         raise UserError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     known = {f.name for f in fields(config_class)}
@@ -573,23 +550,23 @@ def tatitok_config(name, **overrides):
 # loading official weights and our checkpoints (shared with maskgen.py)
 
 class UserError(Exception):
-    """A user's mistake: a script prints it in one line and exits 2 (runtime.run_main)."""
+    """A user's mistake: one line and exit 2 (runtime.run_main)."""
 
     def __init__(self, message):
         super().__init__(' '.join(str(message).split()))  # one line, whatever it quotes
 
 class DownloadError(UserError):
-    """A release's file neither in the Hugging Face cache nor downloadable (offline?)."""
+    """A release's file neither cached nor downloadable."""
 
 SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
                       'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32,
                       'U8': torch.uint8, 'BOOL': torch.bool}
 
 def read_safetensors(path, dtype):
-    """A .safetensors file read a tensor at a time, floats cast to `dtype`. Mapped instead,
-    every fp32 page read for the cast would stay in memory beside the copies."""
+    """A .safetensors file read a tensor at a time, floats cast to `dtype`: mapped, every fp32
+    page read for the cast would stay in memory beside the copies."""
     with open(path, 'rb') as f:
-        n = int.from_bytes(f.read(8), 'little')  # header length, JSON header, bytes
+        n = int.from_bytes(f.read(8), 'little')  # the JSON header's length
         header = json.loads(f.read(n))
         header.pop('__metadata__', None)
         # one buffer for all: one per tensor would leave the allocator's heap in pieces
@@ -606,8 +583,8 @@ def read_safetensors(path, dtype):
     return sd
 
 def load_state_dict_file(path, dtype=torch.float32):
-    """A torch.save or .safetensors file's dict, memory-mapped (so load_official holds each
-    weight once), except a .safetensors file read for another dtype (read_safetensors)."""
+    """A torch.save or .safetensors file's dict, memory-mapped (load_official then holds each
+    weight once) unless read for another dtype."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     try:
@@ -616,20 +593,20 @@ def load_state_dict_file(path, dtype=torch.float32):
         elif path.endswith('.safetensors'):
             from safetensors.torch import load_file  # arrives with open_clip_torch
             sd = load_file(path)
-        else:  # torch.save's zip format (torch >= 1.6) maps; an older file is read whole
+        else:  # torch.save's zip format maps; an older file is read whole
             mapped = zipfile.is_zipfile(path)
             sd = torch.load(path, map_location='cpu', weights_only=True, mmap=mapped)
-    except Exception as e:  # truncated, corrupt, or not a checkpoint at all
+    except Exception as e:  # truncated, corrupt, or not a checkpoint
         why = f"{type(e).__name__}: {str(e)[:200]}"
         raise UserError(f"{path}: not a readable checkpoint ({why})") from None
     if not isinstance(sd, dict):
         raise UserError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     return sd
 
-def reachable(host, timeout=3.0):
+def reachable(host):
     # offline, download libraries retry for ~25 s: a 3 s probe fails fast and clearly
     try:
-        http.client.HTTPSConnection(host, timeout=timeout).connect()
+        http.client.HTTPSConnection(host, timeout=3.0).connect()
         return True
     except OSError:
         return False
@@ -647,15 +624,12 @@ def hf_download(repo_id, filenames):
             except Exception:
                 pass
     raise DownloadError(f"cannot get {' or '.join(filenames)} from the Hugging Face repo "
-                        f"{repo_id} (not cached, and the download failed: offline?). Download it "
-                        f"elsewhere, or pass a local file (the .bin / .safetensors, or a "
-                        f"checkpoint trained here).")
+                        f"{repo_id} (not cached; offline?): pass a local file")
 
 def load_official(model, sd, source, ignore=(), optional=(), rename=()):
-    """`sd` (official keys) into `model`, every key and shape checked, never silently.
-    The tensors become the parameters (cast where dtypes differ): a model built on the
-    meta device from a mapped file holds each weight once. ignore: keys dropped (training
-    only); optional: keys that may be missing (a tied weight); rename: (official, our)."""
+    """`sd` into `model`, every key and shape checked. Its tensors become the parameters: a
+    model built on the meta device from a mapped file holds each weight once. ignore: keys
+    dropped; optional: keys that may be missing (a tied weight); rename: (official, our)."""
     sd = {k: v for k, v in sd.items() if k not in ignore}
     for old, new in rename:
         sd = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
@@ -671,18 +645,17 @@ def load_official(model, sd, source, ignore=(), optional=(), rename=()):
     if wrong:
         raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape, "
                         f"e.g. {wrong[:3]}")
-    sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where the dtypes agree
-    for k in optional:  # a tied weight not in the file: a placeholder until tied again
+    sd = {k: v.to(ours[k].dtype) for k, v in sd.items()}  # a no-op where dtypes agree
+    for k in optional:  # a placeholder until tied again
         if k not in sd and k in ours:
             sd[k] = ours[k]
-    model.load_state_dict(sd, strict=True, assign=True)  # assign: the tensors themselves
+    model.load_state_dict(sd, strict=True, assign=True)
     return model
 
 def read_weights(name_or_path, presets, dtype=torch.float32):
-    """A release's name or repo id (downloaded once), a weights file, a run folder (its
-    ckpt.pt) or a checkpoint's dict -> (where from, official weights or a checkpoint of
-    ours). What it returns may be passed again."""
-    if isinstance(name_or_path, tuple):  # read already
+    """A release's name or repo id, a weights file, a run folder or a checkpoint's dict ->
+    (where from, official weights or our checkpoint), which may be passed again."""
+    if isinstance(name_or_path, tuple):
         return name_or_path
     if isinstance(name_or_path, dict):
         return 'the embedded checkpoint', name_or_path
@@ -699,9 +672,7 @@ def read_weights(name_or_path, presets, dtype=torch.float32):
     return path, load_state_dict_file(path, dtype)
 
 def read_model(name_or_path, presets, config_class, from_shapes, dtype, overrides, other):
-    """-> (where from, config, weights): a checkpoint of ours holds its config (and EMA
-    weights, used when present); official weights hold none: from_shapes reads it. other:
-    the refusal of a checkpoint of the other model."""
+    # our checkpoint holds its config; from_shapes reads official weights'; other: a refusal
     path, sd = read_weights(name_or_path, presets, dtype)
     if 'model_args' not in sd:
         return path, config_class(**{**from_shapes(sd, path), **overrides}), sd
@@ -709,16 +680,15 @@ def read_model(name_or_path, presets, config_class, from_shapes, dtype, override
         raise UserError(f"{path}: {other}")
     return path, config_class(**{**sd['model_args'], **overrides}), checkpoint_weights(sd)
 
-def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
-    """-> (tokenizer, the text encoder its decoder reads: --clip's, else its checkpoint's, else
-    the releases', what read_weights read)."""
-    read = read_weights(name_or_path, TATITOK_PRESETS, dtype)
-    tok = TATiTok.from_pretrained(read, dtype)
+def load_tokenizer(name_or_path, clip=None):
+    # the text encoder: --clip's, else the checkpoint's, else the releases'
+    read = read_weights(name_or_path, TATITOK_PRESETS)
+    tok = TATiTok.from_pretrained(read)
     cfg = tok.config
     if clip:
-        te = TextEncoder.from_name(clip, cfg.text_context_length, dtype)
+        te = TextEncoder.from_name(clip, cfg.text_context_length)
     else:
-        te = TextEncoder.from_spec(read[1].get('text_encoder') or RELEASE_CLIP, dtype)
+        te = TextEncoder.from_spec(read[1].get('text_encoder') or RELEASE_CLIP)
     if (te.context_length, te.width) != (cfg.text_context_length, cfg.text_embed_dim):
         raise UserError(f"the tokenizer's decoder reads {cfg.text_context_length} x "
                         f"{cfg.text_embed_dim} text features, this text encoder gives "
@@ -726,8 +696,8 @@ def load_tokenizer(name_or_path, clip=None, dtype=torch.float32):
     return tok, te, read
 
 def config_from_state_dict(sd, path):
-    """TATiTokConfig fields read off official weights' shapes. Heads are not in them:
-    every release has 64 channels per head (override enc_heads / dec_heads otherwise)."""
+    """TATiTokConfig fields read off official weights' shapes; heads are not in them, but every
+    release has 64 channels per head."""
     depth = lambda p: len({k.split('.')[2] for k in sd if k.startswith(p + '.transformer.')})
     try:
         N, enc_width = sd['latent_tokens'].shape
@@ -749,14 +719,12 @@ def config_from_state_dict(sd, path):
                         f"'latent_tokens', 'encoder.patch_embed.weight')") from None
 
 def checkpoint_weights(ckpt):
-    # a checkpoint of ours is used with its EMA weights when it has them (as DiT)
-    if ckpt.get('ema') is not None:
-        return ckpt['ema']
-    return ckpt['model']
+    # our checkpoint's EMA weights when it has them (as DiT)
+    return ckpt['model'] if ckpt.get('ema') is None else ckpt['ema']
 
 def param_groups(named_parameters, weight_decay):
-    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, nor for a
-    name holding one of these words (so neither the adaLN linears, named *norm*, nor *embed*)."""
+    """The release's AdamW groups (utils/train_utils.py): no decay for vectors, nor for names
+    holding one of these words (so not the adaLN linears, named *norm*)."""
     keys = ('ln', 'bias', 'latent_tokens', 'mask_token', 'embedding', 'norm', 'gamma', 'embed')
     decay, no_decay = [], []
     for n, p in named_parameters:
