@@ -53,7 +53,7 @@ RECAP_PREFIXES = tuple(f"The image {verb}"
 # sources: folders, tar shards (brace patterns, globs, lists), the shapes set
 
 def _braceexpand(pattern):
-    """'s{0..2}{a,b}' -> ['s0a', 's0b', 's1a', ...], as the shell and webdataset expand it."""
+    """'s{0..2}{a,b}' -> ['s0a', 's0b', 's1a', ...], as the shell expands it."""
     m = re.search(r'\{([^{}]*)\}', pattern)
     if not m:
         return [pattern]
@@ -66,8 +66,8 @@ def _braceexpand(pattern):
     return [p for o in options for p in _braceexpand(head + o + tail)]
 
 def expand_source(source):
-    """-> ('shapes', split or None, []) | ('folder', [(image, caption, key)], []) |
-    ('tar', [shard paths], [named shards that do not exist]); UserError if it holds nothing."""
+    """-> ('shapes', split, []) | ('folder', [(image, caption, key)], []) | ('tar', shards,
+    the named ones that do not exist)."""
     if isinstance(source, str) and source.split(':')[0] == 'shapes':
         split = source.split(':')[1] if ':' in source else None
         return 'shapes', split, []
@@ -97,7 +97,7 @@ def expand_source(source):
     return 'tar', sorted(found), sorted(missing)
 
 def _tar_index(path, counts):
-    """A shard's headers (no data read) -> [(key, {ext: (offset, size)})], one per sample."""
+    """-> [(key, {ext: (offset, size)})], from the headers alone."""
     samples = {}
     broken = True
     try:
@@ -152,7 +152,7 @@ def _shape_name(obj, sized):
     return f"{colour} {kind}"
 
 def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
-    """Sample `index` of the endless shapes stream -> (PIL RGB image, caption); 'val' is held out."""
+    """-> (PIL RGB image, caption) of the endless stream; the 'val' split is held out."""
     rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds: the same on any machine
     img = Image.new('RGB', (size * SUPERSAMPLE, size * SUPERSAMPLE), SHAPES_BG)
     draw = ImageDraw.Draw(img)
@@ -218,8 +218,8 @@ def _two_object_prompts(n):
     return prompts
 
 _PAIRS = [(c, s) for c in SHAPES_COLOURS for s in SHAPES_KINDS]
-# sample.py --eval shapes' prompts by category (GenEval's, https://arxiv.org/abs/2310.11513);
-# size and side alternate along the 24 pairs, so that each colour and shape gets both
+# sample.py --eval shapes' categories (GenEval's, https://arxiv.org/abs/2310.11513); size and
+# side alternate along the 24 pairs, so that each colour and shape gets both
 SHAPES_SUITE = {
     'single': SHAPES_EVAL_PROMPTS,
     'size': [f"a {('small', 'large')[i % 2]} {c} {s}" for i, (c, s) in enumerate(_PAIRS)],
@@ -245,8 +245,7 @@ def _read_member(f, span):
     return data
 
 def _decode_caption(raw):
-    """-> (text, whether it was not UTF-8), or (None, True). The fallback, cp1252, is the commonest
-    legacy encoding of alt text; 5 bytes are undefined in it (the sample is dropped)."""
+    """-> (text, not UTF-8?); else cp1252, the commonest legacy encoding of alt text."""
     try:
         return raw.decode('utf-8'), False
     except UnicodeDecodeError:
@@ -260,8 +259,8 @@ def _first(d, fields):
     return next((d[k] for k in fields if d.get(k) is not None), None)
 
 def _caption(txt, recap, rng, recap_prob):
-    """As the official process_recap_text: with probability recap_prob the recaption, stripped,
-    less an exact leading 'The image depicts' (displays, ...) and capitalised; else txt."""
+    """The official process_recap_text: with probability recap_prob the recaption, less an
+    exact leading 'The image depicts' (displays, ...), capitalised."""
     if not recap or rng.random() >= recap_prob:
         return txt
     c = recap.strip()
@@ -273,14 +272,14 @@ def _caption(txt, recap, rng, recap_prob):
     return c or txt  # nothing after the phrase: the original (the release would train on '')
 
 class ImageError(UserError):
-    """Not an image, or TooLarge; the message names it."""
+    """Not an image, or TooLarge."""
 
 class TooLarge(ImageError):
     pass
 
 def open_image(src, name=None):
-    """A path or file -> 8-bit RGB as it was meant to be seen: EXIF turn applied, first frame,
-    16-bit and float scaled (not clipped), transparency on white."""
+    """-> 8-bit RGB as meant to be seen: EXIF turn, first frame, 16-bit and float scaled (not
+    clipped), transparency on white."""
     name = name or src
     limit = int(os.environ.get('MAX_IMAGE_PIXELS', 89_478_485))
     Image.MAX_IMAGE_PIXELS = None  # checked below, read off the header, with a message
@@ -308,11 +307,11 @@ def open_image(src, name=None):
         return img.convert('RGB')
     except ImageError:
         raise
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, EOFError...)
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, EOFError...
         raise ImageError(f"{name}: not an image PIL can read") from None
 
 def resize_crop(img, size, rng=None, train=False, flip=False):
-    """Shorter side to `size` (bicubic), a random crop (train) or the centre one, maybe flipped."""
+    """Shorter side to `size`, a random (train) or the centre crop, maybe flipped."""
     w, h = img.size
     if min(w, h) != size:  # int() truncates, as torchvision's Resize
         if w < h:
@@ -342,25 +341,25 @@ class _Stream(torch.utils.data.IterableDataset):
     t and sample j in it, so a position (t, j, p) per stream replays on any ranks and workers."""
     kind: str  # 'tar', 'folder' or 'shapes'
     items: list  # shard paths, or a folder's (image, caption, key)
-    split: str  # shapes only: 'train' or 'val'
     batch_size: int
-    image_size: int  # None: no pixels (data.py stats)
-    train: bool
-    seed: int
-    rank: int
-    world_size: int
-    num_workers: int
-    streams: int
-    flip: bool
-    min_size: int  # the filters: 0 or None is off
-    max_aspect: float
-    min_aes: float
-    max_watermark: float
-    recap_prob: float
-    max_objects: int
-    num_samples: int
-    raw: bool
-    prepare: object
+    image_size: int = 256  # None: no pixels (data.py stats)
+    train: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    streams: int = STREAMS
+    flip: bool = False
+    min_size: int = 256  # the filters: 0 or None is off
+    max_aspect: float = 2.0
+    min_aes: float = None
+    max_watermark: float = None
+    recap_prob: float = 0.95
+    max_objects: int = 2
+    num_samples: int = None  # shapes only, evaluating; 1000 unless set
+    raw: bool = False
+    prepare: object = None
+    split: str = None  # shapes only: 'train' or 'val'
     start: dict = None  # {v: [t, j, p]}, set by Loader
 
     def my_streams(self):
@@ -566,8 +565,8 @@ class _Stream(torch.utils.data.IterableDataset):
             yield _chunk(chunk)
 
 def _chunk(rows):
-    """A worker's message: its samples stacked (numpy goes by pipe, not shared memory), and each
-    one's stream, position and counts."""
+    """A worker's message, numpy (a pipe, not /dev/shm): its samples stacked, and each one's
+    stream, position and counts."""
     samples = [s for _, s, _, _ in rows if s is not None and '_end' not in s]
     ends = [s['_end'] for _, s, _, _ in rows if s and '_end' in s]
     out = dict(_meta=[(v, pos, dict(counts)) for v, _, pos, counts in rows], _end=ends)
@@ -579,8 +578,7 @@ def _chunk(rows):
     return out
 
 def summarize_counts(counts, missing_shards=0):
-    """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'recovered/<what>',
-    'bad_shards') -> the summary that the training log and `data.py stats` print."""
+    """Raw counts ('read', 'kept', 'filtered/<why>', ...) -> what the log and stats print."""
     c = Counter(counts)
 
     def by(prefix):  # {why: n} of the keys 'prefix/why'
@@ -595,7 +593,7 @@ def _identity(x):
     return x  # the DataLoader's collate: chunks are batched already, and numpy stays numpy
 
 def leave_signals_to_main(worker_id):
-    """A worker_init_fn: Ctrl-C reaches the workers too, but the main process answers it."""
+    """A worker_init_fn: Ctrl-C reaches the workers too, but the main process answers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -624,7 +622,7 @@ def _interleave(chunks):
     return out
 
 class Loader:
-    """Batches of a _Stream through a DataLoader, resumable on any number of ranks and workers."""
+    """A _Stream's batches, resumable on any number of ranks and workers."""
 
     def __init__(self, stream, missing=()):
         self.stream = stream
@@ -699,33 +697,26 @@ def merge_states(states):
         out['counts'].update(sd['counts'])
     return out
 
-def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=0, world_size=1,
-                num_workers=0, streams=STREAMS, flip=False, min_size=256, max_aspect=2.0,
-                min_aes=None, max_watermark=None, recap_prob=0.95, max_objects=2,
-                num_samples=None, raw=False, prepare=None):
+def make_loader(source, batch_size, image_size=256, **kw):
     """A Loader of tar shards (a pattern, list, or folder of them), a folder of images with .txt
-    captions, or 'shapes' / 'shapes:val'. Token shards give 'tokens' for 'image': VQ (B, N) int64,
-    KL (B, 2, N, C). train=True: endless, shards drawn with replacement, random crops, 'index'
-    (B,) the global sample indices, and the fields of prepare(sample, index), made in the
-    workers. The filters (0 or None: off) read the json, else the image. raw=True: txt, recap,
-    meta, and a batch ends with each unit."""
+    captions, or 'shapes' / 'shapes:val'; kw: _Stream's fields. Token shards give 'tokens': VQ
+    (B, N) int64, KL (B, 2, N, C). train=True: endless, shards drawn with replacement, random
+    crops, 'index' (B,) the global sample indices, and the fields of prepare(sample, index), made
+    in the workers. raw=True: txt, recap, meta, and a batch ends with each unit."""
     kind, items, missing = expand_source(source)
-    split = None
+    s = _Stream(kind, items, batch_size, image_size, **kw)
     if kind == 'shapes':  # no files; 'shapes:val' names a split, plain 'shapes' follows `train`
-        split = items or ('train' if train else 'val')
-        items = []
-        flip = False  # never flip shapes: their captions say left and right
-    if not train:  # one stream per worker, each its share of the units
-        streams = world_size * max(1, num_workers)
-    elif streams % world_size:
-        raise UserError(f"{world_size} processes do not divide the data's {streams} streams evenly")
-    per_rank = streams // world_size  # workers: the most up to num_workers that divide these
-    num_workers = max(w for w in range(min(num_workers, per_rank) + 1)
-                      if w == 0 or per_rank % w == 0)
-    stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
-                     num_workers, streams, flip, min_size, max_aspect, min_aes, max_watermark,
-                     recap_prob, max_objects, num_samples, raw, prepare)
-    return Loader(stream, missing)
+        s.split = items or ('train' if s.train else 'val')
+        s.items = []
+        s.flip = False  # never flip shapes: their captions say left and right
+    if not s.train:  # one stream per worker, each its share of the units
+        s.streams = s.world_size * max(1, s.num_workers)
+    elif s.streams % s.world_size:
+        raise UserError(f"{s.world_size} processes do not divide the data's {s.streams} streams")
+    per_rank = s.streams // s.world_size  # workers: the most up to num_workers that divide these
+    s.num_workers = max(w for w in range(min(s.num_workers, per_rank) + 1)
+                        if w == 0 or per_rank % w == 0)
+    return Loader(s, missing)
 
 # -----------------------------------------------------------------------------
 # writing: shards, PNGs, grids
@@ -790,7 +781,6 @@ def tokenizer_fingerprint(model):
     return h.hexdigest()
 
 def _read_record(folder):
-    """The tokenizer.json that pretokenize writes beside its token shards, or None."""
     path = os.path.join(folder, 'tokenizer.json')
     if not os.path.isfile(path):
         return None
@@ -804,8 +794,7 @@ def _read_record(folder):
     return record
 
 def token_shards_tokenizer(source):
-    """The record ({'tokenizer', 'model_args', 'fingerprint'}) of the tokenizer that made
-    `source`'s token shards, or None (no token shards); UserError if their folders disagree."""
+    """The tokenizer.json beside `source`'s token shards, or None (no token shards)."""
     kind, items, _ = expand_source(source)
     if kind != 'tar':
         return None
@@ -818,8 +807,7 @@ def token_shards_tokenizer(source):
     return next(iter(records.values()))
 
 def _check_paths(args, kind, items):
-    """--data holds images, not another artifact; --out_dir is new, empty or pretokenize's own
-    (to resume), and writable."""
+    """--data holds images; --out_dir is new, empty or pretokenize's own, and writable."""
     src, out = args.data, args.out_dir
     if kind == 'folder' and os.path.exists(os.path.join(src, 'ckpt.pt')):
         raise UserError(f"--data {src}: a training run's folder (it holds ckpt.pt), not images")
@@ -854,8 +842,7 @@ def _filters(args):
                 max_watermark=args.max_watermark)
 
 def pretokenize(args, state):
-    """A token shard per input unit (a shard, or this rank's share of a folder or 'shapes'), the
-    shards split over torchrun processes; a rerun skips the done ones."""
+    """A token shard per input unit (a shard, or a rank's share of a folder or 'shapes')."""
     from tqdm import tqdm
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
@@ -919,7 +906,7 @@ def pretokenize(args, state):
     counts, empty = Counter(), {}  # this rank's raw counts, its units that kept nothing
     state['interrupted'] = lambda: (
         f"interrupted: {sum(f.endswith('.tar') for f in os.listdir(args.out_dir))} token shards "
-        f"complete in {args.out_dir} (a rerun goes on from there)")
+        f"complete in {args.out_dir} (a rerun resumes)")
     if loader is not None:
         pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
         empty = _write_token_shards(loader, model, args.out_dir, device, ctx, pbar)
@@ -944,8 +931,7 @@ def pretokenize(args, state):
                         f"{', '.join(sorted(empty)[:5])} (the rest is written)")
 
 def _write_token_shards(loader, model, out_dir, device, ctx, pbar):
-    """Encode each batch; a unit's shard is renamed into place when complete. A unit that keeps
-    no sample writes nothing (a rerun tries it again) -> {unit: its summarized counts} of those."""
+    """-> {unit: summarized counts} of the units that kept no sample and wrote nothing."""
     writers, counts, empty = {}, {}, {}  # unit -> its open output shard, its counts so far
     try:
         for b in loader:
@@ -1021,45 +1007,41 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools for TA-TiTok / MaskGen.")
     common = argparse.ArgumentParser(add_help=False)  # the flags of both commands
     common.add_argument('--min_size', default=256, type=number(int, 0, 65535),
-                        help="drop a sample whose original longer side is below this; 0: off")
+                        help="drop samples whose original longer side is smaller; 0: off")
     common.add_argument('--max_aspect', default=2.0, type=number(float, 1, 100, off=0),
-                        help="drop a sample whose long/short side ratio is above this; 0: off")
+                        help="drop samples of a larger long/short side ratio; 0: off")
     common.add_argument('--min_aes', type=number(float, 0, 10),
-                        help="drop a sample whose aesthetic score is below this, or missing")
+                        help="drop samples of a lower (or no) aesthetic score")
     common.add_argument('--max_watermark', type=number(float, high=1, above=0),
-                        help="drop a sample whose pwatermark is this or above (e.g. 0.5)")
+                        help="drop samples whose pwatermark is this or more (e.g. 0.5)")
     workers = min(4, os.cpu_count() or 1)  # 4 would oversubscribe a 2-core machine
     common.add_argument('--num_workers', default=workers, type=number(int, 0, 64),
                         help="dataloader workers per process; default min(4, CPU cores)")
     common.add_argument('--num_samples', type=number(int, 1, 2 ** 62),
                         help="'shapes' only: how many samples to read (1000)")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{stats,pretokenize}')
-    s = sub.add_parser('stats', parents=[common],
-                       help="count read / kept / filtered / corrupt samples")
-    s.add_argument('data', metavar='DATA',
-                   help="tar shards ('data/{00000..00123}.tar', a glob), a folder, or 'shapes'")
-    t = sub.add_parser('pretokenize', parents=[common],
-                       help="encode images once into token shards for MaskGen")
+    s = sub.add_parser('stats', parents=[common], help="count read/kept/filtered/corrupt samples")
+    s.add_argument('data', metavar='DATA', help="tar shards (a brace pattern, a glob), a folder, "
+                   "or 'shapes'")
+    t = sub.add_parser('pretokenize', parents=[common], help="images into token shards, once")
     t.add_argument('--tokenizer', required=True,
                    help="a release (vq128, kl32, ...), an HF repo id, a weights file, or a "
                         "train_tokenizer.py checkpoint (file or folder)")
-    t.add_argument('--data', required=True,
-                   help="image shards (brace pattern, glob, list), a folder of images, or 'shapes'")
+    t.add_argument('--data', required=True, help="image shards, a folder of images, or 'shapes'")
     t.add_argument('--out_dir', required=True, help="token shards' folder; a rerun resumes into it")
     t.add_argument('--batch_size', type=number(int, 1, 65536), default=64,
-                   help="images per encoder forward pass")
+                   help="images per encoder pass")
     t.add_argument('--device', default='auto', help="auto (a GPU if any), cpu, cuda, cuda:1, mps")
     t.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-                   help="the encoder's autocast dtype; auto: bfloat16 on a GPU, else float32")
+                   help="the encoder's autocast; auto: bfloat16 on a GPU")
     t.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1), default=0,
-                   help="'shapes' only: the seed of the stream")
+                   help="'shapes' only: the stream's seed")
     t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
-                   help="'shapes' only: at most this many objects per image")
-    t.add_argument('--strict', action='store_true',
-                   help="an input unit (shard) that keeps no sample is an error (exit 2)")
+                   help="'shapes' only: objects per image, at most")
+    t.add_argument('--strict', action='store_true', help="a shard that keeps no sample: exit 2")
     args = p.parse_args(argv)
     if args.num_samples and args.data.split(':')[0] != 'shapes':
-        p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
+        p.error("--num_samples is for 'shapes' only: shards and folders are read whole")
     if args.cmd == 'pretokenize':
         try:
             args.device = pick_device(args.device)
