@@ -37,15 +37,15 @@ import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageOps
 
-from tatitok import UserError
-from runtime import write_atomic, number, make_out_dir
+from tatitok import UserError, TATiTok
+from runtime import (write_atomic, number, make_out_dir, use_device, pick_device, pick_dtype,
+                     autocast, all_gather_objects, run_main)
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
 AES_FIELDS = ('aesthetic_score', 'aesthetic', 'AESTHETIC_SCORE', 'aes_score')  # LAION, DataComp, ours
 WATERMARK_FIELDS = ('pwatermark', 'watermark')  # LAION-5B metadata
 STREAMS = 256  # virtual streams of a training source (see _Stream): 1, 2, 4, ... 256 processes
 DEFAULT_AES = 6.0  # the official sample_aesthetic_score of stage 1, for a sample without one
-# in this order, so that 'showcases' is tried before 'shows'
 RECAP_PREFIXES = tuple(f"The image {verb}"
                        for verb in ('depicts', 'displays', 'showcases', 'features', 'shows'))
 
@@ -53,7 +53,7 @@ RECAP_PREFIXES = tuple(f"The image {verb}"
 # sources: folders, tar shards (brace patterns, globs, lists), the shapes set
 
 def _braceexpand(pattern):
-    """'s{0..2}{a,b}' -> ['s0a', 's0b', 's1a', ...], as the shell and webdataset expand it."""
+    """'s{0..2}{a,b}' -> ['s0a', 's0b', 's1a', ...], as the shell expands it."""
     m = re.search(r'\{([^{}]*)\}', pattern)
     if not m:
         return [pattern]
@@ -66,8 +66,8 @@ def _braceexpand(pattern):
     return [p for o in options for p in _braceexpand(head + o + tail)]
 
 def expand_source(source):
-    """-> ('shapes', split or None, []) | ('folder', [(image, caption, key)], []) |
-    ('tar', [shard paths], [named shards that do not exist]); UserError if it holds nothing."""
+    """-> ('shapes', split, []) | ('folder', [(image, caption, key)], []) | ('tar', shards,
+    the named ones that do not exist)."""
     if isinstance(source, str) and source.split(':')[0] == 'shapes':
         split = source.split(':')[1] if ':' in source else None
         return 'shapes', split, []
@@ -88,20 +88,16 @@ def expand_source(source):
     found, missing = set(), set()
     for p in [source] if isinstance(source, str) else source:
         for path in _braceexpand(str(p)):
-            matches = [path]
-            if glob.has_magic(path):
-                matches = glob.glob(path)
-            files = [f for f in matches if os.path.isfile(f)]
+            files = [f for f in glob.glob(path) if os.path.isfile(f)]  # a plain name globs to itself
             found.update(files)
-            if not files:  # a glob that matches nothing, a name that is not a file
+            if not files:
                 missing.add(path)
     if not found:
         raise UserError(f"no files match {source!r}")
     return 'tar', sorted(found), sorted(missing)
 
 def _tar_index(path, counts):
-    """A shard's headers (no data read) -> [(key, {ext: (offset, size)})]: the key.ext members of
-    one key are one sample, the WebDataset way."""
+    """-> [(key, {ext: (offset, size)})], from the headers alone."""
     samples = {}
     broken = True
     try:
@@ -130,10 +126,9 @@ SHAPES_COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80,
                   'yellow': (240, 210, 40), 'purple': (150, 60, 190), 'orange': (245, 140, 30),
                   'white': (245, 245, 245), 'black': (20, 20, 20)}
 SHAPES_KINDS = ('circle', 'square', 'triangle')
-# "a {colour} {shape}": train_maskgen.py's sample grid, the 'single' category of SHAPES_SUITE
 SHAPES_EVAL_PROMPTS = [f"a {c} {s}" for c in SHAPES_COLOURS for s in SHAPES_KINDS]
-# half-extent / image side, by objects per image: two large ones fit side by side; big, as a small
-# tokenizer learns shape last and its signal grows with the area (TUNING.md)
+# half-extent / image side, by objects per image: two large ones fit side by side; big, as a
+# small tokenizer learns shape last (TUNING.md)
 SHAPES_RADIUS = {1: {'small': 0.25, 'large': 0.35}, 2: {'small': 0.18, 'large': 0.22}}
 SHAPES_PAIRS = 1 / 2  # the share of images with two objects
 SHAPES_RELATION = {(True, True): 'to the left of', (True, False): 'to the right of',
@@ -157,7 +152,7 @@ def _shape_name(obj, sized):
     return f"{colour} {kind}"
 
 def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
-    """Sample `index` of the endless shapes stream -> (PIL RGB image, caption); 'val' is held out."""
+    """-> (PIL RGB image, caption) of the endless stream; the 'val' split is held out."""
     rng = random.Random(f"shapes/{seed}/{split}/{index}")  # str seeds: the same on any machine
     img = Image.new('RGB', (size * SUPERSAMPLE, size * SUPERSAMPLE), SHAPES_BG)
     draw = ImageDraw.Draw(img)
@@ -212,7 +207,7 @@ def shapes_sample(index, size=64, split='train', seed=0, max_objects=2):
     return img.resize((size, size), Image.BOX), caption
 
 def _two_object_prompts(n):
-    """n prompts of two objects of two colours (the detector tells them apart by colour)."""
+    # two colours: the detector tells the two objects apart by colour
     rng = random.Random('shapes/suite')
     relations = list(SHAPES_RELATION.values())
     prompts = []
@@ -223,8 +218,8 @@ def _two_object_prompts(n):
     return prompts
 
 _PAIRS = [(c, s) for c in SHAPES_COLOURS for s in SHAPES_KINDS]
-# sample.py --eval shapes' prompts by category (GenEval's, https://arxiv.org/abs/2310.11513);
-# size and side alternate along the 24 pairs, so that each colour and shape gets both
+# sample.py --eval shapes' categories (GenEval's, https://arxiv.org/abs/2310.11513); size and
+# side alternate along the 24 pairs, so that each colour and shape gets both
 SHAPES_SUITE = {
     'single': SHAPES_EVAL_PROMPTS,
     'size': [f"a {('small', 'large')[i % 2]} {c} {s}" for i, (c, s) in enumerate(_PAIRS)],
@@ -235,25 +230,22 @@ SHAPES_SUITE = {
 # decoding: captions, images, crops
 
 def _read_file(path):
-    """A file's bytes, or b'' (a folder item without its caption)."""
     try:
         with open(path, 'rb') as fp:
             return fp.read()
-    except OSError:
+    except OSError:  # a folder item without its caption
         return b''
 
 def _read_member(f, span):
-    """A shard member's bytes at span = (offset, size); EOFError if the file ends first."""
     offset, size = span
     f.seek(offset)
     data = f.read(size)
-    if len(data) != size:
+    if len(data) != size:  # the file ends first
         raise EOFError
     return data
 
 def _decode_caption(raw):
-    """-> (text, whether it was not UTF-8), or (None, True). The fallback, cp1252, is the commonest
-    legacy encoding of alt text; 5 bytes are undefined in it (the sample is dropped)."""
+    """-> (text, not UTF-8?); else cp1252, the commonest legacy encoding of alt text."""
     try:
         return raw.decode('utf-8'), False
     except UnicodeDecodeError:
@@ -264,12 +256,11 @@ def _decode_caption(raw):
         return None, True
 
 def _first(d, fields):
-    """The first of `fields` that `d` holds and is not None, else None."""
     return next((d[k] for k in fields if d.get(k) is not None), None)
 
 def _caption(txt, recap, rng, recap_prob):
-    """As the official process_recap_text: with probability recap_prob the recaption, stripped,
-    less an exact leading 'The image depicts' (displays, ...) and capitalised; else txt."""
+    """The official process_recap_text: with probability recap_prob the recaption, less an
+    exact leading 'The image depicts' (displays, ...), capitalised."""
     if not recap or rng.random() >= recap_prob:
         return txt
     c = recap.strip()
@@ -278,29 +269,26 @@ def _caption(txt, recap, rng, recap_prob):
             c = c[len(phrase):].strip()
             c = c[:1].upper() + c[1:]
             break
-    if not c:  # nothing after the phrase: the original (the release would train on '')
-        return txt
-    return c
+    return c or txt  # nothing after the phrase: the original (the release would train on '')
 
 class ImageError(UserError):
-    """An image that cannot be used (not an image, or TooLarge), named."""
+    """Not an image, or TooLarge."""
 
 class TooLarge(ImageError):
     pass
 
 def open_image(src, name=None):
-    """Any image PIL reads (a path or a file) as 8-bit RGB, as it was meant to be seen: EXIF turn
-    applied, first frame, 16-bit and float scaled (not clipped), transparency on white.
-    ImageError, naming it, for no image or one over $MAX_IMAGE_PIXELS (read off its header)."""
+    """-> 8-bit RGB as meant to be seen: EXIF turn, first frame, 16-bit and float scaled (not
+    clipped), transparency on white."""
     name = name or src
     limit = int(os.environ.get('MAX_IMAGE_PIXELS', 89_478_485))
-    Image.MAX_IMAGE_PIXELS = None  # checked below, with a message that says what to do
+    Image.MAX_IMAGE_PIXELS = None  # checked below, read off the header, with a message
     try:
         img = Image.open(src)
         w, h = img.size
         if w * h > limit:
-            raise TooLarge(f"{name}: {w}x{h} is {w * h} pixels, over MAX_IMAGE_PIXELS={limit} (an "
-                           f"environment variable: raise it to read this image)")
+            raise TooLarge(f"{name}: {w}x{h} pixels, over MAX_IMAGE_PIXELS={limit} (an environment "
+                           f"variable: raise it to read this image)")
         img.seek(0)
         img = ImageOps.exif_transpose(img)
         if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
@@ -319,12 +307,11 @@ def open_image(src, name=None):
         return img.convert('RGB')
     except ImageError:
         raise
-    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, EOFError...)
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, EOFError...
         raise ImageError(f"{name}: not an image PIL can read") from None
 
 def resize_crop(img, size, rng=None, train=False, flip=False):
-    """Shorter side to `size` (bicubic, antialiased), a random crop (train) or the centre one,
-    maybe flipped -> uint8 (size, size, 3)."""
+    """Shorter side to `size`, a random (train) or the centre crop, maybe flipped."""
     w, h = img.size
     if min(w, h) != size:  # int() truncates, as torchvision's Resize
         if w < h:
@@ -354,25 +341,25 @@ class _Stream(torch.utils.data.IterableDataset):
     t and sample j in it, so a position (t, j, p) per stream replays on any ranks and workers."""
     kind: str  # 'tar', 'folder' or 'shapes'
     items: list  # shard paths, or a folder's (image, caption, key)
-    split: str  # shapes only: 'train' or 'val'
     batch_size: int
-    image_size: int  # None: no pixels (data.py stats)
-    train: bool
-    seed: int
-    rank: int
-    world_size: int
-    num_workers: int
-    streams: int
-    flip: bool
-    min_size: int  # the filters: 0 or None is off
-    max_aspect: float
-    min_aes: float
-    max_watermark: float
-    recap_prob: float
-    max_objects: int
-    num_samples: int
-    raw: bool
-    prepare: object
+    image_size: int = 256  # None: no pixels (data.py stats)
+    train: bool = True
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    streams: int = STREAMS
+    flip: bool = False
+    min_size: int = 256  # the filters: 0 or None is off
+    max_aspect: float = 2.0
+    min_aes: float = None
+    max_watermark: float = None
+    recap_prob: float = 0.95
+    max_objects: int = 2
+    num_samples: int = None  # shapes only, evaluating; 1000 unless set
+    raw: bool = False
+    prepare: object = None
+    split: str = None  # shapes only: 'train' or 'val'
     start: dict = None  # {v: [t, j, p]}, set by Loader
 
     def my_streams(self):
@@ -445,21 +432,11 @@ class _Stream(torch.utils.data.IterableDataset):
                 counts = Counter()
             t, j = t + 1, 0
 
-    def _size_filter(self, w, h):
-        """The counts key of the size filter that drops a w x h image, or None."""
+    def _size_filter(self, w, h):  # -> the counts key, or None
         if self.min_size and max(w, h) < self.min_size:
             return 'filtered/size'
         if self.max_aspect and max(w, h) / min(w, h) > self.max_aspect:
             return 'filtered/aspect'
-        return None
-
-    def _meta_filter(self, meta):
-        """Likewise of the json's scores; a missing score fails (so that it shows in the counts)."""
-        aes, wm = _first(meta, AES_FIELDS), _first(meta, WATERMARK_FIELDS)
-        if self.min_aes is not None and (aes is None or aes < self.min_aes):
-            return 'filtered/aesthetic'
-        if self.max_watermark is not None and (wm is None or wm >= self.max_watermark):
-            return 'filtered/watermark'
         return None
 
     def _load(self, ref, f, counts):
@@ -523,14 +500,17 @@ class _Stream(torch.utils.data.IterableDataset):
             return 'corrupt/no_caption'
         w = meta.get('original_width') or meta.get('width')
         h = meta.get('original_height') or meta.get('height')
+        reason = None
         if w and h and ext != 'tokens.npy':  # token shards were filtered when made
             reason = self._size_filter(w, h)
-            if reason:
-                return reason
-        reason = self._meta_filter(meta)
+        aes, wm = _first(meta, AES_FIELDS), _first(meta, WATERMARK_FIELDS)
+        # a missing score fails a score filter, so that it shows in the counts
+        if not reason and self.min_aes is not None and (aes is None or aes < self.min_aes):
+            reason = 'filtered/aesthetic'
+        if not reason and self.max_watermark is not None and (wm is None or wm >= self.max_watermark):
+            reason = 'filtered/watermark'
         if reason:
             return reason
-        aes = _first(meta, AES_FIELDS)
         if aes is None:
             aes = DEFAULT_AES
         s = dict(caption=_caption(txt, recap, rng, self.recap_prob), key=key, aes=np.float32(aes))
@@ -585,8 +565,8 @@ class _Stream(torch.utils.data.IterableDataset):
             yield _chunk(chunk)
 
 def _chunk(rows):
-    """A worker's message: its samples stacked (numpy goes by pipe, not shared memory), and each
-    one's stream, position and counts."""
+    """A worker's message, numpy (a pipe, not /dev/shm): its samples stacked, and each one's
+    stream, position and counts."""
     samples = [s for _, s, _, _ in rows if s is not None and '_end' not in s]
     ends = [s['_end'] for _, s, _, _ in rows if s and '_end' in s]
     out = dict(_meta=[(v, pos, dict(counts)) for v, _, pos, counts in rows], _end=ends)
@@ -598,9 +578,7 @@ def _chunk(rows):
     return out
 
 def summarize_counts(counts, missing_shards=0):
-    """Raw counts ('read', 'kept', 'filtered/<why>', 'corrupt/<why>', 'recovered/<what>',
-    'bad_shards') -> the summary of the training log and `data.py stats`. A sample read is kept,
-    filtered or corrupt; missing_shards is the source's, never summed over ranks."""
+    """Raw counts ('read', 'kept', 'filtered/<why>', ...) -> what the log and stats print."""
     c = Counter(counts)
 
     def by(prefix):  # {why: n} of the keys 'prefix/why'
@@ -615,17 +593,16 @@ def _identity(x):
     return x  # the DataLoader's collate: chunks are batched already, and numpy stays numpy
 
 def leave_signals_to_main(worker_id):
-    """A worker_init_fn: Ctrl-C reaches the workers too, but the main process answers it."""
+    """A worker_init_fn: Ctrl-C reaches the workers too, but the main process answers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 def _to_torch(chunk, pin):
-    """A chunk's arrays as tensors (pinned for an asynchronous copy to the GPU)."""
     out = {}
     for k, v in chunk.items():
         if isinstance(v, np.ndarray):
             v = torch.from_numpy(v)
-            if pin:
+            if pin:  # for an asynchronous copy to the GPU
                 v = v.pin_memory()
         out[k] = v
     return out
@@ -645,7 +622,7 @@ def _interleave(chunks):
     return out
 
 class Loader:
-    """Batches of a _Stream through a DataLoader, resumable on any number of ranks and workers."""
+    """A _Stream's batches, resumable on any number of ranks and workers."""
 
     def __init__(self, stream, missing=()):
         self.stream = stream
@@ -687,8 +664,7 @@ class Loader:
                 yield _to_torch({k: v[i:i + B] for k, v in merged.items()}, pin)
 
     @property
-    def counts(self):
-        """summarize_counts of this rank so far, for the training log."""
+    def counts(self):  # this rank's, for the training log
         return summarize_counts(self.raw_counts(), len(self.missing))
 
     def raw_counts(self):
@@ -721,55 +697,43 @@ def merge_states(states):
         out['counts'].update(sd['counts'])
     return out
 
-def make_loader(source, batch_size, image_size=256, *, train=True, seed=0, rank=0, world_size=1,
-                num_workers=0, streams=STREAMS, flip=False, min_size=256, max_aspect=2.0,
-                min_aes=None, max_watermark=None, recap_prob=0.95, max_objects=2,
-                num_samples=None, raw=False, prepare=None):
-    """Batches {'image' (B, 3, H, W) uint8 | 'tokens', 'caption', 'aes' (B,), 'key'} of tar
-    shards (a pattern, list, or folder of them), a folder of images with .txt captions, or
-    'shapes' / 'shapes:val'. Token shards give 'tokens': VQ (B, N) int64, KL (B, 2, N, C).
-    train=True: endless, shards drawn with replacement, random crops, 'index' (B,) the global
-    sample indices, and the fields of prepare(sample, index), made in the workers. Filters (0 or
-    None: off) read the json, else the image. raw=True: txt, recap, meta, a batch ends per unit."""
+def make_loader(source, batch_size, image_size=256, **kw):
+    """A Loader of tar shards (a pattern, list, or folder of them), a folder of images with .txt
+    captions, or 'shapes' / 'shapes:val'; kw: _Stream's fields. Token shards give 'tokens': VQ
+    (B, N) int64, KL (B, 2, N, C). train=True: endless, shards drawn with replacement, random
+    crops, 'index' (B,) the global sample indices, and the fields of prepare(sample, index), made
+    in the workers. raw=True: txt, recap, meta, and a batch ends with each unit."""
     kind, items, missing = expand_source(source)
-    split = None
+    s = _Stream(kind, items, batch_size, image_size, **kw)
     if kind == 'shapes':  # no files; 'shapes:val' names a split, plain 'shapes' follows `train`
-        split = items or ('train' if train else 'val')
-        items = []
-        flip = False  # never flip shapes: their captions say left and right
-    if not train:  # one stream per worker, each its share of the units
-        streams = world_size * max(1, num_workers)
-    elif streams % world_size:
-        raise UserError(f"{world_size} processes do not divide the data's {streams} streams evenly")
-    per_rank = streams // world_size  # workers: the most up to num_workers that divide these
-    num_workers = max(w for w in range(min(num_workers, per_rank) + 1)
-                      if w == 0 or per_rank % w == 0)
-    stream = _Stream(kind, items, split, batch_size, image_size, train, seed, rank, world_size,
-                     num_workers, streams, flip, min_size, max_aspect, min_aes, max_watermark,
-                     recap_prob, max_objects, num_samples, raw, prepare)
-    return Loader(stream, missing)
+        s.split = items or ('train' if s.train else 'val')
+        s.items = []
+        s.flip = False  # never flip shapes: their captions say left and right
+    if not s.train:  # one stream per worker, each its share of the units
+        s.streams = s.world_size * max(1, s.num_workers)
+    elif s.streams % s.world_size:
+        raise UserError(f"{s.world_size} processes do not divide the data's {s.streams} streams")
+    per_rank = s.streams // s.world_size  # workers: the most up to num_workers that divide these
+    s.num_workers = max(w for w in range(min(s.num_workers, per_rank) + 1)
+                        if w == 0 or per_rank % w == 0)
+    return Loader(s, missing)
 
 # -----------------------------------------------------------------------------
 # writing: shards, PNGs, grids
 
-def _to_bytes(v):
-    """A member's value -> bytes: bytes as they are, str as UTF-8, ndarray as .npy, else json."""
-    if isinstance(v, bytes):
-        return v
-    if isinstance(v, str):
-        return v.encode('utf-8')
-    if isinstance(v, np.ndarray):
-        buf = io.BytesIO()
-        np.save(buf, v, allow_pickle=False)
-        return buf.getvalue()
-    return json.dumps(v).encode('utf-8')
-
 def _tar_add(tf, key, members):
-    for ext, v in members.items():
-        data = _to_bytes(v)
+    for ext, v in members.items():  # bytes as they are, str as UTF-8, ndarray as .npy, else json
+        if isinstance(v, str):
+            v = v.encode('utf-8')
+        elif isinstance(v, np.ndarray):
+            buf = io.BytesIO()
+            np.save(buf, v, allow_pickle=False)
+            v = buf.getvalue()
+        elif not isinstance(v, bytes):
+            v = json.dumps(v).encode('utf-8')
         ti = tarfile.TarInfo(f"{key}.{ext}")
-        ti.size = len(data)
-        tf.addfile(ti, io.BytesIO(data))
+        ti.size = len(v)
+        tf.addfile(ti, io.BytesIO(v))
 
 def write_shard(path, samples):
     """samples: (key, {ext: value}) -> one tar, whole or not at all."""
@@ -779,12 +743,11 @@ def write_shard(path, samples):
                 _tar_add(tf, key, members)
     write_atomic(path, write)
 
-def save_png(img, path):
-    """A uint8 (H, W, 3) image to `path`, whole or not at all."""
+def save_png(img, path):  # uint8 (H, W, 3), whole or not at all
     write_atomic(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
 
 def make_grid(images, ncol):
-    """uint8 images (B, H, W, 3) -> one uint8 image, `ncol` per row, 2 px of white around each."""
+    """uint8 (B, H, W, 3) -> one uint8 image, `ncol` per row, 2 px of white around each."""
     B, H, W, _ = images.shape
     nrow, pad = -(-B // ncol), 2
     grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, 3), 255, np.uint8)
@@ -799,8 +762,8 @@ def make_grid(images, ncol):
 
 @torch.no_grad()
 def encode_images(tokenizer, images, ctx):
-    """uint8 images (B, 3, H, W) -> VQ ids (B, N), or KL the posterior's mean and logvar
-    (B, 2, N, C): what pretokenize stores and train_maskgen.py encodes on the fly."""
+    """uint8 (B, 3, H, W) -> VQ ids (B, N), or KL the posterior's mean and logvar (B, 2, N, C):
+    what pretokenize stores and train_maskgen.py encodes on the fly."""
     x = images.float() / 255
     with ctx:
         if tokenizer.config.quantize == 'vq':
@@ -818,7 +781,6 @@ def tokenizer_fingerprint(model):
     return h.hexdigest()
 
 def _read_record(folder):
-    """The tokenizer.json that pretokenize writes beside its token shards, or None."""
     path = os.path.join(folder, 'tokenizer.json')
     if not os.path.isfile(path):
         return None
@@ -826,22 +788,18 @@ def _read_record(folder):
         with open(path) as fp:
             record = json.load(fp)
     except (OSError, ValueError):
-        raise UserError(f"{path}: not a readable tokenizer record (json)") from None
+        record = None
     if not isinstance(record, dict):
-        raise UserError(f"{path}: not a tokenizer record (a json object)")
+        raise UserError(f"{path}: not a readable tokenizer record (a json object)")
     return record
 
 def token_shards_tokenizer(source):
-    """The record of the tokenizer that made `source`'s token shards ({'tokenizer', 'model_args',
-    'fingerprint'}), or None (no token shards); UserError if their folders disagree."""
+    """The tokenizer.json beside `source`'s token shards, or None (no token shards)."""
     kind, items, _ = expand_source(source)
     if kind != 'tar':
         return None
-    records = {}  # folder -> its record (or None)
-    for path in items:
-        folder = os.path.dirname(os.path.abspath(path))
-        if folder not in records:
-            records[folder] = _read_record(folder)
+    folders = dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in items)  # in order
+    records = {d: _read_record(d) for d in folders}
     fingerprints = {None if r is None else r.get('fingerprint') for r in records.values()}
     if len(fingerprints) > 1:
         raise UserError(f"the shards of {source!r} were made by different tokenizers (or some "
@@ -849,32 +807,31 @@ def token_shards_tokenizer(source):
     return next(iter(records.values()))
 
 def _check_paths(args, kind, items):
-    """--data holds images, not another artifact; --out_dir is new, empty or pretokenize's own (to
-    resume), and writable."""
+    """--data holds images; --out_dir is new, empty or pretokenize's own, and writable."""
     src, out = args.data, args.out_dir
     if kind == 'folder' and os.path.exists(os.path.join(src, 'ckpt.pt')):
         raise UserError(f"--data {src}: a training run's folder (it holds ckpt.pt), not images")
     shards = items if kind == 'tar' else []
     for path in shards:
         if not path.endswith('.tar'):
-            raise UserError(f"--data {src}: {path} is not a .tar shard of images")
+            raise UserError(f"--data {src}: {path} is not a .tar shard")
     first = _tar_index(shards[0], Counter()) if shards else []  # its headers only
     if first and 'tokens.npy' in first[0][1]:
-        raise UserError(f"--data {src}: token shards (data.py pretokenize made them), not images")
+        raise UserError(f"--data {src}: token shards, not images")
     stems = [os.path.basename(p)[:-len('.tar')] for p in shards]
     if len(set(stems)) < len(stems):
-        raise UserError(f"--data {src}: shards in different folders share names, as their token "
+        raise UserError(f"--data {src}: shards in two folders share a name, as their token "
                         f"shards would")
     if os.path.isdir(out):
         names = os.listdir(out)
         ours = ('tokenizer.json', 'tokenizer.json.tmp')  # and the shards, .tar.tmp while written
         others = sorted(f for f in names if f not in ours and not f.endswith(('.tar', '.tar.tmp')))
         if others:
-            raise UserError(f"--out_dir {out} holds files that are not token shards (e.g. "
-                            f"{others[0]}): give a new or empty folder")
+            raise UserError(f"--out_dir {out} holds {others[0]}, not token shards: give a new "
+                            f"or empty folder")
         if 'tokenizer.json' not in names and any(f.endswith('.tar') for f in names):
             raise UserError(f"--out_dir {out} holds .tar shards that pretokenize did not write "
-                            f"(no tokenizer.json): give a new or empty folder")
+                            f"(no tokenizer.json)")
         for path in shards:
             if os.path.samefile(os.path.dirname(os.path.abspath(path)), out):
                 raise UserError(f"--out_dir {out} is the folder of the --data shards")
@@ -885,17 +842,13 @@ def _filters(args):
                 max_watermark=args.max_watermark)
 
 def pretokenize(args, state):
-    """A token shard per input unit (a shard, or this rank's share of a folder or 'shapes');
-    shards split over torchrun processes, done ones skipped."""
+    """A token shard per input unit (a shard, or a rank's share of a folder or 'shapes')."""
     from tqdm import tqdm
-    from tatitok import TATiTok
-    from runtime import use_device, pick_dtype, autocast
     rank = int(os.environ.get('RANK', 0))
     world = int(os.environ.get('WORLD_SIZE', 1))
     device = use_device(args.device)  # this rank's GPU under torchrun
     ctx = autocast(device, pick_dtype(args.dtype, device))  # as train_maskgen.py encodes
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:  # ranks end at different times: the first waits for the last at the gather
+    if world > 1 and not dist.is_initialized():  # the first rank done waits for the last
         dist.init_process_group('gloo', timeout=datetime.timedelta(days=7))
     try:
         kind, items, missing = expand_source(args.data)
@@ -953,32 +906,32 @@ def pretokenize(args, state):
     counts, empty = Counter(), {}  # this rank's raw counts, its units that kept nothing
     state['interrupted'] = lambda: (
         f"interrupted: {sum(f.endswith('.tar') for f in os.listdir(args.out_dir))} token shards "
-        f"complete in {args.out_dir} (a rerun goes on from there)")
+        f"complete in {args.out_dir} (a rerun resumes)")
     if loader is not None:
         pbar = tqdm(unit='img', disable=rank != 0, desc=f"pretokenize x{world}")
         empty = _write_token_shards(loader, model, args.out_dir, device, ctx, pbar)
         pbar.close()
         counts = loader.raw_counts()
-    line = dict(**summarize_counts(counts, len(missing)), empty_shards=sorted(empty))
+
+    def line(counts, empty):
+        return dict(**summarize_counts(counts, len(missing)), empty_shards=sorted(empty))
+
     if world > 1:  # every rank prints its own line, then rank 0 the total, last
-        print(json.dumps(dict(rank=rank, **line)), flush=True)
-        every = [None] * world
-        dist.all_gather_object(every, (counts, empty))
-        counts = sum((c for c, _ in every), Counter())
-        empty = {name: why for _, e in every for name, why in e.items()}
-        line = dict(ranks=world, **summarize_counts(counts, len(missing)),
-                    empty_shards=sorted(empty))
+        print(json.dumps(dict(rank=rank, **line(counts, empty))), flush=True)
+    every = all_gather_objects((counts, empty), world)
+    counts = sum((c for c, _ in every), Counter())
+    empty = {name: why for _, e in every for name, why in e.items()}
     if rank == 0:
-        print(json.dumps(line), flush=True)
-    if own_group:
-        dist.destroy_process_group()
+        total = line(counts, empty)
+        if world > 1:
+            total = dict(ranks=world, **total)
+        print(json.dumps(total), flush=True)
     if empty and args.strict:
         raise UserError(f"--strict: {len(empty)} unit(s) kept no sample: "
                         f"{', '.join(sorted(empty)[:5])} (the rest is written)")
 
 def _write_token_shards(loader, model, out_dir, device, ctx, pbar):
-    """Encode each batch; a unit's shard is renamed into place when complete. A unit that keeps
-    no sample writes nothing (a rerun tries it again) -> {unit: its summarized counts} of those."""
+    """-> {unit: summarized counts} of the units that kept no sample and wrote nothing."""
     writers, counts, empty = {}, {}, {}  # unit -> its open output shard, its counts so far
     try:
         for b in loader:
@@ -1054,55 +1007,47 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools for TA-TiTok / MaskGen.")
     common = argparse.ArgumentParser(add_help=False)  # the flags of both commands
     common.add_argument('--min_size', default=256, type=number(int, 0, 65535),
-                        help="drop a sample whose original longer side is below this; 0: off")
+                        help="drop samples whose original longer side is smaller; 0: off")
     common.add_argument('--max_aspect', default=2.0, type=number(float, 1, 100, off=0),
-                        help="drop a sample whose long/short side ratio is above this; 0: off")
+                        help="drop samples of a larger long/short side ratio; 0: off")
     common.add_argument('--min_aes', type=number(float, 0, 10),
-                        help="drop a sample whose aesthetic score is below this, or missing")
+                        help="drop samples of a lower (or no) aesthetic score")
     common.add_argument('--max_watermark', type=number(float, high=1, above=0),
-                        help="drop a sample whose pwatermark is this or above (e.g. 0.5)")
+                        help="drop samples whose pwatermark is this or more (e.g. 0.5)")
     workers = min(4, os.cpu_count() or 1)  # 4 would oversubscribe a 2-core machine
     common.add_argument('--num_workers', default=workers, type=number(int, 0, 64),
-                        help=f"dataloader workers per process; {workers}: min(4, CPU cores)")
+                        help="dataloader workers per process; default min(4, CPU cores)")
     common.add_argument('--num_samples', type=number(int, 1, 2 ** 62),
-                        help="'shapes' only: how many samples to read; 1000 unless set")
+                        help="'shapes' only: how many samples to read (1000)")
     sub = p.add_subparsers(dest='cmd', required=True, metavar='{stats,pretokenize}')
-    s = sub.add_parser('stats', parents=[common],
-                       help="count read / kept / filtered / corrupt samples")
-    s.add_argument('data', metavar='DATA',
-                   help="tar shards ('data/{00000..00123}.tar', a glob), a folder, or 'shapes'")
-    t = sub.add_parser('pretokenize', parents=[common],
-                       help="encode images once into token shards for MaskGen")
+    s = sub.add_parser('stats', parents=[common], help="count read/kept/filtered/corrupt samples")
+    s.add_argument('data', metavar='DATA', help="tar shards (a brace pattern, a glob), a folder, "
+                   "or 'shapes'")
+    t = sub.add_parser('pretokenize', parents=[common], help="images into token shards, once")
     t.add_argument('--tokenizer', required=True,
-                   help="a release (vq128, kl32, ...), its HF repo id, a .bin/.safetensors file, "
-                        "or a train_tokenizer.py checkpoint (file or folder)")
-    t.add_argument('--data', required=True,
-                   help="image shards (brace pattern, glob, list), a folder of images, or 'shapes'")
-    t.add_argument('--out_dir', required=True,
-                   help="folder for the token shards; a rerun resumes into it")
+                   help="a release (vq128, kl32, ...), an HF repo id, a weights file, or a "
+                        "train_tokenizer.py checkpoint (file or folder)")
+    t.add_argument('--data', required=True, help="image shards, a folder of images, or 'shapes'")
+    t.add_argument('--out_dir', required=True, help="token shards' folder; a rerun resumes into it")
     t.add_argument('--batch_size', type=number(int, 1, 65536), default=64,
-                   help="images per encoder forward pass")
-    t.add_argument('--device', default='auto',
-                   help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:1, mps")
+                   help="images per encoder pass")
+    t.add_argument('--device', default='auto', help="auto (a GPU if any), cpu, cuda, cuda:1, mps")
     t.add_argument('--dtype', default='auto', choices=['auto', 'bfloat16', 'float16', 'float32'],
-                   help="the encoder's autocast dtype; auto: bfloat16 on a GPU, else float32")
+                   help="the encoder's autocast; auto: bfloat16 on a GPU")
     t.add_argument('--seed', type=number(int, 0, 2 ** 63 - 1), default=0,
-                   help="'shapes' only: the seed of the stream")
+                   help="'shapes' only: the stream's seed")
     t.add_argument('--max_objects', type=int, default=2, choices=[1, 2],
-                   help="'shapes' only: at most this many objects per image")
-    t.add_argument('--strict', action='store_true',
-                   help="an input unit (shard) that keeps no sample is an error (exit 2)")
+                   help="'shapes' only: objects per image, at most")
+    t.add_argument('--strict', action='store_true', help="a shard that keeps no sample: exit 2")
     args = p.parse_args(argv)
     if args.num_samples and args.data.split(':')[0] != 'shapes':
-        p.error("--num_samples reads part of 'shapes' only: shards and folders are read whole")
+        p.error("--num_samples is for 'shapes' only: shards and folders are read whole")
     if args.cmd == 'pretokenize':
-        from runtime import pick_device, pick_dtype
         try:
             args.device = pick_device(args.device)
             pick_dtype(args.dtype, args.device)
         except ValueError as e:
             p.error(str(e))
-    from runtime import run_main
     run_main(dict(stats=stats, pretokenize=pretokenize)[args.cmd], args, (UserError,))
 
 if __name__ == '__main__':
