@@ -916,14 +916,14 @@ def pretokenize(args, state):
     def line(counts, empty):
         return dict(**summarize_counts(counts, len(missing)), empty_shards=sorted(empty))
 
-    if world > 1:  # every rank prints its own line, then rank 0 the total, last
-        print(json.dumps(dict(rank=rank, **line(counts, empty))), flush=True)
     every = all_gather_objects((counts, empty), world)
     counts = sum((c for c, _ in every), Counter())
     empty = {name: why for _, e in every for name, why in e.items()}
-    if rank == 0:
+    if rank == 0:  # one process prints: two ranks' lines can interleave on a shared stdout
         total = line(counts, empty)
         if world > 1:
+            for r, (c, e) in enumerate(every):  # each rank's line, then the total, last
+                print(json.dumps(dict(rank=r, **line(c, e))))
             total = dict(ranks=world, **total)
         print(json.dumps(total), flush=True)
     if empty and args.strict:
