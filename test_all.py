@@ -378,8 +378,7 @@ def test_clip_text_tower_alone_matches_open_clip(tmp_path):
 
 @pytest.mark.parametrize('preset', sorted(TOKENIZER_RELEASES))
 def test_official_keys_tatitok(preset):
-    """The preset's state dict has exactly the keys and shapes of the
-    official release (built on the meta device)."""
+    """Keys and shapes, built on the meta device (no memory)."""
     with torch.device('meta'):
         model = TATiTok(tatitok_config(preset))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -870,8 +869,7 @@ def test_maskgen_sampling_settings():
                          [('maskgen_vq_l', 'vq-l'), ('maskgen_vq_xl', 'vq-xl'),
                           ('maskgen_kl_l', 'kl-l'), ('maskgen_kl_xl', 'kl-xl')])
 def test_maskgen_official_keys(release, preset):
-    """The preset's state dict has exactly the official keys and shapes
-    (built on the meta device: no memory)."""
+    """Built on the meta device (no memory); and the parameter counts."""
     official = official_keys(release)
     with torch.device('meta'):
         model = MaskGen.from_config(maskgen_config(preset))
@@ -1935,7 +1933,6 @@ def test_resume_on_another_number_of_ranks_and_workers(tmp_path):
     assert all(two[i][0] == one[i][0] and torch.equal(two[i][1], one[i][1]) for i in two)
 
 def test_shapes_resume():
-    """the shapes stream resumes exactly too."""
     ref = [b['key'] for b in _take(data.make_loader('shapes', 4, 16, seed=5), 6)]
     ld = data.make_loader('shapes', 4, 16, seed=5)
     head = [b['key'] for b in _take(ld, 2)]
@@ -2251,8 +2248,7 @@ def test_perceptual_nets_match_torchvision_layout():
         assert (ours(x, (x + 0.1 * torch.randn_like(x)).clamp(0, 1))['lpips'] > 0).all()
 
 def test_perceptual_offline_exits_2(tmp_path):
-    """Asking for the perceptual loss without cached weights and no
-    internet: a short message, exit 2."""
+    """No cached weights and no internet: a short message."""
     env = {**ONE_THREAD_ENV, 'TORCH_HOME': str(tmp_path / 'hub')}
     r = subprocess.run([sys.executable, 'train_tokenizer.py',
                         *TT_TINY, '--perceptual', 'lpips', '--out_dir',
@@ -3398,8 +3394,6 @@ def test_fid_of_identical_statistics_is_zero():
         assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-5
 
 def test_fid_matches_gaussian_closed_forms():
-    """the Frechet distance of Gaussians with known statistics equals the
-    closed form"""
     rng = np.random.default_rng(0)
     d = 32
     mu1, mu2, s = rng.standard_normal(d), rng.standard_normal(d), _random_spd(d, rng)
@@ -4008,8 +4002,7 @@ def test_bench_user_errors_end_in_one_line(capsys, monkeypatch, signals):
                                   ['--guidance_scale', 'nan'],
                                   ['--device', 'cuda:7']])
 def test_bench_user_errors(capsys, argv):
-    """Wrong flags stop with a short message and exit status 2, before
-    anything is built."""
+    """A short message, before anything is built."""
     with pytest.raises(SystemExit) as e:
         bench.get_args(argv)
     assert e.value.code == 2
@@ -4038,8 +4031,7 @@ def _parser_actions(entry):
 @pytest.mark.parametrize('script', ['bench', 'train_tokenizer',
                                     'train_maskgen', 'sample', 'fid', 'data'])
 def test_every_flag_has_help_and_one_spelling(script):
-    """Every flag of every script says what it does in --help, and is
-    spelled with underscores (one convention)."""
+    """One spelling: underscores; and one name per setting in every script."""
     import sample
     entry = dict(bench=bench.get_args, train_tokenizer=tt.get_args,
                  train_maskgen=tm.get_args, sample=sample.main,
