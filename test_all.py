@@ -1,5 +1,6 @@
 """
-All the tests, in one file, on CPU, offline. Run: python -m pytest test_all.py
+All the tests, in one file, on CPU, offline. Run: python -m pytest test_all.py -n 2
+(pytest-xdist, from requirements-test.txt: a worker per core; without -n, one process)
 The parity tests compare against the official numerics in the fixture folder named by PARITY_DIR
 (default: the repository's parity/); see parity/README.md for the contract they follow.
 """
@@ -48,7 +49,8 @@ from maskgen import (MaskGen, MaskGenConfig, MASKGEN_PRESETS,
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARITY_DIR = os.environ.get('PARITY_DIR', os.path.join(HERE, 'parity'))
 KEYS_DIR = os.path.join(PARITY_DIR, 'official_keys')
-torch.set_num_threads(2)
+# 2 threads, or 1 per pytest-xdist worker (-n 2: a worker per core)
+torch.set_num_threads(1 if 'PYTEST_XDIST_WORKER' in os.environ else 2)
 # subprocesses: 1 thread, like one_thread
 ONE_THREAD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 TORCHRUN = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
