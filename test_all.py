@@ -2091,9 +2091,9 @@ def test_pretokenize_refuses_artifacts(tmp_path, capsys):
     assert sorted(os.listdir(tok)) == ['00000.tar', '00001.tar', 'tokenizer.json']
 
 def test_pretokenize_two_ranks_print_the_total(tmp_path):
-    """under torchrun each rank prints its own counts, and rank 0 the total
-    over the ranks, last (gathered over a gloo group that pretokenize
-    starts); together the ranks write every shard."""
+    """under torchrun rank 0 prints each rank's counts, then the total over
+    the ranks, last (gathered over the gloo group that pretokenize starts);
+    together the ranks write every shard."""
     _, ckpt = _tiny_ckpt(tmp_path, 'tiny-vq')
     src = tmp_path / 'src'
     src.mkdir()
