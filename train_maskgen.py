@@ -1,7 +1,8 @@
 """
-Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok: masked token
-modeling (VQ) or a per-token diffusion loss (KL), each with its official recipe. The loss is the
-model's own forward (maskgen.py); this script feeds it and steps the optimizer.
+Train MaskGen, the text-to-image generator, on the tokens of a frozen TA-TiTok:
+masked token modeling (VQ) or a per-token diffusion loss (KL), each with its
+official recipe. The loss is the model's own forward (maskgen.py); this script
+feeds it and steps the optimizer.
 
 $ python train_maskgen.py --preset shapes  # CPU quickstart, on out/shapes-tokenizer
 $ python train_maskgen.py --preset shapes --tokens kl  # the same, KL
@@ -10,9 +11,9 @@ tokens/kl32), then:
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32  # stage 1
 $ torchrun --standalone --nproc_per_node=8 train_maskgen.py --size xl --tokens kl32 --stage 2 \\
     --data tokens-hq/kl32 --init_from out/maskgen-kl32-xl
-The global batch is fixed, so 1 GPU and 8 train the same model. A killed run continues with the
-same command plus --resume. --out_dir gets ckpt.pt (all sample.py needs), metrics.jsonl and
-samples_STEP.png.
+The global batch is fixed, so 1 GPU and 8 train the same model. A killed run
+continues with the same command plus --resume. --out_dir gets ckpt.pt (all
+sample.py needs), metrics.jsonl and samples_STEP.png.
 
 References:
 1) the paper: https://arxiv.org/abs/2501.07730
