@@ -116,6 +116,11 @@ def at_least_fp32(x):
     # fp32 where autocast made x 16-bit; float64 stays (a parity test runs in it)
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
+def code_stats(counts):
+    # (K,) uses of each code -> the perplexity (codes in use, evenly) and the share ever used
+    p = counts / counts.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()), (counts > 0).float().mean()
+
 class VectorQuantizer(nn.Module):
     """Nearest-code VQ, straight-through (modeling/quantizer/quantizer.py)."""
 
@@ -145,11 +150,9 @@ class VectorQuantizer(nn.Module):
         z_q = z + (z_q - z).detach()  # straight-through: forward is z_q, gradient flows to z
         ones = z.new_ones(ids.numel())
         counts = z.new_zeros(e.shape[0]).index_add_(0, ids.flatten(), ones)  # no host sync
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum())  # codes in use
+        perplexity, usage = code_stats(counts)
         aux = dict(quantizer_loss=commitment + codebook, commitment_loss=commitment,
-                   codebook_loss=codebook, ids=ids, perplexity=perplexity,
-                   usage=(counts > 0).float().mean(),
+                   codebook_loss=codebook, ids=ids, perplexity=perplexity, usage=usage,
                    features=features.detach())  # for the training-time codebook clustering
         return z_q, aux
 

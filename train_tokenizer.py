@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from tatitok import (TATiTok, TATiTokConfig, TextEncoder, UserError, tatitok_config, load_official,
-                     param_groups, reachable, at_least_fp32, clip_ids)
+                     param_groups, reachable, at_least_fp32, clip_ids, code_stats)
 from runtime import (get_lr, all_gather_objects, number, add_system_flags, to_device,
                      optimizer_step, update_ema, shard_optimizer, choose_plan, stop_if_nonfinite,
                      run_main, interrupted_at, start_run, open_run, restore, wrap, gpu_memory,
@@ -428,10 +428,8 @@ def evaluate(ema, text_encoder, loader, args, device, ctx, step):
     msg += f" | grid {path}"
     if ids:
         counts = torch.bincount(torch.cat(ids), minlength=ema.config.codebook_size).float()
-        p = counts / counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()).item()
-        usage = (counts > 0).float().mean().item()
-        msg += f" | codebook usage {usage:.1%} perplexity {perplexity:.1f}"
+        perplexity, usage = code_stats(counts)
+        msg += f" | codebook usage {usage.item():.1%} perplexity {perplexity.item():.1f}"
     return msg
 
 # -----------------------------------------------------------------------------
