@@ -2458,11 +2458,9 @@ def test_train_vq_loss_falls_gan_switches_on_checkpoint_loads(tmp_path, capsys):
     log = capsys.readouterr().out
     m = metrics(tmp_path)
     assert [r['step'] for r in m] == list(range(16))
+    gan = {'d_hinge', 'lecam', 'g_adv', 'logits_real'}
     for r in m:
-        gan_terms = {'d_hinge', 'lecam', 'g_adv', 'logits_real'} & set(r)
-        assert gan_terms == \
-            (set() if r['step'] < 8 else {'d_hinge', 'lecam', 'g_adv', 'logits_real'}), \
-            r
+        assert gan & set(r) == (gan if r['step'] >= 8 else set()), r
     assert all(r['lecam'] > 0 and r['d_hinge'] > 0 for r in m[8:])
     assert sum(r['recon'] for r in m[-3:]) < 0.8 * sum(r['recon'] for r in m[:3])
     ck = checkpoint(tmp_path)
